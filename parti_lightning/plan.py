@@ -1,0 +1,256 @@
+"""The partition plan: how one training step is split across a mesh of devices.
+
+Pure data and validation; nothing here touches ``torch.distributed``, so plans can be built,
+checked and printed before any process is launched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union, get_args
+
+Storage = Literal["replicated", "optimizer", "gradients", "parameters"]
+Offload = Literal["none", "cpu"]
+ActivationCheckpointing = Literal["none", "blocks", "auto"]
+Degree = Union[int, Literal["auto"]]
+
+
+class MeshAxis(str, enum.Enum):
+    """Names of the device-mesh axes, outermost first."""
+
+    DATA = "data"
+    SHARD = "shard"
+    TENSOR = "tensor"
+    PIPELINE = "pipeline"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PlanError(ValueError):
+    """A plan that cannot run, with the field at fault and what to do about it."""
+
+
+# ZeRO stage of each storage level, as users of DeepSpeed know them.
+ZERO_STAGE: dict[str, int] = {"replicated": 0, "optimizer": 1, "gradients": 2, "parameters": 3}
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    """How the compute and the storage of a training step are partitioned.
+
+    Args:
+        data: degree of the ``data`` axis (ranks that replicate the model state), or ``"auto"``
+            for whatever the other axes leave of the world size.
+        shard: degree of the ``shard`` axis (ranks that split parameters, gradients or optimizer
+            state between them), or ``"auto"``: the whole data-parallel width when ``storage``
+            shards something, else 1.
+        tensor: degree of the ``tensor`` axis (not yet implemented beyond 1).
+        pipeline: degree of the ``pipeline`` axis (not yet implemented beyond 1).
+        storage: what is sharded over the ``shard`` axis: ``"replicated"`` (ZeRO-0, plain data
+            parallel), ``"optimizer"`` (ZeRO-1), ``"gradients"`` (ZeRO-2), ``"parameters"`` (ZeRO-3).
+        offload: ``"cpu"`` keeps sharded storage in host memory between uses (GPU runs only).
+        activation_checkpointing: ``"blocks"`` recomputes the activations of each repeated block
+            in the backward pass instead of storing them.
+        micro_batches: micro-batches per step for the pipeline schedule.
+        sharding_units: module names (as in ``named_modules``) to shard as units; ``None`` finds
+            repeated blocks automatically.
+    """
+
+    data: Degree = "auto"
+    shard: Degree = "auto"
+    tensor: int = 1
+    pipeline: int = 1
+    storage: Storage = "replicated"
+    offload: Offload = "none"
+    activation_checkpointing: ActivationCheckpointing = "none"
+    micro_batches: int = 1
+    sharding_units: tuple[str, ...] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        for name in ("data", "shard"):
+            value = getattr(self, name)
+            if value != "auto" and (not _is_int(value) or value < 1):
+                raise PlanError(f"plan.{name}={value!r} is invalid: use a positive integer or 'auto'.")
+        for name in ("tensor", "pipeline", "micro_batches"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise PlanError(f"plan.{name}={value!r} is invalid: use a positive integer.")
+        _check_choice("storage", self.storage, Storage)
+        _check_choice("offload", self.offload, Offload)
+        _check_choice("activation_checkpointing", self.activation_checkpointing, ActivationCheckpointing)
+        if self.storage == "replicated" and _is_int(self.shard) and self.shard > 1:
+            raise PlanError(
+                f"plan.shard={self.shard} with plan.storage='replicated' shards nothing: set storage to"
+                " 'optimizer', 'gradients' or 'parameters', or drop shard."
+            )
+        if self.offload == "cpu" and self.storage == "replicated":
+            raise PlanError(
+                "plan.offload='cpu' needs sharded storage to offload, but plan.storage='replicated' shards"
+                " nothing: set storage='parameters' (ZeRO-3) or offload='none'."
+            )
+        if self.offload == "cpu" and self.storage != "parameters":
+            raise PlanError(
+                f"plan.offload='cpu' is supported with storage='parameters' only (got storage={self.storage!r}):"
+                " set storage='parameters' or offload='none'."
+            )
+        if self.sharding_units is not None:
+            if isinstance(self.sharding_units, str) or not all(
+                isinstance(u, str) and u for u in self.sharding_units
+            ):
+                raise PlanError(
+                    f"plan.sharding_units={self.sharding_units!r} is invalid: give a list of module names."
+                )
+            object.__setattr__(self, "sharding_units", tuple(self.sharding_units))
+        if self.tensor > 1:
+            raise NotImplementedError(
+                f"plan.tensor={self.tensor}: tensor parallelism is not implemented yet; use tensor=1."
+            )
+        if self.pipeline > 1:
+            raise NotImplementedError(
+                f"plan.pipeline={self.pipeline}: pipeline parallelism is not implemented yet; use pipeline=1."
+            )
+        if self.micro_batches > 1:
+            raise NotImplementedError(
+                f"plan.micro_batches={self.micro_batches} only applies to pipeline parallelism, which is not"
+                " implemented yet; use micro_batches=1."
+            )
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_value(cls, value: PlanLike) -> PartitionPlan:
+        """A plan from a preset name, a mapping (optionally ``{"preset": name, **overrides}``) or a plan."""
+        if isinstance(value, PartitionPlan):
+            return value
+        if isinstance(value, str):
+            return preset(value)
+        if isinstance(value, Mapping):
+            fields = dict(value)
+            base = preset(fields.pop("preset")) if "preset" in fields else cls()
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(fields) - known)
+            if unknown:
+                raise PlanError(f"unknown plan field(s) {unknown}: valid fields are {sorted(known)}.")
+            if isinstance(fields.get("sharding_units"), list):
+                fields["sharding_units"] = tuple(fields["sharding_units"])
+            return dataclasses.replace(base, **fields)
+        raise PlanError(
+            f"plan={value!r} is invalid: give a preset name ({', '.join(PRESETS)}), 'auto', or a mapping of plan fields."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain mapping that ``from_value`` turns back into this plan (YAML/JSON friendly)."""
+        out = dataclasses.asdict(self)
+        if out["sharding_units"] is not None:
+            out["sharding_units"] = list(out["sharding_units"])
+        return out
+
+    # ---------------------------------------------------------------- resolution
+
+    def resolve(self, world_size: int) -> PartitionPlan:
+        """The same plan with every ``"auto"`` degree replaced by a number that fits ``world_size``."""
+        if not _is_int(world_size) or world_size < 1:
+            raise PlanError(f"world size {world_size!r} is invalid: it must be a positive integer.")
+        model_parallel = self.tensor * self.pipeline
+        if world_size % model_parallel:
+            raise PlanError(
+                f"mesh tensor={self.tensor} × pipeline={self.pipeline} = {model_parallel} does not divide"
+                f" world size {world_size}."
+            )
+        dp = world_size // model_parallel
+        data, shard = self.data, self.shard
+        if shard == "auto":
+            if self.storage == "replicated":
+                shard = 1
+            else:
+                shard = dp if data == "auto" else _exact(dp, data, "data", world_size)
+        if data == "auto":
+            data = _exact(dp, shard, "shard", world_size)
+        resolved = dataclasses.replace(self, data=data, shard=shard)
+        resolved.check_world_size(world_size)
+        return resolved
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raise if the resolved mesh does not multiply out to ``world_size``."""
+        if not self.is_resolved:
+            raise PlanError("plan has 'auto' degrees: call plan.resolve(world_size) first.")
+        product = self.data * self.shard * self.tensor * self.pipeline  # type: ignore[operator]
+        if product != world_size:
+            raise PlanError(f"mesh {self.mesh_description()} = {product} does not match world size {world_size}.")
+
+    @property
+    def is_resolved(self) -> bool:
+        return self.data != "auto" and self.shard != "auto"
+
+    @property
+    def mesh_shape(self) -> dict[str, int]:
+        """Axis name to degree, outermost first (resolved plans only)."""
+        if not self.is_resolved:
+            raise PlanError("plan has 'auto' degrees: call plan.resolve(world_size) first.")
+        return {str(a): getattr(self, a.value) for a in MeshAxis}
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks that see different batches: data × shard."""
+        return self.mesh_shape["data"] * self.mesh_shape["shard"]
+
+    @property
+    def zero_stage(self) -> int:
+        return ZERO_STAGE[self.storage]
+
+    def mesh_description(self) -> str:
+        return " × ".join(f"{a.value}={getattr(self, a.value)}" for a in MeshAxis)
+
+    def describe(self) -> str:
+        """One line for logs: mesh, storage and the options that are on."""
+        parts = [self.mesh_description(), f"storage={self.storage} (ZeRO-{self.zero_stage})"]
+        if self.offload != "none":
+            parts.append(f"offload={self.offload}")
+        if self.activation_checkpointing != "none":
+            parts.append(f"activation_checkpointing={self.activation_checkpointing}")
+        return ", ".join(parts)
+
+
+PlanLike = Union[str, Mapping[str, Any], PartitionPlan]
+
+PRESETS: dict[str, PartitionPlan] = {
+    "ddp": PartitionPlan(storage="replicated"),
+    "zero1": PartitionPlan(storage="optimizer"),
+    "zero2": PartitionPlan(storage="gradients"),
+    "zero3": PartitionPlan(storage="parameters"),
+}
+# "auto" asks the planner; until the planner lands it means replicated data parallel.
+AUTO = "auto"
+
+
+def preset(name: str) -> PartitionPlan:
+    """The plan of a preset name (case-insensitive), e.g. ``"zero3"``."""
+    key = name.strip().lower()
+    if key == AUTO:
+        return PRESETS["ddp"]
+    if key not in PRESETS:
+        raise PlanError(f"unknown plan {name!r}: choose one of {', '.join([AUTO, *PRESETS])}, or give a mapping.")
+    return PRESETS[key]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _exact(total: int, part: Any, name: str, world_size: int) -> int:
+    if total % part:
+        raise PlanError(
+            f"plan.{name}={part} does not divide the {total} data-parallel ranks of world size {world_size}:"
+            f" choose a divisor of {total}."
+        )
+    return total // part
+
+
+def _check_choice(name: str, value: Any, choices: Any) -> None:
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise PlanError(f"plan.{name}={value!r} is invalid: choose one of {', '.join(map(repr, allowed))}.")
