@@ -215,6 +215,25 @@ class PartitionPlan:
         return ", ".join(parts)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _exact(total: int, part: Any, name: str, world_size: int) -> int:
+    if total % part:
+        raise PlanError(
+            f"plan.{name}={part} does not divide the {total} data-parallel ranks of world size {world_size}:"
+            f" choose a divisor of {total}."
+        )
+    return total // part
+
+
+def _check_choice(name: str, value: Any, choices: Any) -> None:
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise PlanError(f"plan.{name}={value!r} is invalid: choose one of {', '.join(map(repr, allowed))}.")
+
+
 PlanLike = Union[str, Mapping[str, Any], PartitionPlan]
 
 PRESETS: dict[str, PartitionPlan] = {
@@ -235,22 +254,3 @@ def preset(name: str) -> PartitionPlan:
     if key not in PRESETS:
         raise PlanError(f"unknown plan {name!r}: choose one of {', '.join([AUTO, *PRESETS])}, or give a mapping.")
     return PRESETS[key]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _exact(total: int, part: Any, name: str, world_size: int) -> int:
-    if total % part:
-        raise PlanError(
-            f"plan.{name}={part} does not divide the {total} data-parallel ranks of world size {world_size}:"
-            f" choose a divisor of {total}."
-        )
-    return total // part
-
-
-def _check_choice(name: str, value: Any, choices: Any) -> None:
-    allowed = get_args(choices)
-    if value not in allowed:
-        raise PlanError(f"plan.{name}={value!r} is invalid: choose one of {', '.join(map(repr, allowed))}.")
