@@ -139,7 +139,8 @@ class PartitionPlan:
                 fields["sharding_units"] = tuple(fields["sharding_units"])
             return dataclasses.replace(base, **fields)
         raise PlanError(
-            f"plan={value!r} is invalid: give a preset name ({', '.join(PRESETS)}), 'auto', or a mapping of plan fields."
+            f"plan={value!r} is invalid: give a preset name ({', '.join(PRESETS)}), 'auto',"
+            " or a mapping of plan fields."
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,171 @@
+"""PartiAccelerator: one device partition per rank, and what each partition can hold.
+
+On CUDA machines a partition is one GPU. On CPU machines ``devices=N`` means N processes, and each
+rank gets its own disjoint set of cores with a matching thread count: without that, N processes each
+running one intra-op thread per core would oversubscribe the machine N times and fight for cores.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import psutil
+import torch
+from lightning.fabric.accelerators.registry import _AcceleratorRegistry
+from lightning.fabric.utilities.types import _DEVICE
+from lightning.pytorch.accelerators import Accelerator, CPUAccelerator, CUDAAccelerator
+from typing_extensions import override
+
+DeviceType = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class DevicePartition:
+    """What one rank owns: its device, its CPU cores and its memory budget in bytes."""
+
+    device: torch.device
+    cores: tuple[int, ...]
+    memory_bytes: int
+
+
+def usable_cores() -> list[int]:
+    """The CPU cores this process may run on (respects taskset, cgroups' cpusets and SLURM binding)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def cores_for_rank(local_rank: int, local_world_size: int, cores: list[int]) -> tuple[int, ...]:
+    """A contiguous, disjoint block of ``cores`` for ``local_rank``; round-robin when oversubscribed."""
+    if local_world_size > len(cores):
+        return (cores[local_rank % len(cores)],)
+    per_rank = len(cores) // local_world_size
+    return tuple(cores[local_rank * per_rank : (local_rank + 1) * per_rank])
+
+
+class PartiAccelerator(Accelerator):
+    """Device partitions for parti: a GPU per rank on CUDA, a disjoint core set per rank on CPU.
+
+    Args:
+        device_type: ``"cuda"``, ``"cpu"``, or ``"auto"`` (CUDA when available).
+        oversubscribe: allow more CPU processes than usable cores (each rank then gets one core,
+            shared round-robin). Useful for testing wide meshes on a small machine; slow.
+        pin_cores: pin each CPU rank to its own cores and set its thread count to match.
+    """
+
+    def __init__(self, device_type: DeviceType = "auto", oversubscribe: bool = False, pin_cores: bool = True) -> None:
+        super().__init__()
+        if device_type == "auto":
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        if device_type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("PartiAccelerator(device_type='cuda') needs a CUDA GPU, but none is available.")
+        if device_type not in ("cpu", "cuda"):
+            raise ValueError(f"PartiAccelerator(device_type={device_type!r}): choose 'auto', 'cpu' or 'cuda'.")
+        self.device_type: Literal["cpu", "cuda"] = device_type
+        self.oversubscribe = oversubscribe
+        self.pin_cores = pin_cores
+        self.partition: DevicePartition | None = None
+
+    def check_devices(self, num_processes: int) -> None:
+        """Fail before launch when this machine cannot hold ``num_processes`` partitions."""
+        if self.device_type == "cuda":
+            available = torch.cuda.device_count()
+            if num_processes > available:
+                raise ValueError(f"devices={num_processes} but this machine has {available} CUDA GPU(s).")
+            return
+        available = len(usable_cores())
+        if num_processes > available and not self.oversubscribe:
+            raise ValueError(
+                f"devices={num_processes} but this process may use {available} CPU core(s), one per rank at least:"
+                f" use devices<={available}, or accelerator=PartiAccelerator(oversubscribe=True) to share cores."
+            )
+
+    def setup_partition(self, device: torch.device, local_rank: int, local_world_size: int) -> DevicePartition:
+        """Claim this rank's partition: set the CUDA device, or pin the CPU cores and threads."""
+        if self.device_type == "cuda":
+            torch.cuda.set_device(device)
+            total = torch.cuda.get_device_properties(device).total_memory
+            self.partition = DevicePartition(device, tuple(usable_cores()), total)
+            return self.partition
+        cores = cores_for_rank(local_rank, local_world_size, usable_cores())
+        if self.pin_cores and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, cores)
+            torch.set_num_threads(len(cores))
+        memory = psutil.virtual_memory().total // max(local_world_size, 1)
+        self.partition = DevicePartition(device, cores, memory)
+        return self.partition
+
+    @property
+    def memory_budget(self) -> int:
+        """Bytes this rank's partition may use (the planner's budget)."""
+        if self.partition is None:
+            raise RuntimeError("PartiAccelerator.memory_budget is known once the strategy set up the partition.")
+        return self.partition.memory_bytes
+
+    @override
+    def setup_device(self, device: torch.device) -> None:
+        if device.type != self.device_type:
+            raise ValueError(f"PartiAccelerator({self.device_type!r}) was given device {device}.")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+
+    @override
+    def get_device_stats(self, device: _DEVICE) -> dict[str, Any]:
+        if self.device_type == "cuda":
+            return CUDAAccelerator().get_device_stats(device)
+        stats: dict[str, Any] = CPUAccelerator().get_device_stats(device)
+        stats["rank_rss_bytes"] = psutil.Process().memory_info().rss
+        return stats
+
+    @override
+    def teardown(self) -> None:
+        if self.device_type == "cuda":
+            torch.cuda.empty_cache()
+
+    @staticmethod
+    @override
+    def parse_devices(devices: int | str | list[int]) -> int | list[int]:
+        if torch.cuda.is_available():
+            return CUDAAccelerator.parse_devices(devices)
+        return CPUAccelerator.parse_devices(devices)
+
+    @staticmethod
+    @override
+    def get_parallel_devices(devices: int | str | list[int]) -> list[torch.device]:
+        if torch.cuda.is_available():
+            return CUDAAccelerator.get_parallel_devices(devices)
+        return CPUAccelerator.get_parallel_devices(devices)
+
+    @staticmethod
+    @override
+    def auto_device_count() -> int:
+        if torch.cuda.is_available():
+            return torch.cuda.device_count()
+        # One rank per core would leave each rank a single thread; two cores per rank is a better default.
+        return max(1, len(usable_cores()) // 2)
+
+    @staticmethod
+    @override
+    def is_available() -> bool:
+        return True
+
+    @staticmethod
+    @override
+    def name() -> str:
+        return "parti"
+
+    @classmethod
+    @override
+    def register_accelerators(cls, accelerator_registry: _AcceleratorRegistry) -> None:
+        accelerator_registry.register(cls.name(), cls, description=cls.__doc__.splitlines()[0] if cls.__doc__ else "")
+
+    @classmethod
+    def from_lightning(cls, accelerator: Accelerator) -> Accelerator:
+        """Swap Lightning's stock CPU/CUDA accelerator for the matching PartiAccelerator; keep anything else."""
+        if type(accelerator) is CPUAccelerator:
+            return cls("cpu")
+        if type(accelerator) is CUDAAccelerator:
+            return cls("cuda")
+        return accelerator

@@ -1,0 +1,116 @@
+"""Batch norm with statistics over the whole data-parallel batch, on any device.
+
+torch's ``SyncBatchNorm`` refuses CPU tensors (its kernels are CUDA-only), so ``Trainer(sync_batchnorm=True)``
+fails on CPU with Lightning's own strategies. On CUDA we use torch's; elsewhere this module computes the
+same statistics with differentiable all-reduces (``torch.distributed.nn.functional``), whose backward
+sums the gradient of the statistics over ranks exactly as ``SyncBatchNorm`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from lightning.pytorch.plugins.layer_sync import LayerSync, _BatchNormXd
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+from torch.nn.modules.batchnorm import _BatchNorm
+from typing_extensions import override
+
+
+class DistributedBatchNorm(_BatchNorm):
+    """``BatchNorm{1,2,3}d`` whose training statistics span every rank of ``process_group``."""
+
+    def __init__(self, *args, process_group: ProcessGroup | None = None, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+    @override
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    @override
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if not self.training or not dist.is_initialized():
+            return super().forward(input)
+        group = self.process_group or dist.group.WORLD
+        dims = [0, *range(2, input.dim())]
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        local_count = input.numel() // input.size(1)
+        # Two passes (mean, then squared deviations) rather than E[x²] - E[x]²: the same precision
+        # as the single-process kernel, which the parity tests hold us to.
+        sums = torch.cat([input.sum(dims), input.new_tensor([float(local_count)])])
+        sums = dist_fn.all_reduce(sums, group=group)
+        count = sums[-1]
+        mean = sums[:-1] / count
+        centered = input - mean.reshape(shape)
+        var = dist_fn.all_reduce(centered.pow(2).sum(dims), group=group) / count
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach(), count.detach())
+        out = centered * torch.rsqrt(var + self.eps).reshape(shape)
+        if self.affine:
+            out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
+        return out
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: Tensor) -> None:
+        assert self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        unbiased = var * count / (count - 1).clamp(min=1)
+        self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+        self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+
+
+class PartiSyncBatchNorm(LayerSync):
+    """Lightning's ``sync_batchnorm=True`` for parti: over the data-parallel group, on CPU and CUDA.
+
+    Args:
+        group: the data-parallel process group (``None``: the whole world).
+        use_torch: use torch's fused ``SyncBatchNorm`` (CUDA training only).
+    """
+
+    def __init__(self, group: ProcessGroup | None = None, use_torch: bool = False) -> None:
+        self.group = group
+        self.use_torch = use_torch
+
+    @override
+    def apply(self, model: nn.Module) -> nn.Module:
+        if self.use_torch:
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model, self.group)
+        return _convert(model, self.group)
+
+    @override
+    def revert(self, model: nn.Module) -> nn.Module:
+        return _revert(model)
+
+
+def _convert(module: nn.Module, group: ProcessGroup | None) -> nn.Module:
+    converted = module
+    if isinstance(module, _BatchNorm) and not isinstance(module, (DistributedBatchNorm, nn.SyncBatchNorm)):
+        converted = DistributedBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+            process_group=group,
+        )
+        converted.load_state_dict(module.state_dict())
+        converted.train(module.training)
+        converted._parti_original_class = type(module)  # type: ignore[assignment]
+    for name, child in module.named_children():
+        converted.add_module(name, _convert(child, group))
+    return converted
+
+
+def _revert(module: nn.Module) -> nn.Module:
+    converted = module
+    if isinstance(module, (DistributedBatchNorm, nn.SyncBatchNorm)):
+        original = getattr(module, "_parti_original_class", _BatchNormXd)
+        converted = original(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
+        converted.load_state_dict(module.state_dict())
+        converted.train(module.training)
+    for name, child in module.named_children():
+        converted.add_module(name, _revert(child))
+    return converted

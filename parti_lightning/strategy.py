@@ -1,0 +1,359 @@
+"""PartiStrategy: the thin Lightning adapter around a partition plan.
+
+It owns the process group and the named device mesh, applies the plan to the user's module (the
+parallel math lives in ``parti_lightning.parallel``), and routes the collectives Lightning asks for
+over the data-parallel group, so logged values and metrics are never over-counted by model-parallel
+replicas.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Generator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Literal, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.utilities.distributed import (
+    _all_gather_ddp_if_available,
+    _distributed_is_initialized,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch import Trainer
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
+from torch import Tensor
+from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from typing_extensions import override
+
+from parti_lightning.accelerator import PartiAccelerator
+from parti_lightning.launchers import PartiMultiProcessingLauncher
+from parti_lightning.parallel.batchnorm import PartiSyncBatchNorm
+from parti_lightning.parallel.data import GradientSynchronizer, broadcast_module_states
+from parti_lightning.plan import PRESETS, PartitionPlan, PlanLike
+
+log = logging.getLogger(__name__)
+
+StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
+_BACKENDS = ("gloo", "nccl")
+
+
+class PartiStrategy(ParallelStrategy):
+    """Partitioned training for an unmodified LightningModule.
+
+    Args:
+        plan: how to partition: a preset name (``"auto"``, ``"ddp"``, ``"zero1"``, ...), a mapping of
+            :class:`~parti_lightning.PartitionPlan` fields, or a plan.
+        process_group_backend: ``"gloo"`` or ``"nccl"``; default gloo on CPU, nccl on CUDA.
+        timeout: how long a collective may wait for the other ranks before the run fails, in seconds
+            or as a ``timedelta``.
+        start_method: ``"popen"`` re-runs the script per rank (``python train.py``); ``"spawn"`` or
+            ``"fork"`` start workers from a running interpreter (notebooks). Under torchrun or SLURM
+            the processes already exist and nothing is launched.
+        accelerator: the device partitions; default :class:`~parti_lightning.PartiAccelerator`.
+        parallel_devices: devices of this node (normally set by the Trainer).
+        cluster_environment: normally detected by the Trainer (torchrun, SLURM, ...).
+        checkpoint_io: how checkpoints are written.
+        precision_plugin: normally set by the Trainer from ``precision=``.
+    """
+
+    strategy_name = "parti"
+
+    def __init__(
+        self,
+        plan: PlanLike = "auto",
+        process_group_backend: Literal["gloo", "nccl"] | None = None,
+        timeout: Union[float, timedelta] = 1800.0,
+        start_method: StartMethod = "popen",
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        # Validate everything that needs no processes now, so a bad argument fails before launch.
+        self.plan = PartitionPlan.from_value(plan)
+        if process_group_backend is not None and process_group_backend not in _BACKENDS:
+            raise ValueError(f"process_group_backend={process_group_backend!r}: choose one of {_BACKENDS} or None.")
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
+        if self._timeout.total_seconds() <= 0:
+            raise ValueError(f"timeout={timeout!r} must be positive.")
+        self._start_method = start_method
+        self._num_nodes = 1
+        self.mesh: DeviceMesh | None = None
+        self._dp_group: ProcessGroup | None = None
+        self._grad_sync: GradientSynchronizer | None = None
+
+    # ------------------------------------------------------------------ devices and ranks
+
+    @property
+    @override
+    def accelerator(self) -> Accelerator | None:
+        return self._accelerator
+
+    @accelerator.setter
+    def accelerator(self, accelerator: Accelerator | None) -> None:
+        # The Trainer hands us its stock CPU/CUDA accelerator when none was asked for; ours is the
+        # default, as it pins CPU ranks to their own cores.
+        self._accelerator = PartiAccelerator.from_lightning(accelerator) if accelerator is not None else None
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def process_group_backend(self) -> str:
+        if self._process_group_backend is not None:
+            return self._process_group_backend
+        device_type = self.parallel_devices[0].type if self.parallel_devices else "cpu"
+        return "nccl" if device_type == "cuda" else "gloo"
+
+    @property
+    def resolved_plan(self) -> PartitionPlan:
+        """The plan with its degrees fixed for this world size."""
+        return self.plan.resolve(self.num_nodes * self.num_processes)
+
+    @property
+    def data_parallel_rank(self) -> int:
+        # Mesh axes are (data, shard, tensor, pipeline), outermost first: ranks that differ only in
+        # their tensor or pipeline coordinate are consecutive and share a data-parallel rank.
+        plan = self.resolved_plan
+        return self.global_rank // (plan.tensor * plan.pipeline)
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.resolved_plan.data_parallel_size, "rank": self.data_parallel_rank}
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = fabric_rank_zero_only.rank = self.global_rank
+
+    # ------------------------------------------------------------------ launch
+
+    @override
+    def _configure_launcher(self) -> None:
+        # Called while the Trainer is built, before any process starts: the last moment to refuse.
+        self._validate_before_launch()
+        assert self.cluster_environment is not None
+        if self._start_method == "popen":
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = PartiMultiProcessingLauncher(self, start_method=self._start_method)
+
+    def _validate_before_launch(self) -> None:
+        if isinstance(self.accelerator, PartiAccelerator):
+            self.accelerator.check_devices(self.num_processes)
+        device_type = self.parallel_devices[0].type if self.parallel_devices else "cpu"
+        backend = self.process_group_backend
+        if backend == "nccl" and device_type != "cuda":
+            raise ValueError(
+                f"process_group_backend='nccl' needs CUDA devices, but this run is on {device_type}:"
+                " use 'gloo' (or leave it unset)."
+            )
+        if not dist.is_available() or not dist.is_backend_available(backend):
+            raise ValueError(f"process_group_backend={backend!r} is not available in this build of torch.")
+        self.resolved_plan  # noqa: B018 - raises PlanError when the mesh does not fit the world size
+        if self.plan.offload == "cpu" and device_type == "cpu":
+            rank_zero_info("parti: offload='cpu' on a CPU run keeps storage where it already is (no effect).")
+
+    # ------------------------------------------------------------------ process group and mesh
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if isinstance(self.accelerator, PartiAccelerator):
+            partition = self.accelerator.setup_partition(self.root_device, self.local_rank, self.num_processes)
+            log.info(f"rank {self.global_rank}: partition {partition}")
+        self._setup_distributed()
+
+    def _setup_distributed(self) -> None:
+        reset_seed()
+        self.set_world_ranks()
+        assert self.cluster_environment is not None
+        device_id = self.root_device if self.root_device.type == "cuda" else None
+        _init_dist_connection(
+            self.cluster_environment, self.process_group_backend, timeout=self._timeout, device_id=device_id
+        )
+        plan = self.resolved_plan
+        self.mesh = init_device_mesh(
+            self.root_device.type, (plan.data, plan.shard), mesh_dim_names=("data", "shard")
+        )
+        self._dp_group = self._data_parallel_group(self.mesh, plan)
+
+    @staticmethod
+    def _data_parallel_group(mesh: DeviceMesh, plan: PartitionPlan) -> ProcessGroup:
+        if plan.shard == 1:
+            return mesh["data"].get_group()
+        if plan.data == 1:
+            return mesh["shard"].get_group()
+        return mesh["data", "shard"]._flatten("data_shard").get_group()
+
+    @property
+    def data_parallel_group(self) -> ProcessGroup | None:
+        """The group over which batches differ: Lightning's reductions and the sampler use it."""
+        return self._dp_group
+
+    # ------------------------------------------------------------------ applying the plan
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        assert self.accelerator is not None
+        assert self.model is not None
+        self.accelerator.setup(trainer)
+        plan = self.resolved_plan
+        rank_zero_info(f"parti: plan {plan.describe()}")
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and self._layer_sync is not None:
+            # Lightning's TorchSyncBatchNorm refuses CPU tensors; ours runs on both, over the DP group.
+            self._layer_sync = PartiSyncBatchNorm(self._dp_group, use_torch=self.process_group_backend == "nccl")
+            self.model = self._layer_sync.apply(self.model)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        # Every replica starts from rank 0's weights, whatever each process initialized.
+        broadcast_module_states(self.model)
+        if fitting:
+            self._apply_plan(plan)
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _apply_plan(self, plan: PartitionPlan) -> None:
+        assert self.model is not None
+        if plan.storage != "replicated":
+            raise NotImplementedError(
+                f"plan storage={plan.storage!r} (ZeRO-{plan.zero_stage}) is not implemented yet in PartiStrategy;"
+                " use plan='ddp'."
+            )
+        assert self._dp_group is not None
+        self._grad_sync = GradientSynchronizer(self.model, self._dp_group)
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    @override
+    def post_backward(self, closure_loss: Tensor) -> None:
+        if self._grad_sync is not None:
+            self._grad_sync.sync()
+
+    @contextmanager
+    @override
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        if self._grad_sync is None:
+            yield
+            return
+        with self._grad_sync.no_sync():
+            yield
+
+    # ------------------------------------------------------------------ collectives
+
+    @override
+    def reduce(
+        self, tensor: Tensor | Any, group: Any | None = None, reduce_op: Any | None = "mean"
+    ) -> Tensor | Any:
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group or self._dp_group, reduce_op=reduce_op)
+        return tensor
+
+    @override
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
+        return _all_gather_ddp_if_available(tensor, group=group or self._dp_group, sync_grads=sync_grads)
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        # Over every process, not just the data-parallel group: a barrier synchronizes processes
+        # (checkpoint writes, teardown), and model-parallel replicas must wait too.
+        if not _distributed_is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        # Over every process for the same reason as `barrier`: a broadcast value (a checkpoint path,
+        # a decision) must reach model-parallel replicas as well.
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    # ------------------------------------------------------------------ errors and teardown
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        # Lightning's launcher then stops the other ranks; make sure the user learns which rank failed.
+        print(
+            f"[parti rank {self.global_rank}/{self.world_size}] {type(exception).__name__}: {exception}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    @override
+    def teardown(self) -> None:
+        if self._grad_sync is not None:
+            self._grad_sync.remove()
+            self._grad_sync = None
+        module = self.lightning_module
+        if (
+            module is not None
+            and module._trainer is not None
+            and module._trainer.state.fn == TrainerFn.FITTING
+            and self._layer_sync is not None
+        ):
+            assert self.model is not None
+            self.model = self._layer_sync.revert(self.model)
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register("parti", cls, description="parti: partitioned training (plan='auto')")
+        strategy_registry.register(
+            "parti_spawn", cls, description="parti with start_method='spawn' (notebooks)", start_method="spawn"
+        )
+        for name in PRESETS:
+            strategy_registry.register(f"parti_{name}", cls, description=f"parti with plan='{name}'", plan=name)
+
