@@ -34,10 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--accelerator", default="cpu")
     run.add_argument("--devices", type=int, default=2, help="processes (or accelerators) to train on")
     run.add_argument("--strategy", default="parti", help='Lightning strategy name, e.g. "parti" or "ddp"')
-    run.add_argument("--max-steps", type=int, default=400)
+    run.add_argument("--max-steps", type=int, default=500)
     run.add_argument("--val-every", type=int, default=100, help="validate every N optimizer steps")
     run.add_argument("--seed", type=int, default=1234)
-    run.add_argument("--out-dir", type=Path, default=Path("runs/char_gpt"), help="checkpoints and CSV logs")
+    run.add_argument("--out-dir", type=Path, default=Path("runs/char_gpt"), help="checkpoints/ and logs/ go here")
     data = parser.add_argument_group("data")
     data.add_argument("--data-path", default=None, help="text file (default: examples/data/python_docs.txt)")
     data.add_argument("--batch-size", type=int, default=32, help="windows per batch, per process")
@@ -72,7 +72,7 @@ def build(args: argparse.Namespace) -> tuple[CharGPT, CharDataModule, L.Trainer,
         warmup_steps=args.warmup_steps,
     )
     checkpoint = ModelCheckpoint(
-        dirpath=args.out_dir,
+        dirpath=args.out_dir / "checkpoints",
         filename="char-gpt-{step}-{val_loss:.3f}",
         monitor="val_loss",
         mode="min",

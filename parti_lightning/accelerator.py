@@ -30,8 +30,15 @@ class DevicePartition:
     memory_bytes: int
 
 
+# The cores this process could use before any rank was pinned: a second Trainer in the same process
+# (fit, then test) must partition the machine, not the single core the first one left it.
+_initial_cores: list[int] | None = None
+
+
 def usable_cores() -> list[int]:
     """The CPU cores this process may run on (respects taskset, cgroups' cpusets and SLURM binding)."""
+    if _initial_cores is not None:
+        return list(_initial_cores)
     if hasattr(os, "sched_getaffinity"):
         return sorted(os.sched_getaffinity(0))
     return list(range(os.cpu_count() or 1))
@@ -67,6 +74,7 @@ class PartiAccelerator(Accelerator):
         self.oversubscribe = oversubscribe
         self.pin_cores = pin_cores
         self.partition: DevicePartition | None = None
+        self._restore: tuple[int, list[int]] | None = None
 
     def check_devices(self, num_processes: int) -> None:
         """Fail before launch when this machine cannot hold ``num_processes`` partitions."""
@@ -89,8 +97,12 @@ class PartiAccelerator(Accelerator):
             total = torch.cuda.get_device_properties(device).total_memory
             self.partition = DevicePartition(device, tuple(usable_cores()), total)
             return self.partition
-        cores = cores_for_rank(local_rank, local_world_size, usable_cores())
+        global _initial_cores
+        available = usable_cores()
+        cores = cores_for_rank(local_rank, local_world_size, available)
         if self.pin_cores and hasattr(os, "sched_setaffinity"):
+            _initial_cores = available
+            self._restore = (torch.get_num_threads(), available)
             os.sched_setaffinity(0, cores)
             torch.set_num_threads(len(cores))
         memory = psutil.virtual_memory().total // max(local_world_size, 1)
@@ -123,6 +135,12 @@ class PartiAccelerator(Accelerator):
     def teardown(self) -> None:
         if self.device_type == "cuda":
             torch.cuda.empty_cache()
+        if self._restore is not None:
+            # Give the process its cores back, so code after `fit` (or a notebook) is not left on one.
+            threads, cores = self._restore
+            os.sched_setaffinity(0, cores)
+            torch.set_num_threads(threads)
+            self._restore = None
 
     @staticmethod
     @override

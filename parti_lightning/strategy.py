@@ -119,6 +119,11 @@ class PartiStrategy(ParallelStrategy):
         self._accelerator = PartiAccelerator.from_lightning(accelerator) if accelerator is not None else None
 
     @property
+    def is_distributed(self) -> bool:
+        # Lightning reads this from custom strategies to decide on distributed samplers.
+        return True
+
+    @property
     @override
     def root_device(self) -> torch.device:
         assert self.parallel_devices is not None

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+TESTS = os.path.dirname(__file__)
+sys.path.insert(0, TESTS)
+
+_LEAKY_ENV = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED")
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Each test leaves no child process, no process group and no distributed env var behind."""
+    env = {k: os.environ.get(k) for k in _LEAKY_ENV}
+    yield
+    import torch.distributed as dist
+
+    leaked_group = dist.is_available() and dist.is_initialized()
+    if leaked_group:
+        dist.destroy_process_group()
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        child.kill()
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    assert not leaked_group, "a test left a process group initialized"
+    assert not children, f"a test left child processes running: {[c.pid for c in children]}"

@@ -1,0 +1,44 @@
+"""Run a script as a multi-process job with a hard timeout; on failure show every rank's output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(args: list[str], timeout: float, env: dict[str, str] | None = None,
+               cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python *args`` in its own session; kill the whole process tree if it outlives ``timeout``.
+
+    Lightning's launcher re-runs the script for ranks > 0 as children of rank 0, so their output
+    lands in the same pipes and a failure message shows every rank's traceback.
+    """
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    for key in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"):
+        full_env.pop(key, None)
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=cwd or REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"`{' '.join(args)}` did not finish in {timeout:.0f}s; output:\n{out}") from None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything the job left behind
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def check(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, f"exit code {result.returncode}; output of every rank:\n{result.stdout}"
+    return result.stdout

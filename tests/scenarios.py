@@ -1,0 +1,219 @@
+"""Training scenarios run twice: distributed with ``strategy="parti"`` and as a single-process reference.
+
+Run as a script, it trains every scenario in one launch of 2 processes (``python tests/scenarios.py OUT``;
+Lightning's subprocess launcher re-runs this file for rank 1, and later Trainers reuse the process group,
+which keeps start-up cost to one launch), and rank 0 saves each scenario's results to ``OUT/<name>.pt``.
+The tests build the single-process reference in-process from the same seed and the same global batches.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
+
+SEED = 1234
+WORLD_SIZE = 2
+BATCH = 8  # per rank
+SAMPLES = 320  # 20 batches per rank per epoch at world size 2: no padding, no ragged last batch
+
+
+def make_dataset(features: int = 6) -> TensorDataset:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(SAMPLES, features, generator=g)
+    y = (x @ torch.randn(features, 1, generator=g)).tanh() + 0.1 * torch.randn(SAMPLES, 1, generator=g)
+    return TensorDataset(x, y)
+
+
+def fixed_batch(features: int = 6) -> torch.Tensor:
+    return torch.randn(16, features, generator=torch.Generator().manual_seed(99))
+
+
+class ToyRegressor(L.LightningModule):
+    """A small regressor with the features the parity tests exercise, each switched by an argument."""
+
+    def __init__(self, norm: bool = False, scheduler: bool = False, extra_branch: bool = False) -> None:
+        super().__init__()
+        # No bias before a batch norm: its gradient is zero up to rounding, and Adam would amplify that noise.
+        self.encoder = nn.Sequential(
+            nn.Linear(6, 32, bias=not norm), nn.BatchNorm1d(32) if norm else nn.Identity(), nn.Tanh()
+        )
+        self.head = nn.Linear(32, 1)
+        # Used only on some steps: Lightning's `ddp` needs find_unused_parameters=True for this.
+        self.extra = nn.Linear(32, 1) if extra_branch else None
+        self.use_scheduler = scheduler
+        self.mae = torchmetrics.MeanAbsoluteError()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+    def _loss(self, batch: Any, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        hidden = self.encoder(x)
+        pred = self.head(hidden)
+        if self.extra is not None and batch_idx % 2 == 1:
+            pred = pred + self.extra(hidden)
+        return F.mse_loss(pred, y), pred
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, pred = self._loss(batch, batch_idx)
+        self.mae(pred.detach(), batch[1])
+        self.log("train_loss", loss, sync_dist=True, on_step=True, on_epoch=True)
+        self.log("train_mae", self.mae, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
+        if not self.use_scheduler:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(make_dataset(), batch_size=BATCH, shuffle=True)
+
+
+class TwoOptimizerRegressor(ToyRegressor):
+    """Manual optimization: two optimizers, two backward passes per step, each touching part of the model."""
+
+    def __init__(self) -> None:
+        super().__init__(extra_branch=True)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt_encoder, opt_head = self.optimizers()
+        x, y = batch
+        # First loss trains the encoder through a frozen view of the head's output.
+        loss_a, pred = self._loss(batch, batch_idx)
+        opt_encoder.zero_grad()
+        self.manual_backward(loss_a)
+        opt_encoder.step()
+        # Second loss trains the head (and, on odd steps, the extra branch) only.
+        hidden = self.encoder(x).detach()
+        out = self.head(hidden) + (self.extra(hidden) if batch_idx % 2 == 1 else 0)
+        loss_b = F.l1_loss(out, y)
+        opt_head.zero_grad()
+        self.manual_backward(loss_b)
+        opt_head.step()
+        self.log("train_loss", loss_a, sync_dist=True)
+        self.log("train_loss_b", loss_b, sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        head_params = [*self.head.parameters(), *self.extra.parameters()]
+        return torch.optim.AdamW(self.encoder.parameters(), lr=1e-2), torch.optim.SGD(head_params, lr=5e-2)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    module: type[L.LightningModule]
+    module_kwargs: dict[str, Any] = field(default_factory=dict)
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+    max_steps: int = 10
+
+
+SCENARIOS = [
+    Scenario("basic", ToyRegressor),
+    Scenario(
+        "accumulate_clip_schedule",
+        ToyRegressor,
+        {"scheduler": True, "extra_branch": True},
+        {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"},
+    ),
+    Scenario("manual_two_optimizers", TwoOptimizerRegressor),
+    Scenario("sync_batchnorm", ToyRegressor, {"norm": True}, {"sync_batchnorm": True}),
+]
+
+
+def make_trainer(scenario: Scenario, **kwargs: Any) -> L.Trainer:
+    return L.Trainer(
+        max_steps=scenario.max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **scenario.trainer_kwargs,
+        **kwargs,
+    )
+
+
+def results(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
+    module.eval()
+    with torch.no_grad():
+        output = module(fixed_batch())
+    return {
+        "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "output": output,
+        "metrics": {k: v.detach().clone() for k, v in trainer.callback_metrics.items()},
+    }
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """The batches a single process must see to match ``world_size`` ranks under Lightning's sampler."""
+
+    def __init__(self, dataset: TensorDataset, world_size: int, batch_size: int, epochs: int = 3) -> None:
+        self.batches: list[list[int]] = []
+        seed = int(os.getenv("PL_GLOBAL_SEED", 0))
+        for epoch in range(epochs):
+            per_rank = []
+            for rank in range(world_size):
+                sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
+                sampler.set_epoch(epoch)
+                indices = list(sampler)
+                per_rank.append([indices[i : i + batch_size] for i in range(0, len(indices), batch_size)])
+            for step in range(len(per_rank[0])):
+                self.batches.append([i for rank in range(world_size) for i in per_rank[rank][step]])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def run_reference(scenario: Scenario) -> dict[str, Any]:
+    """The same scenario in one process, over the global batches of WORLD_SIZE ranks."""
+    L.seed_everything(SEED, verbose=False)
+    module = scenario.module(**scenario.module_kwargs)
+    dataset = make_dataset()
+    # A sampler that covers one epoch only, so the epoch boundary falls where it does for the ranks.
+    loader = DataLoader(dataset, batch_sampler=GlobalBatchSampler(dataset, WORLD_SIZE, BATCH, epochs=1))
+    trainer = make_trainer(scenario, accelerator="cpu", devices=1, strategy="auto")
+    trainer.fit(module, train_dataloaders=loader)
+    return results(trainer, module)
+
+
+def run_distributed(scenario: Scenario, strategy: Any = "parti") -> tuple[L.Trainer, dict[str, Any]]:
+    L.seed_everything(SEED, verbose=False)
+    module = scenario.module(**scenario.module_kwargs)
+    trainer = make_trainer(scenario, accelerator="cpu", devices=WORLD_SIZE, strategy=strategy)
+    trainer.fit(module)
+    return trainer, results(trainer, module)
+
+
+def main(out: str) -> None:
+    import parti_lightning  # noqa: F401
+
+    os.makedirs(out, exist_ok=True)
+    for scenario in SCENARIOS:
+        trainer, result = run_distributed(scenario)
+        if trainer.is_global_zero:
+            torch.save(result, os.path.join(out, f"{scenario.name}.pt"))
+    from hooks import record_hooks  # noqa: E402 - the tests folder is on sys.path when run as a script
+
+    for strategy in ("parti", "ddp"):
+        calls = record_hooks(strategy)
+        if calls is not None:
+            torch.save(calls, os.path.join(out, f"hooks_{strategy}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

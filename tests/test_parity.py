@@ -1,0 +1,68 @@
+"""Tier 3: `Trainer(strategy="parti", devices=2)` on CPU computes what a single process computes.
+
+All scenarios train in one 2-process launch (see scenarios.py); each test compares one of them with a
+single-process run from the same weights over the same global batches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from launch import check, run_script
+from scenarios import SCENARIOS, Scenario, run_reference
+
+RTOL = 1e-5
+ATOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("parity")
+    check(run_script(["tests/scenarios.py", str(out)], timeout=400))
+    return out
+
+
+def _load(out: Path, name: str) -> Any:
+    return torch.load(out / f"{name}.pt", weights_only=True)
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_parity_with_single_process(distributed_results: Path, scenario: Scenario) -> None:
+    got = _load(distributed_results, scenario.name)
+    want = run_reference(scenario)
+    assert got["state"].keys() == want["state"].keys()
+    for key, expected in want["state"].items():
+        _assert_close(got["state"][key].float(), expected.float(), f"state {key}")
+    # The function the model computes, on a fixed batch, relative error <= 1e-5.
+    rel = (got["output"] - want["output"]).norm() / want["output"].norm()
+    assert rel <= 1e-5, f"outputs differ: relative error {rel:.2e}"
+    for key, expected in want["metrics"].items():
+        _assert_close(got["metrics"][key], expected, f"logged {key}")
+    # The parameters moved: the comparison is not between two untouched initializations.
+    initial = _initial_state(scenario)
+    moved = [k for k, v in initial.items() if v.is_floating_point() and not torch.equal(v, want["state"][k])]
+    assert moved, "training changed nothing"
+
+
+def _initial_state(scenario: Scenario) -> dict[str, torch.Tensor]:
+    import lightning as L
+    from scenarios import SEED
+
+    L.seed_everything(SEED, verbose=False)
+    return scenario.module(**scenario.module_kwargs).state_dict()
+
+
+@pytest.mark.timeout(600)
+def test_hooks_run_in_the_same_order_as_ddp(distributed_results: Path) -> None:
+    parti = _load(distributed_results, "hooks_parti")
+    ddp = _load(distributed_results, "hooks_ddp")
+    assert "on_train_batch_start" in parti and "on_validation_start" in parti
+    assert parti == ddp
