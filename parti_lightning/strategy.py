@@ -195,7 +195,12 @@ class PartiStrategy(ParallelStrategy):
             )
         if not dist.is_available() or not dist.is_backend_available(backend):
             raise ValueError(f"process_group_backend={backend!r} is not available in this build of torch.")
-        self.resolved_plan  # noqa: B018 - raises PlanError when the mesh does not fit the world size
+        plan = self.resolved_plan  # raises PlanError when the mesh does not fit the world size
+        if plan.storage != "replicated":
+            raise NotImplementedError(
+                f"plan storage={plan.storage!r} (ZeRO-{plan.zero_stage}) is not implemented yet in PartiStrategy;"
+                " use plan='ddp'."
+            )
         if self.plan.offload == "cpu" and device_type == "cpu":
             rank_zero_info("parti: offload='cpu' on a CPU run keeps storage where it already is (no effect).")
 
@@ -263,11 +268,6 @@ class PartiStrategy(ParallelStrategy):
 
     def _apply_plan(self, plan: PartitionPlan) -> None:
         assert self.model is not None
-        if plan.storage != "replicated":
-            raise NotImplementedError(
-                f"plan storage={plan.storage!r} (ZeRO-{plan.zero_stage}) is not implemented yet in PartiStrategy;"
-                " use plan='ddp'."
-            )
         assert self._dp_group is not None
         self._grad_sync = GradientSynchronizer(self.model, self._dp_group)
 

@@ -23,7 +23,7 @@ def no_leaks() -> Iterator[None]:
     leaked_group = dist.is_available() and dist.is_initialized()
     if leaked_group:
         dist.destroy_process_group()
-    children = psutil.Process().children(recursive=True)
+    children = [c for c in psutil.Process().children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
     for child in children:
         child.kill()
     for key, value in env.items():

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,13 +35,24 @@ def run_script(args: list[str], timeout: float, env: dict[str, str] | None = Non
         out, _ = proc.communicate()
         raise AssertionError(f"`{' '.join(args)}` did not finish in {timeout:.0f}s; output:\n{out}") from None
     finally:
-        try:
+        survivors = _session_members(proc.pid)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # anything the job left behind
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+    # Output ends only when every process holding the pipe has exited, so survivors here are
+    # processes that closed their output and lingered: a leak the caller should fail on.
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "\n".join(map(str, survivors)))
+
+
+def _session_members(sid: int) -> list[int]:
+    members = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getsid(process.pid) == sid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process.pid)
+    return members
 
 
 def check(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 0, f"exit code {result.returncode}; output of every rank:\n{result.stdout}"
+    assert not result.stderr, f"processes left running after the job ended: {result.stderr}"
     return result.stdout

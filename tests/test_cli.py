@@ -1,0 +1,83 @@
+"""The ways a user names the strategy: Python, a LightningCLI YAML file, the `parti-lightning` command."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+import parti_lightning
+from launch import REPO, check, run_script
+from parti_lightning import PartiAccelerator, PartiStrategy
+from parti_lightning.cli import _config_paths
+
+
+def test_import_registers_strategy_and_accelerator() -> None:
+    trainer = L.Trainer(strategy="parti", accelerator="cpu", devices=2, logger=False)
+    assert isinstance(trainer.strategy, PartiStrategy)
+    # The strategy's default accelerator is ours, even when the Trainer picked "cpu".
+    assert isinstance(trainer.accelerator, PartiAccelerator)
+    assert trainer.world_size == 2
+    assert trainer.strategy.distributed_sampler_kwargs == {"num_replicas": 2, "rank": 0}
+    assert isinstance(L.Trainer(accelerator="parti", strategy="parti", devices=1).accelerator, PartiAccelerator)
+
+
+@pytest.mark.parametrize("name", ["parti_ddp", "PARTI", "parti_spawn"])
+def test_registered_aliases(name: str) -> None:
+    strategy = L.Trainer(strategy=name, accelerator="cpu", devices=1, logger=False).strategy
+    assert isinstance(strategy, PartiStrategy)
+    assert strategy.plan == parti_lightning.PartitionPlan.from_value("ddp")
+
+
+def test_config_paths_are_found_in_argv() -> None:
+    assert _config_paths(["fit", "-c", "a.yaml", "--config=b.yaml", "--config", "c.yaml"]) == [
+        "a.yaml", "b.yaml", "c.yaml",
+    ]
+
+
+def test_ddp_preset_yaml_names_the_strategy() -> None:
+    config = yaml.safe_load((REPO / "strategies" / "ddp.yaml").read_text())
+    strategy = config["trainer"]["strategy"]
+    assert strategy["class_path"] == "parti_lightning.PartiStrategy"
+    assert PartiStrategy(**strategy["init_args"]).plan.storage == "replicated"
+
+
+@pytest.mark.timeout(180)
+def test_yaml_class_path_with_stock_lightning_cli() -> None:
+    out = check(run_script(["tests/stock_cli.py", "fit", "--config", "tests/configs/class_path.yaml"], timeout=150))
+    assert "strategy=PartiStrategy world_size=2 steps=3" in out
+
+
+@pytest.mark.timeout(180)
+def test_parti_lightning_command_with_strategy_flag(tmp_path: Path) -> None:
+    command = shutil.which("parti-lightning")
+    assert command, "the parti-lightning console script is not installed"
+    result = run_script(
+        [command, "fit", "--model=scenarios.ToyRegressor", "--trainer.strategy=parti", "--trainer.accelerator=cpu",
+         "--trainer.devices=1", "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}",
+         "--trainer.enable_progress_bar=false"],
+        timeout=150, cwd=REPO / "tests",
+    )
+    out = check(result)
+    assert "parti: plan data=1" in out
+    assert list(tmp_path.rglob("*.ckpt")), "fit did not write its checkpoint"
+
+
+@pytest.mark.timeout(180)
+def test_spawn_start_method_for_notebooks() -> None:
+    from scenarios import SEED, ToyRegressor
+
+    L.seed_everything(SEED, verbose=False)
+    module = ToyRegressor()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = L.Trainer(
+        strategy="parti_spawn", accelerator="cpu", devices=2, max_steps=3, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module)
+    # Lightning's spawn launcher copies the trained weights back to the calling process.
+    assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items())

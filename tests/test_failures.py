@@ -1,0 +1,66 @@
+"""What the user sees when a run fails: a clear error before launch, or every rank gone quickly."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import pytest
+
+import parti_lightning  # noqa: F401
+from launch import run_script
+from parti_lightning import PartiStrategy, PlanError
+
+
+def _trainer(**kwargs: object) -> L.Trainer:
+    kwargs.setdefault("strategy", "parti")
+    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, **kwargs)
+
+
+def test_unknown_plan_name_fails_before_launch() -> None:
+    with pytest.raises(PlanError, match="unknown plan 'zero9'"):
+        _trainer(strategy=PartiStrategy(plan="zero9"), devices=2)
+
+
+def test_unknown_strategy_alias_is_refused_by_lightning() -> None:
+    with pytest.raises(ValueError, match="invalid strategy name"):
+        _trainer(strategy="parti_zero9", devices=2)
+
+
+def test_more_devices_than_cores_fails_before_launch() -> None:
+    with pytest.raises(ValueError, match=r"devices=512 but this process may use \d+ CPU core"):
+        _trainer(devices=512)
+
+
+def test_backend_that_does_not_fit_the_device_fails_before_launch() -> None:
+    with pytest.raises(ValueError, match="process_group_backend='nccl' needs CUDA devices"):
+        _trainer(strategy=PartiStrategy(process_group_backend="nccl"), devices=2)
+
+
+def test_unknown_backend_is_refused() -> None:
+    with pytest.raises(ValueError, match="process_group_backend='mpi2'"):
+        PartiStrategy(process_group_backend="mpi2")  # type: ignore[arg-type]
+
+
+def test_mesh_that_does_not_match_world_size_fails_before_launch() -> None:
+    with pytest.raises(PlanError, match="mesh data=3 .* does not match world size 2"):
+        _trainer(strategy=PartiStrategy(plan={"data": 3}), devices=2)
+
+
+def test_unimplemented_storage_says_so_before_launch() -> None:
+    with pytest.raises(NotImplementedError, match="ZeRO-3"):
+        _trainer(strategy=PartiStrategy(plan="zero3"), devices=2)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_a_rank_raising_stops_every_process(failing_rank: int) -> None:
+    start = time.monotonic()
+    result = run_script(["tests/failing_run.py", str(failing_rank)], timeout=90)
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert elapsed < 45, f"took {elapsed:.0f}s to stop (includes ~10s of start-up)"
+    # The original exception, and which rank raised it.
+    assert f"boom from the user's training_step on rank {failing_rank}" in result.stdout
+    assert f"[parti rank {failing_rank}/2] RuntimeError" in result.stdout
+    assert not result.stderr, f"processes left behind: {result.stderr}"
