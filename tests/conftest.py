@@ -23,7 +23,7 @@ def no_leaks() -> Iterator[None]:
     leaked_group = dist.is_available() and dist.is_initialized()
     if leaked_group:
         dist.destroy_process_group()
-    children = [c for c in psutil.Process().children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
+    children = [c for c in psutil.Process().children(recursive=True) if not _is_benign(c)]
     for child in children:
         child.kill()
     for key, value in env.items():
@@ -33,3 +33,13 @@ def no_leaks() -> Iterator[None]:
             os.environ[key] = value
     assert not leaked_group, "a test left a process group initialized"
     assert not children, f"a test left child processes running: {[c.pid for c in children]}"
+
+
+def _is_benign(process: psutil.Process) -> bool:
+    """Exited-but-unreaped children, and Python's own multiprocessing resource tracker (lives with us)."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE or "multiprocessing.resource_tracker" in " ".join(
+            process.cmdline()
+        )
+    except psutil.NoSuchProcess:
+        return True

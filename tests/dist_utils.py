@@ -1,20 +1,25 @@
-"""Run a function on N gloo ranks on CPU, each in its own spawned process.
+"""Run a function on N gloo ranks on CPU, each in its own fresh Python process.
 
-One call starts a fresh group of processes, runs ``fn(*args)`` on every rank inside an initialised
-gloo process group and returns what each rank returned. Process start-up dominates on small
-machines (importing torch takes seconds per process), so tests should make one call run several
-checks rather than spawn once per check.
+One call starts a group of processes, runs ``fn(*args)`` on every rank inside an initialised gloo
+process group and returns what each rank returned. Process start-up dominates on small machines
+(importing torch takes seconds per process), so tests should make one call run several checks
+rather than start a group per check.
+
+The ranks are plain subprocesses (this file run as a script), not ``multiprocessing`` children:
+``multiprocessing``'s spawn start method also starts a resource-tracker process that outlives the
+call, which the suite's leak check would rightly flag.
 """
 
 from __future__ import annotations
 
 import contextlib
-import faulthandler
-import multiprocessing as mp
+import json
 import os
-import queue
+import pickle
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -22,15 +27,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Seconds the parent waits, after a rank failed, for the other ranks to report before killing them.
-# A rank blocked in a collective with a dead peer never returns on its own.
+# Seconds the other ranks get to finish after one failed: a rank blocked in a collective with a
+# dead peer never returns on its own.
 _GRACE_AFTER_FAILURE = 10.0
-# Seconds given to hung ranks to dump their stacks (SIGUSR1 -> faulthandler) before they are killed.
+# Seconds hung ranks get to write their stacks (SIGUSR1 -> faulthandler) before they are killed.
 _DUMP_WAIT = 2.0
+# Lines of each failed rank's output shown in the error.
+_LOG_TAIL = 60
 
 
 class DistributedTestError(AssertionError):
-    """One or more ranks failed or hung; the message holds every rank's traceback or stack dump."""
+    """One or more ranks failed or hung; the message holds every failed rank's traceback or stack dump."""
 
 
 def free_port() -> int:
@@ -43,148 +50,160 @@ def free_port() -> int:
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` gloo ranks and return each rank's result, by rank.
 
-    ``fn`` and ``args`` must be picklable (``fn`` defined at module level), and so must the results.
-    Inside ``fn`` the default process group is initialised (gloo, CPU, one thread per rank) and the
-    usual environment is set (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
-    ``MASTER_PORT``); ``torch.distributed.get_rank()`` says which rank runs.
+    ``fn`` must be importable by name (defined at module level) and ``args`` and the results picklable.
+    Inside ``fn`` the default process group is initialised (gloo, CPU, one intra-op thread) and the
+    usual variables are set (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+    ``MASTER_PORT``); ``torch.distributed.get_rank()`` says which rank runs. The group is destroyed
+    after ``fn`` returns, and every process is gone when this function returns.
 
     Args:
         fn: the function every rank runs.
         world_size: how many processes to start.
         *args: positional arguments passed to ``fn`` on every rank.
-        timeout: seconds for the whole group, start-up included; on expiry every rank's stack is
-            dumped, every child is killed and the error shows the dumps.
+        timeout: seconds for the whole group, start-up included; on expiry every rank still running
+            dumps its stacks, is killed, and the error shows the dumps.
 
     Returns:
         ``[result of rank 0, result of rank 1, ...]``.
 
     Raises:
-        DistributedTestError: a rank raised (its traceback and any other rank's are in the message),
-            a rank died without reporting, or the group ran past ``timeout``.
+        DistributedTestError: a rank raised (the message has its traceback and every other failed
+            rank's), a rank died without reporting, or the group ran past ``timeout``.
     """
-    ctx = mp.get_context("spawn")
-    results: queue.Queue = ctx.Queue()
-    port = free_port()
     with tempfile.TemporaryDirectory(prefix="parti-dist-") as tmp:
-        procs = [
-            ctx.Process(
-                target=_worker,
-                args=(fn, args, rank, world_size, port, results, str(Path(tmp) / f"stack-{rank}.txt")),
-                name=f"rank{rank}",
-                daemon=True,
-            )
-            for rank in range(world_size)
-        ]
-        for proc in procs:
-            proc.start()
+        job = Path(tmp)
+        # Why apart from the pickle: unpickling `fn` imports its module, which needs this sys.path first.
+        (job / "sys_path.json").write_text(json.dumps(sys.path))
+        (job / "job.pkl").write_bytes(pickle.dumps((fn, args)))
+        port = free_port()
+        procs = [_start(job, rank, world_size, port) for rank in range(world_size)]
         try:
-            outcomes, hung = _collect(procs, results, timeout)
-            if hung:
-                _dump_stacks(procs, hung)
-                outcomes.update({rank: ("hung", _read_stack(tmp, rank)) for rank in hung})
+            hung = _wait(job, procs, timeout)
+            _dump_stacks(procs, hung)
         finally:
-            _terminate(procs)
-            results.close()
-            results.join_thread()
-    return _unpack(outcomes, world_size, timeout)
+            _kill(procs)
+        outcomes = [_outcome(job, rank, procs[rank], rank in hung, timeout) for rank in range(world_size)]
+    return _unpack(outcomes)
 
 
-def _worker(
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    rank: int,
-    world_size: int,
-    port: int,
-    results: queue.Queue,
-    stack_file: str,
-) -> None:
-    # faulthandler needs a file that outlives the Python frames it describes; the parent reads it
-    # after sending SIGUSR1 to a rank that has not reported in time.
-    with open(stack_file, "w") as stack_out:
-        faulthandler.register(signal.SIGUSR1, file=stack_out, all_threads=True)
-        try:
-            results.put((rank, "ok", _run_rank(fn, args, rank, world_size, port)))
-        except BaseException:
-            results.put((rank, "error", traceback.format_exc()))
+def _start(job: Path, rank: int, world_size: int, port: int) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        # Why one thread: N ranks on a couple of cores with default intra-op threads oversubscribe badly.
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    with open(job / f"rank{rank}.log", "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, __file__, str(job), str(rank)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # so that killing its process group leaves nothing behind
+        )
 
 
-def _run_rank(fn: Callable[..., Any], args: tuple[Any, ...], rank: int, world_size: int, port: int) -> Any:
+def _wait(job: Path, procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    """Wait for every rank to exit; return the ranks still running at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        codes = [proc.poll() for proc in procs]
+        if all(code is not None for code in codes):
+            return []
+        failed = any(code not in (None, 0) or _status(job, rank) == "error" for rank, code in enumerate(codes))
+        if failed:
+            deadline = min(deadline, time.monotonic() + _GRACE_AFTER_FAILURE)
+        time.sleep(0.1)
+    return [rank for rank, proc in enumerate(procs) if proc.poll() is None]
+
+
+def _status(job: Path, rank: int) -> str | None:
+    path = job / f"rank{rank}.result"
+    if not path.exists():
+        return None
+    with contextlib.suppress(Exception):
+        return pickle.loads(path.read_bytes())[0]
+    return None
+
+
+def _dump_stacks(procs: list[subprocess.Popen], ranks: list[int]) -> None:
+    for rank in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(procs[rank].pid, signal.SIGUSR1)
+    if ranks:
+        time.sleep(_DUMP_WAIT)
+
+
+def _kill(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    for proc in procs:
+        proc.wait()
+
+
+def _outcome(job: Path, rank: int, proc: subprocess.Popen, hung: bool, timeout: float) -> tuple[str, Any]:
+    log = (job / f"rank{rank}.log").read_text(errors="replace").splitlines()
+    tail = "\n".join(log[-_LOG_TAIL:]) or "(no output)"
+    if hung:
+        return "hung", f"still running after timeout={timeout}s or after another rank failed; stacks and output:\n{tail}"
+    result = job / f"rank{rank}.result"
+    if not result.exists():
+        return "died", f"exited with code {proc.returncode} without reporting; output:\n{tail}"
+    status, payload = pickle.loads(result.read_bytes())
+    return (status, f"{payload}\noutput:\n{tail}") if status == "error" else (status, payload)
+
+
+def _unpack(outcomes: list[tuple[str, Any]]) -> list[Any]:
+    failures = [(rank, status, payload) for rank, (status, payload) in enumerate(outcomes) if status != "ok"]
+    if not failures:
+        return [payload for _, payload in outcomes]
+    sections = [f"----- rank {rank}: {status} -----\n{payload}" for rank, status, payload in failures]
+    raise DistributedTestError(f"{len(failures)} of {len(outcomes)} rank(s) failed:\n" + "\n".join(sections))
+
+
+# ----------------------------------------------------------------------------------- rank process
+
+
+def _rank_main(job: Path, rank: int) -> None:
+    import faulthandler
+
+    # Stacks of every thread go to this rank's log when the parent decides the rank hangs.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    try:
+        sys.path[:] = json.loads((job / "sys_path.json").read_text())
+        fn, args = pickle.loads((job / "job.pkl").read_bytes())
+        outcome: tuple[str, Any] = ("ok", _run_in_group(fn, args))
+    except BaseException:
+        outcome = ("error", traceback.format_exc())
+    try:
+        data = pickle.dumps(outcome)
+    except Exception:
+        data = pickle.dumps(("error", f"the result of rank {rank} cannot be pickled:\n{traceback.format_exc()}"))
+    # Written whole, then renamed: the parent never reads half a result.
+    partial = job / f"rank{rank}.result.partial"
+    partial.write_bytes(data)
+    partial.rename(job / f"rank{rank}.result")
+
+
+def _run_in_group(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     import torch
     import torch.distributed as dist
 
-    # Why one thread: N ranks on 2 cores with default intra-op threads oversubscribe badly.
     torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-    )
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo")
     try:
         return fn(*args)
     finally:
         dist.destroy_process_group()
 
 
-def _collect(
-    procs: list[mp.Process], results: queue.Queue, timeout: float
-) -> tuple[dict[int, tuple[str, Any]], list[int]]:
-    """Read outcomes until every rank reported, one died silently, or time ran out; return the hung ranks."""
-    outcomes: dict[int, tuple[str, Any]] = {}
-    deadline = time.monotonic() + timeout
-    while len(outcomes) < len(procs):
-        now = time.monotonic()
-        if now >= deadline:
-            break
-        try:
-            rank, status, payload = results.get(timeout=min(0.5, deadline - now))
-            outcomes[rank] = (status, payload)
-            if status == "error":
-                # Peers of a failed rank usually block in a collective: give them a short grace.
-                deadline = min(deadline, time.monotonic() + _GRACE_AFTER_FAILURE)
-        except queue.Empty:
-            for rank, proc in enumerate(procs):
-                if rank not in outcomes and proc.exitcode is not None:
-                    outcomes[rank] = ("died", f"process exited with code {proc.exitcode} without reporting")
-                    deadline = min(deadline, time.monotonic() + _GRACE_AFTER_FAILURE)
-    hung = [rank for rank in range(len(procs)) if rank not in outcomes]
-    return outcomes, hung
-
-
-def _dump_stacks(procs: list[mp.Process], ranks: list[int]) -> None:
-    for rank in ranks:
-        if procs[rank].pid is not None and procs[rank].is_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(procs[rank].pid, signal.SIGUSR1)
-    time.sleep(_DUMP_WAIT)
-
-
-def _read_stack(tmp: str, rank: int) -> str:
-    path = Path(tmp) / f"stack-{rank}.txt"
-    text = path.read_text() if path.exists() else ""
-    return text.strip() or "(no stack dump: the rank did not start Python or did not answer SIGUSR1)"
-
-
-def _terminate(procs: list[mp.Process]) -> None:
-    for proc in procs:
-        proc.join(timeout=5)
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join(timeout=5)
-
-
-def _unpack(outcomes: dict[int, tuple[str, Any]], world_size: int, timeout: float) -> list[Any]:
-    if all(status == "ok" for status, _ in outcomes.values()) and len(outcomes) == world_size:
-        return [outcomes[rank][1] for rank in range(world_size)]
-    sections = []
-    for rank in range(world_size):
-        status, payload = outcomes.get(rank, ("hung", "(no report)"))
-        if status == "ok":
-            continue
-        title = f"rank {rank}: {status}" + (f" (group ran past timeout={timeout}s; stack dump)" if status == "hung" else "")
-        sections.append(f"----- {title} -----\n{payload}")
-    raise DistributedTestError(f"{len(sections)} of {world_size} rank(s) failed:\n" + "\n".join(sections))
+if __name__ == "__main__":
+    _rank_main(Path(sys.argv[1]), int(sys.argv[2]))
