@@ -245,7 +245,10 @@ def load_full_optimizer_state_dict(
             state_dict = box[0]
         _zero_load_state_dict(module, optimizer, state_dict)
         return
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0)
+    # Why strict=False: a parameter that never had a gradient (unused, or not reached yet) has no
+    # state, as with a plain optimizer; strict mode would refuse such a checkpoint. Parameter groups
+    # and their sizes are still checked by the optimizer's own load_state_dict.
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0, strict=False)
     set_optimizer_state_dict(module, optimizer, dict(state_dict), options=options)
 
 
