@@ -81,3 +81,23 @@ def test_spawn_start_method_for_notebooks() -> None:
     trainer.fit(module)
     # Lightning's spawn launcher copies the trained weights back to the calling process.
     assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+@pytest.mark.timeout(180)
+def test_torchrun_starts_the_ranks_and_parti_launches_nothing() -> None:
+    port = _free_port()
+    out = check(run_script(
+        ["-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", f"--master-port={port}",
+         "--master-addr=127.0.0.1", "tests/torchrun_run.py"],
+        timeout=150, env={"PYTHONPATH": str(REPO / "tests")},
+    ))
+    assert "rank 0/2 env=TorchElasticEnvironment launched=[]" in out
+    assert "rank 1/2 env=TorchElasticEnvironment launched=[]" in out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
