@@ -1,0 +1,90 @@
+"""Tier 1: PartitionPlan construction, presets, resolution and validation (no process group)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from parti_lightning.plan import PRESETS, PartitionPlan, PlanError, preset
+
+
+@pytest.mark.parametrize("name", ["auto", "ddp", "zero1", "zero2", "zero3", "ZeRO3", " ddp "])
+def test_presets_are_plans(name: str) -> None:
+    assert isinstance(preset(name), PartitionPlan)
+
+
+def test_preset_storage_levels() -> None:
+    assert [PRESETS[n].zero_stage for n in ("ddp", "zero1", "zero2", "zero3")] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("plan", "world", "mesh"),
+    [
+        ("ddp", 4, {"data": 4, "shard": 1}),
+        ("zero3", 4, {"data": 1, "shard": 4}),
+        ({"preset": "zero3", "data": 2}, 4, {"data": 2, "shard": 2}),
+        ({"preset": "zero2", "shard": 2}, 4, {"data": 2, "shard": 2}),
+        ("ddp", 1, {"data": 1, "shard": 1}),
+    ],
+)
+def test_resolve_fills_auto_degrees(plan: object, world: int, mesh: dict[str, int]) -> None:
+    resolved = PartitionPlan.from_value(plan).resolve(world)  # type: ignore[arg-type]
+    assert {k: resolved.mesh_shape[k] for k in mesh} == mesh
+    assert resolved.data_parallel_size == world
+
+
+@pytest.mark.parametrize("plan", [*PRESETS.values(), PartitionPlan(data=2, shard=2, storage="parameters")])
+def test_round_trip_through_yaml(plan: PartitionPlan) -> None:
+    text = yaml.safe_dump(plan.to_dict())
+    assert PartitionPlan.from_value(yaml.safe_load(text)) == plan
+
+
+def test_plan_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PRESETS["ddp"].storage = "parameters"  # type: ignore[misc]
+
+
+BAD_PLANS = [
+    # (value, world size or None, expected error type, text the message must contain)
+    ("zero9", None, PlanError, "unknown plan 'zero9'"),
+    ("", None, PlanError, "unknown plan"),
+    (42, None, PlanError, "plan=42 is invalid"),
+    ({"storage": "everything"}, None, PlanError, "plan.storage='everything'"),
+    ({"offload": "disk"}, None, PlanError, "plan.offload='disk'"),
+    ({"activation_checkpointing": "all"}, None, PlanError, "plan.activation_checkpointing='all'"),
+    ({"data": 0}, None, PlanError, "plan.data=0"),
+    ({"data": -2}, None, PlanError, "plan.data=-2"),
+    ({"data": "many"}, None, PlanError, "plan.data='many'"),
+    ({"data": 2.0}, None, PlanError, "plan.data=2.0"),
+    ({"data": True}, None, PlanError, "plan.data=True"),
+    ({"shard": 0}, None, PlanError, "plan.shard=0"),
+    ({"tensor": 0}, None, PlanError, "plan.tensor=0"),
+    ({"pipeline": "auto"}, None, PlanError, "plan.pipeline='auto'"),
+    ({"micro_batches": 0}, None, PlanError, "plan.micro_batches=0"),
+    ({"shard": 2}, None, PlanError, "plan.shard=2 with plan.storage='replicated' shards nothing"),
+    ({"offload": "cpu"}, None, PlanError, "plan.offload='cpu' needs sharded storage"),
+    ({"preset": "zero1", "offload": "cpu"}, None, PlanError, "storage='parameters' only"),
+    ({"sharding_units": "blocks"}, None, PlanError, "plan.sharding_units='blocks'"),
+    ({"sharding_units": ["blocks.0", ""]}, None, PlanError, "plan.sharding_units"),
+    ({"colour": "blue"}, None, PlanError, "unknown plan field(s) ['colour']"),
+    ({"preset": "zero7"}, None, PlanError, "unknown plan 'zero7'"),
+    ({"data": 3}, 4, PlanError, "mesh data=3 × shard=1 × tensor=1 × pipeline=1 = 3 does not match world size 4"),
+    ({"preset": "zero3", "data": 3}, 4, PlanError, "plan.data=3 does not divide the 4 data-parallel ranks"),
+    ({"preset": "zero3", "shard": 3}, 4, PlanError, "plan.shard=3 does not divide the 4 data-parallel ranks"),
+    ({"data": 2, "shard": 1}, 3, PlanError, "does not match world size 3"),
+    ("ddp", 0, PlanError, "world size 0 is invalid"),
+    ({"tensor": 2}, None, NotImplementedError, "tensor parallelism is not implemented yet"),
+    ({"pipeline": 2}, None, NotImplementedError, "pipeline parallelism is not implemented yet"),
+    ({"micro_batches": 4}, None, NotImplementedError, "micro_batches=4"),
+]
+
+
+@pytest.mark.parametrize(("value", "world", "error", "message"), BAD_PLANS, ids=[str(b[0]) for b in BAD_PLANS])
+def test_bad_plans_are_rejected_with_the_field_named(value: object, world: int | None, error: type, message: str):
+    with pytest.raises(error) as info:
+        plan = PartitionPlan.from_value(value)  # type: ignore[arg-type]
+        if world is not None:
+            plan.resolve(world)
+    assert message in str(info.value)
