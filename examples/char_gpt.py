@@ -329,11 +329,11 @@ class CharGPT(L.LightningModule):
     ) -> None:
         super().__init__()
         self.vocab = load_vocab(data_path)
+        self.save_hyperparameters()
         if vocab_size is None:
             vocab_size = len(self.vocab)
-        # Called after resolving vocab_size: save_hyperparameters reads the current values of the
-        # __init__ arguments, so checkpoints record the concrete size rather than None.
-        self.save_hyperparameters()
+            # Record the concrete size, so a checkpoint states the shape of its embedding and head.
+            self.hparams.vocab_size = vocab_size
 
         self.tok_emb = nn.Embedding(vocab_size, n_embd)
         self.pos_emb = nn.Embedding(block_size, n_embd)
