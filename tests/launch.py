@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -35,7 +36,7 @@ def run_script(args: list[str], timeout: float, env: dict[str, str] | None = Non
         out, _ = proc.communicate()
         raise AssertionError(f"`{' '.join(args)}` did not finish in {timeout:.0f}s; output:\n{out}") from None
     finally:
-        survivors = _session_members(proc.pid)
+        survivors = _session_members(proc.pid, grace=5.0)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # anything the job left behind
     # Output ends only when every process holding the pipe has exited, so survivors here are
@@ -43,13 +44,18 @@ def run_script(args: list[str], timeout: float, env: dict[str, str] | None = Non
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "\n".join(map(str, survivors)))
 
 
-def _session_members(sid: int) -> list[int]:
-    members = []
-    for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if os.getsid(process.pid) == sid and process.status() != psutil.STATUS_ZOMBIE:
-                members.append(process.pid)
-    return members
+def _session_members(sid: int, grace: float) -> list[int]:
+    """Live processes of session ``sid``, after giving ones already killed ``grace`` seconds to go."""
+    deadline = time.monotonic() + grace
+    while True:
+        members = []
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getsid(process.pid) == sid and process.status() != psutil.STATUS_ZOMBIE:
+                    members.append(process.pid)
+        if not members or time.monotonic() > deadline:
+            return members
+        time.sleep(0.1)
 
 
 def check(result: subprocess.CompletedProcess[str]) -> str:
