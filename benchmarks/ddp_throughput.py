@@ -30,9 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 def _worker(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(REPO / "examples"))
     import lightning as L
-    from char_gpt import CharDataModule, CharGPT
 
     import parti_lightning  # noqa: F401
+
+    from char_gpt import CharDataModule, CharGPT
 
     class WindowTimer(L.Callback):
         def __init__(self) -> None:

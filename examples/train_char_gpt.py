@@ -20,11 +20,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from char_gpt import CharDataModule, CharGPT
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 import parti_lightning  # noqa: F401  (registers strategy="parti" with Lightning)
+
+from char_gpt import CharDataModule, CharGPT
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -78,7 +78,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         port = free_port()
         procs = [_start(job, rank, world_size, port) for rank in range(world_size)]
         try:
-            hung = _wait(job, procs, timeout)
+            hung = _wait(procs, timeout)
             _dump_stacks(procs, hung)
         finally:
             _kill(procs)
@@ -110,27 +110,20 @@ def _start(job: Path, rank: int, world_size: int, port: int) -> subprocess.Popen
         )
 
 
-def _wait(job: Path, procs: list[subprocess.Popen], timeout: float) -> list[int]:
-    """Wait for every rank to exit; return the ranks still running at the deadline."""
+def _wait(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    """Wait for every rank to exit; return the ranks still running at the deadline.
+
+    A rank exits with a non-zero code when it failed; the others then get a short grace.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         codes = [proc.poll() for proc in procs]
         if all(code is not None for code in codes):
             return []
-        failed = any(code not in (None, 0) or _status(job, rank) == "error" for rank, code in enumerate(codes))
-        if failed:
+        if any(code not in (None, 0) for code in codes):
             deadline = min(deadline, time.monotonic() + _GRACE_AFTER_FAILURE)
         time.sleep(0.1)
     return [rank for rank, proc in enumerate(procs) if proc.poll() is None]
-
-
-def _status(job: Path, rank: int) -> str | None:
-    path = job / f"rank{rank}.result"
-    if not path.exists():
-        return None
-    with contextlib.suppress(Exception):
-        return pickle.loads(path.read_bytes())[0]
-    return None
 
 
 def _dump_stacks(procs: list[subprocess.Popen], ranks: list[int]) -> None:
@@ -152,13 +145,13 @@ def _kill(procs: list[subprocess.Popen]) -> None:
 def _outcome(job: Path, rank: int, proc: subprocess.Popen, hung: bool, timeout: float) -> tuple[str, Any]:
     log = (job / f"rank{rank}.log").read_text(errors="replace").splitlines()
     tail = "\n".join(log[-_LOG_TAIL:]) or "(no output)"
-    if hung:
-        return "hung", f"still running after timeout={timeout}s or after another rank failed; stacks and output:\n{tail}"
     result = job / f"rank{rank}.result"
-    if not result.exists():
-        return "died", f"exited with code {proc.returncode} without reporting; output:\n{tail}"
-    status, payload = pickle.loads(result.read_bytes())
-    return (status, f"{payload}\noutput:\n{tail}") if status == "error" else (status, payload)
+    if result.exists():  # even from a rank that then hung in teardown: its result is what counts
+        status, payload = pickle.loads(result.read_bytes())
+        return (status, f"{payload}\noutput:\n{tail}") if status == "error" else (status, payload)
+    if hung:
+        return "hung", f"still running at timeout={timeout}s or after another rank failed; stacks and output:\n{tail}"
+    return "died", f"exited with code {proc.returncode} without reporting; output:\n{tail}"
 
 
 def _unpack(outcomes: list[tuple[str, Any]]) -> list[Any]:
@@ -172,7 +165,7 @@ def _unpack(outcomes: list[tuple[str, Any]]) -> list[Any]:
 # ----------------------------------------------------------------------------------- rank process
 
 
-def _rank_main(job: Path, rank: int) -> None:
+def _rank_main(job: Path, rank: int) -> int:
     import faulthandler
 
     # Stacks of every thread go to this rank's log when the parent decides the rank hangs.
@@ -180,9 +173,33 @@ def _rank_main(job: Path, rank: int) -> None:
     try:
         sys.path[:] = json.loads((job / "sys_path.json").read_text())
         fn, args = pickle.loads((job / "job.pkl").read_bytes())
-        outcome: tuple[str, Any] = ("ok", _run_in_group(fn, args))
+        _init_group()
+        outcome: tuple[str, Any] = ("ok", fn(*args))
     except BaseException:
         outcome = ("error", traceback.format_exc())
+    # The outcome is written before the group is torn down, so a teardown that blocks on a dead peer
+    # cannot swallow the traceback.
+    _write_outcome(job, rank, outcome)
+    _destroy_group()
+    return 0 if outcome[0] == "ok" else 1
+
+
+def _init_group() -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _write_outcome(job: Path, rank: int, outcome: tuple[str, Any]) -> None:
     try:
         data = pickle.dumps(outcome)
     except Exception:
@@ -193,17 +210,5 @@ def _rank_main(job: Path, rank: int) -> None:
     partial.rename(job / f"rank{rank}.result")
 
 
-def _run_in_group(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    try:
-        return fn(*args)
-    finally:
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    _rank_main(Path(sys.argv[1]), int(sys.argv[2]))
+    sys.exit(_rank_main(Path(sys.argv[1]), int(sys.argv[2])))

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 
 import parti_lightning  # noqa: F401
+
 from scenarios import ToyRegressor
 
 

@@ -6,8 +6,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from scenarios import SEED, ToyRegressor, make_dataset
 from torch.utils.data import DataLoader
+
+from scenarios import SEED, ToyRegressor, make_dataset
 
 _MODULE_HOOKS = [
     "configure_model", "setup", "on_fit_start", "on_train_start", "on_train_epoch_start", "on_train_batch_start",

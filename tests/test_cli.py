@@ -11,9 +11,10 @@ import torch
 import yaml
 
 import parti_lightning
-from launch import REPO, check, run_script
 from parti_lightning import PartiAccelerator, PartiStrategy
 from parti_lightning.cli import _config_paths
+
+from launch import REPO, check, run_script
 
 
 def test_import_registers_strategy_and_accelerator() -> None:

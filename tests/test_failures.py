@@ -8,8 +8,9 @@ import lightning as L
 import pytest
 
 import parti_lightning  # noqa: F401
-from launch import run_script
 from parti_lightning import PartiStrategy, PlanError
+
+from launch import run_script
 
 
 def _trainer(**kwargs: object) -> L.Trainer:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from launch import check, run_script
 from scenarios import SCENARIOS, Scenario, run_reference
 
@@ -54,6 +55,7 @@ def test_parity_with_single_process(distributed_results: Path, scenario: Scenari
 
 def _initial_state(scenario: Scenario) -> dict[str, torch.Tensor]:
     import lightning as L
+
     from scenarios import SEED
 
     L.seed_everything(SEED, verbose=False)

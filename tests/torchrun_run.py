@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 
 import parti_lightning  # noqa: F401
+
 from scenarios import SEED, ToyRegressor
 
 if __name__ == "__main__":

@@ -14,11 +14,12 @@ these functions in the order their docstrings give.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch.distributed as dist
@@ -50,7 +51,9 @@ _BYTE_KEYS = ("parameters", "gradients", "optimizer_state", "scalars")
 # ---------------------------------------------------------------------------------------- sharding
 
 
-def apply_storage(module: nn.Module, mesh: DeviceMesh, plan: PartitionPlan) -> nn.Module:
+def apply_storage(
+    module: nn.Module, mesh: DeviceMesh, plan: PartitionPlan, *, reduce_unused_parameters: bool = False
+) -> nn.Module:
     """Shard the storage of ``module`` over the ``shard`` axis of ``mesh`` as ``plan.storage`` says.
 
     Call it after tensor parallelism and activation checkpointing, and before the optimizer is
@@ -68,6 +71,12 @@ def apply_storage(module: nn.Module, mesh: DeviceMesh, plan: PartitionPlan) -> n
         module: the model, on the mesh's device or on CPU (FSDP moves it to the mesh's device).
         mesh: 2-D mesh with dims ``("data", "shard")`` and the sizes of ``plan.data``, ``plan.shard``.
         plan: a resolved plan (``plan.resolve(world_size)``) with sharded storage and ``shard > 1``.
+        reduce_unused_parameters: set it when which parameters get a gradient depends on the data
+            (conditional branches, mixture of experts). FSDP reduce-scatters the gradients a rank has,
+            so ranks that disagree on which exist hang in the collective. With this set, a missing
+            gradient counts as zeros; the cost is that a parameter unused on every rank gets a zero
+            gradient instead of none, so an optimizer with weight decay still decays it. Ignored by
+            ZeRO-1, whose gradients data parallel reduces.
 
     Returns:
         ``module``, sharded in place.
@@ -100,6 +109,8 @@ def apply_storage(module: nn.Module, mesh: DeviceMesh, plan: PartitionPlan) -> n
     for _, unit in _deepest_first(units):
         fully_shard(unit, mesh=fsdp_mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload)
     fully_shard(module, mesh=fsdp_mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload)
+    if reduce_unused_parameters:
+        module.set_reduce_scatter_unused_params(True)  # type: ignore[operator]
     return module
 
 
@@ -183,11 +194,11 @@ def full_state_dict(module: nn.Module, *, rank0_only: bool = True) -> dict[str, 
             copy of the model exists at a time.
 
     Returns:
-        name to CPU tensor. When ``module`` is not sharded the tensors may be the live parameters:
-        clone them to keep a snapshot.
+        name to CPU tensor; never the live tensors themselves, so the next step does not change it.
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
-    return _to_cpu(get_model_state_dict(module, options=options))
+    state = _to_cpu(get_model_state_dict(module, options=options))
+    return _unaliased(state, [*module.parameters(), *module.buffers()])
 
 
 def load_full_state_dict(
@@ -219,12 +230,20 @@ def full_optimizer_state_dict(module: nn.Module, optimizer: Optimizer, *, rank0_
         rank0_only: only global rank 0 gets the state (the others get ``{}``).
 
     Returns:
-        the state dict described above.
+        the state dict described above; never the live tensors themselves, so the next step does not
+        change it.
     """
     if isinstance(optimizer, ZeroRedundancyOptimizer):
-        return _zero_full_state_dict(module, optimizer, rank0_only)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
-    return _to_cpu(get_optimizer_state_dict(module, optimizer, options=options))
+        state = _zero_full_state_dict(module, optimizer, rank0_only)
+    elif not optimizer.state:
+        # Why not DCP here: before the first step it would create the state with a zero-lr step, which
+        # also advances Adam's step counters, so saving early would change the training that follows.
+        state = {} if rank0_only and dist.is_initialized() and dist.get_rank() != 0 else optimizer.state_dict()
+        state = _named(module, optimizer, state) if state else {}
+    else:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
+        state = _to_cpu(get_optimizer_state_dict(module, optimizer, options=options))
+    return _unaliased(state, _optimizer_tensors(optimizer))
 
 
 def load_full_optimizer_state_dict(
@@ -245,11 +264,16 @@ def load_full_optimizer_state_dict(
             state_dict = box[0]
         _zero_load_state_dict(module, optimizer, state_dict)
         return
+    saved = [set(state_dict["state"]) if state_dict else None]
+    if from_rank0:
+        dist.broadcast_object_list(saved, src=0)
     # Why strict=False: a parameter that never had a gradient (unused, or not reached yet) has no
     # state, as with a plain optimizer; strict mode would refuse such a checkpoint. Parameter groups
     # and their sizes are still checked by the optimizer's own load_state_dict.
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0, strict=False)
-    set_optimizer_state_dict(module, optimizer, dict(state_dict), options=options)
+    with _gradients_set_aside(optimizer):
+        set_optimizer_state_dict(module, optimizer, dict(state_dict), options=options)
+    _drop_state_not_in(module, optimizer, saved[0] or set())
 
 
 # ------------------------------------------------------------------------------------------- bytes
@@ -376,14 +400,50 @@ def _drop_zero_global_state(optimizer: ZeroRedundancyOptimizer) -> None:
     optimizer.state.clear()
 
 
-def _zero_parameter_names(module: nn.Module, optimizer: ZeroRedundancyOptimizer) -> list[str]:
-    """The name of each parameter of ``optimizer``, in its global (state-dict index) order."""
+@contextlib.contextmanager
+def _gradients_set_aside(optimizer: Optimizer) -> Iterator[None]:
+    # DCP creates the state it loads into with a zero-lr step, which it skips when any gradient
+    # exists, and then fails to find the state ("Expected device to be set").
+    params = [param for group in optimizer.param_groups for param in group["params"] if param.grad is not None]
+    grads = [param.grad for param in params]
+    for param in params:
+        param.grad = None
+    try:
+        yield
+    finally:
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = grad
+
+
+def _drop_state_not_in(module: nn.Module, optimizer: Optimizer, saved: set[str]) -> None:
+    # DCP loads into a state it first creates with a zero-lr step, which leaves parameters that had no
+    # saved state with a zeroed state whose step counter is 1 instead of none: their first real Adam
+    # step would then be bias-corrected as a second one. Back to no state, as in the checkpoint.
+    ordered = [param for group in optimizer.param_groups for param in group["params"]]
+    for param, name in zip(ordered, _parameter_names(module, optimizer), strict=True):
+        if name not in saved:
+            optimizer.state.pop(param, None)
+
+
+def _parameter_names(module: nn.Module, optimizer: Optimizer) -> list[str]:
+    """The name of each parameter of ``optimizer``, in its state-dict index order."""
     names = {param: name for name, param in module.named_parameters()}
     ordered = [param for group in optimizer.param_groups for param in group["params"]]
     missing = sum(param not in names for param in ordered)
     if missing:
         raise ValueError(f"{missing} optimizer parameter(s) are not parameters of {type(module).__name__}.")
     return [names[param] for param in ordered]
+
+
+def _named(module: nn.Module, optimizer: Optimizer, state: Mapping[str, Any]) -> dict[str, Any]:
+    """An index-keyed optimizer state dict keyed by parameter name instead, as DCP keys it."""
+    names = _parameter_names(module, optimizer)
+    return {
+        "state": {names[index]: value for index, value in state["state"].items()},
+        "param_groups": [
+            {**group, "params": [names[index] for index in group["params"]]} for group in state["param_groups"]
+        ],
+    }
 
 
 def _zero_full_state_dict(module: nn.Module, optimizer: ZeroRedundancyOptimizer, rank0_only: bool) -> dict[str, Any]:
@@ -399,17 +459,11 @@ def _zero_full_state_dict(module: nn.Module, optimizer: ZeroRedundancyOptimizer,
         state = box[0]
     if state is None or (rank0_only and dist.get_rank() != 0):
         return {}
-    names = _zero_parameter_names(module, optimizer)
-    return {
-        "state": {names[index]: value for index, value in state["state"].items()},
-        "param_groups": [
-            {**group, "params": [names[index] for index in group["params"]]} for group in state["param_groups"]
-        ],
-    }
+    return _named(module, optimizer, state)
 
 
 def _zero_load_state_dict(module: nn.Module, optimizer: ZeroRedundancyOptimizer, state: Mapping[str, Any]) -> None:
-    index_of = {name: index for index, name in enumerate(_zero_parameter_names(module, optimizer))}
+    index_of = {name: index for index, name in enumerate(_parameter_names(module, optimizer))}
     unknown = sorted(set(state["state"]) - set(index_of))
     if unknown:
         raise ValueError(f"optimizer state for unknown parameter(s) {unknown[:5]} of {type(module).__name__}.")
@@ -431,3 +485,21 @@ def _count(counts: dict[str, int], key: str, tensor: Tensor) -> None:
 
 def _to_cpu(state: dict[str, Any]) -> dict[str, Any]:
     return tree_map_only(Tensor, lambda tensor: tensor.cpu(), state)
+
+
+def _optimizer_tensors(optimizer: Optimizer) -> list[Tensor]:
+    state = optimizer.optim.state if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer.state
+    return [value for per_param in state.values() for value in per_param.values() if isinstance(value, Tensor)]
+
+
+def _unaliased(state: dict[str, Any], live: Iterable[Tensor]) -> dict[str, Any]:
+    # Why: where there is nothing to gather (unsharded tensors, ZeRO-1, Adam's step counters) and the
+    # state is already on CPU, the "full" state holds the live tensors themselves, which the next step
+    # changes in place under the caller (and under an optimizer loaded from it). Only those are copied.
+    pointers = {_storage_pointer(tensor) for tensor in live}
+    return tree_map_only(Tensor, lambda t: t.clone() if _storage_pointer(t) in pointers else t, state)
+
+
+def _storage_pointer(tensor: Tensor) -> int:
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.untyped_storage().data_ptr()
