@@ -1,9 +1,12 @@
-"""Process launch: Lightning's own launchers, with one fix for CPU ranks started by ``spawn``."""
+"""Process launch: Lightning's own launchers, with parti's last checks before any process starts."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from lightning.fabric.plugins import ClusterEnvironment
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.launchers.multiprocessing import (
     _disable_module_memory_sharing,
     _MultiProcessingLauncher,
@@ -11,13 +14,40 @@ from lightning.pytorch.strategies.launchers.multiprocessing import (
 from typing_extensions import override
 
 
+class PartiSubprocessScriptLauncher(_SubprocessScriptLauncher):
+    """Lightning's script launcher (``python train.py`` re-run per rank), checking the module first.
+
+    ``before_launch`` runs once the user's module is known (``trainer.fit(model)``) and before any
+    process is started, so a plan the module cannot follow fails with nothing launched.
+    """
+
+    def __init__(self, cluster_environment: ClusterEnvironment, num_processes: int, num_nodes: int,
+                 before_launch: Callable[[], None]) -> None:
+        super().__init__(cluster_environment, num_processes, num_nodes)
+        self._before_launch = before_launch
+
+    @override
+    def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        self._before_launch()
+        return super().launch(function, *args, trainer=trainer, **kwargs)
+
+
 class PartiMultiProcessingLauncher(_MultiProcessingLauncher):
-    """Lightning's spawn/fork launcher.
+    """Lightning's spawn/fork launcher, checking the module first.
 
     Lightning stops spawned CPU workers from sharing the parent's module memory only when the
     accelerator is its own ``CPUAccelerator``; ours is a ``PartiAccelerator``, so we apply the same
     guard by device type. Without it every rank would train the same shared tensors.
     """
+
+    def __init__(self, strategy: Any, start_method: str, before_launch: Callable[[], None]) -> None:
+        super().__init__(strategy, start_method=start_method)  # type: ignore[arg-type]
+        self._before_launch = before_launch
+
+    @override
+    def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        self._before_launch()
+        return super().launch(function, *args, trainer=trainer, **kwargs)
 
     @override
     def _wrapping_function(self, process_idx: int, trainer: Any, function: Any, args: Any, kwargs: Any,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Literal, Union
@@ -30,19 +30,32 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from torch import Tensor
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.optim import Optimizer
 from typing_extensions import override
 
 from parti_lightning.accelerator import PartiAccelerator
-from parti_lightning.launchers import PartiMultiProcessingLauncher
+from parti_lightning.checkpoint import named_optimizer_state
+from parti_lightning.launchers import PartiMultiProcessingLauncher, PartiSubprocessScriptLauncher
 from parti_lightning.parallel.batchnorm import PartiSyncBatchNorm
+from parti_lightning.parallel.blocks import resolve_units
+from parti_lightning.parallel.checkpointing import apply_activation_checkpointing
 from parti_lightning.parallel.data import GradientSynchronizer, broadcast_module_states
+from parti_lightning.parallel.storage import (
+    apply_storage,
+    full_optimizer_state_dict,
+    full_state_dict,
+    load_full_optimizer_state_dict,
+    load_full_state_dict,
+    retarget_lr_scheduler,
+    root_free_units,
+    shard_optimizer,
+)
 from parti_lightning.plan import PRESETS, PartitionPlan, PlanLike
 
 log = logging.getLogger(__name__)
@@ -104,6 +117,7 @@ class PartiStrategy(ParallelStrategy):
         self.mesh: DeviceMesh | None = None
         self._dp_group: ProcessGroup | None = None
         self._grad_sync: GradientSynchronizer | None = None
+        self._redirect_steps = False  # steps go through the FSDP root's `__call__` (ZeRO-2/3, automatic optimization)
 
     # ------------------------------------------------------------------ devices and ranks
 
@@ -179,9 +193,13 @@ class PartiStrategy(ParallelStrategy):
         self._validate_before_launch()
         assert self.cluster_environment is not None
         if self._start_method == "popen":
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            self._launcher = PartiSubprocessScriptLauncher(
+                self.cluster_environment, self.num_processes, self.num_nodes, before_launch=self._validate_model
+            )
         else:
-            self._launcher = PartiMultiProcessingLauncher(self, start_method=self._start_method)
+            self._launcher = PartiMultiProcessingLauncher(
+                self, start_method=self._start_method, before_launch=self._validate_model
+            )
 
     def _validate_before_launch(self) -> None:
         if isinstance(self.accelerator, PartiAccelerator):
@@ -196,13 +214,34 @@ class PartiStrategy(ParallelStrategy):
         if not dist.is_available() or not dist.is_backend_available(backend):
             raise ValueError(f"process_group_backend={backend!r} is not available in this build of torch.")
         plan = self.resolved_plan  # raises PlanError when the mesh does not fit the world size
-        if plan.storage != "replicated":
+        if plan.activation_checkpointing == "auto":
             raise NotImplementedError(
-                f"plan storage={plan.storage!r} (ZeRO-{plan.zero_stage}) is not implemented yet in PartiStrategy;"
-                " use plan='ddp'."
+                "plan.activation_checkpointing='auto' needs the planner, which is not implemented yet:"
+                " use 'blocks' or 'none'."
+            )
+        if plan.storage != "replicated" and plan.shard == 1:
+            rank_zero_info(
+                f"parti: storage={plan.storage!r} over shard=1 rank shards nothing; training replicated."
             )
         if self.plan.offload == "cpu" and device_type == "cpu":
             rank_zero_info("parti: offload='cpu' on a CPU run keeps storage where it already is (no effect).")
+
+    def _validate_model(self) -> None:
+        """Checks that need the user's module, run by the launcher before it starts any process."""
+        module = self.lightning_module
+        if module is None:
+            return
+        units = []
+        if self.plan.sharding_units is not None or self.plan.activation_checkpointing == "blocks":
+            units = resolve_units(module, self.plan.sharding_units)  # names an unknown unit clearly
+        if self._shards_module and not module.automatic_optimization:
+            try:
+                root_free_units(module, units)
+            except ValueError as err:
+                raise NotImplementedError(
+                    f"manual optimization with plan storage={self.plan.storage!r} is not supported for this"
+                    f" module: {err} Use storage='optimizer' (ZeRO-1) or 'replicated'."
+                ) from err
 
     # ------------------------------------------------------------------ process group and mesh
 
@@ -266,10 +305,86 @@ class PartiStrategy(ParallelStrategy):
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
 
+    @property
+    def _shards_module(self) -> bool:
+        """ZeRO-2/3: FSDP owns the parameters and reduces the gradients."""
+        plan = self.resolved_plan
+        return plan.storage in ("gradients", "parameters") and plan.shard > 1
+
+    @property
+    def _shards_optimizer(self) -> bool:
+        plan = self.resolved_plan
+        return plan.storage == "optimizer" and plan.shard > 1
+
     def _apply_plan(self, plan: PartitionPlan) -> None:
+        # Order as in DESIGN.md: (pipeline, tensor,) activation checkpointing, then storage, and all
+        # before the optimizers are built, since FSDP replaces the parameters they would hold.
         assert self.model is not None
-        assert self._dp_group is not None
-        self._grad_sync = GradientSynchronizer(self.model, self._dp_group)
+        assert self.mesh is not None and self._dp_group is not None
+        if plan.activation_checkpointing == "blocks":
+            apply_activation_checkpointing(self.model, resolve_units(self.model, plan.sharding_units))
+        if self._shards_module:
+            # Automatic optimization runs each step through the module's `__call__` (see `_call_step`),
+            # so the root can be a unit; manual optimization runs backward passes inside
+            # `training_step`, before any root forward would end, so only the children are units.
+            shard_root = self.lightning_module is not None and self.lightning_module.automatic_optimization
+            apply_storage(self.model, self.mesh, plan, shard_root=shard_root)
+            self._redirect_steps = shard_root
+        else:
+            # Replicated and ZeRO-1 keep whole parameters: gradients are averaged over every
+            # data-parallel rank (ZeRO-1 then splits only the optimizer step).
+            self._grad_sync = GradientSynchronizer(self.model, self._dp_group)
+
+    def _call_step(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        # FSDP gathers a unit's parameters in hooks around its `forward`, but Lightning calls
+        # `training_step` & co. directly: route them through the module's `__call__` so the root's
+        # hooks run (Lightning's forward redirection, with the module as its own wrapper).
+        assert self.lightning_module is not None
+        return self._forward_redirection(self.lightning_module, self.lightning_module, method, *args, **kwargs)
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._redirect_steps:
+            return super().training_step(*args, **kwargs)
+        with self.precision_plugin.train_step_context():
+            return self._call_step("training_step", *args, **kwargs)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._redirect_steps:
+            return super().validation_step(*args, **kwargs)
+        with self.precision_plugin.val_step_context():
+            return self._call_step("validation_step", *args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._redirect_steps:
+            return super().test_step(*args, **kwargs)
+        with self.precision_plugin.test_step_context():
+            return self._call_step("test_step", *args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._redirect_steps:
+            return super().predict_step(*args, **kwargs)
+        with self.precision_plugin.predict_step_context():
+            return self._call_step("predict_step", *args, **kwargs)
+
+    @override
+    def setup_optimizers(self, trainer: Trainer) -> None:
+        super().setup_optimizers(trainer)
+        if not self._shards_optimizer:
+            return
+        assert self.mesh is not None
+        shard_group = self.mesh["shard"].get_group()
+        sharded = []
+        for optimizer in self.optimizers:
+            replacement = shard_optimizer(optimizer, shard_group)
+            for config in self.lr_scheduler_configs:
+                if getattr(config.scheduler, "optimizer", None) is optimizer:
+                    retarget_lr_scheduler(config.scheduler, replacement)
+            sharded.append(replacement)
+        self.optimizers = sharded
 
     @override
     def model_to_device(self) -> None:
@@ -284,11 +399,56 @@ class PartiStrategy(ParallelStrategy):
     @contextmanager
     @override
     def block_backward_sync(self) -> Generator[None, None, None]:
-        if self._grad_sync is None:
+        if self._grad_sync is not None:
+            with self._grad_sync.no_sync():
+                yield
+        elif self._shards_module and hasattr(self.model, "set_requires_gradient_sync"):
+            # FSDP: accumulate unsharded local gradients, reduce-scatter at the boundary step.
+            self.model.set_requires_gradient_sync(False)  # type: ignore[operator]
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)  # type: ignore[operator]
+        else:
             yield
-            return
-        with self._grad_sync.no_sync():
-            yield
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        # Sharded parameters and optimizers exist only after `setup`; loading then works for every plan.
+        return True
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        # Gathered and keyed by the module's own names under every plan: a plain Lightning state dict.
+        assert self.lightning_module is not None
+        if self._shards_module:
+            return full_state_dict(self.lightning_module)
+        return self.lightning_module.state_dict()
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        assert self.lightning_module is not None
+        if self._shards_module:
+            load_full_state_dict(self.lightning_module, checkpoint["state_dict"], strict=strict)
+        else:
+            self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=strict)
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        # Keyed by parameter name rather than position, so it loads under any other plan.
+        assert self.lightning_module is not None
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's torch optimizer
+        return full_optimizer_state_dict(self.lightning_module, optimizer)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        assert self.lightning_module is not None
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            state = named_optimizer_state(state, self.lightning_module, optimizer)
+            load_full_optimizer_state_dict(self.lightning_module, optimizer, state)
 
     # ------------------------------------------------------------------ collectives
 

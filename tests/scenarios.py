@@ -118,6 +118,7 @@ class Scenario:
     module_kwargs: dict[str, Any] = field(default_factory=dict)
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
     max_steps: int = 10
+    plan: str = "ddp"
 
 
 SCENARIOS = [
@@ -130,6 +131,22 @@ SCENARIOS = [
     ),
     Scenario("manual_two_optimizers", TwoOptimizerRegressor),
     Scenario("sync_batchnorm", ToyRegressor, {"norm": True}, {"sync_batchnorm": True}),
+    Scenario(
+        "zero1_accumulate_clip_schedule",
+        ToyRegressor,
+        {"scheduler": True, "extra_branch": True},
+        {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"},
+        plan="zero1",
+    ),
+    Scenario("zero2_basic", ToyRegressor, plan="zero2"),
+    Scenario(
+        "zero3_accumulate_clip_schedule",
+        ToyRegressor,
+        {"scheduler": True, "extra_branch": True},
+        {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"},
+        plan="zero3",
+    ),
+    Scenario("zero3_manual_two_optimizers", TwoOptimizerRegressor, plan="zero3"),
 ]
 
 
@@ -146,11 +163,13 @@ def make_trainer(scenario: Scenario, **kwargs: Any) -> L.Trainer:
 
 
 def results(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
+    # The strategy's own gathered view (what a checkpoint holds); a plain state dict on one process.
+    state = trainer.strategy.lightning_module_state_dict()
     module.eval()
     with torch.no_grad():
         output = module(fixed_batch())
     return {
-        "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "state": {k: v.detach().clone() for k, v in state.items()},
         "output": output,
         "metrics": {k: v.detach().clone() for k, v in trainer.callback_metrics.items()},
     }
@@ -191,11 +210,15 @@ def run_reference(scenario: Scenario) -> dict[str, Any]:
     return results(trainer, module)
 
 
-def run_distributed(scenario: Scenario, strategy: Any = "parti") -> tuple[L.Trainer, dict[str, Any]]:
+def run_distributed(scenario: Scenario, out: str) -> tuple[L.Trainer, dict[str, Any]]:
+    from parti_lightning import PartiStrategy
+
     L.seed_everything(SEED, verbose=False)
     module = scenario.module(**scenario.module_kwargs)
-    trainer = make_trainer(scenario, accelerator="cpu", devices=WORLD_SIZE, strategy=strategy)
+    trainer = make_trainer(scenario, accelerator="cpu", devices=WORLD_SIZE, strategy=PartiStrategy(plan=scenario.plan))
     trainer.fit(module)
+    # A checkpoint written under this plan: a plain Lightning file, whatever the partition.
+    trainer.save_checkpoint(os.path.join(out, f"{scenario.name}.ckpt"))
     return trainer, results(trainer, module)
 
 
@@ -204,7 +227,7 @@ def main(out: str) -> None:
 
     os.makedirs(out, exist_ok=True)
     for scenario in SCENARIOS:
-        trainer, result = run_distributed(scenario)
+        trainer, result = run_distributed(scenario, out)
         if trainer.is_global_zero:
             torch.save(result, os.path.join(out, f"{scenario.name}.pt"))
     from hooks import record_hooks  # noqa: E402 - the tests folder is on sys.path when run as a script

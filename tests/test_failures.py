@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import lightning as L
@@ -48,9 +49,18 @@ def test_mesh_that_does_not_match_world_size_fails_before_launch() -> None:
         _trainer(strategy=PartiStrategy(plan={"data": 3}), devices=2)
 
 
-def test_unimplemented_storage_says_so_before_launch() -> None:
-    with pytest.raises(NotImplementedError, match="ZeRO-3"):
-        _trainer(strategy=PartiStrategy(plan="zero3"), devices=2)
+def test_unknown_sharding_unit_fails_before_any_process_starts() -> None:
+    from scenarios import ToyRegressor
+
+    trainer = _trainer(strategy=PartiStrategy(plan={"preset": "zero3", "sharding_units": ["encoder.9"]}), devices=2)
+    with pytest.raises(ValueError, match="encoder.9"):
+        trainer.fit(ToyRegressor())
+    assert "LOCAL_RANK" not in os.environ, "the launcher started ranks before refusing the plan"
+
+
+def test_activation_checkpointing_auto_says_it_needs_the_planner() -> None:
+    with pytest.raises(NotImplementedError, match="needs the planner"):
+        _trainer(strategy=PartiStrategy(plan={"activation_checkpointing": "auto"}), devices=2)
 
 
 @pytest.mark.timeout(120)

@@ -48,6 +48,12 @@ def test_parity_with_single_process(distributed_results: Path, scenario: Scenari
     for key, expected in want["metrics"].items():
         _assert_close(got["metrics"][key], expected, f"logged {key}")
     # The parameters moved: the comparison is not between two untouched initializations.
+    # The checkpoint written under the plan holds the same weights, keyed by the module's own names.
+    checkpoint = torch.load(distributed_results / f"{scenario.name}.ckpt", weights_only=True)
+    for key, expected in want["state"].items():
+        _assert_close(checkpoint["state_dict"][key].float(), expected.float(), f"checkpoint {key}")
+    for optimizer_state in checkpoint["optimizer_states"]:
+        assert all(isinstance(k, str) for k in optimizer_state["state"]), "optimizer state not keyed by name"
     initial = _initial_state(scenario)
     moved = [k for k, v in initial.items() if v.is_floating_point() and not torch.equal(v, want["state"][k])]
     assert moved, "training changed nothing"

@@ -94,7 +94,7 @@ def _convert(module: nn.Module, group: ProcessGroup | None) -> nn.Module:
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
             process_group=group,
         )
-        converted.load_state_dict(module.state_dict())
+        _share_tensors(module, converted)
         converted.train(module.training)
         converted._parti_original_class = type(module)  # type: ignore[assignment]
     for name, child in module.named_children():
@@ -109,8 +109,20 @@ def _revert(module: nn.Module) -> nn.Module:
         converted = original(
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
         )
-        converted.load_state_dict(module.state_dict())
+        _share_tensors(module, converted)
         converted.train(module.training)
     for name, child in module.named_children():
         converted.add_module(name, _revert(child))
     return converted
+
+
+def _share_tensors(source: nn.Module, target: nn.Module) -> None:
+    """Move ``source``'s own parameters and buffers, as objects, onto ``target``.
+
+    The same ``Parameter`` objects, not copies: an optimizer built on the converted model must still
+    hold the model's parameters after ``revert`` (for checkpoints written after ``fit``).
+    """
+    for name, param in source.named_parameters(recurse=False):
+        setattr(target, name, param)
+    for name, buffer in source.named_buffers(recurse=False):
+        target.register_buffer(name, buffer)

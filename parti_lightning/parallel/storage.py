@@ -52,7 +52,12 @@ _BYTE_KEYS = ("parameters", "gradients", "optimizer_state", "scalars")
 
 
 def apply_storage(
-    module: nn.Module, mesh: DeviceMesh, plan: PartitionPlan, *, reduce_unused_parameters: bool = False
+    module: nn.Module,
+    mesh: DeviceMesh,
+    plan: PartitionPlan,
+    *,
+    reduce_unused_parameters: bool = False,
+    shard_root: bool = True,
 ) -> nn.Module:
     """Shard the storage of ``module`` over the ``shard`` axis of ``mesh`` as ``plan.storage`` says.
 
@@ -77,6 +82,13 @@ def apply_storage(
             gradient counts as zeros; the cost is that a parameter unused on every rank gets a zero
             gradient instead of none, so an optimizer with weight decay still decays it. Ignored by
             ZeRO-1, whose gradients data parallel reduces.
+        shard_root: shard the root module as the last unit (it takes every parameter the units left,
+            and tied weights across children). Its parameters are then gathered around the root's
+            ``forward`` only, so every use of the module must go through ``module(...)``. With
+            ``False``, each top-level child holding parameters becomes a unit instead and the root is
+            left alone: any method may call the children (a LightningModule's ``training_step`` with
+            several backward passes in it), but the root must own no parameter directly and no
+            parameter may be shared between two children (see :func:`root_free_units`).
 
     Returns:
         ``module``, sharded in place.
@@ -94,6 +106,8 @@ def apply_storage(
         return module
     units = resolve_units(module, plan.sharding_units)
     _check_units_own_their_parameters(module, units)
+    if not shard_root:
+        units = [*units, *root_free_units(module, units)]
     if not units:
         log.info("no repeated blocks found in %s: sharding it as one unit", type(module).__name__)
     # Why 2-D for HSDP: fully_shard replicates over mesh dim 0 and shards over dim 1.
@@ -108,10 +122,39 @@ def apply_storage(
     offload = _offload_policy(plan, mesh)
     for _, unit in _deepest_first(units):
         fully_shard(unit, mesh=fsdp_mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload)
-    fully_shard(module, mesh=fsdp_mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload)
-    if reduce_unused_parameters:
-        module.set_reduce_scatter_unused_params(True)  # type: ignore[operator]
+        if reduce_unused_parameters:
+            unit.set_reduce_scatter_unused_params(True)  # type: ignore[operator]
+    if shard_root:
+        fully_shard(module, mesh=fsdp_mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload)
+        if reduce_unused_parameters:
+            module.set_reduce_scatter_unused_params(True)  # type: ignore[operator]
     return module
+
+
+def root_free_units(module: nn.Module, units: Sequence[tuple[str, nn.Module]] = ()) -> list[tuple[str, nn.Module]]:
+    """The top-level children that must become units when the root itself is not sharded.
+
+    Those holding a parameter that no unit in ``units`` holds. Cheap (walks the module tree only), so
+    it also validates a model before launch.
+
+    Raises:
+        ValueError: the root owns a parameter directly, or two children share one (tied weights):
+            both need a sharded root.
+    """
+    own = [name for name, _ in module.named_parameters(recurse=False)]
+    if own:
+        raise ValueError(
+            f"{type(module).__name__} owns parameters directly ({', '.join(own[:3])}): sharding it without"
+            " sharding the root needs every parameter inside a child module."
+        )
+    covered = {id(p) for _, unit in units for p in unit.parameters()}
+    children = [
+        (name, child)
+        for name, child in module.named_children()
+        if any(id(p) not in covered for p in child.parameters())
+    ]
+    _check_units_own_their_parameters(module, children)
+    return children
 
 
 def shard_optimizer(optimizer: Optimizer, group: dist.ProcessGroup | None = None) -> Optimizer:
