@@ -16,6 +16,7 @@ Storage = Literal["replicated", "optimizer", "gradients", "parameters"]
 Offload = Literal["none", "cpu"]
 ActivationCheckpointing = Literal["none", "blocks", "auto"]
 Degree = Union[int, Literal["auto"]]
+ShardDegree = Union[int, Literal["auto", "node"]]
 
 
 class MeshAxis(str, enum.Enum):
@@ -46,8 +47,9 @@ class PartitionPlan:
         data: degree of the ``data`` axis (ranks that replicate the model state), or ``"auto"``
             for whatever the other axes leave of the world size.
         shard: degree of the ``shard`` axis (ranks that split parameters, gradients or optimizer
-            state between them), or ``"auto"``: the whole data-parallel width when ``storage``
-            shards something, else 1.
+            state between them), ``"auto"``: the whole data-parallel width when ``storage`` shards
+            something, else 1; or ``"node"``: the ranks of one node (hybrid sharding: shard inside a
+            node over its fast links, replicate across nodes).
         tensor: degree of the ``tensor`` axis (not yet implemented beyond 1).
         pipeline: degree of the ``pipeline`` axis (not yet implemented beyond 1).
         storage: what is sharded over the ``shard`` axis: ``"replicated"`` (ZeRO-0, plain data
@@ -61,7 +63,7 @@ class PartitionPlan:
     """
 
     data: Degree = "auto"
-    shard: Degree = "auto"
+    shard: ShardDegree = "auto"
     tensor: int = 1
     pipeline: int = 1
     storage: Storage = "replicated"
@@ -73,8 +75,11 @@ class PartitionPlan:
     def __post_init__(self) -> None:
         for name in ("data", "shard"):
             value = getattr(self, name)
-            if value != "auto" and (not _is_int(value) or value < 1):
-                raise PlanError(f"plan.{name}={value!r} is invalid: use a positive integer or 'auto'.")
+            if value == "auto" or (name == "shard" and value == "node"):
+                continue
+            if not _is_int(value) or value < 1:
+                extra = ", 'auto' or 'node'" if name == "shard" else " or 'auto'"
+                raise PlanError(f"plan.{name}={value!r} is invalid: use a positive integer{extra}.")
         for name in ("tensor", "pipeline", "micro_batches"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
@@ -152,10 +157,14 @@ class PartitionPlan:
 
     # ---------------------------------------------------------------- resolution
 
-    def resolve(self, world_size: int) -> PartitionPlan:
-        """The same plan with every ``"auto"`` degree replaced by a number that fits ``world_size``."""
+    def resolve(self, world_size: int, ranks_per_node: int | None = None) -> PartitionPlan:
+        """The same plan with every ``"auto"``/``"node"`` degree replaced by a number that fits ``world_size``."""
         if not _is_int(world_size) or world_size < 1:
             raise PlanError(f"world size {world_size!r} is invalid: it must be a positive integer.")
+        if self.shard == "node":
+            if ranks_per_node is None:
+                raise PlanError("plan.shard='node' needs the number of ranks per node to resolve.")
+            return dataclasses.replace(self, shard=ranks_per_node).resolve(world_size)
         model_parallel = self.tensor * self.pipeline
         if world_size % model_parallel:
             raise PlanError(
@@ -185,7 +194,7 @@ class PartitionPlan:
 
     @property
     def is_resolved(self) -> bool:
-        return self.data != "auto" and self.shard != "auto"
+        return _is_int(self.data) and _is_int(self.shard)
 
     @property
     def mesh_shape(self) -> dict[str, int]:
@@ -242,6 +251,8 @@ PRESETS: dict[str, PartitionPlan] = {
     "zero1": PartitionPlan(storage="optimizer"),
     "zero2": PartitionPlan(storage="gradients"),
     "zero3": PartitionPlan(storage="parameters"),
+    # Shard inside each node, replicate across nodes (HSDP). On one node it is zero3.
+    "hybrid": PartitionPlan(storage="parameters", shard="node"),
 }
 # "auto" asks the planner; until the planner lands it means replicated data parallel.
 AUTO = "auto"

@@ -36,6 +36,7 @@ from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_z
 from torch import Tensor
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -165,7 +166,7 @@ class PartiStrategy(ParallelStrategy):
     @property
     def resolved_plan(self) -> PartitionPlan:
         """The plan with its degrees fixed for this world size."""
-        return self.plan.resolve(self.num_nodes * self.num_processes)
+        return self.plan.resolve(self.num_nodes * self.num_processes, ranks_per_node=self.num_processes)
 
     @property
     def data_parallel_rank(self) -> int:
@@ -296,8 +297,10 @@ class PartiStrategy(ParallelStrategy):
             self.model = self._layer_sync.apply(self.model)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        # Every replica starts from rank 0's weights, whatever each process initialized.
-        broadcast_module_states(self.model)
+        if not _is_sharded(self.model):
+            # Every replica starts from rank 0's weights, whatever each process initialized. (A module
+            # still sharded by an earlier `fit` is consistent already: its shards are its state.)
+            broadcast_module_states(self.model)
         if fitting:
             self._apply_plan(plan)
             self.setup_optimizers(trainer)
@@ -522,3 +525,6 @@ class PartiStrategy(ParallelStrategy):
         for name in PRESETS:
             strategy_registry.register(f"parti_{name}", cls, description=f"parti with plan='{name}'", plan=name)
 
+
+def _is_sharded(module: torch.nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in module.parameters())

@@ -71,6 +71,10 @@ class ToyRegressor(L.LightningModule):
         self.log("train_mae", self.mae, on_step=False, on_epoch=True)
         return loss
 
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, _ = self._loss(batch, 0)
+        self.log("val_loss", loss, sync_dist=True)
+
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
         if not self.use_scheduler:
@@ -162,16 +166,21 @@ def make_trainer(scenario: Scenario, **kwargs: Any) -> L.Trainer:
     )
 
 
-def results(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
+def results(trainer: L.Trainer, module: L.LightningModule, world_size: int) -> dict[str, Any]:
     # The strategy's own gathered view (what a checkpoint holds); a plain state dict on one process.
     state = trainer.strategy.lightning_module_state_dict()
+    metrics = {k: v.detach().clone() for k, v in trainer.callback_metrics.items()}
+    # Evaluation after fit, on the trained (possibly still sharded) module, over the same samples.
+    loader = DataLoader(make_dataset(), batch_size=BATCH * WORLD_SIZE // world_size)
+    (validated,) = trainer.validate(module, dataloaders=loader, verbose=False)
     module.eval()
     with torch.no_grad():
         output = module(fixed_batch())
     return {
         "state": {k: v.detach().clone() for k, v in state.items()},
         "output": output,
-        "metrics": {k: v.detach().clone() for k, v in trainer.callback_metrics.items()},
+        "metrics": metrics,
+        "val_loss": torch.tensor(validated["val_loss"]),
     }
 
 
@@ -207,7 +216,7 @@ def run_reference(scenario: Scenario) -> dict[str, Any]:
     loader = DataLoader(dataset, batch_sampler=GlobalBatchSampler(dataset, WORLD_SIZE, BATCH, epochs=1))
     trainer = make_trainer(scenario, accelerator="cpu", devices=1, strategy="auto")
     trainer.fit(module, train_dataloaders=loader)
-    return results(trainer, module)
+    return results(trainer, module, world_size=1)
 
 
 def run_distributed(scenario: Scenario, out: str) -> tuple[L.Trainer, dict[str, Any]]:
@@ -219,7 +228,7 @@ def run_distributed(scenario: Scenario, out: str) -> tuple[L.Trainer, dict[str, 
     trainer.fit(module)
     # A checkpoint written under this plan: a plain Lightning file, whatever the partition.
     trainer.save_checkpoint(os.path.join(out, f"{scenario.name}.ckpt"))
-    return trainer, results(trainer, module)
+    return trainer, results(trainer, module, world_size=WORLD_SIZE)
 
 
 def main(out: str) -> None:

@@ -40,11 +40,18 @@ def test_config_paths_are_found_in_argv() -> None:
     ]
 
 
-def test_ddp_preset_yaml_names_the_strategy() -> None:
-    config = yaml.safe_load((REPO / "strategies" / "ddp.yaml").read_text())
+@pytest.mark.parametrize(
+    ("preset", "storage"),
+    [("ddp", "replicated"), ("zero1", "optimizer"), ("zero2", "gradients"), ("zero3", "parameters"),
+     ("hybrid", "parameters")],
+)
+def test_preset_yaml_names_the_strategy(preset: str, storage: str) -> None:
+    config = yaml.safe_load((REPO / "strategies" / f"{preset}.yaml").read_text())
     strategy = config["trainer"]["strategy"]
     assert strategy["class_path"] == "parti_lightning.PartiStrategy"
-    assert PartiStrategy(**strategy["init_args"]).plan.storage == "replicated"
+    assert PartiStrategy(**strategy["init_args"]).plan.storage == storage
+    registered = L.Trainer(strategy=f"parti_{preset}", accelerator="cpu", devices=2, logger=False).strategy
+    assert registered.plan == parti_lightning.PartitionPlan.from_value(preset)
 
 
 @pytest.mark.timeout(180)

@@ -47,6 +47,7 @@ def test_parity_with_single_process(distributed_results: Path, scenario: Scenari
     assert rel <= 1e-5, f"outputs differ: relative error {rel:.2e}"
     for key, expected in want["metrics"].items():
         _assert_close(got["metrics"][key], expected, f"logged {key}")
+    _assert_close(got["val_loss"], want["val_loss"], "trainer.validate after fit")
     # The parameters moved: the comparison is not between two untouched initializations.
     # The checkpoint written under the plan holds the same weights, keyed by the module's own names.
     checkpoint = torch.load(distributed_results / f"{scenario.name}.ckpt", weights_only=True)

@@ -10,7 +10,7 @@ import yaml
 from parti_lightning.plan import PRESETS, PartitionPlan, PlanError, preset
 
 
-@pytest.mark.parametrize("name", ["auto", "ddp", "zero1", "zero2", "zero3", "ZeRO3", " ddp "])
+@pytest.mark.parametrize("name", ["auto", "ddp", "zero1", "zero2", "zero3", "hybrid", "ZeRO3", " ddp "])
 def test_presets_are_plans(name: str) -> None:
     assert isinstance(preset(name), PartitionPlan)
 
@@ -39,6 +39,12 @@ def test_resolve_fills_auto_degrees(plan: object, world: int, mesh: dict[str, in
 def test_round_trip_through_yaml(plan: PartitionPlan) -> None:
     text = yaml.safe_dump(plan.to_dict())
     assert PartitionPlan.from_value(yaml.safe_load(text)) == plan
+
+
+def test_hybrid_shards_inside_a_node_and_replicates_across() -> None:
+    assert preset("hybrid").resolve(8, ranks_per_node=4).mesh_shape == {"data": 2, "shard": 4, "tensor": 1,
+                                                                        "pipeline": 1}
+    assert preset("hybrid").resolve(4, ranks_per_node=4).mesh_shape["data"] == 1
 
 
 def test_plan_is_frozen() -> None:
@@ -75,6 +81,8 @@ BAD_PLANS = [
     ({"preset": "zero3", "shard": 3}, 4, PlanError, "plan.shard=3 does not divide the 4 data-parallel ranks"),
     ({"data": 2, "shard": 1}, 3, PlanError, "does not match world size 3"),
     ("ddp", 0, PlanError, "world size 0 is invalid"),
+    ("hybrid", 4, PlanError, "plan.shard='node' needs the number of ranks per node"),
+    ({"data": "node"}, None, PlanError, "plan.data='node' is invalid"),
     ({"tensor": 2}, None, NotImplementedError, "tensor parallelism is not implemented yet"),
     ({"pipeline": 2}, None, NotImplementedError, "pipeline parallelism is not implemented yet"),
     ({"micro_batches": 4}, None, NotImplementedError, "micro_batches=4"),
