@@ -115,6 +115,41 @@ class TwoOptimizerRegressor(ToyRegressor):
         return torch.optim.AdamW(self.encoder.parameters(), lr=1e-2), torch.optim.SGD(head_params, lr=5e-2)
 
 
+class ResidualBlock(nn.Module):
+    forward_calls = 0  # counts recomputation under activation checkpointing too
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ResidualBlock.forward_calls += 1
+        return x + self.mlp(self.norm(x))
+
+
+class BlockRegressor(ToyRegressor):
+    """Repeated blocks in a ModuleList: what parti finds on its own as sharding and checkpointing units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(ResidualBlock(32) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self._hidden(x))
+
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(x)
+        for block in self.blocks:
+            hidden = block(hidden)
+        return hidden
+
+    def _loss(self, batch: Any, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        pred = self.head(self._hidden(x))
+        return F.mse_loss(pred, y), pred
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -122,7 +157,7 @@ class Scenario:
     module_kwargs: dict[str, Any] = field(default_factory=dict)
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
     max_steps: int = 10
-    plan: str = "ddp"
+    plan: str | dict[str, Any] = "ddp"
 
 
 SCENARIOS = [
@@ -151,6 +186,13 @@ SCENARIOS = [
         plan="zero3",
     ),
     Scenario("zero3_manual_two_optimizers", TwoOptimizerRegressor, plan="zero3"),
+    Scenario(
+        "zero3_blocks_activation_checkpointing",
+        BlockRegressor,
+        trainer_kwargs={"gradient_clip_val": 0.05},
+        plan={"preset": "zero3", "activation_checkpointing": "blocks"},
+    ),
+    Scenario("ddp_blocks_activation_checkpointing", BlockRegressor, plan={"activation_checkpointing": "blocks"}),
 ]
 
 
@@ -225,10 +267,16 @@ def run_distributed(scenario: Scenario, out: str) -> tuple[L.Trainer, dict[str, 
     L.seed_everything(SEED, verbose=False)
     module = scenario.module(**scenario.module_kwargs)
     trainer = make_trainer(scenario, accelerator="cpu", devices=WORLD_SIZE, strategy=PartiStrategy(plan=scenario.plan))
+    ResidualBlock.forward_calls = 0
     trainer.fit(module)
+    # How the plan was applied: FSDP units show as FSDP<Class>, checkpointing as recomputed forwards.
+    applied = {
+        "classes": {name: type(m).__name__ for name, m in module.named_modules() if name},
+        "block_forward_calls": ResidualBlock.forward_calls,
+    }
     # A checkpoint written under this plan: a plain Lightning file, whatever the partition.
     trainer.save_checkpoint(os.path.join(out, f"{scenario.name}.ckpt"))
-    return trainer, results(trainer, module, world_size=WORLD_SIZE)
+    return trainer, {**results(trainer, module, world_size=WORLD_SIZE), "applied": applied}
 
 
 def main(out: str) -> None:

@@ -75,3 +75,20 @@ def test_hooks_run_in_the_same_order_as_ddp(distributed_results: Path) -> None:
     ddp = _load(distributed_results, "hooks_ddp")
     assert "on_train_batch_start" in parti and "on_validation_start" in parti
     assert parti == ddp
+
+
+@pytest.mark.timeout(600)
+def test_blocks_are_found_and_used_as_units(distributed_results: Path) -> None:
+    from scenarios import SCENARIOS
+
+    steps = next(s for s in SCENARIOS if s.name == "ddp_blocks_activation_checkpointing").max_steps
+    sharded = _load(distributed_results, "zero3_blocks_activation_checkpointing")["applied"]
+    # Each repeated block is its own FSDP unit, and the root takes what is left.
+    assert [sharded["classes"][f"blocks.{i}"] for i in range(3)] == ["FSDPResidualBlock"] * 3
+    assert sharded["classes"]["head"] == "Linear"
+    # Activation checkpointing recomputes every block's forward in backward: two calls per block and step.
+    for name in ("zero3_blocks_activation_checkpointing", "ddp_blocks_activation_checkpointing"):
+        calls = _load(distributed_results, name)["applied"]["block_forward_calls"]
+        assert calls == 2 * 3 * steps, f"{name}: {calls} block forwards in {steps} steps"
+    plain = _load(distributed_results, "zero3_accumulate_clip_schedule")["applied"]
+    assert all(not c.startswith("FSDP") for n, c in plain["classes"].items()), "no blocks, no inner units"

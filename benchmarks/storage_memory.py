@@ -1,0 +1,379 @@
+"""Per-rank memory and throughput of ZeRO-0/1/2/3 (``plan="ddp"``, ``"zero1"``, ``"zero2"``, ``"zero3"``).
+
+Trains the example's character GPT, scaled to about 100M parameters (14 blocks of width 768, 12
+heads: 99.5M), on the example's text with ``PartiStrategy(plan=...)`` on 2 CPU processes, one
+subprocess per plan (Lightning's launcher re-runs the script for rank 1), and reports per rank:
+
+- the tensor bytes the rank holds, from ``parti_lightning.parallel.storage.rank_state_bytes``
+  (parameters, gradients, optimizer state), taken in ``on_before_optimizer_step`` of the second step,
+  when the gradients of that step and the AdamW state of the first both exist; with its ratio to ddp's
+  and to the ideal: a single process's total (16 bytes per parameter for fp32 AdamW) divided by the
+  number of ranks;
+- the process's peak resident memory (``getrusage(RUSAGE_SELF).ru_maxrss`` at the end of the run) and
+  its resident memory when the bytes were counted (psutil), with the ratio to ddp's;
+- throughput: samples/s over windows of steps after a warm-up, timed on rank 0; the median window.
+
+Then, for ``--budget-plans`` (ddp and zero3), the largest number of blocks (width fixed) whose run
+completes ``--budget-steps`` steps with every rank's peak RSS within ``--budget-gib``. The budget is
+enforced by measurement, not by ``RLIMIT_AS``: the parent polls the ranks' RSS and stops a run that
+goes over, and a run that finishes counts only if both ranks' ``ru_maxrss`` are within the budget.
+An address-space limit would count virtual reservations (thread stacks, glibc's per-thread malloc
+arenas, gloo's buffers) that are never resident and do not grow with the model, so it would refuse
+runs whose resident memory is well inside the budget. The search fits peak RSS against the number of
+blocks from two runs, then verifies the prediction by real runs until it brackets the answer (a
+size that fits and the next one that does not).
+
+    python benchmarks/storage_memory.py                 # defaults below: about 10-15 minutes on 2 cores
+    python benchmarks/storage_memory.py --quick         # small model and budget, a minute or two
+    python benchmarks/storage_memory.py --plans ddp zero3 --layers 12 --width 768 --budget-gib 3 --steps 11
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 1024**3
+MIB = 1024**2
+PLANS = ("ddp", "zero1", "zero2", "zero3")
+_WORKER_ARGS = ("plan", "devices", "layers", "width", "batch_size", "block_size", "steps", "warmup", "window_steps")
+
+
+# ------------------------------------------------------------------------------------------- worker
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import psutil
+
+    baseline_rss = psutil.Process().memory_info().rss  # interpreter + torch + lightning, no model yet
+    sys.path.insert(0, str(REPO / "examples"))
+    import lightning as L
+
+    from parti_lightning import PartiStrategy
+    from parti_lightning.parallel.storage import rank_state_bytes
+
+    from char_gpt import CharDataModule, CharGPT
+
+    class MemoryProbe(L.Callback):
+        """Counts the rank's tensor bytes once (second step, before the optimizer step) and stamps every step."""
+
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+            self.state_bytes: dict[str, int] = {}
+            self.rss_at_count = 0
+            self.vms_at_count = 0
+
+        def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+            # global_step counts finished optimizer steps: 1 means the AdamW state exists, and this
+            # step's gradients (reduced, or reduce-scattered under ZeRO-2/3) are still there.
+            if trainer.global_step == 1 and not self.state_bytes:
+                self.state_bytes = rank_state_bytes(pl_module, trainer.optimizers)
+                info = psutil.Process().memory_info()
+                self.rss_at_count, self.vms_at_count = info.rss, info.vms
+
+        def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
+            self.stamps.append(time.perf_counter())
+
+    L.seed_everything(0, verbose=False)
+    probe = MemoryProbe()
+    model = CharGPT(n_layer=args.layers, n_embd=args.width, n_head=max(1, args.width // 64),
+                    block_size=args.block_size)
+    num_params = sum(p.numel() for p in model.parameters())
+    trainer = L.Trainer(
+        accelerator="cpu", devices=args.devices, strategy=PartiStrategy(plan=args.plan), max_steps=args.steps,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, callbacks=[probe],
+    )
+    data = CharDataModule(block_size=args.block_size, batch_size=args.batch_size)
+    trainer.fit(model, datamodule=data)
+    result = {
+        "rank": trainer.global_rank,
+        "num_params": num_params,
+        "baseline_rss": baseline_rss,
+        # Linux reports ru_maxrss in KiB.
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_at_count": probe.rss_at_count,
+        "vms_at_count": probe.vms_at_count,
+        "state_bytes": probe.state_bytes,
+        "stamps": probe.stamps,
+    }
+    Path(args.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+# ------------------------------------------------------------------------------------------- runner
+
+
+def _run(args: argparse.Namespace, plan: str, layers: int, steps: int, out: Path,
+         budget: float | None = None) -> dict[str, Any]:
+    """One training run in a subprocess (both ranks); the per-rank results, or why there are none."""
+    out.mkdir(parents=True, exist_ok=True)
+    run_args = {**vars(args), "plan": plan, "layers": layers, "steps": steps}
+    command = [sys.executable, __file__, "--worker", "--out", str(out)]
+    for name in _WORKER_ARGS:
+        command += [f"--{name.replace('_', '-')}", str(run_args[name])]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK")}
+    log = out / "stderr.txt"
+    start = time.perf_counter()
+    with log.open("w") as stderr:
+        # A session of its own, so that a run over budget can be stopped with both of its ranks.
+        proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
+                                start_new_session=True)
+        polled_peak = _watch(proc, budget)
+    wall = time.perf_counter() - start
+    ranks = sorted(out.glob("rank*.json"))
+    if polled_peak < 0:
+        return {"ok": False, "why": f"over budget (stopped at {-polled_peak / GIB:.2f} GiB RSS)", "wall": wall}
+    if proc.returncode != 0 or len(ranks) != args.devices:
+        tail = log.read_text().strip().splitlines()[-15:]
+        return {"ok": False, "why": f"exit code {proc.returncode}", "log": "\n".join(tail), "wall": wall}
+    results = [json.loads(path.read_text()) for path in ranks]
+    return {"ok": True, "ranks": results, "wall": wall}
+
+
+def _watch(proc: subprocess.Popen, budget: float | None) -> int:
+    """Wait for ``proc``; with a budget, stop its session once a rank's RSS exceeds it (returns minus that RSS)."""
+    import psutil
+
+    if budget is None:
+        proc.wait()
+        return 0
+    parent = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            members = [parent, *parent.children(recursive=True)]
+            worst = max(member.memory_info().rss for member in members)
+        except psutil.Error:
+            worst = 0  # a rank just ended; its ru_maxrss is still checked afterwards
+        if worst > budget:
+            os.killpg(proc.pid, signal.SIGKILL)  # the session this script started for the run
+            proc.wait()
+            return -worst
+        time.sleep(0.1)
+    return 0
+
+
+def _window_rates(rank0: dict[str, Any], args: argparse.Namespace) -> list[float]:
+    stamps = rank0["stamps"][args.warmup - 1 :]
+    global_batch = args.batch_size * args.devices
+    windows = (len(stamps) - 1) // args.window_steps
+    return [
+        global_batch * args.window_steps / (stamps[(i + 1) * args.window_steps] - stamps[i * args.window_steps])
+        for i in range(windows)
+    ]
+
+
+# ------------------------------------------------------------------------------------- budget search
+
+
+def _peak(run: dict[str, Any]) -> int:
+    return max(rank["peak_rss"] for rank in run["ranks"])
+
+
+def _largest_within(args: argparse.Namespace, plan: str, budget: float, tmp: Path,
+                    known: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Largest number of blocks whose run stays within ``budget`` on every rank, by real runs."""
+    tried: dict[int, dict[str, Any]] = dict(known)
+
+    def fits(layers: int) -> bool:
+        if layers not in tried:
+            tried[layers] = _run(args, plan, layers, args.budget_steps, tmp / f"budget-{plan}-{layers}", budget)
+            run = tried[layers]
+            status = f"peak {_peak(run) / GIB:.2f} GiB" if run["ok"] else run["why"]
+            print(f"  {plan} n_layer={layers}: {status} ({run['wall']:.0f} s)", flush=True)
+        run = tried[layers]
+        return run["ok"] and _peak(run) <= budget
+
+    # Two points for a line peak(layers) = a + b * layers, then runs from its prediction outwards.
+    low = max(1, args.layers // 2)
+    points = [n for n in sorted({low, args.layers}) if fits(n) or tried[n]["ok"]]
+    if len(points) == 2:
+        (x0, x1), (y0, y1) = points, [_peak(tried[n]) for n in points]
+        slope = (y1 - y0) / (x1 - x0)
+        guess = max(1, math.floor(x0 + (budget - y0) / slope)) if slope > 0 else args.layers
+    else:
+        guess = low
+    runs = 0
+    if fits(guess):
+        best = guess
+        while runs < args.max_search_runs and fits(best + 1):
+            best, runs = best + 1, runs + 1
+    else:
+        best = guess - 1
+        while best >= 1 and runs < args.max_search_runs and not fits(best):
+            best, runs = best - 1, runs + 1
+    result: dict[str, Any] = {"plan": plan, "layers": best if best >= 1 and fits(best) else 0, "tried": tried}
+    above = result["layers"] + 1
+    result["bracketed"] = above in tried and not fits(above)
+    return result
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--plan", default="ddp", help=argparse.SUPPRESS)
+    parser.add_argument("--plans", nargs="+", default=list(PLANS), choices=PLANS)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=14, help="blocks (14 × width 768: 99.5M parameters)")
+    parser.add_argument("--width", type=int, default=768, help="n_embd; heads = width // 64")
+    parser.add_argument("--batch-size", type=int, default=2, help="per rank")
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=11, help="steps per table run: warm-up, then timed windows")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (>= 2: bytes are counted in step 2)")
+    parser.add_argument("--window-steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="table runs per plan, alternating between plans")
+    parser.add_argument("--budget-gib", type=float, default=3.0, help="per-rank peak RSS budget; 0 skips the search")
+    parser.add_argument("--budget-plans", nargs="+", default=["ddp", "zero3"], choices=PLANS)
+    parser.add_argument("--budget-steps", type=int, default=3, help="steps a run must complete within the budget")
+    parser.add_argument("--max-search-runs", type=int, default=6, help="runs past the prediction, per plan")
+    parser.add_argument("--quick", action="store_true", help="4 blocks of width 256, short runs, 1 GiB budget")
+    parser.add_argument("--json", default="", help="also write the results to this file")
+    args = parser.parse_args()
+    if args.worker:
+        _worker(args)
+        return
+    if args.quick:
+        args.layers, args.width, args.steps, args.window_steps, args.budget_gib = 4, 256, 6, 2, 1.0
+    if args.warmup < 2 or args.steps < args.warmup + args.window_steps:
+        parser.error("need --warmup >= 2 and --steps >= warmup + window-steps")
+
+    from rich.console import Console
+
+    console = Console(width=max(Console().width, 150))
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        runs: dict[str, list[dict[str, Any]]] = {plan: [] for plan in args.plans}
+        for round_ in range(args.rounds):
+            for plan in args.plans:
+                run = _run(args, plan, args.layers, args.steps, tmp / f"{plan}{round_}")
+                if not run["ok"]:
+                    raise SystemExit(f"{plan} failed: {run['why']}\n{run.get('log', '')}")
+                print(f"{plan}: {run['wall']:.0f} s", flush=True)
+                runs[plan].append(run)
+        summary = _table(console, args, runs)
+        search = []
+        if args.budget_gib > 0:
+            print(f"largest model within {args.budget_gib:g} GiB of peak RSS per rank:", flush=True)
+            known = {plan: {args.layers: runs[plan][0]} for plan in args.plans}
+            for plan in args.budget_plans:
+                search.append(_largest_within(args, plan, args.budget_gib * GIB, tmp, known.get(plan, {})))
+            _budget_table(console, args, search)
+    wall = time.perf_counter() - started
+    console.print(f"wall time {wall / 60:.1f} min")
+    results = {"table": summary, "budget_gib": args.budget_gib, "wall_s": wall,
+               "largest_within_budget": {s["plan"]: {"layers": s["layers"], "bracketed": s["bracketed"]}
+                                         for s in search}}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    print(json.dumps(results))
+
+
+def _table(console: Any, args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    from rich.table import Table
+
+    first = next(iter(runs.values()))[0]["ranks"]
+    num_params = first[0]["num_params"]
+    ideal = 16 * num_params / args.devices  # fp32 parameter + gradient + two AdamW moments, split N ways
+    rows: dict[str, dict[str, Any]] = {}
+    for plan, plan_runs in runs.items():
+        ranks = plan_runs[0]["ranks"]  # tensor bytes do not change between rounds
+        state = [rank["state_bytes"] for rank in ranks]
+        rates = [rate for run in plan_runs for rate in _window_rates(run["ranks"][0], args)]
+        rows[plan] = {
+            **{key: max(s[key] for s in state) for key in ("parameters", "gradients", "optimizer_state", "total")},
+            "total_per_rank": [s["total"] for s in state],
+            "peak_rss_per_rank": [max(run["ranks"][r]["peak_rss"] for run in plan_runs) for r in range(len(ranks))],
+            "rss_at_count_per_rank": [rank["rss_at_count"] for rank in ranks],
+            "vms_at_count_per_rank": [rank["vms_at_count"] for rank in ranks],
+            "baseline_rss": max(rank["baseline_rss"] for rank in ranks),
+            "samples_per_s": statistics.median(rates),
+            "windows": rates,
+        }
+    ref = rows.get("ddp")
+
+    def ratio(plan: str, key: str) -> str:
+        value = max(rows[plan][key]) if isinstance(rows[plan][key], list) else rows[plan][key]
+        if ref is None:
+            return "-"
+        base = max(ref[key]) if isinstance(ref[key], list) else ref[key]
+        return f"{value / base:.2f}"
+
+    title = (f"Per-rank tensor bytes, CharGPT {args.layers}×{args.width} ({num_params / 1e6:.1f}M parameters, fp32"
+             f" AdamW), {args.devices} CPU ranks; ideal = 16 B × parameters / {args.devices} = {ideal / MIB:,.0f} MiB")
+    table = Table(title=title)
+    for column in ("plan", "params MiB", "grads MiB", "optim MiB", "total MiB (r0 / r1)", "total ×ddp",
+                   "total ×ideal"):
+        table.add_column(column, justify="right")
+    for plan, row in rows.items():
+        table.add_row(plan, f"{row['parameters'] / MIB:,.0f}", f"{row['gradients'] / MIB:,.0f}",
+                      f"{row['optimizer_state'] / MIB:,.0f}",
+                      " / ".join(f"{t / MIB:,.0f}" for t in row["total_per_rank"]),
+                      ratio(plan, "total"), f"{row['total'] / ideal:.2f}")
+    console.print(table)
+
+    table = Table(title=f"Per-rank process memory and throughput (batch {args.batch_size}×{args.block_size} per rank,"
+                        f" median of {len(next(iter(rows.values()))['windows'])} windows of {args.window_steps} steps)")
+    for column in ("plan", "peak RSS GiB (r0 / r1)", "peak ×ddp", "RSS at count GiB", "RSS at count − base",
+                   "VSZ at count GiB", "samples/s", "×ddp"):
+        table.add_column(column, justify="right")
+    for plan, row in rows.items():
+        above_base = max(row["rss_at_count_per_rank"]) - row["baseline_rss"]
+        table.add_row(plan, " / ".join(f"{p / GIB:.2f}" for p in row["peak_rss_per_rank"]),
+                      ratio(plan, "peak_rss_per_rank"),
+                      " / ".join(f"{p / GIB:.2f}" for p in row["rss_at_count_per_rank"]),
+                      f"{above_base / GIB:.2f} ({above_base / row['total']:.2f}× tensors)",
+                      f"{max(row['vms_at_count_per_rank']) / GIB:.1f}",
+                      f"{row['samples_per_s']:.2f}", ratio(plan, "samples_per_s"))
+    console.print(table)
+    console.print(f"base = RSS of a rank after importing torch and lightning, before the model: "
+                  f"{max(r['baseline_rss'] for r in rows.values()) / GIB:.2f} GiB")
+    return {"num_params": num_params, "ideal_bytes_per_rank": ideal, "plans": rows}
+
+
+def _budget_table(console: Any, args: argparse.Namespace, search: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Largest model within {args.budget_gib:g} GiB peak RSS per rank (width {args.width},"
+                        f" batch {args.batch_size}×{args.block_size}, {args.budget_steps} steps must complete)")
+    for column in ("plan", "largest n_layer", "parameters", "its peak RSS GiB", "next n_layer: peak / outcome",
+                   "runs"):
+        table.add_column(column, justify="right")
+    best_params = {}
+    for result in search:
+        tried, layers = result["tried"], result["layers"]
+        fit = tried.get(layers)
+        params = fit["ranks"][0]["num_params"] if fit else 0
+        best_params[result["plan"]] = params
+        above = tried.get(layers + 1)
+        if above is None:
+            outcome = "not tried (search cap)"
+        elif above["ok"]:
+            outcome = f"{_peak(above) / GIB:.2f} GiB" + (" over" if _peak(above) > args.budget_gib * GIB else "")
+        else:
+            outcome = above["why"]
+        table.add_row(result["plan"], str(layers), f"{params / 1e6:.1f}M",
+                      f"{_peak(fit) / GIB:.2f}" if fit else "-", outcome, str(len(tried)))
+    console.print(table)
+    if best_params.get("ddp") and len(best_params) > 1:
+        console.print(", ".join(f"{plan}/ddp = {p / best_params['ddp']:.2f}× parameters"
+                                for plan, p in best_params.items() if plan != "ddp"))
+
+
+if __name__ == "__main__":
+    main()
