@@ -279,6 +279,53 @@ def run_distributed(scenario: Scenario, out: str) -> tuple[L.Trainer, dict[str, 
     return trainer, {**results(trainer, module, world_size=WORLD_SIZE), "applied": applied}
 
 
+class RecordRestoredState(L.Callback):
+    """Saves, as training resumes, the model and optimizer state the strategy restored (gathered, by name)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state = {
+            "state_dict": trainer.strategy.lightning_module_state_dict(),
+            "optimizer_states": [trainer.strategy.optimizer_state(o) for o in trainer.optimizers],
+            "global_step": trainer.global_step,
+        }
+        if trainer.is_global_zero:
+            torch.save(state, self.path)
+
+
+# (checkpoint written by the scenario, plan to resume it under)
+RESUMES = [
+    ("zero3_accumulate_clip_schedule", "ddp"),
+    ("basic", "zero3"),
+    ("zero1_accumulate_clip_schedule", "zero2"),
+    ("stock", "zero3"),  # written by stock Lightning in one process (positional optimizer state)
+]
+
+
+def run_resume(source: str, plan: str, out: str) -> None:
+    from parti_lightning import PartiStrategy
+
+    scenario = next((s for s in SCENARIOS if s.name == source), SCENARIOS[0])
+    L.seed_everything(SEED + 1, verbose=False)  # other initial weights: the checkpoint must replace them
+    module = scenario.module(**scenario.module_kwargs)
+    trainer = make_trainer(
+        Scenario(scenario.name, scenario.module, scenario.module_kwargs, scenario.trainer_kwargs, max_steps=12),
+        accelerator="cpu", devices=WORLD_SIZE, strategy=PartiStrategy(plan=plan),
+        callbacks=[RecordRestoredState(os.path.join(out, f"resumed_{source}_as_{plan}.pt"))],
+    )
+    trainer.fit(module, ckpt_path=os.path.join(out, f"{source}.ckpt"))
+
+
+def write_stock_checkpoint(out: str) -> None:
+    """Four steps of stock Lightning in one process, saved as Lightning saves it."""
+    L.seed_everything(SEED, verbose=False)
+    trainer = make_trainer(Scenario("stock", ToyRegressor, max_steps=4), accelerator="cpu", devices=1)
+    trainer.fit(ToyRegressor())
+    trainer.save_checkpoint(os.path.join(out, "stock.ckpt"))
+
+
 def main(out: str) -> None:
     import parti_lightning  # noqa: F401
 
@@ -287,6 +334,8 @@ def main(out: str) -> None:
         trainer, result = run_distributed(scenario, out)
         if trainer.is_global_zero:
             torch.save(result, os.path.join(out, f"{scenario.name}.pt"))
+    for source, plan in RESUMES:
+        run_resume(source, plan, out)
     from hooks import record_hooks  # noqa: E402 - the tests folder is on sys.path when run as a script
 
     for strategy in ("parti", "ddp"):

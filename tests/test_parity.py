@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from launch import check, run_script
-from scenarios import SCENARIOS, Scenario, run_reference
+from scenarios import RESUMES, SCENARIOS, Scenario, run_reference, write_stock_checkpoint
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -22,6 +22,7 @@ ATOL = 1e-6
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("parity")
+    write_stock_checkpoint(str(out))
     check(run_script(["tests/scenarios.py", str(out)], timeout=400))
     return out
 
@@ -92,3 +93,44 @@ def test_blocks_are_found_and_used_as_units(distributed_results: Path) -> None:
         assert calls == 2 * 3 * steps, f"{name}: {calls} block forwards in {steps} steps"
     plain = _load(distributed_results, "zero3_accumulate_clip_schedule")["applied"]
     assert all(not c.startswith("FSDP") for n, c in plain["classes"].items()), "no blocks, no inner units"
+
+
+def _tensors(tree: object, prefix: str = "") -> dict[str, torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _tensors(value, f"{prefix}/{key}").items()}
+    if isinstance(tree, (list, tuple)):
+        return {k: v for i, value in enumerate(tree) for k, v in _tensors(value, f"{prefix}/{i}").items()}
+    return {}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(("source", "plan"), RESUMES, ids=[f"{s}-as-{p}" for s, p in RESUMES])
+def test_resume_under_another_plan_restores_every_tensor(distributed_results: Path, source: str, plan: str):
+    from parti_lightning.checkpoint import named_optimizer_state
+
+    saved = torch.load(distributed_results / f"{source}.ckpt", weights_only=True)
+    restored = _load(distributed_results, f"resumed_{source}_as_{plan}")
+    assert restored["global_step"] == saved["global_step"]
+    assert restored["state_dict"].keys() == saved["state_dict"].keys()
+    for key, value in saved["state_dict"].items():
+        assert torch.equal(restored["state_dict"][key], value), f"weight {key} changed on resume"
+    if source == "stock":
+        # Positional (torch) optimizer state, translated to names against the module's parameter order.
+        import lightning as L
+
+        from scenarios import SEED, ToyRegressor
+
+        L.seed_everything(SEED, verbose=False)
+        module = ToyRegressor()
+        reference_optimizer = module.configure_optimizers()
+        saved["optimizer_states"] = [
+            named_optimizer_state(s, module, reference_optimizer) for s in saved["optimizer_states"]
+        ]
+    want = _tensors(saved["optimizer_states"])
+    got = _tensors(restored["optimizer_states"])
+    assert want, "the checkpoint holds no optimizer state"
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], value), f"optimizer state {key} changed on resume"
