@@ -150,6 +150,23 @@ class BlockRegressor(ToyRegressor):
         return F.mse_loss(pred, y), pred
 
 
+class LateRegressor(ToyRegressor):
+    """Builds its head in `configure_model`, as Lightning's large-model recipes do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.head
+
+    def configure_model(self) -> None:
+        if not hasattr(self, "head"):
+            self.head = nn.Linear(32, 1)
+            # Its own generator: the launcher re-seeds the global one, a single process does not.
+            g = torch.Generator().manual_seed(5)
+            with torch.no_grad():
+                self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=g) * 0.1)
+                self.head.bias.zero_()
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -193,6 +210,7 @@ SCENARIOS = [
         plan={"preset": "zero3", "activation_checkpointing": "blocks"},
     ),
     Scenario("ddp_blocks_activation_checkpointing", BlockRegressor, plan={"activation_checkpointing": "blocks"}),
+    Scenario("zero3_configure_model", LateRegressor, plan="zero3"),
 ]
 
 
