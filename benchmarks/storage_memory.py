@@ -57,7 +57,6 @@ _WORKER_ARGS = ("plan", "devices", "layers", "width", "batch_size", "block_size"
 def _worker(args: argparse.Namespace) -> None:
     import psutil
 
-    baseline_rss = psutil.Process().memory_info().rss  # interpreter + torch + lightning, no model yet
     sys.path.insert(0, str(REPO / "examples"))
     import lightning as L
 
@@ -65,6 +64,8 @@ def _worker(args: argparse.Namespace) -> None:
     from parti_lightning.parallel.storage import rank_state_bytes
 
     from char_gpt import CharDataModule, CharGPT
+
+    baseline_rss = psutil.Process().memory_info().rss  # interpreter + torch + lightning, no model yet
 
     class MemoryProbe(L.Callback):
         """Counts the rank's tensor bytes once (second step, before the optimizer step) and stamps every step."""
@@ -195,7 +196,9 @@ def _largest_within(args: argparse.Namespace, plan: str, budget: float, tmp: Pat
         run = tried[layers]
         return run["ok"] and _peak(run) <= budget
 
-    # Two points for a line peak(layers) = a + b * layers, then runs from its prediction outwards.
+    # Two points for a line peak(layers) = a + b * layers; its prediction is where a search starts that
+    # gallops away from it until it brackets the answer (a size that fits, the next that does not),
+    # then bisects. Every verdict is a real run.
     low = max(1, args.layers // 2)
     points = [n for n in sorted({low, args.layers}) if fits(n) or tried[n]["ok"]]
     if len(points) == 2:
@@ -204,18 +207,29 @@ def _largest_within(args: argparse.Namespace, plan: str, budget: float, tmp: Pat
         guess = max(1, math.floor(x0 + (budget - y0) / slope)) if slope > 0 else args.layers
     else:
         guess = low
-    runs = 0
+    budget_left = args.max_search_runs + len(tried)
+    lo, hi, step = 0, None, 1
     if fits(guess):
-        best = guess
-        while runs < args.max_search_runs and fits(best + 1):
-            best, runs = best + 1, runs + 1
+        lo = guess
+        while hi is None and len(tried) < budget_left:
+            if fits(lo + step):
+                lo, step = lo + step, step * 2
+            else:
+                hi = lo + step
     else:
-        best = guess - 1
-        while best >= 1 and runs < args.max_search_runs and not fits(best):
-            best, runs = best - 1, runs + 1
-    result: dict[str, Any] = {"plan": plan, "layers": best if best >= 1 and fits(best) else 0, "tried": tried}
-    above = result["layers"] + 1
-    result["bracketed"] = above in tried and not fits(above)
+        hi = guess
+        while lo == 0 and hi > 1 and len(tried) < budget_left:
+            candidate = max(1, hi - step)
+            if fits(candidate):
+                lo = candidate
+            else:
+                hi, step = candidate, step * 2
+    while hi is not None and hi - lo > 1 and len(tried) < budget_left:
+        middle = (lo + hi) // 2
+        lo, hi = (middle, hi) if fits(middle) else (lo, middle)
+    best = lo
+    result: dict[str, Any] = {"plan": plan, "layers": best, "tried": tried}
+    result["bracketed"] = hi == best + 1
     return result
 
 
@@ -237,18 +251,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (>= 2: bytes are counted in step 2)")
     parser.add_argument("--window-steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="table runs per plan, alternating between plans")
-    parser.add_argument("--budget-gib", type=float, default=3.0, help="per-rank peak RSS budget; 0 skips the search")
+    parser.add_argument("--budget-gib", type=float, default=None,
+                        help="per-rank peak RSS budget (default 3, --quick 0.6); 0 skips the search")
     parser.add_argument("--budget-plans", nargs="+", default=["ddp", "zero3"], choices=PLANS)
     parser.add_argument("--budget-steps", type=int, default=3, help="steps a run must complete within the budget")
-    parser.add_argument("--max-search-runs", type=int, default=6, help="runs past the prediction, per plan")
-    parser.add_argument("--quick", action="store_true", help="4 blocks of width 256, short runs, 1 GiB budget")
+    parser.add_argument("--max-search-runs", type=int, default=6, help="runs from the prediction on, per plan")
+    parser.add_argument("--quick", action="store_true", help="4 blocks of width 256, short runs, 0.6 GiB budget")
     parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args()
     if args.worker:
         _worker(args)
         return
     if args.quick:
-        args.layers, args.width, args.steps, args.window_steps, args.budget_gib = 4, 256, 6, 2, 1.0
+        args.layers, args.width, args.steps, args.window_steps = 4, 256, 6, 2
+    if args.budget_gib is None:
+        args.budget_gib = 0.6 if args.quick else 3.0
     if args.warmup < 2 or args.steps < args.warmup + args.window_steps:
         parser.error("need --warmup >= 2 and --steps >= warmup + window-steps")
 

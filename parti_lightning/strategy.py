@@ -338,40 +338,32 @@ class PartiStrategy(ParallelStrategy):
             # data-parallel rank (ZeRO-1 then splits only the optimizer step).
             self._grad_sync = GradientSynchronizer(self.model, self._dp_group)
 
-    def _call_step(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    def _step(self, method: str, context: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self._redirect_steps:
+            return getattr(super(), method)(*args, **kwargs)
         # FSDP gathers a unit's parameters in hooks around its `forward`, but Lightning calls
         # `training_step` & co. directly: route them through the module's `__call__` so the root's
         # hooks run (Lightning's forward redirection, with the module as its own wrapper).
-        assert self.lightning_module is not None
-        return self._forward_redirection(self.lightning_module, self.lightning_module, method, *args, **kwargs)
+        module = self.lightning_module
+        assert module is not None
+        with context():
+            return self._forward_redirection(module, module, method, *args, **kwargs)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._redirect_steps:
-            return super().training_step(*args, **kwargs)
-        with self.precision_plugin.train_step_context():
-            return self._call_step("training_step", *args, **kwargs)
+        return self._step("training_step", self.precision_plugin.train_step_context, *args, **kwargs)
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._redirect_steps:
-            return super().validation_step(*args, **kwargs)
-        with self.precision_plugin.val_step_context():
-            return self._call_step("validation_step", *args, **kwargs)
+        return self._step("validation_step", self.precision_plugin.val_step_context, *args, **kwargs)
 
     @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._redirect_steps:
-            return super().test_step(*args, **kwargs)
-        with self.precision_plugin.test_step_context():
-            return self._call_step("test_step", *args, **kwargs)
+        return self._step("test_step", self.precision_plugin.test_step_context, *args, **kwargs)
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._redirect_steps:
-            return super().predict_step(*args, **kwargs)
-        with self.precision_plugin.predict_step_context():
-            return self._call_step("predict_step", *args, **kwargs)
+        return self._step("predict_step", self.precision_plugin.predict_step_context, *args, **kwargs)
 
     @override
     def setup_optimizers(self, trainer: Trainer) -> None:

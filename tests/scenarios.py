@@ -177,31 +177,25 @@ class Scenario:
     plan: str | dict[str, Any] = "ddp"
 
 
+def _accumulate_clip_schedule(name: str, plan: str) -> Scenario:
+    """Gradient accumulation, clipping by norm, an LR scheduler and a parameter unused on odd steps."""
+    return Scenario(
+        name,
+        ToyRegressor,
+        {"scheduler": True, "extra_branch": True},
+        {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"},
+        plan=plan,
+    )
+
+
 SCENARIOS = [
     Scenario("basic", ToyRegressor),
-    Scenario(
-        "accumulate_clip_schedule",
-        ToyRegressor,
-        {"scheduler": True, "extra_branch": True},
-        {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"},
-    ),
+    _accumulate_clip_schedule("accumulate_clip_schedule", "ddp"),
     Scenario("manual_two_optimizers", TwoOptimizerRegressor),
     Scenario("sync_batchnorm", ToyRegressor, {"norm": True}, {"sync_batchnorm": True}),
-    Scenario(
-        "zero1_accumulate_clip_schedule",
-        ToyRegressor,
-        {"scheduler": True, "extra_branch": True},
-        {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"},
-        plan="zero1",
-    ),
+    _accumulate_clip_schedule("zero1_accumulate_clip_schedule", "zero1"),
     Scenario("zero2_basic", ToyRegressor, plan="zero2"),
-    Scenario(
-        "zero3_accumulate_clip_schedule",
-        ToyRegressor,
-        {"scheduler": True, "extra_branch": True},
-        {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"},
-        plan="zero3",
-    ),
+    _accumulate_clip_schedule("zero3_accumulate_clip_schedule", "zero3"),
     Scenario("zero3_manual_two_optimizers", TwoOptimizerRegressor, plan="zero3"),
     Scenario(
         "zero3_blocks_activation_checkpointing",
