@@ -409,6 +409,14 @@ class PartiStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ checkpoints
 
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # Always tensors and plain containers only: a checkpoint is data, and unpickling arbitrary
+        # objects would run whatever code a crafted file carries. parti's own checkpoints need nothing more.
+        if weights_only is False:
+            rank_zero_info("parti: loading checkpoints with weights_only=True regardless of weights_only=False.")
+        return super().load_checkpoint(checkpoint_path, weights_only=True)
+
     @property
     @override
     def restore_checkpoint_after_setup(self) -> bool:
