@@ -13,19 +13,30 @@ subprocess per plan (Lightning's launcher re-runs the script for rank 1), and re
   its resident memory when the bytes were counted (psutil), with the ratio to ddp's;
 - throughput: samples/s over windows of steps after a warm-up, timed on rank 0; the median window.
 
-Then, for ``--budget-plans`` (ddp and zero3), the largest number of blocks (width fixed) whose run
-completes ``--budget-steps`` steps with every rank's peak RSS within ``--budget-gib``. The budget is
-enforced by measurement, not by ``RLIMIT_AS``: the parent polls the ranks' RSS and stops a run that
-goes over, and a run that finishes counts only if both ranks' ``ru_maxrss`` are within the budget.
-An address-space limit would count virtual reservations (thread stacks, glibc's per-thread malloc
-arenas, gloo's buffers) that are never resident and do not grow with the model, so it would refuse
-runs whose resident memory is well inside the budget. The search fits peak RSS against the number of
-blocks from two runs, then verifies the prediction by real runs until it brackets the answer (a
-size that fits and the next one that does not).
+Every plan runs twice, under two settings of glibc's allocator (``--malloc``): ``glibc``, its
+defaults, and ``mmap128k``, ``MALLOC_MMAP_THRESHOLD_=131072``. With the defaults the mmap threshold
+rises to the size of each large block freed (up to 32 MiB), after which FSDP's gathered units and
+gradient buffers come from malloc's heap, which keeps them resident once freed: ZeRO-2/3 then hold
+about twice their tensor bytes, more than ddp in all. A fixed threshold gives every large tensor its
+own mapping, returned to the OS on free (RSS tracks tensor bytes), at the price of page faults.
 
-    python benchmarks/storage_memory.py                 # defaults below: about 10-15 minutes on 2 cores
-    python benchmarks/storage_memory.py --quick         # small model and budget, a minute or two
-    python benchmarks/storage_memory.py --plans ddp zero3 --layers 12 --width 768 --budget-gib 3 --steps 11
+Then, for ``--budget-plans`` (ddp and zero3) under each allocator setting, the largest number of
+blocks (width fixed) whose run completes ``--budget-steps`` steps with every rank's peak RSS within
+``--budget-gib``. The budget is enforced by measurement, not by ``RLIMIT_AS``: the parent polls the
+ranks' RSS and stops a run that goes over, and a run that finishes counts only if both ranks'
+``ru_maxrss`` are within the budget. An address-space limit would count virtual reservations (thread
+stacks, glibc's per-thread malloc arenas, gloo's buffers: the table's VSZ column) that are never
+resident, so it would refuse runs whose resident memory is well inside the budget. The search fits
+peak RSS against the number of blocks from two runs (half the table's size, and the table's run),
+then verifies the prediction by real runs until it brackets the answer (a size that fits, and the
+next one that does not).
+
+    python benchmarks/storage_memory.py                 # defaults below: about 9 minutes on 2 cores
+    python benchmarks/storage_memory.py --quick         # 3M parameters, 0.5 GiB budget: about 3 minutes
+    python benchmarks/storage_memory.py --plans ddp zero3 --malloc mmap128k --layers 12 --budget-gib 3 --steps 11
+
+Throughput from 2 windows of 3 steps is noisy under the glibc defaults (windows of one run differ by
+up to 25%); use ``--rounds 2`` or more ``--steps`` when the speed ratios matter.
 """
 
 from __future__ import annotations
@@ -48,6 +59,13 @@ REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 MIB = 1024**2
 PLANS = ("ddp", "zero1", "zero2", "zero3")
+# glibc's malloc serves a request above its mmap threshold with a fresh mapping, returned to the OS
+# on free, and anything below from its heaps, which keep freed memory. The threshold starts at 128 KiB
+# but rises to the size of each freed mapping (up to 32 MiB), so once a few MiB-sized tensors were
+# freed, later ones of that size (FSDP's gathered units and gradient buffers) come from the heap and
+# their memory stays resident after they are freed. Setting the threshold (any MALLOC_*_ tunable)
+# turns the dynamic adjustment off.
+MALLOC: dict[str, dict[str, str]] = {"glibc": {}, "mmap128k": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 _WORKER_ARGS = ("plan", "devices", "layers", "width", "batch_size", "block_size", "steps", "warmup", "window_steps")
 
 
@@ -116,7 +134,7 @@ def _worker(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------- runner
 
 
-def _run(args: argparse.Namespace, plan: str, layers: int, steps: int, out: Path,
+def _run(args: argparse.Namespace, plan: str, layers: int, steps: int, out: Path, malloc: str,
          budget: float | None = None) -> dict[str, Any]:
     """One training run in a subprocess (both ranks); the per-rank results, or why there are none."""
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +142,9 @@ def _run(args: argparse.Namespace, plan: str, layers: int, steps: int, out: Path
     command = [sys.executable, __file__, "--worker", "--out", str(out)]
     for name in _WORKER_ARGS:
         command += [f"--{name.replace('_', '-')}", str(run_args[name])]
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK")}
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK")
+           and not k.startswith("MALLOC_")}
+    env.update(MALLOC[malloc])
     log = out / "stderr.txt"
     start = time.perf_counter()
     with log.open("w") as stderr:
@@ -135,7 +155,7 @@ def _run(args: argparse.Namespace, plan: str, layers: int, steps: int, out: Path
     wall = time.perf_counter() - start
     ranks = sorted(out.glob("rank*.json"))
     if polled_peak < 0:
-        return {"ok": False, "why": f"over budget (stopped at {-polled_peak / GIB:.2f} GiB RSS)", "wall": wall}
+        return {"ok": False, "why": f"over budget (stopped at {-polled_peak / GIB:.3f} GiB RSS)", "wall": wall}
     if proc.returncode != 0 or len(ranks) != args.devices:
         tail = log.read_text().strip().splitlines()[-15:]
         return {"ok": False, "why": f"exit code {proc.returncode}", "log": "\n".join(tail), "wall": wall}
@@ -182,17 +202,18 @@ def _peak(run: dict[str, Any]) -> int:
     return max(rank["peak_rss"] for rank in run["ranks"])
 
 
-def _largest_within(args: argparse.Namespace, plan: str, budget: float, tmp: Path,
+def _largest_within(args: argparse.Namespace, plan: str, malloc: str, budget: float, tmp: Path,
                     known: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Largest number of blocks whose run stays within ``budget`` on every rank, by real runs."""
     tried: dict[int, dict[str, Any]] = dict(known)
 
     def fits(layers: int) -> bool:
         if layers not in tried:
-            tried[layers] = _run(args, plan, layers, args.budget_steps, tmp / f"budget-{plan}-{layers}", budget)
+            out = tmp / f"budget-{malloc}-{plan}-{layers}"
+            tried[layers] = _run(args, plan, layers, args.budget_steps, out, malloc, budget)
             run = tried[layers]
-            status = f"peak {_peak(run) / GIB:.2f} GiB" if run["ok"] else run["why"]
-            print(f"  {plan} n_layer={layers}: {status} ({run['wall']:.0f} s)", flush=True)
+            status = f"peak {_peak(run) / GIB:.3f} GiB" if run["ok"] else run["why"]
+            print(f"  {plan} ({malloc}) n_layer={layers}: {status} ({run['wall']:.0f} s)", flush=True)
         run = tried[layers]
         return run["ok"] and _peak(run) <= budget
 
@@ -228,9 +249,9 @@ def _largest_within(args: argparse.Namespace, plan: str, budget: float, tmp: Pat
         middle = (lo + hi) // 2
         lo, hi = (middle, hi) if fits(middle) else (lo, middle)
     best = lo
-    result: dict[str, Any] = {"plan": plan, "layers": best, "tried": tried}
-    result["bracketed"] = hi == best + 1
-    return result
+    params = tried[best]["ranks"][0]["num_params"] if best else 0
+    return {"plan": plan, "malloc": malloc, "layers": best, "params": params, "tried": tried,
+            "bracketed": hi == best + 1}
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -242,21 +263,23 @@ def main() -> None:
     parser.add_argument("--out", default="", help=argparse.SUPPRESS)
     parser.add_argument("--plan", default="ddp", help=argparse.SUPPRESS)
     parser.add_argument("--plans", nargs="+", default=list(PLANS), choices=PLANS)
+    parser.add_argument("--malloc", nargs="+", default=list(MALLOC), choices=MALLOC,
+                        help="glibc allocator settings to compare (see the docstring)")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--layers", type=int, default=14, help="blocks (14 × width 768: 99.5M parameters)")
     parser.add_argument("--width", type=int, default=768, help="n_embd; heads = width // 64")
     parser.add_argument("--batch-size", type=int, default=2, help="per rank")
     parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=11, help="steps per table run: warm-up, then timed windows")
+    parser.add_argument("--steps", type=int, default=8, help="steps per table run: warm-up, then timed windows")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (>= 2: bytes are counted in step 2)")
     parser.add_argument("--window-steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="table runs per plan, alternating between plans")
     parser.add_argument("--budget-gib", type=float, default=None,
-                        help="per-rank peak RSS budget (default 3, --quick 0.6); 0 skips the search")
+                        help="per-rank peak RSS budget (default 2, --quick 0.5); 0 skips the search")
     parser.add_argument("--budget-plans", nargs="+", default=["ddp", "zero3"], choices=PLANS)
     parser.add_argument("--budget-steps", type=int, default=3, help="steps a run must complete within the budget")
-    parser.add_argument("--max-search-runs", type=int, default=6, help="runs from the prediction on, per plan")
-    parser.add_argument("--quick", action="store_true", help="4 blocks of width 256, short runs, 0.6 GiB budget")
+    parser.add_argument("--max-search-runs", type=int, default=6, help="runs from the prediction on, per search")
+    parser.add_argument("--quick", action="store_true", help="4 blocks of width 256, short runs, 0.5 GiB budget")
     parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args()
     if args.worker:
@@ -265,7 +288,7 @@ def main() -> None:
     if args.quick:
         args.layers, args.width, args.steps, args.window_steps = 4, 256, 6, 2
     if args.budget_gib is None:
-        args.budget_gib = 0.6 if args.quick else 3.0
+        args.budget_gib = 0.5 if args.quick else 2.0
     if args.warmup < 2 or args.steps < args.warmup + args.window_steps:
         parser.error("need --warmup >= 2 and --steps >= warmup + window-steps")
 
@@ -275,44 +298,44 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        runs: dict[str, list[dict[str, Any]]] = {plan: [] for plan in args.plans}
+        runs: dict[tuple[str, str], list[dict[str, Any]]] = {(m, p): [] for m in args.malloc for p in args.plans}
         for round_ in range(args.rounds):
-            for plan in args.plans:
-                run = _run(args, plan, args.layers, args.steps, tmp / f"{plan}{round_}")
+            for malloc, plan in runs:
+                run = _run(args, plan, args.layers, args.steps, tmp / f"{malloc}-{plan}{round_}", malloc)
                 if not run["ok"]:
-                    raise SystemExit(f"{plan} failed: {run['why']}\n{run.get('log', '')}")
-                print(f"{plan}: {run['wall']:.0f} s", flush=True)
-                runs[plan].append(run)
-        summary = _table(console, args, runs)
+                    raise SystemExit(f"{plan} ({malloc}) failed: {run['why']}\n{run.get('log', '')}")
+                print(f"{plan} ({malloc}): {run['wall']:.0f} s", flush=True)
+                runs[malloc, plan].append(run)
+        summary = _tables(console, args, runs)
         search = []
         if args.budget_gib > 0:
             print(f"largest model within {args.budget_gib:g} GiB of peak RSS per rank:", flush=True)
-            known = {plan: {args.layers: runs[plan][0]} for plan in args.plans}
-            for plan in args.budget_plans:
-                search.append(_largest_within(args, plan, args.budget_gib * GIB, tmp, known.get(plan, {})))
+            for malloc in args.malloc:
+                for plan in args.budget_plans:
+                    known = {args.layers: runs[malloc, plan][0]} if (malloc, plan) in runs else {}
+                    search.append(_largest_within(args, plan, malloc, args.budget_gib * GIB, tmp, known))
             _budget_table(console, args, search)
     wall = time.perf_counter() - started
     console.print(f"wall time {wall / 60:.1f} min")
     results = {"table": summary, "budget_gib": args.budget_gib, "wall_s": wall,
-               "largest_within_budget": {s["plan"]: {"layers": s["layers"], "bracketed": s["bracketed"]}
-                                         for s in search}}
+               "largest_within_budget": [{k: s[k] for k in ("plan", "malloc", "layers", "params", "bracketed")}
+                                         for s in search]}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(json.dumps(results))
 
 
-def _table(console: Any, args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def _tables(console: Any, args: argparse.Namespace, runs: dict[tuple[str, str], list[dict[str, Any]]]) -> dict:
     from rich.table import Table
 
-    first = next(iter(runs.values()))[0]["ranks"]
-    num_params = first[0]["num_params"]
+    num_params = next(iter(runs.values()))[0]["ranks"][0]["num_params"]
     ideal = 16 * num_params / args.devices  # fp32 parameter + gradient + two AdamW moments, split N ways
-    rows: dict[str, dict[str, Any]] = {}
-    for plan, plan_runs in runs.items():
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for (malloc, plan), plan_runs in runs.items():
         ranks = plan_runs[0]["ranks"]  # tensor bytes do not change between rounds
         state = [rank["state_bytes"] for rank in ranks]
         rates = [rate for run in plan_runs for rate in _window_rates(run["ranks"][0], args)]
-        rows[plan] = {
+        rows[malloc, plan] = {
             **{key: max(s[key] for s in state) for key in ("parameters", "gradients", "optimizer_state", "total")},
             "total_per_rank": [s["total"] for s in state],
             "peak_rss_per_rank": [max(run["ranks"][r]["peak_rss"] for run in plan_runs) for r in range(len(ranks))],
@@ -322,45 +345,51 @@ def _table(console: Any, args: argparse.Namespace, runs: dict[str, list[dict[str
             "samples_per_s": statistics.median(rates),
             "windows": rates,
         }
-    ref = rows.get("ddp")
 
-    def ratio(plan: str, key: str) -> str:
-        value = max(rows[plan][key]) if isinstance(rows[plan][key], list) else rows[plan][key]
+    def ratio(malloc: str, plan: str, key: str) -> str:
+        ref = rows.get((malloc, "ddp"))
         if ref is None:
             return "-"
-        base = max(ref[key]) if isinstance(ref[key], list) else ref[key]
+        value, base = rows[malloc, plan][key], ref[key]
+        value, base = (max(v) if isinstance(v, list) else v for v in (value, base))
         return f"{value / base:.2f}"
 
-    title = (f"Per-rank tensor bytes, CharGPT {args.layers}×{args.width} ({num_params / 1e6:.1f}M parameters, fp32"
-             f" AdamW), {args.devices} CPU ranks; ideal = 16 B × parameters / {args.devices} = {ideal / MIB:,.0f} MiB")
+    title = (f"Per-rank tensor bytes (rank_state_bytes), CharGPT {args.layers}×{args.width} ({num_params / 1e6:.1f}M"
+             f" parameters, fp32 AdamW), {args.devices} CPU ranks; ideal = 16 B × parameters / {args.devices} ="
+             f" {ideal / MIB:,.0f} MiB")
     table = Table(title=title)
-    for column in ("plan", "params MiB", "grads MiB", "optim MiB", "total MiB (r0 / r1)", "total ×ddp",
-                   "total ×ideal"):
+    for column in ("plan", "params MiB", "grads MiB", "optim MiB", "total MiB (r0 / r1)", "total ×ddp", "total ×ideal"):
         table.add_column(column, justify="right")
-    for plan, row in rows.items():
+    first_malloc = args.malloc[0]  # the allocator does not change what tensors exist
+    for plan in args.plans:
+        row = rows[first_malloc, plan]
         table.add_row(plan, f"{row['parameters'] / MIB:,.0f}", f"{row['gradients'] / MIB:,.0f}",
                       f"{row['optimizer_state'] / MIB:,.0f}",
                       " / ".join(f"{t / MIB:,.0f}" for t in row["total_per_rank"]),
-                      ratio(plan, "total"), f"{row['total'] / ideal:.2f}")
+                      ratio(first_malloc, plan, "total"), f"{row['total'] / ideal:.2f}")
     console.print(table)
 
-    table = Table(title=f"Per-rank process memory and throughput (batch {args.batch_size}×{args.block_size} per rank,"
-                        f" median of {len(next(iter(rows.values()))['windows'])} windows of {args.window_steps} steps)")
-    for column in ("plan", "peak RSS GiB (r0 / r1)", "peak ×ddp", "RSS at count GiB", "RSS at count − base",
-                   "VSZ at count GiB", "samples/s", "×ddp"):
+    windows = len(next(iter(rows.values()))["windows"])
+    table = Table(title=f"Per-rank process memory and throughput (batch {args.batch_size}×{args.block_size} per rank;"
+                        f" samples/s: median of {windows} window(s) of {args.window_steps} steps)")
+    for column in ("malloc", "plan", "peak RSS GiB (r0 / r1)", "peak ×ddp", "RSS at count GiB",
+                   "RSS at count − base", "VSZ at count", "samples/s", "×ddp"):
         table.add_column(column, justify="right")
-    for plan, row in rows.items():
+    for (malloc, plan), row in rows.items():
         above_base = max(row["rss_at_count_per_rank"]) - row["baseline_rss"]
-        table.add_row(plan, " / ".join(f"{p / GIB:.2f}" for p in row["peak_rss_per_rank"]),
-                      ratio(plan, "peak_rss_per_rank"),
+        table.add_row(malloc, plan, " / ".join(f"{p / GIB:.2f}" for p in row["peak_rss_per_rank"]),
+                      ratio(malloc, plan, "peak_rss_per_rank"),
                       " / ".join(f"{p / GIB:.2f}" for p in row["rss_at_count_per_rank"]),
                       f"{above_base / GIB:.2f} ({above_base / row['total']:.2f}× tensors)",
                       f"{max(row['vms_at_count_per_rank']) / GIB:.1f}",
-                      f"{row['samples_per_s']:.2f}", ratio(plan, "samples_per_s"))
+                      f"{row['samples_per_s']:.2f}", ratio(malloc, plan, "samples_per_s"),
+                      end_section=plan == args.plans[-1])
     console.print(table)
-    console.print(f"base = RSS of a rank after importing torch and lightning, before the model: "
-                  f"{max(r['baseline_rss'] for r in rows.values()) / GIB:.2f} GiB")
-    return {"num_params": num_params, "ideal_bytes_per_rank": ideal, "plans": rows}
+    console.print(f"base = RSS of a rank after importing torch, lightning and parti, before the model:"
+                  f" {max(r['baseline_rss'] for r in rows.values()) / GIB:.2f} GiB. RSS at count: when the"
+                  " tensor bytes were counted (step 2, before the optimizer step). VSZ in GiB.")
+    return {"num_params": num_params, "ideal_bytes_per_rank": ideal,
+            "rows": [{"malloc": m, "plan": p, **row} for (m, p), row in rows.items()]}
 
 
 def _budget_table(console: Any, args: argparse.Namespace, search: list[dict[str, Any]]) -> None:
@@ -368,28 +397,27 @@ def _budget_table(console: Any, args: argparse.Namespace, search: list[dict[str,
 
     table = Table(title=f"Largest model within {args.budget_gib:g} GiB peak RSS per rank (width {args.width},"
                         f" batch {args.batch_size}×{args.block_size}, {args.budget_steps} steps must complete)")
-    for column in ("plan", "largest n_layer", "parameters", "its peak RSS GiB", "next n_layer: peak / outcome",
-                   "runs"):
+    for column in ("malloc", "plan", "largest n_layer", "parameters", "×ddp", "its peak RSS GiB",
+                   "n_layer + 1: peak RSS GiB", "runs"):
         table.add_column(column, justify="right")
-    best_params = {}
+    ddp_params = {s["malloc"]: s["params"] for s in search if s["plan"] == "ddp"}
     for result in search:
         tried, layers = result["tried"], result["layers"]
-        fit = tried.get(layers)
-        params = fit["ranks"][0]["num_params"] if fit else 0
-        best_params[result["plan"]] = params
-        above = tried.get(layers + 1)
+        fit, above = tried.get(layers), tried.get(layers + 1)
         if above is None:
             outcome = "not tried (search cap)"
         elif above["ok"]:
-            outcome = f"{_peak(above) / GIB:.2f} GiB" + (" over" if _peak(above) > args.budget_gib * GIB else "")
+            outcome = f"{_peak(above) / GIB:.3f}" + (" (over)" if _peak(above) > args.budget_gib * GIB else "")
         else:
             outcome = above["why"]
-        table.add_row(result["plan"], str(layers), f"{params / 1e6:.1f}M",
-                      f"{_peak(fit) / GIB:.2f}" if fit else "-", outcome, str(len(tried)))
+        base = ddp_params.get(result["malloc"])
+        table.add_row(result["malloc"], result["plan"], str(layers), f"{result['params'] / 1e6:.1f}M",
+                      f"{result['params'] / base:.2f}" if base else "-",
+                      f"{_peak(fit) / GIB:.3f}" if fit else "-", outcome, str(len(tried)),
+                      end_section=result["plan"] == args.budget_plans[-1])
     console.print(table)
-    if best_params.get("ddp") and len(best_params) > 1:
-        console.print(", ".join(f"{plan}/ddp = {p / best_params['ddp']:.2f}× parameters"
-                                for plan, p in best_params.items() if plan != "ddp"))
+    console.print("runs: verdicts the search used, the table's own run at the table size included; the budget is"
+                  " checked against the larger rank's ru_maxrss, and a run is stopped once a rank's RSS passes it.")
 
 
 if __name__ == "__main__":
