@@ -7,6 +7,7 @@ running one intra-op thread per core would oversubscribe the machine N times and
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -52,6 +53,26 @@ def cores_for_rank(local_rank: int, local_world_size: int, cores: list[int]) -> 
     return tuple(cores[local_rank * per_rank : (local_rank + 1) * per_rank])
 
 
+def release_freed_memory() -> bool:
+    """Have glibc return freed large blocks to the OS at once; False where that is not possible.
+
+    glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), after which
+    such blocks come from the heap and stay resident once freed. Sharded training gathers and frees
+    whole units every step, so a ZeRO-3 rank on CPU then holds about twice its tensor bytes, more
+    than a replicated one (measured in benchmarks/storage_memory.py). A fixed 128 KiB threshold keeps
+    resident memory at the tensor bytes, for some page faults. No library sets this, hence ctypes.
+    A threshold the user set (``MALLOC_MMAP_THRESHOLD_``) is left alone.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False  # not glibc
+    m_mmap_threshold = -3  # from <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, 128 * 1024))
+
+
 class PartiAccelerator(Accelerator):
     """Device partitions for parti: a GPU per rank on CUDA, a disjoint core set per rank on CPU.
 
@@ -90,14 +111,22 @@ class PartiAccelerator(Accelerator):
                 f" use devices<={available}, or accelerator=PartiAccelerator(oversubscribe=True) to share cores."
             )
 
-    def setup_partition(self, device: torch.device, local_rank: int, local_world_size: int) -> DevicePartition:
-        """Claim this rank's partition: set the CUDA device, or pin the CPU cores and threads."""
+    def setup_partition(
+        self, device: torch.device, local_rank: int, local_world_size: int, sharded: bool = False
+    ) -> DevicePartition:
+        """Claim this rank's partition: set the CUDA device, or pin the CPU cores and threads.
+
+        ``sharded``: the plan gathers and frees parameters every step; on CPU, freed memory is then
+        returned to the OS at once (see :func:`release_freed_memory`).
+        """
         if self.device_type == "cuda":
             torch.cuda.set_device(device)
             total = torch.cuda.get_device_properties(device).total_memory
             self.partition = DevicePartition(device, tuple(usable_cores()), total)
             return self.partition
         global _initial_cores
+        if sharded:
+            release_freed_memory()
         available = usable_cores()
         cores = cores_for_rank(local_rank, local_world_size, available)
         if self.pin_cores and hasattr(os, "sched_setaffinity"):

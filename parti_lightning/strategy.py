@@ -250,7 +250,9 @@ class PartiStrategy(ParallelStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         if isinstance(self.accelerator, PartiAccelerator):
-            partition = self.accelerator.setup_partition(self.root_device, self.local_rank, self.num_processes)
+            partition = self.accelerator.setup_partition(
+                self.root_device, self.local_rank, self.num_processes, sharded=self._shards_module
+            )
             log.info(f"rank {self.global_rank}: partition {partition}")
         self._setup_distributed()
 

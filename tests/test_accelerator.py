@@ -51,3 +51,15 @@ def test_cuda_is_refused_without_a_gpu() -> None:
         pytest.skip("a GPU is present: nothing to refuse")
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         PartiAccelerator("cuda")
+
+
+def test_freed_memory_release_respects_a_user_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    from parti_lightning.accelerator import release_freed_memory
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert release_freed_memory() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    import platform
+
+    if platform.libc_ver()[0] == "glibc":
+        assert release_freed_memory() is True
