@@ -416,7 +416,7 @@ class PartiStrategy(ParallelStrategy):
         # Always tensors and plain containers only: a checkpoint is data, and unpickling arbitrary
         # objects would run whatever code a crafted file carries. parti's own checkpoints need nothing more.
         if weights_only is False:
-            rank_zero_info("parti: loading checkpoints with weights_only=True regardless of weights_only=False.")
+            rank_zero_info("parti: checkpoints are always loaded as weights only; ignoring the request to unpickle.")
         return super().load_checkpoint(checkpoint_path, weights_only=True)
 
     @property
