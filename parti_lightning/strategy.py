@@ -30,6 +30,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
@@ -72,8 +73,12 @@ class PartiStrategy(ParallelStrategy):
         plan: how to partition: a preset name (``"auto"``, ``"ddp"``, ``"zero1"``, ...), a mapping of
             :class:`~parti_lightning.PartitionPlan` fields, or a plan.
         process_group_backend: ``"gloo"`` or ``"nccl"``; default gloo on CPU, nccl on CUDA.
-        timeout: how long a collective may wait for the other ranks before the run fails, in seconds
-            or as a ``timedelta``.
+        timeout: how long a collective during the run (training, validation, checkpointing) may wait
+            for the other ranks before the run fails, in seconds or as a ``timedelta``. A rank that
+            hangs makes the others fail after this long. Default 10 minutes.
+        startup_timeout: how long start-up may wait for every rank to join (process-group
+            rendezvous, building the mesh). Default 30 minutes: ranks of a multi-node job may
+            start minutes apart.
         start_method: ``"popen"`` re-runs the script per rank (``python train.py``); ``"spawn"`` or
             ``"fork"`` start workers from a running interpreter (notebooks). Under torchrun or SLURM
             the processes already exist and nothing is launched.
@@ -90,7 +95,8 @@ class PartiStrategy(ParallelStrategy):
         self,
         plan: PlanLike = "auto",
         process_group_backend: Literal["gloo", "nccl"] | None = None,
-        timeout: Union[float, timedelta] = 1800.0,
+        timeout: Union[float, timedelta] = 600.0,
+        startup_timeout: Union[float, timedelta] = 1800.0,
         start_method: StartMethod = "popen",
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -110,9 +116,8 @@ class PartiStrategy(ParallelStrategy):
         if process_group_backend is not None and process_group_backend not in _BACKENDS:
             raise ValueError(f"process_group_backend={process_group_backend!r}: choose one of {_BACKENDS} or None.")
         self._process_group_backend = process_group_backend
-        self._timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
-        if self._timeout.total_seconds() <= 0:
-            raise ValueError(f"timeout={timeout!r} must be positive.")
+        self._timeout = _positive_timedelta("timeout", timeout)
+        self._startup_timeout = _positive_timedelta("startup_timeout", startup_timeout)
         self._start_method = start_method
         self._num_nodes = 1
         self.mesh: DeviceMesh | None = None
@@ -262,13 +267,23 @@ class PartiStrategy(ParallelStrategy):
         assert self.cluster_environment is not None
         device_id = self.root_device if self.root_device.type == "cuda" else None
         _init_dist_connection(
-            self.cluster_environment, self.process_group_backend, timeout=self._timeout, device_id=device_id
+            self.cluster_environment, self.process_group_backend, timeout=self._startup_timeout, device_id=device_id
         )
         plan = self.resolved_plan
         self.mesh = init_device_mesh(
             self.root_device.type, (plan.data, plan.shard), mesh_dim_names=("data", "shard")
         )
         self._dp_group = self._data_parallel_group(self.mesh, plan)
+        self._use_run_timeout()
+
+    def _use_run_timeout(self) -> None:
+        """Every rank has joined: from now on a collective waits `timeout`, not `startup_timeout`."""
+        assert self.mesh is not None
+        dist.barrier()
+        groups = {id(g): g for g in (dist.group.WORLD, self._dp_group, *self.mesh.get_all_groups()) if g is not None}
+        for group in groups.values():
+            # torch fixes a group's timeout when it is created and offers only this (private) setter.
+            dist.distributed_c10d._set_pg_timeout(self._timeout, group)
 
     @staticmethod
     def _data_parallel_group(mesh: DeviceMesh, plan: PartitionPlan) -> ProcessGroup:
@@ -494,12 +509,17 @@ class PartiStrategy(ParallelStrategy):
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        # Lightning's launcher then stops the other ranks; make sure the user learns which rank failed.
+        # Make sure the user learns which rank failed.
         print(
             f"[parti rank {self.global_rank}/{self.world_size}] {type(exception).__name__}: {exception}",
             file=sys.stderr,
             flush=True,
         )
+        # Lightning's script launcher kills the other ranks only on Ctrl+C. A rank that is not in a
+        # collective (computing, loading data, hung) would otherwise outlive the failed launcher
+        # process as an orphan; the launcher (rank 0 of the node) ends them now.
+        if isinstance(self._launcher, PartiSubprocessScriptLauncher):
+            self._launcher.kill(_get_sigkill_signal())
 
     @override
     def teardown(self) -> None:
@@ -530,3 +550,10 @@ class PartiStrategy(ParallelStrategy):
 
 def _is_sharded(module: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def _positive_timedelta(name: str, value: float | timedelta) -> timedelta:
+    result = value if isinstance(value, timedelta) else timedelta(seconds=float(value))
+    if result.total_seconds() <= 0:
+        raise ValueError(f"{name}={value!r} must be positive.")
+    return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import lightning as L
@@ -39,6 +40,12 @@ def test_backend_that_does_not_fit_the_device_fails_before_launch() -> None:
         _trainer(strategy=PartiStrategy(process_group_backend="nccl"), devices=2)
 
 
+@pytest.mark.parametrize("name", ["timeout", "startup_timeout"])
+def test_timeouts_must_be_positive(name: str) -> None:
+    with pytest.raises(ValueError, match=f"{name}=0 must be positive"):
+        PartiStrategy(**{name: 0})
+
+
 def test_unknown_backend_is_refused() -> None:
     with pytest.raises(ValueError, match="process_group_backend='mpi2'"):
         PartiStrategy(process_group_backend="mpi2")  # type: ignore[arg-type]
@@ -61,6 +68,22 @@ def test_unknown_sharding_unit_fails_before_any_process_starts() -> None:
 def test_activation_checkpointing_auto_says_it_needs_the_planner() -> None:
     with pytest.raises(NotImplementedError, match="needs the planner"):
         _trainer(strategy=PartiStrategy(plan={"activation_checkpointing": "auto"}), devices=2)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("hanging_rank", [0, 1])
+def test_a_rank_that_stops_taking_part_makes_the_others_time_out(hanging_rank: int) -> None:
+    from failing_run import HANG_TIMEOUT_S
+
+    result = run_script(["tests/failing_run.py", str(hanging_rank), "hang"], timeout=90)
+    ended = time.time()
+    assert result.returncode != 0
+    hung_at = float(re.search(r"rank \d hangs at ([\d.]+)", result.stdout).group(1))  # type: ignore[union-attr]
+    # The other rank's collective times out after `timeout`; Lightning's launcher then ends the rest
+    # (its watchdog polls every 5 s when the hanging rank is rank 0).
+    assert ended - hung_at < HANG_TIMEOUT_S + 10, f"ran {ended - hung_at:.1f}s after the hang"
+    assert f"Timed out waiting {HANG_TIMEOUT_S * 1000}ms" in result.stdout
+    assert not result.stderr, f"processes left behind: {result.stderr}"
 
 
 @pytest.mark.timeout(120)

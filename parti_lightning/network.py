@@ -1,0 +1,195 @@
+"""Where a run's sockets listen: a single-node run listens on loopback only.
+
+torch's default ``env://`` rendezvous has rank 0 host a ``TCPStore`` that listens on every interface
+(``::`` or ``0.0.0.0``), whatever ``MASTER_ADDR`` says: ``MASTER_ADDR`` only tells the other ranks
+where to connect. Gloo's connections listen on the address the machine's host name resolves to
+(often an external one), NCCL's bootstrap on the first non-loopback interface. On one node nothing
+outside the machine needs to reach any of them, so when ``MASTER_ADDR`` is a loopback address this
+module binds the store to that address itself (``TCPStore(master_listen_fd=...)``) and points gloo
+and NCCL at the loopback interface (``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME``, unless set).
+
+A multi-node run (``MASTER_ADDR`` not loopback) is left to torch: other hosts must reach the store
+and the collectives' ports, and only the user knows which interface they use.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ipaddress
+import logging
+import os
+import signal
+import socket
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import psutil
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from lightning.fabric.plugins import ClusterEnvironment
+
+log = logging.getLogger(__name__)
+
+# The variables that choose the interface gloo and NCCL listen on (read by their C++ code when a
+# process group is created, so they must be set in this process's environment before that).
+INTERFACE_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def loopback_addresses(host: str) -> list[tuple[socket.AddressFamily, str]]:
+    """The (family, address) pairs ``host`` resolves to, if every one is loopback; else ``[]``.
+
+    A literal address needs no lookup; a name such as ``localhost`` is resolved, and counts as
+    loopback only when all its addresses are (a name that also resolves externally does not).
+    """
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return []
+    addresses = [(family, str(sockaddr[0])) for family, _, _, _, sockaddr in infos]
+    if not addresses or not all(_is_loopback(address) for _, address in addresses):
+        return []
+    return list(dict.fromkeys(addresses))  # deduplicated, in the resolver's order
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback only (127.0.0.0/8, ``::1``, ``localhost``)."""
+    return bool(loopback_addresses(host))
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_interface() -> str | None:
+    """The name of the network interface that carries 127.0.0.1 (``lo`` on Linux, ``lo0`` on macOS)."""
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and _is_loopback(a.address) for a in addresses):
+            return name
+    return None
+
+
+def restrict_backends_to_loopback() -> dict[str, str]:
+    """Point gloo and NCCL at the loopback interface, leaving any choice the user made alone.
+
+    Returns the variables it set. Without this, gloo listens on whatever the host name resolves to,
+    which is an external address on many machines, and NCCL skips ``lo`` unless told otherwise.
+    """
+    interface = loopback_interface()
+    if interface is None:
+        return {}
+    chosen = {name: interface for name in INTERFACE_VARIABLES if not os.environ.get(name)}
+    os.environ.update(chosen)
+    return chosen
+
+
+def listen_socket(family: socket.AddressFamily, address: str, port: int) -> int:
+    """A socket listening on ``address:port`` only, as a file descriptor the caller then owns."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # As torch's own store does: a port left in TIME_WAIT by an earlier run can be bound again.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(socket.SOMAXCONN)
+    except OSError as err:
+        sock.close()
+        raise OSError(err.errno, f"cannot listen on {address}:{port} for the process group's store: {err}") from err
+    return sock.detach()  # the TCPStore server closes it, not Python's garbage collector
+
+
+def loopback_store(host: str, port: int, rank: int, world_size: int, timeout: timedelta) -> dist.TCPStore:
+    """The run's ``TCPStore`` on loopback ``host``: rank 0 serves it on that address only, the others connect.
+
+    Same arguments as torch's ``env://`` rendezvous gives its store (multi-tenant, libuv unless
+    ``USE_LIBUV=0``), except that the server socket is bound here rather than on every interface.
+    """
+    addresses = loopback_addresses(host)
+    if not addresses:
+        raise ValueError(f"{host!r} is not a loopback address: a store there must be reachable from other hosts.")
+    # Every rank resolves the same name on the same machine to the same first address.
+    family, address = addresses[0]
+    use_libuv = os.environ.get("USE_LIBUV", "1") == "1"
+    if rank != 0:
+        return dist.TCPStore(address, port, world_size, is_master=False, timeout=timeout, use_libuv=use_libuv)
+    return dist.TCPStore(
+        address, port, world_size, is_master=True, timeout=timeout, multi_tenant=True,
+        master_listen_fd=listen_socket(family, address, port), use_libuv=use_libuv,
+    )
+
+
+def _torchelastic_agent_hosts_store() -> bool:
+    # torchrun's agent already serves the store on MASTER_PORT; the ranks must only connect to it.
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+
+
+def init_process_group(
+    backend: str,
+    *,
+    main_address: str,
+    main_port: int,
+    rank: int,
+    world_size: int,
+    timeout: timedelta,
+    device_id: torch.device | None = None,
+) -> None:
+    """Initialize the default process group, listening on loopback only when ``main_address`` is loopback.
+
+    Otherwise the same as Lightning's ``_init_dist_connection``: ``MASTER_ADDR``/``MASTER_PORT`` are
+    set for code that reads them, nothing happens when a group exists already, and an NCCL group is
+    destroyed at exit. Under torchrun the agent's store is used as is (torchrun decides where it listens).
+    """
+    if dist.is_initialized():
+        return
+    os.environ["MASTER_ADDR"] = main_address
+    os.environ["MASTER_PORT"] = str(main_port)
+    store = None
+    if is_loopback_host(main_address):
+        chosen = restrict_backends_to_loopback()
+        if not _torchelastic_agent_hosts_store():
+            # The prefix is what torch's env:// path adds, so keys are laid out as they would be there.
+            store = dist.PrefixStore("default_pg", loopback_store(main_address, main_port, rank, world_size, timeout))
+        log.info(f"rank {rank}: process group on loopback {main_address}:{main_port} ({chosen or 'interfaces as set'})")
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=world_size, timeout=timeout, device_id=device_id
+    )
+    if backend == "nccl":
+        # torch warns at exit about an NCCL group never destroyed; Lightning does the same.
+        atexit.register(_destroy_process_group)
+
+
+def init_dist_connection(
+    cluster_environment: ClusterEnvironment,
+    backend: str,
+    *,
+    timeout: timedelta,
+    device_id: torch.device | None = None,
+) -> None:
+    """:func:`init_process_group` with the address, port and ranks of a Lightning cluster environment.
+
+    A drop-in for Lightning's ``_init_dist_connection(cluster_environment, backend, timeout=..., device_id=...)``.
+    """
+    if dist.is_initialized():
+        return
+    init_process_group(
+        backend,
+        main_address=cluster_environment.main_address,
+        main_port=cluster_environment.main_port,
+        rank=cluster_environment.global_rank(),
+        world_size=cluster_environment.world_size(),
+        timeout=timeout,
+        device_id=device_id,
+    )
+
+
+def _destroy_process_group() -> None:
+    # Not interruptible by Ctrl+C half-way, as in Lightning's own exit handler.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    finally:
+        signal.signal(signal.SIGINT, previous)
