@@ -8,11 +8,14 @@ replicas.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
+import zlib
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
+from types import FrameType
 from typing import Any, Literal, Union
 
 import torch
@@ -477,8 +480,29 @@ class PartiStrategy(ParallelStrategy):
         self, tensor: Tensor | Any, group: Any | None = None, reduce_op: Any | None = "mean"
     ) -> Tensor | Any:
         if isinstance(tensor, Tensor):
-            return _sync_ddp_if_available(tensor, group or self._dp_group, reduce_op=reduce_op)
+            group = group or self._dp_group
+            name = _logged_name(inspect.currentframe())
+            if name is not None and _distributed_is_initialized():
+                self._check_same_logged_name(name, group, tensor.device)
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
+
+    def _check_same_logged_name(self, name: str, group: Any, device: torch.device) -> None:
+        """Fail on every rank, rather than hang or add unrelated values, when ranks sync different metrics.
+
+        ``self.log(name, value, sync_dist=True)`` reduces values in the order each rank logs them, so
+        ranks that log different names would pair unrelated values, or wait forever for a partner.
+        One small all-reduce compares a hash of the names first (max of h and of -h: equal iff all agree).
+        """
+        digest = zlib.crc32(name.encode())
+        pair = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+        dist.all_reduce(pair, op=dist.ReduceOp.MAX, group=group)
+        if pair[0].item() != -pair[1].item():
+            raise RuntimeError(
+                f"rank {self.global_rank} logged {name!r} with sync_dist=True while another rank logged a different"
+                " name at the same point: every rank must log the same metrics, in the same order, when they are"
+                " synced (sync_dist=True). Log rank-specific values without sync_dist, or under the same name."
+            )
 
     @override
     def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
@@ -557,3 +581,20 @@ def _positive_timedelta(name: str, value: float | timedelta) -> timedelta:
     if result.total_seconds() <= 0:
         raise ValueError(f"{name}={value!r} must be positive.")
     return result
+
+
+def _logged_name(frame: FrameType | None) -> str | None:
+    """The ``hook.name`` of the metric whose ``self.log(sync_dist=True)`` called ``reduce``, if that is the caller.
+
+    Lightning's result collection calls ``strategy.reduce`` from a ``_ResultMetric`` method and passes
+    no name; reading it off the calling frame costs a few attribute lookups per synced value.
+    """
+    for _ in range(3):
+        frame = frame.f_back if frame is not None else None
+        if frame is None:
+            return None
+        caller = frame.f_locals.get("self")
+        meta = getattr(caller, "meta", None)
+        if type(caller).__name__ == "_ResultMetric" and meta is not None:
+            return f"{meta.fx}.{meta.name}"
+    return None

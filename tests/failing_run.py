@@ -1,7 +1,8 @@
 """A 2-rank run in which one rank fails at step 5 (used by test_failures.py).
 
-``python tests/failing_run.py RANK [raise|hang]``: the rank raises, or stops taking part in collectives
-without dying (sleeps); in the second case the strategy's `timeout` is 8 seconds.
+``python tests/failing_run.py RANK [raise|hang|names]``: the rank raises, stops taking part in
+collectives without dying (sleeps; the strategy's `timeout` is 8 seconds), or logs a metric name of its
+own with ``sync_dist=True``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ class FailingModule(ToyRegressor):
         self.mode = mode
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        if batch_idx == 5 and self.global_rank == self.failing_rank:
+        if batch_idx == 5 and self.mode == "names":
+            name = "loss_of_a_rank" if self.global_rank == self.failing_rank else "loss"
+            self.log(name, torch.tensor(1.0), sync_dist=True)
+        elif batch_idx == 5 and self.global_rank == self.failing_rank:
             if self.mode == "hang":
                 print(f"rank {self.global_rank} hangs at {time.time():.3f}", flush=True)
                 time.sleep(600)

@@ -87,6 +87,17 @@ def test_a_rank_that_stops_taking_part_makes_the_others_time_out(hanging_rank: i
 
 
 @pytest.mark.timeout(120)
+def test_ranks_syncing_different_metric_names_get_a_clear_error() -> None:
+    result = run_script(["tests/failing_run.py", "1", "names"], timeout=90)
+    assert result.returncode != 0
+    # Every rank detects it; which of them gets to print before the others are stopped may vary.
+    assert re.search(r"logged 'training_step\.loss(_of_a_rank)?' with sync_dist=True while another rank",
+                     result.stdout)
+    assert "Timed out" not in result.stdout
+    assert not result.stderr, f"processes left behind: {result.stderr}"
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("failing_rank", [0, 1])
 def test_a_rank_raising_stops_every_process(failing_rank: int) -> None:
     start = time.monotonic()
