@@ -55,8 +55,12 @@ def test_preset_yaml_names_the_strategy(preset: str, storage: str) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_yaml_class_path_with_stock_lightning_cli() -> None:
-    out = check(run_script(["tests/stock_cli.py", "fit", "--config", "tests/configs/class_path.yaml"], timeout=150))
+def test_yaml_class_path_with_stock_lightning_cli(tmp_path: Path) -> None:
+    out = check(run_script(
+        ["tests/stock_cli.py", "fit", "--config", "tests/configs/class_path.yaml",
+         f"--trainer.default_root_dir={tmp_path}"],  # where the CLI writes its config.yaml
+        timeout=150,
+    ))
     assert "strategy=PartiStrategy world_size=2 steps=3" in out
 
 
