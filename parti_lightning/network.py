@@ -115,9 +115,23 @@ def loopback_store(host: str, port: int, rank: int, world_size: int, timeout: ti
     use_libuv = os.environ.get("USE_LIBUV", "1") == "1"
     if rank != 0:
         return dist.TCPStore(address, port, world_size, is_master=False, timeout=timeout, use_libuv=use_libuv)
+    if _serving_here(address, port):
+        # A group destroyed while something (a DeviceMesh, say) still holds its store leaves this process's
+        # server listening; torch's multi-tenant cache hands that same server back, as under env://.
+        return dist.TCPStore(
+            address, port, world_size, is_master=True, timeout=timeout, multi_tenant=True, use_libuv=use_libuv
+        )
     return dist.TCPStore(
         address, port, world_size, is_master=True, timeout=timeout, multi_tenant=True,
         master_listen_fd=listen_socket(family, address, port), use_libuv=use_libuv,
+    )
+
+
+def _serving_here(address: str, port: int) -> bool:
+    """Whether this very process listens on ``address:port`` (its own store server, still alive)."""
+    return any(
+        c.status == psutil.CONN_LISTEN and (c.laddr.ip, c.laddr.port) == (address, port)
+        for c in psutil.Process().net_connections(kind="inet")
     )
 
 
@@ -152,12 +166,12 @@ def init_process_group(
         if not _torchelastic_agent_hosts_store():
             # The prefix is what torch's env:// path adds, so keys are laid out as they would be there.
             store = dist.PrefixStore("default_pg", loopback_store(main_address, main_port, rank, world_size, timeout))
-        log.info(f"rank {rank}: process group on loopback {main_address}:{main_port} ({chosen or 'interfaces as set'})")
+        log.info(f"rank {rank}: process group on loopback {main_address}:{main_port}; set {chosen or 'nothing'}")
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world_size, timeout=timeout, device_id=device_id
     )
     if backend == "nccl":
-        # torch warns at exit about an NCCL group never destroyed; Lightning does the same.
+        # torch warns at exit about an NCCL group never destroyed (Lightning's own init does the same).
         atexit.register(_destroy_process_group)
 
 

@@ -24,7 +24,6 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.distributed import (
     _all_gather_ddp_if_available,
     _distributed_is_initialized,
-    _init_dist_connection,
     _sync_ddp_if_available,
 )
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
@@ -47,6 +46,7 @@ from typing_extensions import override
 from parti_lightning.accelerator import PartiAccelerator
 from parti_lightning.checkpoint import named_optimizer_state
 from parti_lightning.launchers import PartiMultiProcessingLauncher, PartiSubprocessScriptLauncher
+from parti_lightning.network import init_dist_connection
 from parti_lightning.parallel.batchnorm import PartiSyncBatchNorm
 from parti_lightning.parallel.blocks import resolve_units
 from parti_lightning.parallel.checkpointing import apply_activation_checkpointing
@@ -269,7 +269,9 @@ class PartiStrategy(ParallelStrategy):
         self.set_world_ranks()
         assert self.cluster_environment is not None
         device_id = self.root_device if self.root_device.type == "cuda" else None
-        _init_dist_connection(
+        # Not Lightning's `_init_dist_connection`: on one node (MASTER_ADDR loopback) the store and the
+        # collectives listen on loopback only, where torch's env:// would listen on every interface.
+        init_dist_connection(
             self.cluster_environment, self.process_group_backend, timeout=self._startup_timeout, device_id=device_id
         )
         plan = self.resolved_plan
@@ -278,6 +280,7 @@ class PartiStrategy(ParallelStrategy):
         )
         self._dp_group = self._data_parallel_group(self.mesh, plan)
         self._use_run_timeout()
+        rank_zero_info(f"parti: {self.world_size} processes joined ({self.process_group_backend})")
 
     def _use_run_timeout(self) -> None:
         """Every rank has joined: from now on a collective waits `timeout`, not `startup_timeout`."""
