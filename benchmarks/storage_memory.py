@@ -19,6 +19,10 @@ rises to the size of each large block freed (up to 32 MiB), after which FSDP's g
 gradient buffers come from malloc's heap, which keeps them resident once freed: ZeRO-2/3 then hold
 about twice their tensor bytes, more than ddp in all. A fixed threshold gives every large tensor its
 own mapping, returned to the OS on free (RSS tracks tensor bytes), at the price of page faults.
+Since this was measured, parti fixes the threshold itself in the CPU ranks of ZeRO-2/3 plans
+(``parti_lightning.accelerator.release_freed_memory``), so the ``glibc`` rows show what a user gets
+by default: glibc's defaults for ddp and zero1, the fixed threshold for zero2 and zero3. The
+``mmap128k`` rows apply the fixed threshold to every plan.
 
 Then, for ``--budget-plans`` (ddp and zero3) under each allocator setting, the largest number of
 blocks (width fixed) whose run completes ``--budget-steps`` steps with every rank's peak RSS within
