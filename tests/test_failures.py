@@ -81,7 +81,7 @@ def test_a_rank_that_stops_taking_part_makes_the_others_time_out(hanging_rank: i
     hung_at = float(re.search(r"rank \d hangs at ([\d.]+)", result.stdout).group(1))  # type: ignore[union-attr]
     # The other rank's collective times out after `timeout`; Lightning's launcher then ends the rest
     # (its watchdog polls every 5 s when the hanging rank is rank 0).
-    assert ended - hung_at < HANG_TIMEOUT_S + 10, f"ran {ended - hung_at:.1f}s after the hang"
+    assert ended - hung_at < HANG_TIMEOUT_S + 15, f"ran {ended - hung_at:.1f}s after the hang"
     assert f"Timed out waiting {HANG_TIMEOUT_S * 1000}ms" in result.stdout
     assert not result.stderr, f"processes left behind: {result.stderr}"
 
