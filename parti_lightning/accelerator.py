@@ -17,6 +17,7 @@ import torch
 from lightning.fabric.accelerators.registry import _AcceleratorRegistry
 from lightning.fabric.utilities.types import _DEVICE
 from lightning.pytorch.accelerators import Accelerator, CPUAccelerator, CUDAAccelerator
+from lightning.pytorch.accelerators.cpu import get_cpu_stats
 from typing_extensions import override
 
 DeviceType = Literal["auto", "cpu", "cuda"]
@@ -155,8 +156,8 @@ class PartiAccelerator(Accelerator):
     @override
     def get_device_stats(self, device: _DEVICE) -> dict[str, Any]:
         if self.device_type == "cuda":
-            return CUDAAccelerator().get_device_stats(device)
-        stats: dict[str, Any] = CPUAccelerator().get_device_stats(device)
+            return torch.cuda.memory_stats(device)
+        stats: dict[str, Any] = get_cpu_stats()
         stats["rank_rss_bytes"] = psutil.Process().memory_info().rss
         return stats
 

@@ -30,6 +30,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
@@ -50,7 +51,7 @@ from parti_lightning.network import init_dist_connection
 from parti_lightning.parallel.batchnorm import PartiSyncBatchNorm
 from parti_lightning.parallel.blocks import resolve_units
 from parti_lightning.parallel.checkpointing import apply_activation_checkpointing
-from parti_lightning.parallel.data import GradientSynchronizer, broadcast_module_states
+from parti_lightning.parallel.data import GradientSynchronizer
 from parti_lightning.parallel.storage import (
     apply_storage,
     full_optimizer_state_dict,
@@ -126,6 +127,8 @@ class PartiStrategy(ParallelStrategy):
         self.mesh: DeviceMesh | None = None
         self._dp_group: ProcessGroup | None = None
         self._grad_sync: GradientSynchronizer | None = None
+        # Read every step (sampler, backward sync): resolved once, again only if the world changes.
+        self._resolved: tuple[tuple[int, int], PartitionPlan] | None = None
         self._redirect_steps = False  # steps go through the FSDP root's `__call__` (ZeRO-2/3, automatic optimization)
 
     # ------------------------------------------------------------------ devices and ranks
@@ -173,8 +176,11 @@ class PartiStrategy(ParallelStrategy):
 
     @property
     def resolved_plan(self) -> PartitionPlan:
-        """The plan with its degrees fixed for this world size."""
-        return self.plan.resolve(self.num_nodes * self.num_processes, ranks_per_node=self.num_processes)
+        """The plan with its degrees fixed for this world size (resolved once per world shape)."""
+        shape = (self.num_nodes * self.num_processes, self.num_processes)
+        if self._resolved is None or self._resolved[0] != shape:
+            self._resolved = (shape, self.plan.resolve(shape[0], ranks_per_node=shape[1]))
+        return self._resolved[1]
 
     @property
     def data_parallel_rank(self) -> int:
@@ -323,7 +329,7 @@ class PartiStrategy(ParallelStrategy):
         if not _is_sharded(self.model):
             # Every replica starts from rank 0's weights, whatever each process initialized. (A module
             # still sharded by an earlier `fit` is consistent already: its shards are its state.)
-            broadcast_module_states(self.model)
+            _sync_module_states(self.model)
         if fitting:
             self._apply_plan(plan)
             self.setup_optimizers(trainer)

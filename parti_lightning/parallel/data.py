@@ -23,15 +23,6 @@ from torch.utils.hooks import RemovableHandle
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
 
 
-def broadcast_module_states(module: nn.Module, group: ProcessGroup | None = None, src: int = 0) -> None:
-    """Make every replica start from rank ``src``'s parameters and buffers (as DDP does at wrap time)."""
-    tensors = [t.detach() for t in (*module.parameters(), *module.buffers())]
-    if not tensors:
-        return
-    # torch's coalesced broadcast packs many small tensors into few collectives.
-    dist._broadcast_coalesced(group or dist.group.WORLD, tensors, DEFAULT_BUCKET_BYTES, src)
-
-
 class GradientSynchronizer:
     """Averages gradients over a process group after each backward pass.
 
@@ -42,7 +33,7 @@ class GradientSynchronizer:
 
     Args:
         module: the module whose gradients to average. Its parameters must already be identical
-            on every rank (see :func:`broadcast_module_states`).
+            on every rank (as after Lightning's ``_sync_module_states``).
         group: the data-parallel process group.
         bucket_bytes: size of the flat buckets gradients are averaged in.
     """
