@@ -1,17 +1,501 @@
-"""Plan-independent checkpoint state.
+"""Plan-independent checkpoints: sharded on disk through ``torch.distributed.checkpoint`` (DCP).
 
-parti keys optimizer state by parameter name (the format of ``torch.distributed.checkpoint``), never
-by position in the optimizer, so a checkpoint loads under any plan. A checkpoint written by stock
-Lightning or plain torch keys it by position; this module translates that on load.
+A sharded checkpoint is a directory. DCP holds every tensor, keyed by the module's own names:
+``model.<param>`` and ``optim.<i>.<param>.<state key>`` (``<i>``: the optimizer's position). Each
+rank writes the shards it holds (FSDP's local shards, ZeRO-1's own parameters' optimizer state); a
+replicated tensor is written once. ``meta.pt`` (rank 0, plain ``torch.save``) holds everything else:
+Lightning's loops, callbacks, schedulers and hyper-parameters, the optimizers' parameter groups by
+name, non-tensor state, each rank's RNG states, and the plan and world size that wrote it.
+
+Loading reads into tensors laid out as the *current* plan holds them, and DCP reshards on the fly, so a
+checkpoint written under one plan and world size loads under any other. Nothing here imports
+Lightning; the strategy adapts these functions to Lightning's hooks.
+
+Loading never unpickles code: ``meta.pt`` goes through ``torch.load(weights_only=True)``, DCP's data
+files are read with ``weights_only=True`` by DCP itself, and DCP's ``.metadata`` index, which DCP reads
+with plain ``pickle``, goes through an unpickler that admits DCP's own metadata classes only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import ctypes
+import ctypes.util
+import io
+import os
+import pickle
+import shutil
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.optim import Optimizer
+
+META_FILE = "meta.pt"
+FORMAT = "parti-sharded/1"
+MODEL = "model"
+OPTIM = "optim"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded as asked, with the reason."""
+
+
+# ------------------------------------------------------------------------------------ recognizing
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a complete sharded checkpoint directory (DCP index and parti's metadata)."""
+    path = Path(path)
+    return path.is_dir() and (path / META_FILE).is_file() and (path / ".metadata").is_file()
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The non-tensor part of a sharded checkpoint (tensors and plain containers only)."""
+    meta = torch.load(Path(path) / META_FILE, map_location="cpu", weights_only=True)
+    if not isinstance(meta, dict) or meta.get("parti", {}).get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a parti sharded checkpoint (format {FORMAT}).")
+    return meta
+
+
+# ------------------------------------------------------------------------------ named state dicts
+
+
+def sharded_model_state(module: nn.Module) -> dict[str, Any]:
+    """The module's state as this rank holds it: FSDP's local shards (``DTensor``) or whole tensors. No copy."""
+    return get_model_state_dict(module)
+
+
+def local_optimizer(optimizer: Optimizer) -> Optimizer:
+    """The optimizer that holds this rank's state: ZeRO-1's inner one, else ``optimizer`` itself."""
+    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+
+
+def sharded_optimizer_state(module: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
+    """The optimizer's state as this rank holds it, keyed by parameter name. No copy, no collective.
+
+    ``{"state": {name: {key: value}}, "param_groups": [{..., "params": [name, ...]}]}``: the groups
+    list every parameter (ZeRO-1: from the outer optimizer), the state only what this rank holds.
+    Built by hand rather than with DCP's ``get_optimizer_state_dict``, which would first create the
+    state of a fresh optimizer with a zero-lr step and so change the training that follows.
+    """
+    names = {param: name for name, param in module.named_parameters()}
+    try:
+        groups = [
+            {**{k: v for k, v in group.items() if k != "params"}, "params": [names[p] for p in group["params"]]}
+            for group in optimizer.param_groups
+        ]
+    except KeyError as err:
+        raise ValueError(f"an optimizer parameter is not a parameter of {type(module).__name__}") from err
+    local = local_optimizer(optimizer)
+    held = [param for group in local.param_groups for param in group["params"] if local.state.get(param)]
+    state = {names[param]: dict(local.state[param]) for param in held}
+    return {"state": state, "param_groups": groups}
+
+
+# --------------------------------------------------------------------------------------- saving
+
+
+def save_sharded(
+    path: str | os.PathLike, checkpoint: Mapping[str, Any], meta: Mapping[str, Any], *, rng: bool = True
+) -> None:
+    """Write a sharded checkpoint to ``path`` atomically. Collective: every rank calls it with the same path.
+
+    Args:
+        path: the checkpoint directory to create (replaced if it exists).
+        checkpoint: Lightning's checkpoint dict, whose ``"state_dict"`` comes from
+            :func:`sharded_model_state` and ``"optimizer_states"`` from :func:`sharded_optimizer_state`.
+            The rest is taken from global rank 0.
+        meta: what to record about the run (plan, world size), under ``meta["parti"]``.
+        rng: record each rank's RNG states (off when converting a file, whose writer's RNG is unknown).
+
+    The checkpoint is written beside ``path`` under a hidden name and renamed to ``path`` only once
+    every rank has written its part: a save that is interrupted leaves an existing ``path`` as it was.
+    """
+    path = Path(path)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rest = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+    tensors, small = _split(checkpoint)
+    small["rng"] = _rng_state() if rng else None
+    gathered = _gather_to_rank0(small)
+    staging = _sibling(path, "partial")
+    if rank == 0:
+        _remove(staging)  # left by a save that was interrupted
+        staging.mkdir(parents=True)
+    _barrier()
+    dcp.save(tensors, storage_writer=FileSystemWriter(staging), no_dist=not dist.is_initialized())
+    if rank == 0:
+        assert gathered is not None
+        meta_out = {
+            **rest,
+            "parti": {
+                **meta.get("parti", {}),
+                "format": FORMAT,
+                "world_size": len(gathered),
+                "rng": [g["rng"] for g in gathered] if rng else [],
+                "optimizers": _merge_optimizer_metadata(gathered, len(checkpoint.get("optimizer_states", []))),
+                "model_extra": gathered[0]["model_extra"],
+            },
+        }
+        _write_synced(staging / META_FILE, meta_out)
+        _publish(staging, path)
+    _barrier()
+
+
+def _split(checkpoint: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """DCP's part (tensors) and the small rest (non-tensor state, parameter groups) of this rank's state."""
+    model = checkpoint.get("state_dict", {})
+    tensors: dict[str, Any] = {MODEL: {k: v for k, v in model.items() if isinstance(v, Tensor)}}
+    small: dict[str, Any] = {"model_extra": {k: v for k, v in model.items() if not isinstance(v, Tensor)}}
+    optim_tensors, optim_small = {}, []
+    for index, state in enumerate(checkpoint.get("optimizer_states", [])):
+        optim_tensors[str(index)] = {
+            name: {k: v for k, v in values.items() if isinstance(v, Tensor)} for name, values in state["state"].items()
+        }
+        optim_small.append({
+            "param_groups": state["param_groups"],
+            "state": {
+                name: {k: v for k, v in values.items() if not isinstance(v, Tensor)}
+                for name, values in state["state"].items()
+            },
+            "has_state": sorted(state["state"]),
+        })
+    if optim_tensors:
+        tensors[OPTIM] = optim_tensors
+    small["optimizers"] = optim_small
+    return tensors, small
+
+
+def _merge_optimizer_metadata(gathered: Sequence[Mapping[str, Any]], count: int) -> list[dict[str, Any]]:
+    # Groups are the same on every rank (ZeRO-1's come from the outer optimizer); state entries are
+    # each rank's own (ZeRO-1) or the same everywhere, so their union is the whole.
+    merged = []
+    for index in range(count):
+        entries = [g["optimizers"][index] for g in gathered]
+        state: dict[str, dict[str, Any]] = {}
+        has_state: set[str] = set()
+        for entry in entries:
+            has_state.update(entry["has_state"])
+            for name, values in entry["state"].items():
+                state.setdefault(name, {}).update(values)
+        merged.append({"param_groups": entries[0]["param_groups"], "state": state, "has_state": sorted(has_state)})
+    return merged
+
+
+def _rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    version, state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": (version, list(state), gauss),
+        # As a tensor: a numpy array is not among the types a weights-only load accepts.
+        "numpy": (name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached),
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Set this process's torch, CUDA, numpy and Python RNGs to ``state`` (one rank's entry of ``meta``)."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state.get("torch.cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["torch.cuda"])
+    version, values, gauss = state["python"]
+    random.setstate((version, tuple(values), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+def _gather_to_rank0(obj: Any) -> list[Any] | None:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    # Hidden, and without the checkpoint's own name: Lightning's `ckpt_path="last"` takes any file in
+    # the folder whose name contains "last", and a half-written one must never be that.
+    return path.parent / f".parti-{kind}-{zlib.crc32(path.name.encode()):08x}"
+
+
+def _write_synced(path: Path, obj: Any) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with open(path, "wb") as file:
+        file.write(buffer.getvalue())
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _publish(staging: Path, path: Path) -> None:
+    """Make the fully written ``staging`` visible as ``path``, replacing what was there in one step."""
+    if (path.exists() or path.is_symlink()) and _exchange(staging, path):
+        _remove(staging)  # now the previous checkpoint
+    else:
+        old = _sibling(path, "old")
+        _remove(old)
+        if path.exists() or path.is_symlink():
+            # No atomic exchange here (not Linux, or a file system without it): between these two
+            # renames `path` is briefly absent, but never half-written.
+            os.rename(path, old)
+        os.rename(staging, path)
+        _remove(old)
+    _fsync_dir(path.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's ``renameat2(RENAME_EXCHANGE)``; False where unsupported.
+
+    Neither ``os`` nor any library exposes the exchange, hence ctypes. A plain rename cannot put a
+    directory in place of an existing one in one step.
+    """
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -------------------------------------------------------------------------------------- loading
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader, with its ``.metadata`` index unpickled by an allow-list instead of ``pickle.load``.
+
+    DCP writes the index with ``pickle`` and reads it back with ``pickle.load``, which would run any code
+    a crafted file carries. The index holds DCP's own metadata dataclasses and a few torch values only.
+    Byte (non-tensor) entries are refused as well: DCP would unpickle them with ``weights_only=False``;
+    parti keeps non-tensor state in ``meta.pt`` instead.
+    """
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata_path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(metadata_path, "rb") as file:
+            try:
+                metadata = _IndexUnpickler(file).load()
+            except pickle.UnpicklingError as err:
+                raise pickle.UnpicklingError(f"refusing to load {metadata_path}: {err}") from None
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"{metadata_path} is not a DCP index ({type(metadata).__name__}).")
+        byte_entries = [k for k, v in metadata.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)]
+        if byte_entries:
+            raise pickle.UnpicklingError(
+                f"refusing to load {self.path}: entries {byte_entries[:3]} are pickled objects, not tensors."
+            )
+        if metadata.storage_meta is not None:
+            metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+_INDEX_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    # Python's documented way to restrict unpickling ("Restricting Globals"); torch's weights-only
+    # unpickler reads torch.save archives only, not DCP's bare pickle.
+    def find_class(self, module: str, name: str) -> Any:
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _INDEX_GLOBALS or is_dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a checkpoint index")
+
+
+def checkpoint_index(path: str | os.PathLike) -> dict[str, TensorStorageMetadata]:
+    """Every tensor a sharded checkpoint holds: flattened key to its global shape and dtype."""
+    return dict(SafeFileSystemReader(path).read_metadata().state_dict_metadata)  # type: ignore[arg-type]
+
+
+def load_sharded(
+    path: str | os.PathLike,
+    module: nn.Module,
+    optimizers: Sequence[Optimizer] = (),
+    *,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Load a sharded checkpoint into ``module`` and ``optimizers`` as they are partitioned now. Collective.
+
+    Each rank reads only what it holds under the current plan (its shards, or whole tensors where the
+    plan replicates), whatever plan and world size wrote the checkpoint.
+
+    Args:
+        path: the checkpoint directory.
+        module: the model, already sharded (or not) by the current plan.
+        optimizers: the optimizers, built from the current plan's parameters, in the order they were
+            saved; empty to load the weights only.
+        strict: every parameter and buffer of ``module`` must be in the checkpoint and vice versa.
+
+    Returns:
+        the checkpoint's non-tensor part (:func:`read_meta`), without the optimizer details.
+    """
+    meta = read_meta(path)
+    index = checkpoint_index(path)
+    saved_optimizers = meta["parti"].get("optimizers", [])
+    if optimizers and len(saved_optimizers) != len(optimizers):
+        raise CheckpointError(
+            f"{path} holds the state of {len(saved_optimizers)} optimizer(s) but {len(optimizers)} are configured:"
+            " configure_optimizers must return the same optimizers to resume."
+        )
+    model_target = {k: v for k, v in sharded_model_state(module).items() if isinstance(v, Tensor)}
+    saved_model = {k[len(MODEL) + 1 :] for k in index if k.startswith(f"{MODEL}.")}
+    _check_model_keys(path, set(model_target), saved_model, strict)
+    model_target = {k: v for k, v in model_target.items() if f"{MODEL}.{k}" in index}
+    targets: dict[str, Any] = {MODEL: model_target}
+    optim_targets = {str(i): _optimizer_target(module, opt, i, index) for i, opt in enumerate(optimizers)}
+    if optim_targets:
+        targets[OPTIM] = optim_targets
+    dcp.load(targets, storage_reader=SafeFileSystemReader(path), no_dist=not dist.is_initialized())
+    extras = meta["parti"].get("model_extra", {})
+    set_model_state_dict(module, {**model_target, **extras}, options=StateDictOptions(strict=False))
+    for i, optimizer in enumerate(optimizers):
+        _load_optimizer(module, optimizer, optim_targets[str(i)], saved_optimizers[i])
+    return meta
+
+
+def _check_model_keys(path: Any, expected: set[str], saved: set[str], strict: bool) -> None:
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"{path} does not match the module: missing {missing[:5]}{' ...' if len(missing) > 5 else ''},"
+            f" unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} (strict loading;"
+            " set `LightningModule.strict_loading = False` to load the common part)."
+        )
+
+
+def optimizer_entries(entries: Mapping[str, Any], index: int) -> dict[str, dict[str, Any]]:
+    """The ``optim.<index>.<param>.<key>`` entries of a flat DCP mapping, as ``{param: {key: entry}}``.
+
+    Parameter names contain dots, optimizer state keys (``exp_avg``, ``step``) do not.
+    """
+    prefix = f"{OPTIM}.{index}."
+    out: dict[str, dict[str, Any]] = {}
+    for key, entry in entries.items():
+        if key.startswith(prefix):
+            name, state_key = key[len(prefix) :].rsplit(".", 1)
+            out.setdefault(name, {})[state_key] = entry
+    return out
+
+
+def _optimizer_target(
+    module: nn.Module, optimizer: Optimizer, index: int, saved: Mapping[str, TensorStorageMetadata]
+) -> dict[str, dict[str, Tensor]]:
+    """Empty tensors for the saved state of the parameters this rank's optimizer holds, laid out as it would.
+
+    A state tensor shaped like its parameter (Adam's moments) is laid out like the parameter now is
+    (an FSDP shard, or whole); anything else (step counters) is read whole.
+    """
+    names = {param: name for name, param in module.named_parameters()}
+    entries = optimizer_entries(saved, index)
+    local = local_optimizer(optimizer)
+    target: dict[str, dict[str, Tensor]] = {}
+    for group in local.param_groups:
+        for param in group["params"]:
+            name = names[param]
+            for key, entry in entries.get(name, {}).items():
+                dtype, shape = entry.properties.dtype, tuple(entry.size)
+                like_param = shape == tuple(param.shape)
+                tensor = torch.empty_like(param, dtype=dtype) if like_param else torch.empty(shape, dtype=dtype)
+                target.setdefault(name, {})[key] = tensor
+    return target
+
+
+def _load_optimizer(
+    module: nn.Module, optimizer: Optimizer, loaded: Mapping[str, Mapping[str, Tensor]], saved: Mapping[str, Any]
+) -> None:
+    """Load name-keyed state into ``optimizer`` (its local part under ZeRO-1) through its own ``load_state_dict``."""
+    names = {param: name for name, param in module.named_parameters()}
+    saved_groups = saved["param_groups"]
+    group_of = {name: i for i, group in enumerate(saved_groups) for name in group["params"]}
+    _check_groups(optimizer, names, saved_groups)
+    # The outer groups carry the hyper-parameters (a scheduler's lr): ZeRO-1 copies them to its inner
+    # optimizer at every step.
+    for group, saved_group in zip(optimizer.param_groups, saved_groups, strict=True):
+        group.update(_hyper(saved_group))
+    local = local_optimizer(optimizer)
+    ordered = [names[p] for group in local.param_groups for p in group["params"]]
+    state = {
+        position: {**loaded.get(name, {}), **saved["state"].get(name, {})}
+        for position, name in enumerate(ordered)
+        if name in saved["has_state"]
+    }
+    groups, position = [], 0
+    for group in local.param_groups:
+        count = len(group["params"])
+        first = names[group["params"][0]] if count else None
+        hyper = _hyper(saved_groups[group_of[first]]) if first is not None else {}
+        groups.append({**_hyper(group), **hyper, "params": list(range(position, position + count))})
+        position += count
+    local.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _hyper(group: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+def _check_groups(optimizer: Optimizer, names: Mapping[Any, str], saved_groups: Sequence[Mapping[str, Any]]) -> None:
+    current = [[names[p] for p in group["params"]] for group in optimizer.param_groups]
+    if [sorted(g) for g in current] != [sorted(g["params"]) for g in saved_groups]:
+        raise CheckpointError(
+            f"the optimizer's parameter groups ({[len(g) for g in current]} parameters) differ from the"
+            f" checkpoint's ({[len(g['params']) for g in saved_groups]}): configure_optimizers must build the same"
+            " groups over the same parameters to resume."
+        )
+
+
+# ---------------------------------------------------------------------- positional (torch) state
 
 
 def is_named_optimizer_state(state: Mapping[str, Any]) -> bool:
@@ -41,9 +525,30 @@ def named_optimizer_state(state: Mapping[str, Any], module: nn.Module, optimizer
         by_position = [names[id(p)] for p in ordered]
     except KeyError as err:
         raise ValueError("an optimizer parameter is not a parameter of the module; cannot key it by name") from err
+    return positional_to_named(state, by_position)
+
+
+def positional_to_named(state: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """A torch ``Optimizer.state_dict()`` keyed by ``names[position]`` instead of positions."""
     groups, position = [], 0
     for group in state["param_groups"]:
         count = len(group["params"])
-        groups.append({**group, "params": by_position[position : position + count]})
+        groups.append({**group, "params": list(names[position : position + count])})
         position += count
-    return {"state": {by_position[i]: v for i, v in state["state"].items()}, "param_groups": groups}
+    return {"state": {names[i]: v for i, v in state["state"].items()}, "param_groups": groups}
+
+
+def named_to_positional(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`positional_to_named`: positions in the order the groups list the names."""
+    position_of: dict[str, int] = {}
+    groups = []
+    for group in state["param_groups"]:
+        params = []
+        for name in group["params"]:
+            position_of[name] = len(position_of)
+            params.append(position_of[name])
+        groups.append({**group, "params": params})
+    return {
+        "state": {position_of[name]: v for name, v in state["state"].items() if name in position_of},
+        "param_groups": groups,
+    }

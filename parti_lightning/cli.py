@@ -34,8 +34,15 @@ def _extend_import_path(argv: list[str]) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run ``parti-lightning {fit,validate,test,predict} [--config cfg.yaml] [--trainer.* ...]``."""
+    """Run ``parti-lightning {fit,validate,test,predict} [--config cfg.yaml] [--trainer.* ...]``.
+
+    ``parti-lightning convert SRC DST`` converts checkpoints (see :mod:`parti_lightning.convert`).
+    """
     argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "convert":
+        from parti_lightning.convert import main as convert_main
+
+        sys.exit(convert_main(argv[1:]))
     _extend_import_path(argv)
     LightningCLI(
         subclass_mode_model=True,

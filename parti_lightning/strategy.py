@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+import shutil
 import sys
 import zlib
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, Union
 
@@ -45,7 +47,16 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from parti_lightning.accelerator import PartiAccelerator
-from parti_lightning.checkpoint import named_optimizer_state
+from parti_lightning.checkpoint import (
+    CheckpointError,
+    is_sharded_checkpoint,
+    load_sharded,
+    named_optimizer_state,
+    restore_rng_state,
+    save_sharded,
+    sharded_model_state,
+    sharded_optimizer_state,
+)
 from parti_lightning.launchers import PartiMultiProcessingLauncher, PartiSubprocessScriptLauncher
 from parti_lightning.network import init_dist_connection
 from parti_lightning.parallel.batchnorm import PartiSyncBatchNorm
@@ -67,6 +78,7 @@ from parti_lightning.plan import PRESETS, PartitionPlan, PlanLike
 log = logging.getLogger(__name__)
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
+StateDictType = Literal["sharded", "full"]
 _BACKENDS = ("gloo", "nccl")
 
 
@@ -86,6 +98,11 @@ class PartiStrategy(ParallelStrategy):
         start_method: ``"popen"`` re-runs the script per rank (``python train.py``); ``"spawn"`` or
             ``"fork"`` start workers from a running interpreter (notebooks). Under torchrun or SLURM
             the processes already exist and nothing is launched.
+        state_dict_type: how checkpoints are written. ``"sharded"``: a directory written by every rank
+            through ``torch.distributed.checkpoint`` (each rank writes what it holds; no rank gathers
+            the model), atomically, loadable under any plan or world size; ``parti-lightning convert``
+            turns it into a single file. ``"full"``: one plain Lightning file gathered on rank 0.
+            Either kind loads under any plan.
         accelerator: the device partitions; default :class:`~parti_lightning.PartiAccelerator`.
         parallel_devices: devices of this node (normally set by the Trainer).
         cluster_environment: normally detected by the Trainer (torchrun, SLURM, ...).
@@ -102,6 +119,7 @@ class PartiStrategy(ParallelStrategy):
         timeout: Union[float, timedelta] = 600.0,
         startup_timeout: Union[float, timedelta] = 1800.0,
         start_method: StartMethod = "popen",
+        state_dict_type: StateDictType = "sharded",
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -123,6 +141,10 @@ class PartiStrategy(ParallelStrategy):
         self._timeout = _positive_timedelta("timeout", timeout)
         self._startup_timeout = _positive_timedelta("startup_timeout", startup_timeout)
         self._start_method = start_method
+        if state_dict_type not in ("sharded", "full"):
+            raise ValueError(f"state_dict_type={state_dict_type!r}: choose 'sharded' or 'full'.")
+        self._state_dict_type = state_dict_type
+        self._restored_sharded = False  # the last `load_checkpoint` already restored model and optimizers
         self._num_nodes = 1
         self.mesh: DeviceMesh | None = None
         self._dp_group: ProcessGroup | None = None
@@ -439,12 +461,60 @@ class PartiStrategy(ParallelStrategy):
     # ------------------------------------------------------------------ checkpoints
 
     @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        if self._state_dict_type == "full":
+            path = self.broadcast(filepath)
+            if is_sharded_checkpoint(path) and self.is_global_zero:
+                shutil.rmtree(path)
+            return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+        if storage_options is not None:
+            raise TypeError("PartiStrategy(state_dict_type='sharded') writes through torch.distributed.checkpoint:"
+                            " storage_options are not supported; use state_dict_type='full' for a CheckpointIO.")
+        plan = self.resolved_plan
+        meta = {"parti": {"plan": plan.to_dict(), "world_size": self.world_size, "num_nodes": self.num_nodes}}
+        save_sharded(self.broadcast(filepath), checkpoint, meta)
+
+    @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         # Always tensors and plain containers only: a checkpoint is data, and unpickling arbitrary
         # objects would run whatever code a crafted file carries. parti's own checkpoints need nothing more.
         if weights_only is False:
             rank_zero_info("parti: checkpoints are always loaded as weights only; ignoring the request to unpickle.")
-        return super().load_checkpoint(checkpoint_path, weights_only=True)
+        path = Path(self.broadcast(checkpoint_path))
+        self._restored_sharded = False
+        if not path.is_dir():
+            return super().load_checkpoint(path, weights_only=True)
+        if not is_sharded_checkpoint(path):
+            raise CheckpointError(
+                f"{path} is a directory but not a complete parti checkpoint (no meta.pt or .metadata): it was"
+                " not written by parti, or its save did not finish."
+            )
+        module = self.lightning_module
+        assert module is not None and module._trainer is not None
+        fitting = module._trainer.state.fn == TrainerFn.FITTING
+        meta = load_sharded(path, module, self.optimizers if fitting else (), strict=module.strict_loading)
+        parti = meta.pop("parti")
+        if fitting:
+            self._restore_rng(parti)
+        self._restored_sharded = True
+        if fitting and parti.get("optimizers") and "optimizer_states" not in meta:
+            meta["optimizer_states"] = [None] * len(parti["optimizers"])  # restored above; Lightning checks the key
+        return meta
+
+    def _restore_rng(self, parti: Mapping[str, Any]) -> None:
+        states = parti.get("rng", [])
+        if not states:
+            rank_zero_info("parti: the checkpoint holds no RNG states (converted from a file); RNGs left as seeded.")
+            return
+        if len(states) != self.world_size:
+            rank_zero_info(
+                f"parti: the checkpoint was written by {len(states)} processes, this run has {self.world_size}:"
+                " random number generators continue from this run's seeds, not the checkpoint's."
+            )
+            return
+        restore_rng_state(states[self.global_rank])
 
     @property
     @override
@@ -454,8 +524,11 @@ class PartiStrategy(ParallelStrategy):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        # Gathered and keyed by the module's own names under every plan: a plain Lightning state dict.
         assert self.lightning_module is not None
+        if self._state_dict_type == "sharded":
+            # What this rank holds, keyed by the module's own names; `save_checkpoint` writes the shards.
+            return sharded_model_state(self.lightning_module)
+        # Gathered and keyed by the module's own names under every plan: a plain Lightning state dict.
         if self._shards_module:
             return full_state_dict(self.lightning_module)
         return self.lightning_module.state_dict()
@@ -463,6 +536,8 @@ class PartiStrategy(ParallelStrategy):
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         assert self.lightning_module is not None
+        if self._restored_sharded:
+            return  # `load_checkpoint` read the weights straight into the module
         if self._shards_module:
             load_full_state_dict(self.lightning_module, checkpoint["state_dict"], strict=strict)
         else:
@@ -473,11 +548,15 @@ class PartiStrategy(ParallelStrategy):
         # Keyed by parameter name rather than position, so it loads under any other plan.
         assert self.lightning_module is not None
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's torch optimizer
+        if self._state_dict_type == "sharded":
+            return sharded_optimizer_state(self.lightning_module, optimizer)
         return full_optimizer_state_dict(self.lightning_module, optimizer)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         assert self.lightning_module is not None
+        if self._restored_sharded:
+            return
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
             state = named_optimizer_state(state, self.lightning_module, optimizer)
             load_full_optimizer_state_dict(self.lightning_module, optimizer, state)

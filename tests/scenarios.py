@@ -278,7 +278,9 @@ def run_distributed(scenario: Scenario, out: str) -> tuple[L.Trainer, dict[str, 
 
     L.seed_everything(SEED, verbose=False)
     module = scenario.module(**scenario.module_kwargs)
-    trainer = make_trainer(scenario, accelerator="cpu", devices=WORLD_SIZE, strategy=PartiStrategy(plan=scenario.plan))
+    # Single-file checkpoints: these tests read them with torch.load (test_checkpoint.py covers sharded ones).
+    strategy = PartiStrategy(plan=scenario.plan, state_dict_type="full")
+    trainer = make_trainer(scenario, accelerator="cpu", devices=WORLD_SIZE, strategy=strategy)
     ResidualBlock.forward_calls = 0
     trainer.fit(module)
     # How the plan was applied: FSDP units show as FSDP<Class>, checkpointing as recomputed forwards.
@@ -324,7 +326,7 @@ def run_resume(source: str, plan: str, out: str) -> None:
     module = scenario.module(**scenario.module_kwargs)
     trainer = make_trainer(
         Scenario(scenario.name, scenario.module, scenario.module_kwargs, scenario.trainer_kwargs, max_steps=12),
-        accelerator="cpu", devices=WORLD_SIZE, strategy=PartiStrategy(plan=plan),
+        accelerator="cpu", devices=WORLD_SIZE, strategy=PartiStrategy(plan=plan, state_dict_type="full"),
         callbacks=[RecordRestoredState(os.path.join(out, f"resumed_{source}_as_{plan}.pt"))],
     )
     trainer.fit(module, ckpt_path=os.path.join(out, f"{source}.ckpt"))

@@ -16,7 +16,10 @@ from launch import check, run_script
 from scenarios import RESUMES, SCENARIOS, Scenario, run_reference, write_stock_checkpoint
 
 RTOL = 1e-5
-ATOL = 1e-6
+# As in test_storage.py: after 10 AdamW steps an element whose gradient is near zero turns ~1e-7 of
+# reduction-order rounding into ~1e-6 of update (seen: 2.4e-6 on one of 2,048 weights under zero3 with
+# activation checkpointing). A real error shows at the scale of the update (lr=1e-2).
+ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
