@@ -55,6 +55,13 @@ class Net(L.LightningModule):
         opt = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)}
 
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.mse_loss(self(x), y), sync_dist=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.train_dataloader()
+
     def train_dataloader(self) -> DataLoader:
         x, y = make_dataset().tensors
         return DataLoader(TensorDataset(x[: self.hparams.samples], y[: self.hparams.samples]), batch_size=BATCH,
@@ -137,10 +144,20 @@ def run(devices: int, job: dict[str, Any]) -> None:
         enable_checkpointing=bool(job.get("dirpath")),
         enable_progress_bar=False,
         enable_model_summary=False,
+        limit_val_batches=job.get("limit_val_batches", 0),
     )
-    trainer.fit(Net(), ckpt_path=job.get("ckpt"))
+    module = Net()
+    trainer.fit(module, ckpt_path=job.get("ckpt"))
     if job.get("save"):
         trainer.save_checkpoint(job["save"])
+    if job.get("validate"):
+        # Weights only: validation loads the module's state and nothing else.
+        trainer.validate(module, ckpt_path=job["validate"], verbose=False)
+        from parti_lightning.parallel.storage import full_state_dict
+
+        state = full_state_dict(module)
+        if trainer.is_global_zero:
+            torch.save({"state_dict": state, "val_loss": trainer.callback_metrics["val_loss"]}, job["validated"])
 
 
 def main(devices: int, jobs_file: str) -> None:

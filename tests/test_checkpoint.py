@@ -32,6 +32,7 @@ RESUMES = [
     ("1-process-as-zero3x4", "C", "zero3", 4),
     ("zero1x2-as-zero2x2", "D", "zero2", 2),
     ("single-file-as-zero3x4", "F", "zero3", 4),
+    ("ddpx2-as-hsdp-2x2", "B", "hsdp", 4),
 ]
 
 
@@ -67,13 +68,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"plan": "zero2", "max_steps": 20, "final": f"{o}/straight.pt"},
     ])
     _launch(out, 1, [{"plan": "ddp", "max_steps": 12, "ckpt": f"{o}/A/last.ckpt", "restored": restored("A", "ddp", 1),
-                      "final": f"{o}/C.pt", "save": f"{o}/C"}])
+                      "final": f"{o}/C.pt", "save": f"{o}/C", "validate": f"{o}/A/last.ckpt",
+                      "validated": f"{o}/A_validated.pt", "limit_val_batches": 2}])
     # A plain single-file Lightning checkpoint (here: A consolidated) as the start of a sharded run.
     convert(out / "A" / "last.ckpt", out / "F.ckpt")
     _launch(out, 4, [
         {"plan": "zero3", "max_steps": 14, "ckpt": f"{o}/B", "restored": restored("B", "zero3", 4)},
         {"plan": "zero3", "max_steps": 14, "ckpt": f"{o}/C", "restored": restored("C", "zero3", 4)},
         {"plan": "zero3", "max_steps": 12, "ckpt": f"{o}/F.ckpt", "restored": restored("F", "zero3", 4)},
+        # Replicated over 2 × sharded over 2 (a 2-D mesh): DCP reads each shard once per replica.
+        {"plan": {"preset": "zero3", "data": 2}, "max_steps": 14, "ckpt": f"{o}/B",
+         "restored": restored("B", "hsdp", 4)},
     ])
     return out
 
@@ -106,6 +111,13 @@ def _assert_same_state(got: dict[str, Any], want: dict[str, Any]) -> None:
 @pytest.mark.parametrize(("name", "source", "plan", "world"), RESUMES, ids=[r[0] for r in RESUMES])
 def test_resume_restores_every_tensor(runs: Path, name: str, source: str, plan: str, world: int) -> None:
     _assert_same_state(_load(runs / f"{source}_as_{plan}x{world}.pt"), _saved_state(runs, source))
+
+
+def test_validate_from_a_sharded_checkpoint_loads_the_weights(runs: Path) -> None:
+    validated, want = _load(runs / "A_validated.pt"), _load(runs / "A.pt")
+    for key, value in want["state_dict"].items():
+        assert torch.equal(validated["state_dict"][key], value), key
+    assert torch.isfinite(validated["val_loss"])
 
 
 def test_checkpoints_are_sharded_directories_recording_the_plan(runs: Path) -> None:
