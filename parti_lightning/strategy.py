@@ -46,7 +46,8 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from parti_lightning.accelerator import PartiAccelerator
+from parti_lightning.accelerator import PartiAccelerator, release_freed_memory
+from parti_lightning.autoplan import StepMeter, choose_on_rank0
 from parti_lightning.checkpoint import (
     CheckpointError,
     is_sharded_checkpoint,
@@ -63,6 +64,7 @@ from parti_lightning.parallel.batchnorm import PartiSyncBatchNorm
 from parti_lightning.parallel.blocks import resolve_units
 from parti_lightning.parallel.checkpointing import apply_activation_checkpointing
 from parti_lightning.parallel.data import GradientSynchronizer
+from parti_lightning.planner import PlanReport
 from parti_lightning.parallel.storage import (
     apply_storage,
     full_optimizer_state_dict,
@@ -73,7 +75,7 @@ from parti_lightning.parallel.storage import (
     root_free_units,
     shard_optimizer,
 )
-from parti_lightning.plan import PRESETS, PartitionPlan, PlanLike
+from parti_lightning.plan import AUTO, PRESETS, PartitionPlan, PlanLike
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,10 @@ class PartiStrategy(ParallelStrategy):
         start_method: ``"popen"`` re-runs the script per rank (``python train.py``); ``"spawn"`` or
             ``"fork"`` start workers from a running interpreter (notebooks). Under torchrun or SLURM
             the processes already exist and nothing is launched.
+        memory_budget: bytes one rank may use, for ``plan="auto"``; default the device's: the GPU's memory,
+            or on CPU the machine's memory over the ranks of a node.
+        planner_headroom: fraction of ``memory_budget`` that ``plan="auto"`` keeps free for what its
+            prediction does not see (allocator slack, data loading, logging).
         state_dict_type: how checkpoints are written. ``"sharded"``: a directory written by every rank
             through ``torch.distributed.checkpoint`` (each rank writes what it holds; no rank gathers
             the model), atomically, loadable under any plan or world size; ``parti-lightning convert``
@@ -120,6 +126,8 @@ class PartiStrategy(ParallelStrategy):
         startup_timeout: Union[float, timedelta] = 1800.0,
         start_method: StartMethod = "popen",
         state_dict_type: StateDictType = "sharded",
+        memory_budget: int | None = None,
+        planner_headroom: float = 0.1,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -134,7 +142,18 @@ class PartiStrategy(ParallelStrategy):
             precision_plugin=precision_plugin,
         )
         # Validate everything that needs no processes now, so a bad argument fails before launch.
+        # "auto" runs as replicated data parallel until the planner, which needs the module and a batch,
+        # chooses in `setup`.
+        self._auto = isinstance(plan, str) and plan.strip().lower() == AUTO
         self.plan = PartitionPlan.from_value(plan)
+        if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget <= 0):
+            raise ValueError(f"memory_budget={memory_budget!r}: give a positive number of bytes per rank, or None.")
+        if not 0 <= planner_headroom < 1:
+            raise ValueError(f"planner_headroom={planner_headroom!r}: give the fraction of memory kept free, in [0, 1).")
+        self._memory_budget = memory_budget
+        self._planner_headroom = planner_headroom
+        self.plan_report: PlanReport | None = None  # the planner's choice and reasons (global rank 0, plan="auto")
+        self._step_meter: StepMeter | None = None
         if process_group_backend is not None and process_group_backend not in _BACKENDS:
             raise ValueError(f"process_group_backend={process_group_backend!r}: choose one of {_BACKENDS} or None.")
         self._process_group_backend = process_group_backend
@@ -253,8 +272,8 @@ class PartiStrategy(ParallelStrategy):
         plan = self.resolved_plan  # raises PlanError when the mesh does not fit the world size
         if plan.activation_checkpointing == "auto":
             raise NotImplementedError(
-                "plan.activation_checkpointing='auto' needs the planner, which is not implemented yet:"
-                " use 'blocks' or 'none'."
+                "plan.activation_checkpointing='auto' is decided by the planner only with plan='auto': with a"
+                " fixed plan, use 'blocks' or 'none'."
             )
         if plan.storage != "replicated" and plan.shard == 1:
             rank_zero_info(
@@ -302,13 +321,15 @@ class PartiStrategy(ParallelStrategy):
         init_dist_connection(
             self.cluster_environment, self.process_group_backend, timeout=self._startup_timeout, device_id=device_id
         )
-        plan = self.resolved_plan
+        self._build_mesh(self.resolved_plan)
+        rank_zero_info(f"parti: {self.world_size} processes joined ({self.process_group_backend})")
+
+    def _build_mesh(self, plan: PartitionPlan) -> None:
         self.mesh = init_device_mesh(
             self.root_device.type, (plan.data, plan.shard), mesh_dim_names=("data", "shard")
         )
         self._dp_group = self._data_parallel_group(self.mesh, plan)
         self._use_run_timeout()
-        rank_zero_info(f"parti: {self.world_size} processes joined ({self.process_group_backend})")
 
     def _use_run_timeout(self) -> None:
         """Every rank has joined: from now on a collective waits `timeout`, not `startup_timeout`."""
@@ -339,9 +360,11 @@ class PartiStrategy(ParallelStrategy):
         assert self.accelerator is not None
         assert self.model is not None
         self.accelerator.setup(trainer)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and self._auto and self.plan_report is None and self._step_meter is None:
+            self._choose_plan(trainer)
         plan = self.resolved_plan
         rank_zero_info(f"parti: plan {plan.describe()}")
-        fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting and self._layer_sync is not None:
             # Lightning's TorchSyncBatchNorm refuses CPU tensors; ours runs on both, over the DP group.
             self._layer_sync = PartiSyncBatchNorm(self._dp_group, use_torch=self.process_group_backend == "nccl")
@@ -358,6 +381,40 @@ class PartiStrategy(ParallelStrategy):
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _choose_plan(self, trainer: Trainer) -> None:
+        """``plan="auto"``: the planner chooses on global rank 0, every rank takes its choice."""
+        assert self.lightning_module is not None
+        budget = self._memory_budget
+        if budget is None:
+            assert isinstance(self.accelerator, PartiAccelerator), "plan='auto' needs the PartiAccelerator"
+            budget = self.accelerator.memory_budget
+        chosen, report = choose_on_rank0(
+            trainer, self.lightning_module, self.root_device.type, budget, self.world_size, self.num_processes,
+            self._planner_headroom,
+        )
+        if report is not None:
+            self.plan_report = report
+            rank_zero_info(f"parti: plan='auto' chose {report.chosen.describe()}\n{report.render()}")
+        previous = self.resolved_plan
+        self.plan, self._resolved = chosen, None
+        plan = self.resolved_plan
+        if (plan.data, plan.shard) != (previous.data, previous.shard):
+            self._build_mesh(plan)
+        if self._shards_module and self.root_device.type == "cpu":
+            release_freed_memory()  # as the accelerator does for a sharded plan known at launch
+        estimate = next((c.estimate for c in report.candidates if c.chosen), None) if report is not None else None
+        self._step_meter = StepMeter(
+            "plan='auto'", estimate.peak_bytes if estimate else 0, estimate.seconds if estimate else 0.0,
+            self.root_device,
+        )
+
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._step_meter is not None and optimizer is self.optimizers[0]:
+            self._step_meter.step()
+        return output
 
     @property
     def _shards_module(self) -> bool:

@@ -1,0 +1,152 @@
+"""``plan="auto"`` inside a run: what the strategy needs around the planner.
+
+The planner itself (``parti_lightning.planner``) is pure: a profile, a hardware profile, a choice. Here
+is the Lightning side: one example batch from whatever the Trainer will train on, the choice made
+once on global rank 0 and sent to every rank (each rank's own measurements could differ and split
+the mesh), and the measured step time and memory logged beside the prediction after a few steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import resource
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from parti_lightning.accelerator import usable_cores
+from parti_lightning.plan import PartitionPlan
+from parti_lightning.planner import HardwareProfile, PlanReport, choose_plan, example_batch, profile_model
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+
+def training_batch(trainer: Trainer, module: LightningModule) -> Any:
+    """The first batch of the training data the Trainer will use, else ``module.example_input_array``."""
+    # The fit loop's data source is what Trainer.fit resolved: dataloaders passed to `fit`, the
+    # datamodule's hook, or the module's. It builds the dataloader the loop will build again later.
+    source = trainer.fit_loop._data_source
+    loader = source.dataloader() if source.is_defined() else None
+    if loader is not None and not isinstance(loader, torch.utils.data.DataLoader | list | tuple | dict):
+        loader = None  # e.g. a CombinedLoader mapping: use the module's example instead
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
+    return example_batch(module, loader)
+
+
+def choose_on_rank0(
+    trainer: Trainer,
+    module: LightningModule,
+    device_type: str,
+    memory_budget: int,
+    world_size: int,
+    ranks_per_node: int,
+    headroom: float,
+) -> tuple[PartitionPlan, PlanReport | None]:
+    """Run the planner on global rank 0 and give every rank its choice. Collective.
+
+    Raises the planner's error (``NoPlanFits`` and the like) on every rank, so that no rank waits for a
+    plan that will not come.
+    """
+    outcome: list[Any] = [None]
+    report = None
+    if dist.get_rank() == 0:
+        try:
+            report = plan_for(trainer, module, device_type, memory_budget, world_size, ranks_per_node, headroom)
+            outcome[0] = report.chosen.to_dict()
+        except Exception as err:  # sent to every rank and raised there
+            outcome[0] = err
+    dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return PartitionPlan.from_value(outcome[0]), report
+
+
+def plan_for(
+    trainer: Trainer,
+    module: LightningModule,
+    device_type: str,
+    memory_budget: int,
+    world_size: int,
+    ranks_per_node: int,
+    headroom: float,
+) -> PlanReport:
+    """The planner's report for ``module`` trained by ``trainer`` on this machine."""
+    profile = profile_model(module, training_batch(trainer, module))
+    hardware = _hardware(device_type, ranks_per_node)
+    hardware = dataclasses.replace(hardware, memory_bytes=memory_budget)
+    return choose_plan(profile, hardware, world_size=world_size, ranks_per_node=ranks_per_node, headroom=headroom)
+
+
+def _hardware(device_type: str, ranks_per_node: int) -> HardwareProfile:
+    # Measured once per machine shape and cached; a first measurement from inside a CPU rank must not
+    # run on that rank's pinned cores alone (its helper processes would inherit them).
+    pinned = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    threads = torch.get_num_threads()
+    try:
+        if pinned is not None:
+            os.sched_setaffinity(0, usable_cores())
+        return HardwareProfile.measure(device_type, ranks_per_node)  # type: ignore[arg-type]
+    finally:
+        if pinned is not None:
+            os.sched_setaffinity(0, pinned)
+        torch.set_num_threads(threads)
+
+
+class StepMeter:
+    """Measures step time and peak memory over the first steps and logs them beside the prediction.
+
+    Step time is the median interval between optimizer steps ``warmup`` to ``warmup + steps``; memory
+    is the largest peak over the ranks: the CUDA allocator's peak on GPU, the process's peak resident
+    set on CPU (what the prediction's ``overhead`` part stands for is included in both).
+    """
+
+    def __init__(self, report_line: str, predicted_bytes: int, predicted_seconds: float, device: torch.device,
+                 warmup: int = 2, steps: int = 5) -> None:
+        self.report_line = report_line
+        self.predicted_bytes = predicted_bytes
+        self.predicted_seconds = predicted_seconds
+        self.device = device
+        self.warmup, self.steps = warmup, steps
+        self.times: list[float] = []
+        self.measured: dict[str, float] | None = None
+
+    def step(self) -> None:
+        """Call after every optimizer step, on every rank (the last call is a collective)."""
+        if self.measured is not None:
+            return
+        self.times.append(time.perf_counter())
+        if len(self.times) < self.warmup + self.steps + 1:
+            return
+        intervals = [b - a for a, b in zip(self.times[self.warmup :], self.times[self.warmup + 1 :])]
+        peak = torch.tensor([float(self._peak_bytes()), statistics.median(intervals)], dtype=torch.float64)
+        if self.device.type == "cuda":
+            peak = peak.to(self.device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        measured_bytes, seconds = float(peak[0]), float(peak[1])
+        self.measured = {"peak_bytes": measured_bytes, "step_seconds": seconds}
+        rank_zero_info(
+            f"parti: {self.report_line} measured over steps {self.warmup + 1}-{self.warmup + self.steps}:"
+            f" {seconds:.3f} s/step (predicted {self.predicted_seconds:.3f}, {_ratio(seconds, self.predicted_seconds)}),"
+            f" peak memory per rank {measured_bytes / GIB:.2f} GiB (predicted {self.predicted_bytes / GIB:.2f},"
+            f" {_ratio(measured_bytes, self.predicted_bytes)})"
+        )
+
+    def _peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        # The process's peak resident set (kilobytes on Linux); psutil has no field for the peak.
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _ratio(measured: float, predicted: float) -> str:
+    return f"{measured / predicted:.2f}× the prediction" if predicted > 0 else "no prediction"
