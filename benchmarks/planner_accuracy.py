@@ -1,0 +1,190 @@
+"""How well the planner predicts: its per-rank peak memory and step time against real 2-rank CPU runs.
+
+For each model (the example's character GPT at a few sizes) and each plan (ddp, zero1, zero2, zero3,
+each with and without activation checkpointing of the blocks), the planner's prediction
+(``parti_lightning.planner.estimate`` on a meta-device profile and this machine's cached hardware
+profile) is set against a real run: ``Trainer(accelerator="cpu", devices=2, strategy=PartiStrategy(plan))``
+in a subprocess, as ``benchmarks/storage_memory.py`` runs them (Lightning's launcher re-runs this
+script for rank 1). Then whether the plan the planner would choose is the one measured fastest.
+
+- measured memory: the larger rank's peak RSS (``ru_maxrss``) minus its RSS just before the model is
+  built (interpreter, torch, Lightning and parti already imported). Predicted: the planner's peak less
+  its per-process overhead (the measured RSS of a bare rank), so both count what the model and its
+  training add. Process-group buffers, the dataloader and allocator slack are in the measurement and
+  not in the model: that is part of the error this reports.
+- measured step time: the median interval between rank 0's ``on_train_batch_end`` calls after
+  ``--warmup`` steps.
+
+    python benchmarks/planner_accuracy.py --quick   # one 3M-parameter model, 6 plans: about 3 minutes on 2 cores
+    python benchmarks/planner_accuracy.py           # two models (3M, 19M), 8 plans: about 10 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+MIB = 1024**2
+PLANS: dict[str, dict[str, str]] = {
+    "ddp": {"preset": "ddp"}, "ddp+ac": {"preset": "ddp", "activation_checkpointing": "blocks"},
+    "zero1": {"preset": "zero1"}, "zero1+ac": {"preset": "zero1", "activation_checkpointing": "blocks"},
+    "zero2": {"preset": "zero2"}, "zero2+ac": {"preset": "zero2", "activation_checkpointing": "blocks"},
+    "zero3": {"preset": "zero3"}, "zero3+ac": {"preset": "zero3", "activation_checkpointing": "blocks"},
+}
+QUICK_PLANS = ("ddp", "ddp+ac", "zero1", "zero2", "zero3", "zero3+ac")
+
+
+def _model(layers: int, width: int, block_size: int) -> Any:
+    sys.path.insert(0, str(REPO / "examples"))
+    from char_gpt import CharGPT
+
+    return CharGPT(n_layer=layers, n_embd=width, n_head=max(1, width // 64), block_size=block_size)
+
+
+# ------------------------------------------------------------------------------------------- worker
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import lightning as L
+    import psutil
+
+    from parti_lightning import PartiStrategy
+
+    sys.path.insert(0, str(REPO / "examples"))
+    from char_gpt import CharDataModule
+
+    baseline = psutil.Process().memory_info().rss
+    stamps: list[float] = []
+
+    class Stamp(L.Callback):
+        def on_train_batch_end(self, *_: Any) -> None:
+            stamps.append(time.perf_counter())
+
+    L.seed_everything(0, verbose=False)
+    model = _model(args.layers, args.width, args.block_size)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=PartiStrategy(plan=json.loads(args.plan)), max_steps=args.steps,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, callbacks=[Stamp()],
+    )
+    trainer.fit(model, datamodule=CharDataModule(block_size=args.block_size, batch_size=args.batch_size))
+    intervals = [b - a for a, b in zip(stamps[args.warmup - 1 : -1], stamps[args.warmup :], strict=True)]
+    result = {"baseline": baseline, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "step_s": statistics.median(intervals)}
+    Path(args.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+def _run(args: argparse.Namespace, layers: int, width: int, plan: str, out: Path) -> dict[str, Any]:
+    out.mkdir(parents=True)
+    command = [sys.executable, __file__, "--worker", "--out", str(out), "--plan", json.dumps(PLANS[plan]),
+               "--layers", str(layers), "--width", str(width), "--batch-size", str(args.batch_size),
+               "--block-size", str(args.block_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    done = subprocess.run(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    if len(ranks) != 2:
+        raise SystemExit(f"{plan} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    if done.returncode:  # both ranks finished and wrote their results; the crash came at shutdown
+        print(f"{plan}: exit code {done.returncode} after both ranks wrote their results", flush=True)
+    return {"memory": max(r["peak"] - r["baseline"] for r in ranks), "step_s": ranks[0]["step_s"]}
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def _predict(args: argparse.Namespace, layers: int, width: int, plans: list[str]) -> tuple[dict, str, Any]:
+    import torch
+
+    from parti_lightning.plan import PartitionPlan
+    from parti_lightning.planner import HardwareProfile, choose_plan, estimate, profile_model
+
+    batch = torch.zeros(args.batch_size, args.block_size, dtype=torch.long)
+    with torch.device("meta"):
+        model = _model(layers, width, args.block_size)
+    profile = profile_model(model, (batch, batch))
+    hardware = HardwareProfile.measure("cpu", ranks_per_node=2)
+    predictions = {}
+    for name in plans:
+        est = estimate(profile, hardware, PartitionPlan.from_value(PLANS[name]).resolve(2, 2), 2)
+        predictions[name] = {"memory": est.peak_bytes - hardware.process_overhead_bytes, "step_s": est.seconds}
+    report = choose_plan(profile, hardware, world_size=2, ranks_per_node=2)
+    chosen = report.chosen
+    label = next(n for n, p in PLANS.items() if PartitionPlan.from_value(p).resolve(2, 2) == chosen)
+    return predictions, label, profile
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--plan", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, default=4, help=argparse.SUPPRESS)
+    parser.add_argument("--width", type=int, default=256, help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="+", default=["4x256", "6x512"], help="blocks x width, e.g. 4x256")
+    parser.add_argument("--plans", nargs="+", default=list(PLANS), choices=PLANS)
+    parser.add_argument("--batch-size", type=int, default=8, help="per rank")
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one 3M-parameter model, 6 plans, 6 steps")
+    parser.add_argument("--json", default="", help="also write the rows to this file")
+    args = parser.parse_args()
+    if args.worker:
+        _worker(args)
+        return
+    if args.quick:
+        args.models, args.plans, args.steps = ["4x256"], list(QUICK_PLANS), 6
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=170)
+    rows = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            layers, width = (int(v) for v in model.split("x"))
+            predicted, chosen, profile = _predict(args, layers, width, args.plans)
+            measured = {}
+            for plan in args.plans:
+                measured[plan] = _run(args, layers, width, plan, Path(tmp, f"{model}-{plan}"))
+                print(f"{model} {plan}: {measured[plan]['memory'] / MIB:.0f} MiB, {measured[plan]['step_s']:.3f} s",
+                      flush=True)
+            fastest = min(measured, key=lambda p: measured[p]["step_s"])
+            for plan in args.plans:
+                p, m = predicted[plan], measured[plan]
+                rows.append({"model": f"{model} ({profile.parameter_count / 1e6:.1f}M)", "plan": plan,
+                             "predicted_mib": p["memory"] / MIB, "measured_mib": m["memory"] / MIB,
+                             "memory_error_pct": 100 * (p["memory"] - m["memory"]) / m["memory"],
+                             "predicted_s": p["step_s"], "measured_s": m["step_s"],
+                             "time_error_pct": 100 * (p["step_s"] - m["step_s"]) / m["step_s"],
+                             "chosen": plan == chosen, "measured_fastest": plan == fastest})
+    table = Table(title=f"Planner predictions vs 2-rank CPU runs (batch {args.batch_size}×{args.block_size} per rank,"
+                        " fp32 AdamW); memory = peak RSS − RSS before the model")
+    for column in ("model", "plan", "pred MiB", "meas MiB", "mem err %", "pred s", "meas s", "time err %",
+                   "planner's choice", "measured fastest"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(row["model"], row["plan"], f"{row['predicted_mib']:.0f}", f"{row['measured_mib']:.0f}",
+                      f"{row['memory_error_pct']:+.0f}", f"{row['predicted_s']:.3f}", f"{row['measured_s']:.3f}",
+                      f"{row['time_error_pct']:+.0f}", "→" if row["chosen"] else "",
+                      "✓" if row["measured_fastest"] else "")
+    console.print(table)
+    console.print(f"wall time {(time.perf_counter() - started) / 60:.1f} min")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

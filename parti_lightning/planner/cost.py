@@ -1,0 +1,209 @@
+"""Predicted per-rank peak memory and step time of one plan, from a model and a hardware profile.
+
+Memory is what the rank holds at its peak, in the order the step allocates it: the state at rest
+(parameters, optimizer state; sharded as the plan says), then the step's gradients, activations
+and temporaries (the profile's MemTracker peak), plus what sharding adds in flight (gathered units,
+reduce-scatter and bucket buffers). On CPU the strategy builds the whole model on every rank before
+sharding it, so a sharded plan also peaks once at setup, with the whole model and its first shard.
+
+Time is compute (FLOPs over the measured matmul rate, plus the recomputed forward of checkpointed
+blocks), the optimizer step (memory-bound: bytes it reads and writes over the copy rate) and the
+collectives (bus-bandwidth formulas), summed: parti averages gradients after backward and gloo
+does not overlap, so nothing hides behind compute.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from parti_lightning.parallel.data import DEFAULT_BUCKET_BYTES
+from parti_lightning.plan import PartitionPlan
+from parti_lightning.planner.hardware import HardwareProfile
+from parti_lightning.planner.profile import ModelProfile
+
+# FSDP2 holds one unit's parameters gathered while prefetching the next (ZeRO-3).
+_UNITS_IN_FLIGHT = 2
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One plan's predicted peak memory per rank and step time, with their parts.
+
+    Attributes:
+        memory: bytes per part at the step's peak (``parameters``, ``gradients``, ``optimizer``,
+            ``activations``, ``in_flight``, ``overhead``).
+        setup_bytes: the setup peak (whole model plus its first shard), 0 when the model is never whole.
+        time: seconds per part of one step (``compute``, ``recompute``, ``optimizer``, ``communication``).
+    """
+
+    memory: dict[str, int]
+    setup_bytes: int
+    time: dict[str, float]
+
+    @property
+    def step_bytes(self) -> int:
+        return sum(self.memory.values())
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.step_bytes, self.setup_bytes + self.memory.get("overhead", 0))
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.time.values())
+
+
+def estimate(profile: ModelProfile, hardware: HardwareProfile, plan: PartitionPlan, ranks_per_node: int) -> Estimate:
+    """Predict ``plan`` (resolved) for ``profile`` on ``hardware``."""
+    memory = _memory(profile, plan)
+    memory["overhead"] = hardware.process_overhead_bytes
+    sharded = plan.storage in ("gradients", "parameters") and plan.shard > 1
+    setup = profile.parameter_bytes + _fsdp_shard_bytes(profile, plan.shard) if sharded else 0
+    return Estimate(memory, setup, _time(profile, hardware, plan, ranks_per_node))
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def _memory(profile: ModelProfile, plan: PartitionPlan) -> dict[str, int]:
+    n = plan.shard if plan.storage != "replicated" else 1
+    params, grads = profile.parameter_bytes, profile.gradient_bytes
+    optimizer = profile.optimizer_state_bytes
+    scalars = profile.optimizer_scalar_bytes
+    activations = _activation_bytes(profile, plan)
+    peak_grads = profile.peak_gradient_bytes
+    unit = _largest_unit_bytes(profile)
+    bucket = min(DEFAULT_BUCKET_BYTES, grads)
+    if plan.storage == "replicated" or n == 1:
+        return {"parameters": params + profile.buffer_bytes, "gradients": peak_grads + bucket,
+                "optimizer": optimizer + scalars, "activations": activations, "in_flight": 0}
+    if plan.storage == "optimizer":
+        owned = _zero1_largest_share(profile, n)
+        return {"parameters": params + profile.buffer_bytes, "gradients": peak_grads + bucket,
+                "optimizer": owned * profile.optimizer_tensors_per_parameter + scalars // n,
+                "activations": activations, "in_flight": 0}
+    shard = _fsdp_shard_bytes(profile, n)
+    trainable_share = grads / max(params, 1)
+    # ZeRO-2 keeps every unit gathered from its forward to its backward; ZeRO-3 only those in flight.
+    gathered = params if plan.storage == "gradients" else min(params, _UNITS_IN_FLIGHT * unit)
+    return {
+        "parameters": shard + profile.buffer_bytes,
+        # Gradients are reduce-scattered unit by unit: a unit's whole gradients and the reduce-scatter
+        # input exist until its shard is written.
+        "gradients": int(shard * trainable_share) + 2 * unit,
+        "optimizer": int(shard * trainable_share) * profile.optimizer_tensors_per_parameter + scalars,
+        "activations": activations,
+        # The all-gather output is copied out into the unit's parameters: briefly one unit twice.
+        "in_flight": gathered + unit,
+    }
+
+
+def _activation_bytes(profile: ModelProfile, plan: PartitionPlan) -> int:
+    """Activations and temporaries at the peak; under checkpointing, blocks keep only their inputs."""
+    transient = profile.transient_bytes
+    if plan.activation_checkpointing != "blocks" or not profile.blocks:
+        return transient
+    saved = sum(b.activation_bytes for b in profile.blocks)
+    kept = sum(b.input_bytes for b in profile.blocks) + max(b.activation_bytes for b in profile.blocks)
+    return max(transient - saved + kept, kept)
+
+
+def _largest_unit_bytes(profile: ModelProfile) -> int:
+    """The largest FSDP unit: a block, or the root with every parameter no block holds."""
+    blocks = [b.parameter_bytes for b in profile.blocks]
+    return max([*blocks, profile.parameter_bytes - sum(blocks)])
+
+
+def _fsdp_shard_bytes(profile: ModelProfile, n: int) -> int:
+    """The largest rank's share: FSDP2 splits each parameter's first dimension into ``n`` chunks, padded."""
+    return sum(math.ceil(p.shape[0] / n) * (p.numel // p.shape[0]) * p.element_size if p.shape else p.bytes
+               for p in profile.parameters)
+
+
+def _zero1_largest_share(profile: ModelProfile, n: int) -> int:
+    """Parameter bytes the busiest rank owns: ZeroRedundancyOptimizer assigns whole parameters,
+    largest first, each to the rank that owns the fewest bytes so far."""
+    loads = [0] * n
+    for size in sorted((p.bytes for p in profile.parameters if p.requires_grad), reverse=True):
+        loads[loads.index(min(loads))] += size
+    return max(loads)
+
+
+# -------------------------------------------------------------------------------------------- time
+
+
+def _time(
+    profile: ModelProfile, hardware: HardwareProfile, plan: PartitionPlan, ranks_per_node: int
+) -> dict[str, float]:
+    compute = profile.step_flops / hardware.flops_per_s
+    recompute = 0.0
+    if plan.activation_checkpointing == "blocks":
+        recompute = sum(b.forward_flops for b in profile.blocks) / hardware.flops_per_s
+    n = plan.shard if plan.storage != "replicated" else 1
+    # Adam-like step: reads parameter, gradient and state, writes parameter and state, for the owned share.
+    owned = (2 * profile.parameter_bytes + profile.gradient_bytes + 2 * profile.optimizer_state_bytes) / n
+    return {"compute": compute, "recompute": recompute,
+            "optimizer": owned / hardware.memory_bandwidth_bytes_per_s,
+            "communication": _communication(profile, hardware, plan, ranks_per_node)}
+
+
+def _communication(
+    profile: ModelProfile, hardware: HardwareProfile, plan: PartitionPlan, ranks_per_node: int
+) -> float:
+    world = plan.data * plan.shard  # type: ignore[operator]
+    if world == 1:
+        return 0.0
+    calls, copied = _collective_calls(profile, plan)
+    return (_volume_seconds(profile, hardware, plan, ranks_per_node) + calls * hardware.collective_latency_s
+            + copied / hardware.memory_bandwidth_bytes_per_s)
+
+
+def _collective_calls(profile: ModelProfile, plan: PartitionPlan) -> tuple[int, float]:
+    """Collective calls per step, and bytes copied around them (read + write) outside the collective."""
+    grads, params = profile.gradient_bytes, profile.parameter_bytes
+    # GradientSynchronizer: one all-reduce agreeing on which gradients exist, then flat buckets,
+    # each copied in and out.
+    buckets = 1 + math.ceil(grads / DEFAULT_BUCKET_BYTES)
+    if plan.storage == "replicated" or plan.shard == 1:
+        return buckets, 4 * grads
+    if plan.storage == "optimizer":  # plus one broadcast per parameter from its owner
+        return buckets + len(profile.parameters), 4 * grads
+    units = len(profile.blocks) + 1
+    gathers = 1 if plan.storage == "gradients" else 2
+    # FSDP copies each gathered unit out of the all-gather buffer into fresh parameter memory (first
+    # touched, hence page-faulted, on CPU) and each unit's gradients into the reduce-scatter input.
+    return (gathers + 1) * units, 2 * (2 * gathers * params + 2 * grads)
+
+
+def _volume_seconds(
+    profile: ModelProfile, hardware: HardwareProfile, plan: PartitionPlan, ranks_per_node: int
+) -> float:
+    params, grads = profile.parameter_bytes, profile.gradient_bytes
+    world = plan.data * plan.shard  # type: ignore[operator]
+    flat = hardware.bandwidth_bytes_per_s if world <= ranks_per_node else hardware.internode_bandwidth
+    if plan.storage == "replicated" or plan.shard == 1:
+        return _all_reduce(grads, world, flat)
+    if plan.storage == "optimizer":
+        # Gradients are all-reduced whole; each owner then broadcasts its updated parameters.
+        shard_bw = _bandwidth(hardware, plan.shard, ranks_per_node)
+        return _all_reduce(grads, world, flat) + _one_way(params, plan.shard, shard_bw)
+    shard_bw = _bandwidth(hardware, plan.shard, ranks_per_node)
+    gathers = 1 if plan.storage == "gradients" else 2  # ZeRO-3 gathers again for backward
+    seconds = _one_way(grads, plan.shard, shard_bw) + gathers * _one_way(params, plan.shard, shard_bw)
+    if plan.data > 1:  # hybrid: replicas average their gradient shards across nodes
+        seconds += _all_reduce(grads / plan.shard, plan.data, hardware.internode_bandwidth)  # type: ignore[arg-type]
+    return seconds
+
+
+def _bandwidth(hardware: HardwareProfile, ranks: int, ranks_per_node: int) -> float:
+    return hardware.bandwidth_bytes_per_s if ranks <= ranks_per_node else hardware.internode_bandwidth
+
+
+def _all_reduce(size: float, ranks: int, bandwidth: float) -> float:
+    return 2 * (ranks - 1) / ranks * size / bandwidth
+
+
+def _one_way(size: float, ranks: int, bandwidth: float) -> float:
+    """A reduce-scatter, all-gather or set of broadcasts of ``size`` bytes in all: half an all-reduce."""
+    return (ranks - 1) / ranks * size / bandwidth

@@ -1,0 +1,68 @@
+"""The planner's report as a rich table, and as plain text for logs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from parti_lightning.planner.search import PlanReport
+
+GIB = 1024**3
+
+
+def report_table(report: PlanReport) -> Table:
+    """Every candidate with its predicted peak per rank and step time; the chosen one marked."""
+    profile = report.profile
+    title = (f"parti plan for {profile.name} ({profile.parameter_count / 1e6:,.1f}M parameters) at world size"
+             f" {report.world_size}: budget {report.budget_bytes / GIB:.2f} GiB per rank, usable"
+             f" {report.usable_bytes / GIB:.2f} GiB ({report.headroom:.0%} headroom)")
+    table = Table(title=title)
+    for column in ("", "plan", "mesh", "peak GiB/rank", "params+grads+optim GiB", "activations GiB",
+                   "in flight GiB", "step s", "verdict"):
+        table.add_column(column, justify="left" if column in ("plan", "verdict") else "right")
+    for candidate in report.candidates:
+        memory = candidate.estimate.memory
+        states = memory["parameters"] + memory["gradients"] + memory["optimizer"]
+        table.add_row(
+            "→" if candidate.chosen else "", candidate.label,
+            f"{candidate.plan.data}×{candidate.plan.shard}",
+            f"{candidate.peak_bytes / GIB:.3f}", f"{states / GIB:.3f}", f"{memory['activations'] / GIB:.3f}",
+            f"{memory['in_flight'] / GIB:.3f}", f"{candidate.step_seconds:.3f}", candidate.reason,
+            style="bold green" if candidate.chosen else ("dim" if not candidate.fits else None),
+        )
+    return table
+
+
+def footnotes(report: PlanReport) -> list[str]:
+    """What the numbers rest on."""
+    hw = report.hardware
+    lines = [
+        f"hardware: {hw.device_type} {hw.device_name}, {hw.flops_per_s / 1e9:,.0f} GFLOP/s per rank,"
+        f" collectives {hw.bandwidth_bytes_per_s / 1e9:.2f} GB/s ({hw.bandwidth_source}),"
+        f" per-process overhead {hw.process_overhead_bytes / GIB:.2f} GiB (in every peak)",
+        f"model: {report.profile.step_flops / 1e9:,.2f} GFLOP per step at batch {report.profile.batch_size},"
+        f" profiled via {report.profile.source}; dtype as built (mixed precision is not modelled)",
+        "step time = compute + recompute + optimizer + communication (no overlap assumed)",
+    ]
+    return lines + [f"note: {note}" for note in report.notes]
+
+
+def render_text(report: PlanReport, width: int = 170) -> str:
+    console = Console(width=width, record=True, file=_Null(), color_system=None)
+    console.print(report_table(report))
+    for line in footnotes(report):
+        console.print(line, highlight=False, markup=False)
+    return console.export_text()
+
+
+class _Null:
+    """A file that drops what is written (the recording console keeps its own copy)."""
+
+    def write(self, _: str) -> int:
+        return 0
+
+    def flush(self) -> None:
+        pass

@@ -1,0 +1,216 @@
+"""What one rank's device partition can hold and how fast it computes and communicates.
+
+Measured once per machine shape (device, core count, ranks per node) and cached as JSON under
+``$XDG_CACHE_HOME/parti-lightning/`` (or ``~/.cache/parti-lightning/``). Tests build a
+``HardwareProfile`` directly and never benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import psutil
+import torch
+import torch.distributed as dist
+
+from parti_lightning.accelerator import cores_for_rank, usable_cores
+
+CACHE_FILE = "hardware.json"
+_MATMUL_SIZE = 1024
+_COPY_BYTES = 64 * 1024**2
+_ALLREDUCE_BYTES = 32 * 1024**2
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """One rank's share of a node.
+
+    Args:
+        memory_bytes: memory budget of one rank (CPU: the node's RAM over its ranks; CUDA: the GPU's memory).
+        flops_per_s: fp32 matmul rate of one rank (CPU: on its share of the cores).
+        bandwidth_bytes_per_s: bus bandwidth of collectives between the ranks of a node: an all-reduce
+            of ``B`` bytes over ``N`` ranks takes ``2 (N-1)/N B / bandwidth``.
+        memory_bandwidth_bytes_per_s: copy rate of one rank's memory (bounds the optimizer step).
+        internode_bandwidth_bytes_per_s: the same across nodes; ``None``: assumed equal to ``bandwidth_bytes_per_s``.
+        process_overhead_bytes: memory a rank uses before the model exists (interpreter, torch, process group).
+        collective_latency_s: time of a one-element all-reduce (paid once per collective call).
+        device_type: ``"cpu"`` or ``"cuda"``.
+        device_name: e.g. the CPU model or the GPU name.
+        bandwidth_source: how ``bandwidth_bytes_per_s`` was found.
+    """
+
+    memory_bytes: int
+    flops_per_s: float
+    bandwidth_bytes_per_s: float
+    memory_bandwidth_bytes_per_s: float = 10e9
+    internode_bandwidth_bytes_per_s: float | None = None
+    process_overhead_bytes: int = 0
+    collective_latency_s: float = 0.0
+    device_type: str = "cpu"
+    device_name: str = "given"
+    bandwidth_source: str = "given"
+
+    @property
+    def internode_bandwidth(self) -> float:
+        return self.internode_bandwidth_bytes_per_s or self.bandwidth_bytes_per_s
+
+    @classmethod
+    def measure(
+        cls,
+        device_type: Literal["cpu", "cuda"] = "cpu",
+        ranks_per_node: int = 1,
+        *,
+        cache_dir: str | Path | None = None,
+        refresh: bool = False,
+    ) -> HardwareProfile:
+        """This machine's profile for ``ranks_per_node`` ranks: from the cache, else measured (seconds) and cached.
+
+        The collective bandwidth is that of a gloo all-reduce between ``max(2, ranks_per_node)`` local
+        processes on CPU; on CUDA, a device-to-device copy stands in for it (NVLink/PCIe peers are not
+        measured yet), and ``bandwidth_source`` says so.
+
+        Args:
+            device_type: ``"cpu"`` or ``"cuda"``.
+            ranks_per_node: processes that share this node.
+            cache_dir: where the JSON cache lives; default ``$XDG_CACHE_HOME/parti-lightning``.
+            refresh: measure again even if the cache has this machine shape.
+        """
+        if ranks_per_node < 1:
+            raise ValueError(f"ranks_per_node={ranks_per_node} is invalid: use a positive integer.")
+        path = Path(cache_dir or default_cache_dir()) / CACHE_FILE
+        key = cache_key(device_type, ranks_per_node)
+        cached = _read_cache(path)
+        if key in cached and not refresh:
+            return cls(**cached[key])
+        profile = _measure(device_type, ranks_per_node)
+        cached[key] = dataclasses.asdict(profile)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cached, indent=2))
+        return profile
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "parti-lightning"
+
+
+def cache_key(device_type: str, ranks_per_node: int) -> str:
+    """Key of a machine shape: device type and name, usable cores, ranks per node."""
+    return f"{device_type}|{_device_name(device_type)}|{len(usable_cores())} cores|{ranks_per_node} ranks"
+
+
+def _read_cache(path: Path) -> dict[str, dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # missing or corrupt: measure again
+
+
+def _device_name(device_type: str) -> str:
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        found = re.search(r"model name\s*:\s*(.+)", text)
+        return found.group(1).strip() if found else "cpu"
+    except OSError:
+        return "cpu"
+
+
+# ------------------------------------------------------------------------------------ measurement
+
+
+def _measure(device_type: str, ranks_per_node: int) -> HardwareProfile:
+    if device_type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+        flops = _matmul_rate(device)
+        copy = _copy_rate(device)
+        return HardwareProfile(
+            memory_bytes=torch.cuda.get_device_properties(device).total_memory, flops_per_s=flops,
+            bandwidth_bytes_per_s=copy, memory_bandwidth_bytes_per_s=copy, device_type="cuda",
+            device_name=_device_name("cuda"), bandwidth_source="device memcpy (proxy; peer links not measured)",
+        )
+    cores = cores_for_rank(0, ranks_per_node, usable_cores())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(cores))  # one rank's share, as PartiAccelerator pins it
+    try:
+        flops, copy = _matmul_rate(torch.device("cpu")), _copy_rate(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    bandwidth, latency, overhead = _gloo_allreduce(max(2, ranks_per_node))
+    return HardwareProfile(
+        memory_bytes=psutil.virtual_memory().total // ranks_per_node, flops_per_s=flops,
+        bandwidth_bytes_per_s=bandwidth, memory_bandwidth_bytes_per_s=copy, process_overhead_bytes=overhead,
+        collective_latency_s=latency,
+        device_type="cpu", device_name=_device_name("cpu"),
+        bandwidth_source=f"gloo all-reduce of {_ALLREDUCE_BYTES >> 20} MiB, {max(2, ranks_per_node)} local processes",
+    )
+
+
+def _timed(fn: object, repeats: int, sync: bool) -> float:
+    fn()  # type: ignore[operator]  # warm-up
+    if sync:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()  # type: ignore[operator]
+    if sync:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def _matmul_rate(device: torch.device) -> float:
+    a = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE, device=device)
+    b = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE, device=device)
+    seconds = _timed(lambda: a @ b, 5, device.type == "cuda")
+    return 2 * _MATMUL_SIZE**3 / seconds
+
+
+def _copy_rate(device: torch.device) -> float:
+    src = torch.empty(_COPY_BYTES // 4, device=device)
+    dst = torch.empty_like(src)
+    seconds = _timed(lambda: dst.copy_(src), 5, device.type == "cuda")
+    return 2 * _COPY_BYTES / seconds  # read + write
+
+
+def _gloo_allreduce(world_size: int) -> tuple[float, float, int]:
+    """Bus bandwidth and latency of gloo all-reduces between local processes, and a rank's RSS after joining."""
+    with tempfile.TemporaryDirectory() as tmp:
+        # Why fresh interpreters and not multiprocessing's spawn: spawn re-runs the caller's __main__,
+        # which in a training script without a main guard would start the training again.
+        code = "import sys; from parti_lightning.planner.hardware import _allreduce_worker as w; w(*sys.argv[1:])"
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(rank), str(world_size), tmp])
+                 for rank in range(world_size)]
+        if any(proc.wait() for proc in procs):
+            raise RuntimeError("measuring the gloo all-reduce bandwidth failed (see the output above).")
+        result = json.loads(Path(tmp, "result.json").read_text())
+    return result["bandwidth"], result["latency"], result["rss"]
+
+
+def _allreduce_worker(rank_arg: str, world_arg: str, tmp: str) -> None:
+    rank, world_size = int(rank_arg), int(world_arg)
+    torch.set_num_threads(1)
+    store = dist.FileStore(str(Path(tmp, "store")), world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    try:
+        tensor = torch.ones(_ALLREDUCE_BYTES // 4)
+        dist.barrier()
+        seconds = _timed(lambda: dist.all_reduce(tensor), 3, False)
+        one = torch.ones(1)
+        latency = _timed(lambda: dist.all_reduce(one), 20, False)
+        if rank == 0:
+            bus = 2 * (world_size - 1) / world_size * _ALLREDUCE_BYTES / seconds
+            rss = psutil.Process().memory_info().rss - _ALLREDUCE_BYTES
+            Path(tmp, "result.json").write_text(json.dumps({"bandwidth": bus, "latency": latency, "rss": rss}))
+    finally:
+        dist.destroy_process_group()

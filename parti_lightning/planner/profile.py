@@ -1,0 +1,360 @@
+"""What one training step of a module needs, measured on the meta device without real compute.
+
+The module is copied onto the meta device (its parameters are not copied: each is replaced by a
+meta tensor of the same shape), one training step runs there on the example batch, and torch's
+own tools watch it: ``FlopCounterMode`` counts FLOPs per module, ``MemTracker`` finds the step's
+peak memory and what it is made of, and saved-tensor hooks attribute the activations kept for
+backward to the repeated blocks. A model larger than memory is profiled in the memory of its
+module tree.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.utils._pytree import tree_flatten, tree_map_only
+from torch.utils.flop_counter import FlopCounterMode
+
+from parti_lightning.parallel.blocks import find_blocks
+from parti_lightning.planner.optimizer_state import UNKNOWN_STATE_TENSORS, OptimizerState, optimizer_state
+
+META = torch.device("meta")
+
+
+@dataclass(frozen=True)
+class ParameterInfo:
+    """One parameter's shape, as the sharding arithmetic needs it."""
+
+    name: str
+    shape: tuple[int, ...]
+    element_size: int
+    requires_grad: bool
+
+    @property
+    def numel(self) -> int:
+        return _product(self.shape)
+
+    @property
+    def bytes(self) -> int:
+        return self.numel * self.element_size
+
+
+@dataclass(frozen=True)
+class BlockProfile:
+    """One repeated block (a unit of sharding and of activation checkpointing).
+
+    Attributes:
+        name: as in ``named_modules()``.
+        parameter_bytes: bytes of the block's parameters.
+        activation_bytes: bytes of the tensors saved for backward while the block's forward ran.
+        input_bytes: bytes of the block's tensor inputs: what activation checkpointing keeps instead.
+        forward_flops: FLOPs of the block's forward (recomputed once more under checkpointing).
+        backward_flops: FLOPs of the block's backward.
+    """
+
+    name: str
+    parameter_bytes: int
+    activation_bytes: int
+    input_bytes: int
+    forward_flops: int
+    backward_flops: int
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Bytes and FLOPs of one training step on one process, unpartitioned.
+
+    Attributes:
+        name: the module's class name.
+        parameters: every parameter (shared ones once).
+        buffer_bytes: bytes of the buffers (never sharded).
+        optimizers: predicted state of each optimizer from ``configure_optimizers``.
+        blocks: the repeated blocks, in module order (empty when nothing repeats).
+        activation_bytes: bytes of all tensors saved for backward (parameters excluded).
+        step_peak_bytes: memory a step adds on top of the parameters at its peak (MemTracker).
+        peak_gradient_bytes: of that, the gradients alive at the peak.
+        forward_flops: FLOPs of the forward pass (training step).
+        backward_flops: FLOPs of the backward pass.
+        batch_size: size of the example batch's first dimension (0 when unknown).
+        source: ``"training_step"`` or ``"forward"``: what was run.
+        notes: assumptions the numbers rest on.
+    """
+
+    name: str
+    parameters: tuple[ParameterInfo, ...]
+    buffer_bytes: int
+    optimizers: tuple[OptimizerState, ...]
+    blocks: tuple[BlockProfile, ...]
+    activation_bytes: int
+    step_peak_bytes: int
+    peak_gradient_bytes: int
+    forward_flops: int
+    backward_flops: int
+    batch_size: int
+    source: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(p.numel for p in self.parameters)
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(p.bytes for p in self.parameters)
+
+    @property
+    def gradient_bytes(self) -> int:
+        return sum(p.bytes for p in self.parameters if p.requires_grad)
+
+    @property
+    def optimizer_state_bytes(self) -> int:
+        return sum(o.state_bytes for o in self.optimizers)
+
+    @property
+    def optimizer_scalar_bytes(self) -> int:
+        return sum(o.scalar_bytes for o in self.optimizers)
+
+    @property
+    def optimizer_tensors_per_parameter(self) -> int:
+        """State tensors per trainable parameter (the largest over the optimizers)."""
+        return max((o.tensors_per_parameter for o in self.optimizers), default=UNKNOWN_STATE_TENSORS)
+
+    @property
+    def step_flops(self) -> int:
+        return self.forward_flops + self.backward_flops
+
+    @property
+    def transient_bytes(self) -> int:
+        """Activations and temporaries alive at the step's peak (the peak less its gradients)."""
+        return max(0, self.step_peak_bytes - self.peak_gradient_bytes)
+
+
+def profile_model(module: nn.Module, batch: Any) -> ModelProfile:
+    """Profile one training step of ``module`` on ``batch`` on the meta device.
+
+    The user's module is not touched: a copy is made whose parameters and buffers are new meta
+    tensors (so a module of any size, or one already on meta, costs only its module tree). A
+    ``LightningModule`` runs ``training_step(batch, 0)``; when that cannot run on meta tensors (it
+    reads a value, needs a Trainer) or the module is a plain ``nn.Module``, ``module(batch)`` runs
+    instead and the sum of its floating outputs stands for the loss; the profile's notes say so.
+
+    Args:
+        module: the model (a ``LightningModule`` or any ``nn.Module``), on any device.
+        batch: one batch as the dataloader yields it (tensors anywhere; only shapes and dtypes are read).
+
+    Returns:
+        the profile.
+    """
+    notes: list[str] = []
+    meta_module = _meta_copy(module)
+    meta_batch = tree_map_only(Tensor, lambda t: torch.empty_like(t, device=META), batch)
+    optimizers = _optimizer_states(meta_module, notes)
+    blocks = find_blocks(meta_module)
+    recorder = _SavedTensors(meta_module, blocks)
+    # Why two counters: one over the whole step attributes backward FLOPs to modules (its hooks are
+    # set during forward); the inner one tells the forward's share apart.
+    step_counter, forward_counter = FlopCounterMode(display=False), FlopCounterMode(display=False)
+    tracker = MemTracker()
+    with warnings.catch_warnings(), recorder:
+        warnings.simplefilter("ignore")  # self.log without a Trainer, MemTracker's own notices
+        tracker.track_external(meta_module)
+        with tracker, step_counter:
+            with forward_counter:
+                loss, source = _run_step(meta_module, meta_batch, notes)
+            recorder.stop()
+            loss.backward()
+    peak = tracker.get_tracker_snapshot("peak").get(META, {})
+    params = _parameter_infos(module)
+    fwd, step = forward_counter.get_flop_counts(), step_counter.get_flop_counts()
+    prefix = type(meta_module).__name__
+    return ModelProfile(
+        name=type(module).__name__,
+        parameters=params,
+        buffer_bytes=sum(b.numel() * b.element_size() for b in module.buffers()),
+        optimizers=optimizers,
+        blocks=tuple(
+            BlockProfile(
+                name=name,
+                parameter_bytes=sum(p.numel() * p.element_size() for p in block.parameters()),
+                activation_bytes=recorder.block_bytes.get(name, 0),
+                input_bytes=recorder.input_bytes.get(name, 0),
+                forward_flops=_flops(fwd, f"{prefix}.{name}"),
+                backward_flops=_flops(step, f"{prefix}.{name}") - _flops(fwd, f"{prefix}.{name}"),
+            )
+            for name, block in blocks
+        ),
+        activation_bytes=recorder.total_bytes,
+        step_peak_bytes=int(peak.get("Total", 0)) - int(peak.get(_MemRefType.PARAM, 0)),
+        peak_gradient_bytes=int(peak.get(_MemRefType.GRAD, 0)),
+        forward_flops=forward_counter.get_total_flops(),
+        backward_flops=step_counter.get_total_flops() - forward_counter.get_total_flops(),
+        batch_size=_batch_size(batch),
+        source=source,
+        notes=tuple(notes),
+    )
+
+
+# ------------------------------------------------------------------------------------------- copy
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers are fresh meta tensors (no data copied)."""
+    memo: dict[int, Any] = {}
+    for param in module.parameters():
+        memo[id(param)] = nn.Parameter(torch.empty_like(param, device=META), requires_grad=param.requires_grad)
+    for buffer in module.buffers():
+        memo[id(buffer)] = torch.empty_like(buffer, device=META)
+    # Why: a LightningModule attached to a Trainer would drag the Trainer (and its dataloaders) into the copy.
+    for attribute in ("_trainer", "_fabric"):
+        owner = getattr(module, attribute, None)
+        if owner is not None:
+            memo[id(owner)] = None
+    return copy.deepcopy(module, memo)
+
+
+def _parameter_infos(module: nn.Module) -> tuple[ParameterInfo, ...]:
+    return tuple(
+        ParameterInfo(name, tuple(p.shape), p.element_size(), p.requires_grad) for name, p in module.named_parameters()
+    )
+
+
+# --------------------------------------------------------------------------------------- the step
+
+
+def _run_step(module: nn.Module, batch: Any, notes: list[str]) -> tuple[Tensor, str]:
+    step = getattr(module, "training_step", None)
+    if step is not None:
+        try:
+            loss = _loss_of(step(batch, 0))
+            if loss is not None:
+                return loss, "training_step"
+            notes.append("training_step returned no loss (manual optimization?): profiled forward(batch) instead")
+        except Exception as err:  # noqa: BLE001 - any failure on meta tensors means: fall back to forward
+            notes.append(f"training_step could not run on meta tensors ({type(err).__name__}: {err}):"
+                         " profiled forward(batch) instead")
+    output = module(*batch) if isinstance(batch, (tuple, list)) and step is None else module(batch)
+    floats = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.is_floating_point()]
+    if not floats:
+        raise ValueError(f"{type(module).__name__}'s forward returned no floating-point tensor to take a loss of.")
+    return sum(t.sum() for t in floats), "forward"  # type: ignore[return-value]
+
+
+def _loss_of(output: Any) -> Tensor | None:
+    if isinstance(output, dict):
+        output = output.get("loss")
+    return output if isinstance(output, Tensor) and output.requires_grad else None
+
+
+def _optimizer_states(module: nn.Module, notes: list[str]) -> tuple[OptimizerState, ...]:
+    configure = getattr(module, "configure_optimizers", None)
+    if configure is None:
+        return _assumed(module, notes, "the module has no configure_optimizers")
+    try:
+        with _stand_in_trainer(module):
+            config = configure()
+        from lightning.pytorch.core.optimizer import _configure_optimizers
+
+        optimizers = _configure_optimizers(config)[0]
+    except Exception as err:  # noqa: BLE001 - the planner must not fail on what it only estimates
+        return _assumed(module, notes, f"configure_optimizers failed on the meta copy ({type(err).__name__}: {err})")
+    states = tuple(optimizer_state(o) for o in optimizers)
+    notes.extend(s.note for s in states if s.note)
+    return states
+
+
+def _assumed(module: nn.Module, notes: list[str], why: str) -> tuple[OptimizerState, ...]:
+    notes.append(f"{why}: assumed {UNKNOWN_STATE_TENSORS} optimizer state tensors per parameter, as Adam")
+    trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    count = sum(1 for p in module.parameters() if p.requires_grad)
+    return (OptimizerState("unknown", UNKNOWN_STATE_TENSORS, UNKNOWN_STATE_TENSORS * trainable, 4 * count),)
+
+
+@contextmanager
+def _stand_in_trainer(module: nn.Module) -> Iterator[None]:
+    """Lets ``configure_optimizers`` read ``self.trainer.estimated_stepping_batches`` (schedulers) on the copy."""
+    if not hasattr(module, "_trainer") or module._trainer is not None:
+        yield
+        return
+    module._trainer = types.SimpleNamespace(estimated_stepping_batches=1, max_steps=1, max_epochs=1)
+    try:
+        yield
+    finally:
+        module._trainer = None
+
+
+class _SavedTensors:
+    """Bytes of the tensors autograd saves for backward, in all and per block (parameters excluded)."""
+
+    def __init__(self, module: nn.Module, blocks: list[tuple[str, nn.Module]]) -> None:
+        self._params = {id(p) for p in module.parameters()}
+        self._blocks = blocks
+        self._seen: dict[int, Tensor] = {}  # strong refs: ids must stay unique while counting
+        self._current: list[str] = []
+        self._stack = ExitStack()
+        self._recording = True
+        self.block_bytes: dict[str, int] = {}
+        self.input_bytes: dict[str, int] = {}
+        self.total_bytes = 0
+
+    def __enter__(self) -> _SavedTensors:
+        for name, block in self._blocks:
+            self._stack.callback(block.register_forward_pre_hook(self._enter(name)).remove)
+            self._stack.callback(block.register_forward_hook(self._leave).remove)
+        self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+        self._seen.clear()
+
+    def stop(self) -> None:
+        """Backward saves nothing that outlives it: stop counting before it runs."""
+        self._recording = False
+
+    def _enter(self, name: str):  # noqa: ANN202 - a hook factory
+        def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
+            if self._recording:
+                self._current.append(name)
+                tensors = [t for t in tree_flatten(args)[0] if isinstance(t, Tensor)]
+                self.input_bytes[name] = sum(t.numel() * t.element_size() for t in tensors)
+
+        return hook
+
+    def _leave(self, *_: Any) -> None:
+        if self._recording and self._current:
+            self._current.pop()
+
+    def _pack(self, tensor: Tensor) -> Tensor:
+        base = tensor if tensor._base is None else tensor._base
+        if self._recording and id(base) not in self._params and id(base) not in self._seen:
+            self._seen[id(base)] = base
+            size = base.untyped_storage().nbytes()
+            self.total_bytes += size
+            if self._current:
+                self.block_bytes[self._current[0]] = self.block_bytes.get(self._current[0], 0) + size
+        return tensor
+
+
+def _flops(counts: dict[str, dict[Any, int]], name: str) -> int:
+    return sum(counts.get(name, {}).values())
+
+
+def _batch_size(batch: Any) -> int:
+    tensors = [t for t in tree_flatten(batch)[0] if isinstance(t, Tensor) and t.dim() > 0]
+    return int(tensors[0].shape[0]) if tensors else 0
+
+
+def _product(shape: tuple[int, ...]) -> int:
+    out = 1
+    for size in shape:
+        out *= size
+    return out

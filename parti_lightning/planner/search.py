@@ -1,0 +1,208 @@
+"""Enumerate the plans a world shape allows, predict each, and choose the fastest that fits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.table import Table
+
+from parti_lightning.plan import PartitionPlan, PlanError
+from parti_lightning.planner.cost import Estimate, estimate
+from parti_lightning.planner.hardware import HardwareProfile
+from parti_lightning.planner.profile import ModelProfile
+
+GIB = 1024**3
+# Simpler first: on a tie the earlier storage level wins.
+STORAGE_ORDER = ("replicated", "optimizer", "gradients", "parameters")
+# How much more ranks a "would fit with" hint tries before giving up.
+_MAX_WORLD_HINT = 4096
+
+
+class NoPlanFits(PlanError):
+    """No plan fits one rank's memory budget; the message gives the smallest footprint and what would fit."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One plan the planner considered.
+
+    Attributes:
+        plan: the resolved plan.
+        estimate: its predicted memory and time.
+        fits: whether its peak stays within the usable budget.
+        reason: why it was chosen or rejected, in words.
+        chosen: whether it is the planner's choice.
+    """
+
+    plan: PartitionPlan
+    estimate: Estimate
+    fits: bool
+    reason: str = ""
+    chosen: bool = False
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.estimate.peak_bytes
+
+    @property
+    def step_seconds(self) -> float:
+        return self.estimate.seconds
+
+    @property
+    def label(self) -> str:
+        plan = self.plan
+        name = {"replicated": "ddp", "optimizer": "zero1", "gradients": "zero2", "parameters": "zero3"}[plan.storage]
+        if plan.data > 1 and plan.shard > 1:  # type: ignore[operator]
+            name = f"hybrid {name}"
+        return name + (" + checkpointing" if plan.activation_checkpointing == "blocks" else "")
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """The planner's choice and its reasons.
+
+    Attributes:
+        chosen: the resolved plan to run.
+        candidates: every plan considered, in the order of the table (simplest first).
+        budget_bytes: one rank's memory budget.
+        headroom: the fraction of the budget kept free.
+        profile: the model profile the predictions came from.
+        hardware: the hardware profile they came from.
+    """
+
+    chosen: PartitionPlan
+    candidates: tuple[Candidate, ...]
+    budget_bytes: int
+    headroom: float
+    profile: ModelProfile
+    hardware: HardwareProfile
+    world_size: int = 1
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.budget_bytes * (1 - self.headroom))
+
+    def table(self) -> Table:
+        """The candidates as a rich table, the chosen one marked."""
+        from parti_lightning.planner.explain import report_table
+
+        return report_table(self)
+
+    def render(self, width: int = 170) -> str:
+        """The same table and notes as plain text (for logs)."""
+        from parti_lightning.planner.explain import render_text
+
+        return render_text(self, width)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def candidate_plans(profile: ModelProfile, world_size: int, ranks_per_node: int) -> list[PartitionPlan]:
+    """Every plan worth predicting: each storage level, flat and (over several nodes) hybrid, with and
+    without block checkpointing when the model has repeated blocks; all resolved."""
+    checkpointing = ("none", "blocks") if profile.blocks else ("none",)
+    plans: list[PartitionPlan] = []
+    for storage in STORAGE_ORDER if world_size > 1 else ("replicated",):
+        shards: list[Any] = ["auto"]
+        if storage != "replicated" and ranks_per_node < world_size and world_size % ranks_per_node == 0:
+            shards.append("node")
+        for shard in shards:
+            for ac in checkpointing:
+                plan = PartitionPlan(storage=storage, shard=shard, activation_checkpointing=ac)  # type: ignore[arg-type]
+                plans.append(plan.resolve(world_size, ranks_per_node))
+    return plans
+
+
+def choose_plan(
+    profile: ModelProfile,
+    hardware: HardwareProfile,
+    world_size: int,
+    ranks_per_node: int | None = None,
+    headroom: float = 0.1,
+    tie_tolerance: float = 0.05,
+) -> PlanReport:
+    """The fastest plan whose predicted peak fits one rank's memory, with every other candidate's reason.
+
+    Args:
+        profile: from :func:`~parti_lightning.planner.profile.profile_model`.
+        hardware: one rank's share of a node.
+        world_size: ranks in all.
+        ranks_per_node: ranks sharing a node (default: all of them, one node).
+        headroom: fraction of the memory budget kept free (for what the model does not see: the
+            allocator's slack, the dataloader, logging).
+        tie_tolerance: plans within this fraction of the fastest time count as tied; the simplest
+            of them (lower ZeRO stage, then no checkpointing) wins, since it has less to go wrong.
+
+    Returns:
+        the report; ``report.chosen`` is resolved for ``world_size``.
+
+    Raises:
+        NoPlanFits: even the smallest predicted footprint exceeds the usable budget.
+        PlanError: a world size or headroom that makes no sense.
+    """
+    ranks_per_node = ranks_per_node or world_size
+    if not 0 <= headroom < 1:
+        raise PlanError(f"headroom={headroom!r} is invalid: give the fraction of memory kept free, in [0, 1).")
+    if world_size < 1 or ranks_per_node < 1 or world_size % ranks_per_node and world_size > ranks_per_node:
+        raise PlanError(f"world size {world_size} is not a multiple of {ranks_per_node} ranks per node.")
+    usable = int(hardware.memory_bytes * (1 - headroom))
+    predicted = [(plan, estimate(profile, hardware, plan, ranks_per_node))
+                 for plan in candidate_plans(profile, world_size, ranks_per_node)]
+    fitting = [(plan, est) for plan, est in predicted if est.peak_bytes <= usable]
+    if not fitting:
+        raise NoPlanFits(_no_fit_message(profile, hardware, predicted, usable, world_size, ranks_per_node, headroom))
+    fastest = min(est.seconds for _, est in fitting)
+    chosen, chosen_est = next((p, e) for p, e in fitting if e.seconds <= fastest * (1 + tie_tolerance))
+    candidates = tuple(
+        Candidate(plan, est, est.peak_bytes <= usable, _reason(plan is chosen, est, chosen_est, usable, tie_tolerance),
+                  plan is chosen)
+        for plan, est in predicted
+    )
+    return PlanReport(chosen, candidates, hardware.memory_bytes, headroom, profile, hardware, world_size,
+                      profile.notes)
+
+
+def _reason(is_chosen: bool, est: Estimate, chosen: Estimate, usable: int, tolerance: float) -> str:
+    if is_chosen:
+        return "chosen: the fastest that fits"
+    if est.peak_bytes > usable:
+        return f"needs {est.peak_bytes / GIB:.2f} GiB > usable {usable / GIB:.2f} GiB"
+    ratio = est.seconds / chosen.seconds if chosen.seconds else 1.0
+    if ratio <= 1 + tolerance:
+        return f"as fast ({ratio:.2f}×), less simple"
+    return f"slower: {ratio:.2f}× the chosen"
+
+
+def _no_fit_message(profile: ModelProfile, hardware: HardwareProfile, predicted: list[tuple[PartitionPlan, Estimate]],
+                    usable: int, world_size: int, ranks_per_node: int, headroom: float) -> str:
+    plan, smallest = min(predicted, key=lambda item: item[1].peak_bytes)
+    label = f"storage={plan.storage}, activation_checkpointing={plan.activation_checkpointing}"
+    hints = [f"more memory per rank (at least {smallest.peak_bytes / (1 - headroom) / GIB:.2f} GiB"
+             f" at headroom {headroom:g})"]
+    ranks = _ranks_that_fit(profile, hardware, usable, world_size, ranks_per_node)
+    if ranks:
+        hints.append(f"more ranks ({ranks} would fit)")
+    activations = smallest.memory.get("activations", 0)
+    if activations:
+        hints.append(f"a smaller batch (activations are {activations / GIB:.2f} GiB of it, about proportional"
+                     " to the batch size)")
+    return (
+        f"no plan fits {profile.name} in {usable / GIB:.2f} GiB per rank ({hardware.memory_bytes / GIB:.2f} GiB budget"
+        f" less {headroom:.0%} headroom) at world size {world_size}: the smallest, {label}, needs"
+        f" {smallest.peak_bytes / GIB:.2f} GiB per rank. It would fit with " + ", or ".join(hints) + "."
+    )
+
+
+def _ranks_that_fit(profile: ModelProfile, hardware: HardwareProfile, usable: int, world_size: int,
+                    ranks_per_node: int) -> int | None:
+    world = world_size * 2
+    while world <= _MAX_WORLD_HINT:
+        nodes_of = min(world, ranks_per_node)
+        for plan in candidate_plans(profile, world, nodes_of):
+            if estimate(profile, hardware, plan, nodes_of).peak_bytes <= usable:
+                return world
+        world *= 2
+    return None
