@@ -127,19 +127,22 @@ class StepMeter:
         self.times.append(time.perf_counter())
         if len(self.times) < self.warmup + self.steps + 1:
             return
-        intervals = [b - a for a, b in zip(self.times[self.warmup :], self.times[self.warmup + 1 :])]
+        measured = self.times[self.warmup :]
+        intervals = [b - a for a, b in zip(measured, measured[1:], strict=False)]
         peak = torch.tensor([float(self._peak_bytes()), statistics.median(intervals)], dtype=torch.float64)
         if self.device.type == "cuda":
             peak = peak.to(self.device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        measured_bytes, seconds = float(peak[0]), float(peak[1])
-        self.measured = {"peak_bytes": measured_bytes, "step_seconds": seconds}
-        rank_zero_info(
-            f"parti: {self.report_line} measured over steps {self.warmup + 1}-{self.warmup + self.steps}:"
-            f" {seconds:.3f} s/step (predicted {self.predicted_seconds:.3f}, {_ratio(seconds, self.predicted_seconds)}),"
-            f" peak memory per rank {measured_bytes / GIB:.2f} GiB (predicted {self.predicted_bytes / GIB:.2f},"
-            f" {_ratio(measured_bytes, self.predicted_bytes)})"
+        peak_bytes, seconds = float(peak[0]), float(peak[1])
+        self.measured = {"peak_bytes": peak_bytes, "step_seconds": seconds}
+        predicted = self.predicted_seconds
+        time_line = f"{seconds:.3f} s/step (predicted {predicted:.3f}, {_ratio(seconds, predicted)})"
+        memory_line = (
+            f"peak memory per rank {peak_bytes / GIB:.2f} GiB (predicted {self.predicted_bytes / GIB:.2f},"
+            f" {_ratio(peak_bytes, self.predicted_bytes)})"
         )
+        steps = f"{self.warmup + 1}-{self.warmup + self.steps}"
+        rank_zero_info(f"parti: {self.report_line} measured over steps {steps}: {time_line}, {memory_line}")
 
     def _peak_bytes(self) -> int:
         if self.device.type == "cuda":

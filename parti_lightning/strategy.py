@@ -64,7 +64,6 @@ from parti_lightning.parallel.batchnorm import PartiSyncBatchNorm
 from parti_lightning.parallel.blocks import resolve_units
 from parti_lightning.parallel.checkpointing import apply_activation_checkpointing
 from parti_lightning.parallel.data import GradientSynchronizer
-from parti_lightning.planner import PlanReport
 from parti_lightning.parallel.storage import (
     apply_storage,
     full_optimizer_state_dict,
@@ -76,6 +75,7 @@ from parti_lightning.parallel.storage import (
     shard_optimizer,
 )
 from parti_lightning.plan import AUTO, PRESETS, PartitionPlan, PlanLike
+from parti_lightning.planner import PlanReport
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class PartiStrategy(ParallelStrategy):
         if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget <= 0):
             raise ValueError(f"memory_budget={memory_budget!r}: give a positive number of bytes per rank, or None.")
         if not 0 <= planner_headroom < 1:
-            raise ValueError(f"planner_headroom={planner_headroom!r}: give the fraction of memory kept free, in [0, 1).")
+            raise ValueError(f"planner_headroom={planner_headroom!r}: the fraction kept free, in [0, 1).")
         self._memory_budget = memory_budget
         self._planner_headroom = planner_headroom
         self.plan_report: PlanReport | None = None  # the planner's choice and reasons (global rank 0, plan="auto")
