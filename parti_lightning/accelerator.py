@@ -54,6 +54,13 @@ def cores_for_rank(local_rank: int, local_world_size: int, cores: list[int]) -> 
     return tuple(cores[local_rank * per_rank : (local_rank + 1) * per_rank])
 
 
+def partition_memory_bytes(device: torch.device, local_world_size: int) -> int:
+    """One rank's memory budget: its GPU's memory, or on CPU the machine's memory over the node's ranks."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return psutil.virtual_memory().total // max(local_world_size, 1)
+
+
 def release_freed_memory() -> bool:
     """Have glibc return freed large blocks to the OS at once; False where that is not possible.
 
@@ -122,7 +129,7 @@ class PartiAccelerator(Accelerator):
         """
         if self.device_type == "cuda":
             torch.cuda.set_device(device)
-            total = torch.cuda.get_device_properties(device).total_memory
+            total = partition_memory_bytes(device, local_world_size)
             self.partition = DevicePartition(device, tuple(usable_cores()), total)
             return self.partition
         global _initial_cores
@@ -135,8 +142,7 @@ class PartiAccelerator(Accelerator):
             self._restore = (torch.get_num_threads(), available)
             os.sched_setaffinity(0, cores)
             torch.set_num_threads(len(cores))
-        memory = psutil.virtual_memory().total // max(local_world_size, 1)
-        self.partition = DevicePartition(device, cores, memory)
+        self.partition = DevicePartition(device, cores, partition_memory_bytes(device, local_world_size))
         return self.partition
 
     @property

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -36,13 +38,17 @@ def _extend_import_path(argv: list[str]) -> None:
 def main(args: list[str] | None = None) -> None:
     """Run ``parti-lightning {fit,validate,test,predict} [--config cfg.yaml] [--trainer.* ...]``.
 
-    ``parti-lightning convert SRC DST`` converts checkpoints (see :mod:`parti_lightning.convert`).
+    ``parti-lightning convert SRC DST`` converts checkpoints (see :mod:`parti_lightning.convert`);
+    ``parti-lightning plan [the arguments of fit]`` explains the plan ``plan="auto"`` would choose.
     """
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] == "convert":
         from parti_lightning.convert import main as convert_main
 
         sys.exit(convert_main(argv[1:]))
+    if argv and argv[0] == "plan":
+        _extend_import_path(argv)
+        sys.exit(plan(argv[1:]))
     _extend_import_path(argv)
     LightningCLI(
         subclass_mode_model=True,
@@ -51,6 +57,61 @@ def main(args: list[str] | None = None) -> None:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def plan(args: list[str]) -> int:
+    """``parti-lightning plan --config cfg.yaml``: the planner's table for a ``fit`` configuration, launching nothing.
+
+    The model, data and Trainer are built from the same arguments as ``fit`` (``LightningCLI(run=False)``);
+    the model's ``configure_model`` runs on the meta device, so a model larger than memory is planned
+    without being built.
+    """
+    import torch
+
+    from parti_lightning import PartiStrategy
+    from parti_lightning.accelerator import partition_memory_bytes
+    from parti_lightning.plan import PlanError
+    from parti_lightning.planner import HardwareProfile, choose_plan, example_batch, profile_model
+
+    sys.argv = sys.argv[:1]  # the arguments come through `args`; LightningCLI warns when sys.argv has more
+    cli = LightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults={"strategy": "parti"},
+        save_config_callback=None,
+        run=False,
+        args=args,
+    )
+    trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
+    strategy = trainer.strategy
+    if not isinstance(strategy, PartiStrategy):
+        print(f"parti-lightning plan: error: the strategy is {type(strategy).__name__}, not parti.", file=sys.stderr)
+        return 2
+    device = strategy.parallel_devices[0] if strategy.parallel_devices else torch.device("cpu")
+    ranks_per_node, world_size = strategy.num_processes, strategy.num_processes * strategy.num_nodes
+    budget = strategy._memory_budget or partition_memory_bytes(device, ranks_per_node)
+    with torch.device("meta"):
+        module.configure_model()
+    try:
+        batch = example_batch(module, datamodule if datamodule is not None else _module_loader(module))
+        hardware = HardwareProfile.measure(device.type, ranks_per_node)  # type: ignore[arg-type]
+        hardware = dataclasses.replace(hardware, memory_bytes=budget)
+        report = choose_plan(profile_model(module, batch), hardware, world_size, ranks_per_node,
+                             headroom=strategy._planner_headroom)
+    except (PlanError, ValueError) as err:
+        print(f"parti-lightning plan: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    print(report.render())
+    fixed = "" if strategy._auto else f" (this configuration fixes plan {strategy.plan.describe()})"
+    print(f"plan='auto' would choose: {report.chosen.describe()}{fixed}")
+    return 0
+
+
+def _module_loader(module: Any) -> Any:
+    try:
+        return module.train_dataloader()
+    except Exception:  # a hook that needs the Trainer: the module's example_input_array serves instead
+        return None
 
 
 if __name__ == "__main__":

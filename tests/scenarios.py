@@ -175,6 +175,7 @@ class Scenario:
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
     max_steps: int = 10
     plan: str | dict[str, Any] = "ddp"
+    strategy_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def _accumulate_clip_schedule(name: str, plan: str) -> Scenario:
@@ -205,7 +206,12 @@ SCENARIOS = [
     ),
     Scenario("ddp_blocks_activation_checkpointing", BlockRegressor, plan={"activation_checkpointing": "blocks"}),
     Scenario("zero3_configure_model", LateRegressor, plan="zero3"),
+    # The planner chooses: replicated for a model that easily fits; then, with a budget between the
+    # replicated and the sharded predictions of that first run, a sharded plan (see `main`).
+    Scenario("auto", BlockRegressor, plan="auto"),
+    Scenario("auto_tight_budget", BlockRegressor, plan="auto"),
 ]
+HEADROOM = 0.1
 
 
 def make_trainer(scenario: Scenario, **kwargs: Any) -> L.Trainer:
@@ -279,7 +285,7 @@ def run_distributed(scenario: Scenario, out: str) -> tuple[L.Trainer, dict[str, 
     L.seed_everything(SEED, verbose=False)
     module = scenario.module(**scenario.module_kwargs)
     # Single-file checkpoints: these tests read them with torch.load (test_checkpoint.py covers sharded ones).
-    strategy = PartiStrategy(plan=scenario.plan, state_dict_type="full")
+    strategy = PartiStrategy(plan=scenario.plan, state_dict_type="full", **scenario.strategy_kwargs)
     trainer = make_trainer(scenario, accelerator="cpu", devices=WORLD_SIZE, strategy=strategy)
     ResidualBlock.forward_calls = 0
     trainer.fit(module)
@@ -287,6 +293,7 @@ def run_distributed(scenario: Scenario, out: str) -> tuple[L.Trainer, dict[str, 
     applied = {
         "classes": {name: type(m).__name__ for name, m in module.named_modules() if name},
         "block_forward_calls": ResidualBlock.forward_calls,
+        "plan": trainer.strategy.resolved_plan.to_dict(),
     }
     # A checkpoint written under this plan: a plain Lightning file, whatever the partition.
     trainer.save_checkpoint(os.path.join(out, f"{scenario.name}.ckpt"))
@@ -340,12 +347,28 @@ def write_stock_checkpoint(out: str) -> None:
     trainer.save_checkpoint(os.path.join(out, "stock.ckpt"))
 
 
+def _budget_below_replicated(report: Any) -> int | None:
+    """A per-rank budget that the replicated plans' predicted peaks exceed and a ZeRO-3 plan's does not."""
+    if report is None:  # not global rank 0
+        return None
+    replicated = min(c.peak_bytes for c in report.candidates if c.plan.storage == "replicated")
+    sharded = min(c.peak_bytes for c in report.candidates if c.plan.storage == "parameters")
+    assert sharded < replicated, f"ZeRO-3 predicted {sharded} B, replicated {replicated} B"
+    return int((sharded + replicated) / 2 / (1 - HEADROOM))
+
+
 def main(out: str) -> None:
     import parti_lightning  # noqa: F401
 
     os.makedirs(out, exist_ok=True)
+    budget = None
     for scenario in SCENARIOS:
+        if scenario.name == "auto_tight_budget":
+            scenario = Scenario(**{**scenario.__dict__, "strategy_kwargs": {"memory_budget": budget,
+                                                                          "planner_headroom": HEADROOM}})
         trainer, result = run_distributed(scenario, out)
+        if scenario.name == "auto":
+            budget = trainer.strategy.broadcast(_budget_below_replicated(trainer.strategy.plan_report))
         if trainer.is_global_zero:
             torch.save(result, os.path.join(out, f"{scenario.name}.pt"))
     for source, plan in RESUMES:

@@ -26,7 +26,8 @@ ATOL = 1e-5
 def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("parity")
     write_stock_checkpoint(str(out))
-    check(run_script(["tests/scenarios.py", str(out)], timeout=400))
+    # Its own hardware cache: plan="auto" measures this machine once, as on a fresh install.
+    check(run_script(["tests/scenarios.py", str(out)], timeout=400, env={"XDG_CACHE_HOME": str(out / "cache")}))
     return out
 
 
@@ -96,6 +97,14 @@ def test_blocks_are_found_and_used_as_units(distributed_results: Path) -> None:
         assert calls == 2 * 3 * steps, f"{name}: {calls} block forwards in {steps} steps"
     plain = _load(distributed_results, "zero3_accumulate_clip_schedule")["applied"]
     assert all(not c.startswith("FSDP") for n, c in plain["classes"].items()), "no blocks, no inner units"
+
+
+def test_auto_plan_replicates_when_it_fits_and_shards_under_a_tight_budget(distributed_results: Path) -> None:
+    roomy = _load(distributed_results, "auto")["applied"]["plan"]
+    tight = _load(distributed_results, "auto_tight_budget")["applied"]["plan"]
+    assert roomy["storage"] == "replicated" and roomy["data"] == 2
+    assert tight["storage"] != "replicated" and tight["shard"] == 2, tight
+    # (Both also pass test_parity_with_single_process: the chosen plan computes what one process does.)
 
 
 def _tensors(tree: object, prefix: str = "") -> dict[str, torch.Tensor]:
