@@ -1,0 +1,69 @@
+"""``plan="auto"`` and ``parti-lightning plan``: the planner inside a run and before one.
+
+The planner's own logic is tested without processes in test_planner.py, and the plans it chooses are
+parity-tested in test_parity.py (scenarios ``auto`` and ``auto_tight_budget``).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from launch import REPO, check, run_script
+
+TIGHT = str(10**6)  # bytes per rank: below any process's own overhead
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    # Measured once here, as a fresh install would, then read from this cache by every run below.
+    return {"XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
+
+
+def _plan_command(*args: str, env: dict[str, str]):
+    command = shutil.which("parti-lightning")
+    assert command, "the parti-lightning console script is not installed"
+    return run_script(
+        [command, "plan", "--model=scenarios.BlockRegressor", "--trainer.devices=2", "--trainer.accelerator=cpu",
+         *args],
+        timeout=150, cwd=REPO / "tests", env=env,
+    )
+
+
+@pytest.mark.timeout(200)
+def test_plan_command_explains_the_choice_without_launching(cache: dict[str, str]) -> None:
+    out = check(_plan_command(env=cache))
+    assert "parti plan for BlockRegressor" in out and "verdict" in out
+    assert "chosen: the fastest that fits" in out
+    assert "plan='auto' would choose: data=2 × shard=1" in out
+    assert "processes joined" not in out, "the plan command started a run"
+
+
+@pytest.mark.timeout(200)
+def test_plan_command_fails_clearly_when_nothing_fits(cache: dict[str, str]) -> None:
+    budget = f"--trainer.strategy.memory_budget={TIGHT}"
+    result = _plan_command("--trainer.strategy=parti_lightning.PartiStrategy", budget, env=cache)
+    assert result.returncode == 2, result.stdout
+    assert "NoPlanFits: no plan fits BlockRegressor" in result.stdout
+    assert "It would fit with more memory per rank" in result.stdout
+
+
+@pytest.mark.timeout(200)
+def test_auto_logs_its_choice_and_then_measured_against_predicted(cache: dict[str, str]) -> None:
+    out = check(run_script(["tests/auto_run.py"], timeout=180, env=cache))
+    assert "parti: plan='auto' chose data=2 × shard=1" in out
+    assert "chosen: the fastest that fits" in out  # the table, logged at fit start
+    assert "parti: plan='auto' measured over steps 3-7:" in out and "peak memory per rank" in out
+    assert "rank 1: trained under data=2 × shard=1" in out
+
+
+@pytest.mark.timeout(200)
+def test_auto_stops_every_rank_when_nothing_fits(cache: dict[str, str]) -> None:
+    result = run_script(["tests/auto_run.py", TIGHT], timeout=180, env=cache)
+    assert result.returncode != 0
+    assert not result.stderr, f"processes left running: {result.stderr}"
+    # Every rank raises it (rank 0 sends its planner's error to the others); rank 0's failure then
+    # ends the node's other ranks, which may go before they print theirs.
+    assert "[parti rank 0/2] NoPlanFits: no plan fits BlockRegressor" in result.stdout, result.stdout
+    assert "trained under" not in result.stdout
