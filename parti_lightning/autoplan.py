@@ -14,6 +14,7 @@ import os
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,25 +44,17 @@ def training_batch(trainer: Trainer, module: LightningModule) -> Any:
     return example_batch(module, loader)
 
 
-def choose_on_rank0(
-    trainer: Trainer,
-    module: LightningModule,
-    device_type: str,
-    memory_budget: int,
-    world_size: int,
-    ranks_per_node: int,
-    headroom: float,
-) -> tuple[PartitionPlan, PlanReport | None]:
-    """Run the planner on global rank 0 and give every rank its choice. Collective.
+def choose_on_rank0(make_report: Callable[[], PlanReport]) -> tuple[PartitionPlan, PlanReport | None]:
+    """Run the planner (``make_report``) on global rank 0 and give every rank its choice. Collective.
 
     Raises the planner's error (``NoPlanFits`` and the like) on every rank, so that no rank waits for a
-    plan that will not come.
+    plan that will not come. Returns the report on rank 0 only.
     """
     outcome: list[Any] = [None]
     report = None
     if dist.get_rank() == 0:
         try:
-            report = plan_for(trainer, module, device_type, memory_budget, world_size, ranks_per_node, headroom)
+            report = make_report()
             outcome[0] = report.chosen.to_dict()
         except Exception as err:  # sent to every rank and raised there
             outcome[0] = err
@@ -72,16 +65,16 @@ def choose_on_rank0(
 
 
 def plan_for(
-    trainer: Trainer,
     module: LightningModule,
+    batch: Any,
     device_type: str,
     memory_budget: int,
     world_size: int,
     ranks_per_node: int,
     headroom: float,
 ) -> PlanReport:
-    """The planner's report for ``module`` trained by ``trainer`` on this machine."""
-    profile = profile_model(module, training_batch(trainer, module))
+    """The planner's report for training ``module`` on batches like ``batch`` on this machine."""
+    profile = profile_model(module, batch)
     hardware = _hardware(device_type, ranks_per_node)
     hardware = dataclasses.replace(hardware, memory_bytes=memory_budget)
     return choose_plan(profile, hardware, world_size=world_size, ranks_per_node=ranks_per_node, headroom=headroom)

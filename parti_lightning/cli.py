@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -70,8 +69,9 @@ def plan(args: list[str]) -> int:
 
     from parti_lightning import PartiStrategy
     from parti_lightning.accelerator import partition_memory_bytes
+    from parti_lightning.autoplan import plan_for
     from parti_lightning.plan import PlanError
-    from parti_lightning.planner import HardwareProfile, choose_plan, example_batch, profile_model
+    from parti_lightning.planner import example_batch
 
     sys.argv = sys.argv[:1]  # the arguments come through `args`; LightningCLI warns when sys.argv has more
     cli = LightningCLI(
@@ -94,10 +94,7 @@ def plan(args: list[str]) -> int:
         module.configure_model()
     try:
         batch = example_batch(module, datamodule if datamodule is not None else _module_loader(module))
-        hardware = HardwareProfile.measure(device.type, ranks_per_node)  # type: ignore[arg-type]
-        hardware = dataclasses.replace(hardware, memory_bytes=budget)
-        report = choose_plan(profile_model(module, batch), hardware, world_size, ranks_per_node,
-                             headroom=strategy._planner_headroom)
+        report = plan_for(module, batch, device.type, budget, world_size, ranks_per_node, strategy._planner_headroom)
     except (PlanError, ValueError) as err:
         print(f"parti-lightning plan: {type(err).__name__}: {err}", file=sys.stderr)
         return 2

@@ -47,7 +47,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from parti_lightning.accelerator import PartiAccelerator, release_freed_memory
-from parti_lightning.autoplan import StepMeter, choose_on_rank0
+from parti_lightning.autoplan import StepMeter, choose_on_rank0, plan_for, training_batch
 from parti_lightning.checkpoint import (
     CheckpointError,
     is_sharded_checkpoint,
@@ -389,9 +389,12 @@ class PartiStrategy(ParallelStrategy):
         if budget is None:
             assert isinstance(self.accelerator, PartiAccelerator), "plan='auto' needs the PartiAccelerator"
             budget = self.accelerator.memory_budget
+        module, device_type = self.lightning_module, self.root_device.type
         chosen, report = choose_on_rank0(
-            trainer, self.lightning_module, self.root_device.type, budget, self.world_size, self.num_processes,
-            self._planner_headroom,
+            lambda: plan_for(
+                module, training_batch(trainer, module), device_type, budget, self.world_size, self.num_processes,
+                self._planner_headroom,
+            )
         )
         if report is not None:
             self.plan_report = report
