@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.seed import isolate_rng
 
 from parti_lightning.accelerator import usable_cores
 from parti_lightning.plan import PartitionPlan
@@ -54,7 +55,10 @@ def choose_on_rank0(make_report: Callable[[], PlanReport]) -> tuple[PartitionPla
     report = None
     if dist.get_rank() == 0:
         try:
-            report = make_report()
+            # Drawing the first batch (a shuffling sampler seeds itself from the global RNG) and the
+            # hardware micro-benchmark must not move rank 0's random streams away from the others'.
+            with isolate_rng():
+                report = make_report()
             outcome[0] = report.chosen.to_dict()
         except Exception as err:  # sent to every rank and raised there
             outcome[0] = err

@@ -254,7 +254,8 @@ PRESETS: dict[str, PartitionPlan] = {
     # Shard inside each node, replicate across nodes (HSDP). On one node it is zero3.
     "hybrid": PartitionPlan(storage="parameters", shard="node"),
 }
-# "auto" asks the planner; until the planner lands it means replicated data parallel.
+# "auto" asks the planner, which needs the module and a batch: `PartiStrategy` runs it in `setup`. As a
+# plain plan value (before launch, or outside a strategy) it stands for replicated data parallel.
 AUTO = "auto"
 
 
