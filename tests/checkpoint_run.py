@@ -131,7 +131,9 @@ def run(devices: int, job: dict[str, Any]) -> None:
     callbacks: list[L.Callback] = [Record(job)]
     if job.get("dirpath"):
         callbacks.append(ModelCheckpoint(dirpath=job["dirpath"], every_n_train_steps=job.get("every", 5),
-                                         save_top_k=-1, save_last=job.get("save_last", True)))
+                                         monitor=job.get("monitor"), mode=job.get("mode", "min"),
+                                         save_top_k=job.get("top_k", -1),
+                                         save_last=job.get("save_last", True)))
     if job.get("kill_at"):
         callbacks.append(KillDuringSave(job["kill_at"], rank=devices - 1))
     trainer = L.Trainer(

@@ -33,6 +33,7 @@ RESUMES = [
     ("zero1x2-as-zero2x2", "D", "zero2", 2),
     ("single-file-as-zero3x4", "F", "zero3", 4),
     ("ddpx2-as-hsdp-2x2", "B", "hsdp", 4),
+    ("top-k-link-zero2x2-as-zero2x2", "T", "zero2", 2),
 ]
 
 
@@ -66,6 +67,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"plan": "zero2", "max_steps": 10, "dirpath": f"{o}/E", "every": 10, "final": f"{o}/E1.pt"},
         {"plan": "zero2", "max_steps": 20, "ckpt": f"{o}/E/last.ckpt", "final": f"{o}/E2.pt"},
         {"plan": "zero2", "max_steps": 20, "final": f"{o}/straight.pt"},
+        # Top-k by a monitored value (the others removed), `last` a link to the newest. The value is the
+        # step, so that which are kept does not depend on the losses.
+        {"plan": "zero2", "max_steps": 10, "dirpath": f"{o}/T", "every": 2, "monitor": "step", "mode": "max",
+         "top_k": 2, "save_last": "link", "final": f"{o}/T.pt"},
+        {"plan": "zero2", "max_steps": 12, "ckpt": f"{o}/T/last.ckpt", "restored": restored("T", "zero2", 2)},
     ])
     _launch(out, 1, [{"plan": "ddp", "max_steps": 12, "ckpt": f"{o}/A/last.ckpt", "restored": restored("A", "ddp", 1),
                       "final": f"{o}/C.pt", "save": f"{o}/C", "validate": f"{o}/A/last.ckpt",
@@ -131,6 +137,16 @@ def test_checkpoints_are_sharded_directories_recording_the_plan(runs: Path) -> N
     assert parti["world_size"] == 4 and parti["plan"]["storage"] == "parameters"
     assert len(parti["rng"]) == 4
     assert read_meta(folder / "epoch=0-step=5.ckpt")["global_step"] == 5
+
+
+def test_top_k_keeps_k_sharded_checkpoints_and_last_links_the_newest(runs: Path) -> None:
+    folder = runs / "T"
+    kept = sorted(p.name for p in folder.iterdir() if p.name != "last.ckpt")
+    assert kept == ["epoch=0-step=10.ckpt", "epoch=0-step=8.ckpt"], kept
+    assert all(is_sharded_checkpoint(folder / name) for name in kept)
+    assert (folder / "last.ckpt").is_symlink() and is_sharded_checkpoint(folder / "last.ckpt")
+    assert read_meta(folder / "last.ckpt")["global_step"] == 10
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")], "staging folders left behind"
 
 
 def test_ten_steps_save_resume_ten_equals_twenty_straight(runs: Path) -> None:

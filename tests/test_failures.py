@@ -65,8 +65,8 @@ def test_unknown_sharding_unit_fails_before_any_process_starts() -> None:
     assert "LOCAL_RANK" not in os.environ, "the launcher started ranks before refusing the plan"
 
 
-def test_activation_checkpointing_auto_says_it_needs_the_planner() -> None:
-    with pytest.raises(NotImplementedError, match="needs the planner"):
+def test_activation_checkpointing_auto_needs_the_planner_to_choose() -> None:
+    with pytest.raises(NotImplementedError, match="decided by the planner only with plan='auto'"):
         _trainer(strategy=PartiStrategy(plan={"activation_checkpointing": "auto"}), devices=2)
 
 
@@ -117,8 +117,8 @@ def test_a_rank_raising_stops_every_process(mode: str, where: str, failing_rank:
     # Start-up is ~5-10 s of it (more with 4 processes on 2 cores); failing and stopping, the rest.
     assert elapsed < 30 + 10 * world, f"took {elapsed:.0f}s to stop"
     # The original exception, and which rank raised it.
-    assert f"boom from the user's {where} on rank {failing_rank}" in result.stdout
-    assert f"[parti rank {failing_rank}/{world}] RuntimeError" in result.stdout
+    assert f"boom from the user's {where} on rank {failing_rank}" in result.stdout, f"output:\n{result.stdout}"
+    assert f"[parti rank {failing_rank}/{world}] RuntimeError" in result.stdout, f"output:\n{result.stdout}"
     assert not result.stderr, f"processes left behind: {result.stderr}"
 
 
