@@ -145,6 +145,11 @@ class PartiStrategy(ParallelStrategy):
         # "auto" runs as replicated data parallel until the planner, which needs the module and a batch,
         # chooses in `setup`.
         self._auto = isinstance(plan, str) and plan.strip().lower() == AUTO
+        if isinstance(plan, Mapping) and str(plan.get("preset", "")).strip().lower() == AUTO:
+            raise ValueError(
+                f"plan={dict(plan)!r}: the planner chooses every field of an 'auto' plan; give plan='auto' alone,"
+                " or a preset (ddp, zero1, zero2, zero3, hybrid) with your fields."
+            )
         self.plan = PartitionPlan.from_value(plan)
         if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget <= 0):
             raise ValueError(f"memory_budget={memory_budget!r}: give a positive number of bytes per rank, or None.")
@@ -361,7 +366,7 @@ class PartiStrategy(ParallelStrategy):
         assert self.model is not None
         self.accelerator.setup(trainer)
         fitting = trainer.state.fn == TrainerFn.FITTING
-        if fitting and self._auto and self.plan_report is None and self._step_meter is None:
+        if fitting and self._auto and self._step_meter is None:  # planned once per strategy
             self._choose_plan(trainer)
         plan = self.resolved_plan
         rank_zero_info(f"parti: plan {plan.describe()}")

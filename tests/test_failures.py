@@ -46,6 +46,22 @@ def test_timeouts_must_be_positive(name: str) -> None:
         PartiStrategy(**{name: 0})
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"plan": {"preset": "auto", "data": 2}}, "the planner chooses every field"),
+        ({"memory_budget": 0}, "memory_budget=0"),
+        ({"memory_budget": 1.5}, "memory_budget=1.5"),
+        ({"planner_headroom": 1.0}, "planner_headroom=1.0"),
+        ({"planner_headroom": -0.1}, "planner_headroom=-0.1"),
+        ({"state_dict_type": "both"}, "state_dict_type='both'"),
+    ],
+)
+def test_bad_planner_and_checkpoint_arguments_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        PartiStrategy(**kwargs)
+
+
 def test_unknown_backend_is_refused() -> None:
     with pytest.raises(ValueError, match="process_group_backend='mpi2'"):
         PartiStrategy(process_group_backend="mpi2")  # type: ignore[arg-type]
