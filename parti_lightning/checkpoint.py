@@ -18,14 +18,16 @@ with plain ``pickle``, goes through an unpickler that admits DCP's own metadata 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import io
 import os
 import pickle
 import shutil
+import warnings
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +133,8 @@ def save_sharded(
         _remove(staging)  # left by a save that was interrupted
         staging.mkdir(parents=True)
     _barrier()
-    dcp.save(tensors, storage_writer=FileSystemWriter(staging), no_dist=not dist.is_initialized())
+    with single_process_is_intended():
+        dcp.save(tensors, storage_writer=FileSystemWriter(staging), no_dist=not dist.is_initialized())
     if rank == 0:
         assert gathered is not None
         meta_out = {
@@ -219,6 +222,16 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((version, tuple(values), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+@contextlib.contextmanager
+def single_process_is_intended() -> Iterator[None]:
+    """Silence DCP's warning that it "assumes the intent" of a single process: without a process group, it is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*assuming the intent is to (save|load) in a single process")
+        yield
+
+
 
 
 def _gather_to_rank0(obj: Any) -> list[Any] | None:
@@ -397,7 +410,8 @@ def load_sharded(
     optim_targets = {str(i): _optimizer_target(module, opt, i, index) for i, opt in enumerate(optimizers)}
     if optim_targets:
         targets[OPTIM] = optim_targets
-    dcp.load(targets, storage_reader=SafeFileSystemReader(path), no_dist=not dist.is_initialized())
+    with single_process_is_intended():
+        dcp.load(targets, storage_reader=SafeFileSystemReader(path), no_dist=not dist.is_initialized())
     extras = meta["parti"].get("model_extra", {})
     set_model_state_dict(module, {**model_target, **extras}, options=StateDictOptions(strict=False))
     for i, optimizer in enumerate(optimizers):

@@ -35,6 +35,7 @@ from parti_lightning.checkpoint import (
     positional_to_named,
     read_meta,
     save_sharded,
+    single_process_is_intended,
 )
 
 # Parameter names of each optimizer's positions, in a consolidated file (see `load_consolidated`).
@@ -49,7 +50,8 @@ def load_consolidated(src: str | os.PathLike) -> dict[str, Any]:
     meta = read_meta(src)
     index = checkpoint_index(src)
     tensors = {key: torch.empty(tuple(entry.size), dtype=entry.properties.dtype) for key, entry in index.items()}
-    dcp.load(tensors, storage_reader=SafeFileSystemReader(src), no_dist=True)
+    with single_process_is_intended():
+        dcp.load(tensors, storage_reader=SafeFileSystemReader(src), no_dist=True)
     parti = meta.pop("parti")
     state_dict = {k[len(MODEL) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{MODEL}.")}
     state_dict.update(parti.get("model_extra", {}))
