@@ -15,6 +15,7 @@ and the collectives' ports, and only the user knows which interface they use.
 from __future__ import annotations
 
 import atexit
+import gc
 import ipaddress
 import logging
 import os
@@ -170,9 +171,17 @@ def init_process_group(
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world_size, timeout=timeout, device_id=device_id
     )
-    if backend == "nccl":
-        # torch warns at exit about an NCCL group never destroyed (Lightning's own init does the same).
+    # Destroy the groups at exit, while the interpreter still runs, for every backend (Lightning does it
+    # for NCCL only). A gloo worker thread that releases a finished collective can hold the last
+    # reference to a tensor whose Python object it must free under the GIL; if that happens once
+    # interpreter finalization has begun, Python ends the thread inside a C++ destructor and the process
+    # aborts ("terminate called without an active exception", SIGABRT) after a successful run. Destroying
+    # the groups here joins those threads first. At exit, not in `teardown`: later Trainers in the same
+    # process reuse the group, and a ZeRO-2/3 module still runs collectives after `fit`.
+    global _destroy_at_exit_registered
+    if not _destroy_at_exit_registered:
         atexit.register(_destroy_process_group)
+        _destroy_at_exit_registered = True
 
 
 def init_dist_connection(
@@ -199,11 +208,17 @@ def init_dist_connection(
     )
 
 
+_destroy_at_exit_registered = False
+
+
 def _destroy_process_group() -> None:
     # Not interruptible by Ctrl+C half-way, as in Lightning's own exit handler.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+            # A group's C++ object (and gloo's threads) goes when its last reference does: often a finished
+            # Trainer's strategy and mesh, kept only by reference cycles. Free those now, not during finalization.
+            gc.collect()
     finally:
         signal.signal(signal.SIGINT, previous)
