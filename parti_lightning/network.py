@@ -21,8 +21,9 @@ import logging
 import os
 import signal
 import socket
+import weakref
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch
@@ -209,6 +210,18 @@ def init_dist_connection(
 
 
 _destroy_at_exit_registered = False
+# Meshes built for this process's runs (see `track_mesh`).
+_meshes: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def track_mesh(mesh: Any) -> None:
+    """Let the exit handler release ``mesh``'s process groups.
+
+    DTensor's sharding caches keep a ZeRO-2/3 run's mesh alive until interpreter finalization, and the
+    mesh keeps its groups, so their gloo threads would outlive `destroy_process_group` (see
+    `init_process_group` for why that can abort the process).
+    """
+    _meshes.add(mesh)
 
 
 def _destroy_process_group() -> None:
@@ -217,6 +230,11 @@ def _destroy_process_group() -> None:
     try:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+            for mesh in list(_meshes):
+                # torch offers no public way to drop a mesh's groups; the registry is a plain dict.
+                registry = getattr(mesh, "_pg_registry", None)
+                if isinstance(registry, dict):
+                    registry.clear()
             # A group's C++ object (and gloo's threads) goes when its last reference does: often a finished
             # Trainer's strategy and mesh, kept only by reference cycles. Free those now, not during finalization.
             gc.collect()

@@ -59,7 +59,7 @@ from parti_lightning.checkpoint import (
     sharded_optimizer_state,
 )
 from parti_lightning.launchers import PartiMultiProcessingLauncher, PartiSubprocessScriptLauncher
-from parti_lightning.network import init_dist_connection
+from parti_lightning.network import init_dist_connection, track_mesh
 from parti_lightning.parallel.batchnorm import PartiSyncBatchNorm
 from parti_lightning.parallel.blocks import resolve_units
 from parti_lightning.parallel.checkpointing import apply_activation_checkpointing
@@ -333,6 +333,7 @@ class PartiStrategy(ParallelStrategy):
         self.mesh = init_device_mesh(
             self.root_device.type, (plan.data, plan.shard), mesh_dim_names=("data", "shard")
         )
+        track_mesh(self.mesh)
         self._dp_group = self._data_parallel_group(self.mesh, plan)
         self._use_run_timeout()
 
