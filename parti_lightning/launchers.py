@@ -11,7 +11,10 @@ from lightning.pytorch.strategies.launchers.multiprocessing import (
     _disable_module_memory_sharing,
     _MultiProcessingLauncher,
 )
+from torch.distributed.tensor import DTensor
 from typing_extensions import override
+
+from parti_lightning.parallel.storage import full_state_dict
 
 
 class PartiSubprocessScriptLauncher(_SubprocessScriptLauncher):
@@ -56,3 +59,18 @@ class PartiMultiProcessingLauncher(_MultiProcessingLauncher):
         if self._start_method == "spawn" and devices and devices[0].type == "cpu":
             args, kwargs = _disable_module_memory_sharing((args, kwargs))
         super()._wrapping_function(process_idx, trainer, function, args, kwargs, return_queue, global_states)
+
+    @override
+    def _collect_rank_zero_results(self, trainer: Any, results: Any) -> Any:
+        # Lightning sends the calling process `module.state_dict()`, which under ZeRO-2/3 holds this
+        # rank's shards (DTensors) that the caller's whole module cannot load. Send the gathered weights:
+        # Lightning's method reads them through `state_dict`, so it is shadowed for the call.
+        module = trainer.lightning_module
+        if not any(isinstance(p, DTensor) for p in module.parameters()):
+            return super()._collect_rank_zero_results(trainer, results)
+        full = full_state_dict(module)  # collective: every rank calls this method
+        module.state_dict = lambda *args, **kwargs: full
+        try:
+            return super()._collect_rank_zero_results(trainer, results)
+        finally:
+            del module.state_dict

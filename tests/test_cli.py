@@ -80,19 +80,24 @@ def test_parti_lightning_command_with_strategy_flag(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_spawn_start_method_for_notebooks() -> None:
+@pytest.mark.parametrize("plan", ["ddp", "zero3"])
+def test_spawn_start_method_for_notebooks(plan: str) -> None:
+    from parti_lightning import PartiStrategy
+
     from scenarios import SEED, ToyRegressor
 
     L.seed_everything(SEED, verbose=False)
     module = ToyRegressor()
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = L.Trainer(
-        strategy="parti_spawn", accelerator="cpu", devices=2, max_steps=3, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        strategy=PartiStrategy(plan=plan, start_method="spawn"), accelerator="cpu", devices=2, max_steps=3,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(module)
-    # Lightning's spawn launcher copies the trained weights back to the calling process.
-    assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+    # Lightning's spawn launcher copies the trained weights back to the calling process (gathered, under zero3).
+    after = module.state_dict()
+    assert after.keys() == before.keys() and all(type(v) is torch.Tensor for v in after.values())
+    assert any(not torch.equal(before[k], v) for k, v in after.items())
 
 
 @pytest.mark.timeout(180)
