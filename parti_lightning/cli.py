@@ -99,8 +99,15 @@ def plan(args: list[str]) -> int:
         print(f"parti-lightning plan: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     print(report.render())
-    fixed = "" if strategy._auto else f" (this configuration fixes plan {strategy.plan.describe()})"
-    print(f"plan='auto' would choose: {report.chosen.describe()}{fixed}")
+    print(f"plan='auto' would choose: {report.chosen.describe()}")
+    if not strategy._auto:
+        fixed = strategy.plan.resolve(world_size, ranks_per_node=ranks_per_node)
+        row = next((c for c in report.candidates if c.plan == fixed), None)
+        prediction = (
+            f"predicted {row.peak_bytes / 1024**3:.2f} GiB per rank, {row.step_seconds:.3f} s per step: {row.reason}"
+            if row is not None else "not among the planner's candidates"
+        )
+        print(f"this configuration fixes plan {fixed.describe()}: {prediction}")
     return 0
 
 

@@ -67,3 +67,11 @@ def test_auto_stops_every_rank_when_nothing_fits(cache: dict[str, str]) -> None:
     # ends the node's other ranks, which may go before they print theirs.
     assert "[parti rank 0/2] NoPlanFits: no plan fits BlockRegressor" in result.stdout, result.stdout
     assert "trained under" not in result.stdout
+
+
+@pytest.mark.timeout(200)
+def test_plan_command_predicts_a_fixed_plan_given_as_a_mapping(cache: dict[str, str]) -> None:
+    out = check(_plan_command("--trainer.strategy=parti_lightning.PartiStrategy",
+                              "--trainer.strategy.plan={preset: zero3, activation_checkpointing: blocks}", env=cache))
+    assert "this configuration fixes plan data=1 × shard=2" in out and "activation_checkpointing=blocks" in out
+    assert "GiB per rank" in out and "s per step" in out
