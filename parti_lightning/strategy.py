@@ -538,9 +538,15 @@ class PartiStrategy(ParallelStrategy):
         if storage_options is not None:
             raise TypeError("PartiStrategy(state_dict_type='sharded') writes through torch.distributed.checkpoint:"
                             " storage_options are not supported; use state_dict_type='full' for a CheckpointIO.")
+        path = str(self.broadcast(filepath))
+        if "://" in path:
+            raise NotImplementedError(
+                f"sharded checkpoints are written to a local or mounted file system, not {path!r}: use"
+                " PartiStrategy(state_dict_type='full') for a remote URL, or save to a mounted path."
+            )
         plan = self.resolved_plan
         meta = {"parti": {"plan": plan.to_dict(), "world_size": self.world_size, "num_nodes": self.num_nodes}}
-        save_sharded(self.broadcast(filepath), checkpoint, meta)
+        save_sharded(path, checkpoint, meta)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
