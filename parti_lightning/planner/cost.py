@@ -155,8 +155,11 @@ def _communication(
     if world == 1:
         return 0.0
     calls, copied = _collective_calls(profile, plan)
+    copy_rate = hardware.memory_bandwidth_bytes_per_s
+    if plan.storage in ("gradients", "parameters") and plan.shard > 1 and hardware.device_type == "cpu":
+        copy_rate = hardware.fresh_memory_bandwidth_bytes_per_s or copy_rate  # FSDP's copies land in new pages
     return (_volume_seconds(profile, hardware, plan, ranks_per_node) + calls * hardware.collective_latency_s
-            + copied / hardware.memory_bandwidth_bytes_per_s)
+            + copied / copy_rate)
 
 
 def _collective_calls(profile: ModelProfile, plan: PartitionPlan) -> tuple[int, float]:

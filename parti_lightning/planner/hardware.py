@@ -41,6 +41,9 @@ class HardwareProfile:
         bandwidth_bytes_per_s: bus bandwidth of collectives between the ranks of a node: an all-reduce
             of ``B`` bytes over ``N`` ranks takes ``2 (N-1)/N B / bandwidth``.
         memory_bandwidth_bytes_per_s: copy rate of one rank's memory (bounds the optimizer step).
+        fresh_memory_bandwidth_bytes_per_s: copy rate into newly mapped memory, page faults included: what
+            ZeRO-2/3 pays on CPU, where parti returns freed memory to the OS at once (so every gathered unit
+            and gradient buffer is fresh memory); ``None``: as ``memory_bandwidth_bytes_per_s``.
         internode_bandwidth_bytes_per_s: the same across nodes; ``None``: assumed equal to ``bandwidth_bytes_per_s``.
         process_overhead_bytes: memory a rank uses before the model exists (interpreter, torch, process group).
         collective_latency_s: time of a one-element all-reduce (paid once per collective call).
@@ -53,6 +56,7 @@ class HardwareProfile:
     flops_per_s: float
     bandwidth_bytes_per_s: float
     memory_bandwidth_bytes_per_s: float = 10e9
+    fresh_memory_bandwidth_bytes_per_s: float | None = None
     internode_bandwidth_bytes_per_s: float | None = None
     process_overhead_bytes: int = 0
     collective_latency_s: float = 0.0
@@ -105,8 +109,8 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(device_type: str, ranks_per_node: int) -> str:
-    """Key of a machine shape: device type and name, usable cores, ranks per node."""
-    return f"{device_type}|{_device_name(device_type)}|{len(usable_cores())} cores|{ranks_per_node} ranks"
+    """Key of a machine shape: device type and name, usable cores, ranks per node (and what is measured)."""
+    return f"v2|{device_type}|{_device_name(device_type)}|{len(usable_cores())} cores|{ranks_per_node} ranks"
 
 
 def _read_cache(path: Path) -> dict[str, dict]:
@@ -145,12 +149,14 @@ def _measure(device_type: str, ranks_per_node: int) -> HardwareProfile:
     torch.set_num_threads(len(cores))  # one rank's share, as PartiAccelerator pins it
     try:
         flops, copy = _matmul_rate(torch.device("cpu")), _copy_rate(torch.device("cpu"))
+        fresh = _fresh_copy_rate()
     finally:
         torch.set_num_threads(threads)
     bandwidth, latency, overhead = _gloo_allreduce(max(2, ranks_per_node))
     return HardwareProfile(
         memory_bytes=psutil.virtual_memory().total // ranks_per_node, flops_per_s=flops,
-        bandwidth_bytes_per_s=bandwidth, memory_bandwidth_bytes_per_s=copy, process_overhead_bytes=overhead,
+        bandwidth_bytes_per_s=bandwidth, memory_bandwidth_bytes_per_s=copy,
+        fresh_memory_bandwidth_bytes_per_s=fresh, process_overhead_bytes=overhead,
         collective_latency_s=latency,
         device_type="cpu", device_name=_device_name("cpu"),
         bandwidth_source=f"gloo all-reduce of {_ALLREDUCE_BYTES >> 20} MiB, {max(2, ranks_per_node)} local processes",
@@ -181,6 +187,14 @@ def _copy_rate(device: torch.device) -> float:
     dst = torch.empty_like(src)
     seconds = _timed(lambda: dst.copy_(src), 5, device.type == "cuda")
     return 2 * _COPY_BYTES / seconds  # read + write
+
+
+def _fresh_copy_rate() -> float:
+    # Above glibc's largest mmap threshold (32 MiB) every allocation is a new mapping, as every large one
+    # is in a ZeRO-2/3 CPU rank: the copy pays the first touch of each page.
+    src = torch.empty(_COPY_BYTES // 4)
+    seconds = _timed(lambda: torch.empty_like(src).copy_(src), 5, False)
+    return 2 * _COPY_BYTES / seconds
 
 
 def _gloo_allreduce(world_size: int) -> tuple[float, float, int]:
