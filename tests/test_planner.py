@@ -222,6 +222,16 @@ def test_checkpointing_keeps_fewer_activations_and_costs_a_forward() -> None:
     assert ckpt.time["recompute"] == pytest.approx(sum(b.forward_flops for b in profile.blocks) / 50e9)
 
 
+def test_fsdp_copies_on_cpu_pay_the_first_touch_rate() -> None:
+    profile = profile_model(gpt(layers=4, width=128), gpt_batch())
+    warm, fresh = hardware(), hardware(fresh_memory_bandwidth_bytes_per_s=2e9)  # 10× slower than the warm copy
+    for storage, slower in (("parameters", True), ("gradients", True), ("optimizer", False), ("replicated", False)):
+        plan = PartitionPlan(storage=storage).resolve(2)
+        before = estimate(profile, warm, plan, 2).time["communication"]
+        after = estimate(profile, fresh, plan, 2).time["communication"]
+        assert (after > before) if slower else (after == before), storage
+
+
 def test_sharding_shrinks_state_in_zero_order() -> None:
     profile = profile_model(gpt(layers=4, width=128), gpt_batch())
     states = []
