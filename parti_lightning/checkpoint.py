@@ -480,10 +480,11 @@ def _load_optimizer(
         group.update(_hyper(saved_group))
     local = local_optimizer(optimizer)
     ordered = [names[p] for group in local.param_groups for p in group["params"]]
+    has_state = set(saved["has_state"])
     state = {
         position: {**loaded.get(name, {}), **saved["state"].get(name, {})}
         for position, name in enumerate(ordered)
-        if name in saved["has_state"]
+        if name in has_state
     }
     groups, position = [], 0
     for group in local.param_groups:
