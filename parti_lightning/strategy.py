@@ -95,8 +95,8 @@ class PartiStrategy(ParallelStrategy):
             for the other ranks before the run fails, in seconds or as a ``timedelta``. A rank that
             hangs makes the others fail after this long. Default 10 minutes.
         startup_timeout: how long start-up may wait for every rank to join (process-group
-            rendezvous, building the mesh). Default 30 minutes: ranks of a multi-node job may
-            start minutes apart.
+            rendezvous, building the mesh, ``plan="auto"`` choosing on rank 0). Default 30 minutes:
+            ranks of a multi-node job may start minutes apart.
         start_method: ``"popen"`` re-runs the script per rank (``python train.py``); ``"spawn"`` or
             ``"fork"`` start workers from a running interpreter (notebooks). Under torchrun or SLURM
             the processes already exist and nothing is launched.
@@ -339,12 +339,15 @@ class PartiStrategy(ParallelStrategy):
 
     def _use_run_timeout(self) -> None:
         """Every rank has joined: from now on a collective waits `timeout`, not `startup_timeout`."""
-        assert self.mesh is not None
         dist.barrier()
+        self._set_group_timeouts(self._timeout)
+
+    def _set_group_timeouts(self, timeout: timedelta) -> None:
+        assert self.mesh is not None
         groups = {id(g): g for g in (dist.group.WORLD, self._dp_group, *self.mesh.get_all_groups()) if g is not None}
         for group in groups.values():
             # torch fixes a group's timeout when it is created and offers only this (private) setter.
-            dist.distributed_c10d._set_pg_timeout(self._timeout, group)
+            dist.distributed_c10d._set_pg_timeout(timeout, group)
 
     @staticmethod
     def _data_parallel_group(mesh: DeviceMesh, plan: PartitionPlan) -> ProcessGroup:
@@ -396,12 +399,18 @@ class PartiStrategy(ParallelStrategy):
             assert isinstance(self.accelerator, PartiAccelerator), "plan='auto' needs the PartiAccelerator"
             budget = self.accelerator.memory_budget
         module, device_type = self.lightning_module, self.root_device.type
-        chosen, report = choose_on_rank0(
-            lambda: plan_for(
-                module, training_batch(trainer, module), device_type, budget, self.world_size, self.num_processes,
-                self._planner_headroom,
+        # Planning is start-up: the other ranks wait while rank 0 profiles the model and, on a machine
+        # it has not seen, measures it (seconds), which a short run `timeout` must not cut off.
+        self._set_group_timeouts(self._startup_timeout)
+        try:
+            chosen, report = choose_on_rank0(
+                lambda: plan_for(
+                    module, training_batch(trainer, module), device_type, budget, self.world_size,
+                    self.num_processes, self._planner_headroom,
+                )
             )
-        )
+        finally:
+            self._set_group_timeouts(self._timeout)
         if report is not None:
             self.plan_report = report
             rank_zero_info(f"parti: plan='auto' chose {report.chosen.describe()}\n{report.render()}")
