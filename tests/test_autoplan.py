@@ -75,3 +75,11 @@ def test_plan_command_predicts_a_fixed_plan_given_as_a_mapping(cache: dict[str, 
                               "--trainer.strategy.plan={preset: zero3, activation_checkpointing: blocks}", env=cache))
     assert "this configuration fixes plan data=1 × shard=2" in out and "activation_checkpointing=blocks" in out
     assert "GiB per rank" in out and "s per step" in out
+
+
+@pytest.mark.timeout(200)
+def test_choosing_on_a_new_machine_is_start_up_not_cut_off_by_a_short_run_timeout(tmp_path) -> None:
+    # A fresh cache: rank 0 measures the machine (~10 s) while rank 1 waits, longer than timeout=3 s.
+    out = check(run_script(["tests/auto_run.py", "0", "3"], timeout=180, env={"XDG_CACHE_HOME": str(tmp_path)}))
+    assert "rank 1: trained under data=2 × shard=1" in out
+    assert (tmp_path / "parti-lightning" / "hardware.json").exists()
