@@ -13,6 +13,22 @@ sys.path.insert(0, TESTS)
 _LEAKY_ENV = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def own_hardware_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """plan="auto" (the default) caches its measurement of the machine: in the session's folder, not the user's.
+
+    The first run that plans measures the machine once (about 10 s), as on a fresh install, whatever
+    an earlier session left in ~/.cache.
+    """
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     """Each test leaves no child process, no process group and no distributed env var behind."""
