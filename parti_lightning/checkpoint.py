@@ -318,7 +318,7 @@ class SafeFileSystemReader(FileSystemReader):
 
     DCP writes the index with ``pickle`` and reads it back with ``pickle.load``, which would run any code
     a crafted file carries. The index holds DCP's own metadata dataclasses and a few torch values only.
-    Byte (non-tensor) entries are refused as well: DCP would unpickle them with ``weights_only=False``;
+    Byte (non-tensor) entries are refused as well: DCP would unpickle them without the weights-only restriction;
     parti keeps non-tensor state in ``meta.pt`` instead.
     """
 
