@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.seed import isolate_rng
 
@@ -33,16 +34,20 @@ GIB = 1024**3
 
 
 def training_batch(trainer: Trainer, module: LightningModule) -> Any:
-    """The first batch of the training data the Trainer will use, else ``module.example_input_array``."""
+    """The first batch ``training_step`` will get, else ``module.example_input_array``."""
     # The fit loop's data source is what Trainer.fit resolved: dataloaders passed to `fit`, the
-    # datamodule's hook, or the module's. It builds the dataloader the loop will build again later.
+    # datamodule's hook, or the module's. The loop combines them as a CombinedLoader does here, so a
+    # list or dict of loaders gives the list or dict of batches the step receives.
     source = trainer.fit_loop._data_source
     loader = source.dataloader() if source.is_defined() else None
-    if loader is not None and not isinstance(loader, torch.utils.data.DataLoader | list | tuple | dict):
-        loader = None  # e.g. a CombinedLoader mapping: use the module's example instead
-    if isinstance(loader, (list, tuple)):
-        loader = loader[0] if loader else None
-    return example_batch(module, loader)
+    if loader is None:
+        return example_batch(module, None)
+    combined = loader if isinstance(loader, CombinedLoader) else CombinedLoader(loader, mode="max_size_cycle")
+    try:
+        batch, _, _ = next(iter(combined))
+    except StopIteration:
+        raise ValueError("plan='auto' needs one training batch to profile the model; the loader is empty.") from None
+    return batch
 
 
 def choose_on_rank0(make_report: Callable[[], PlanReport]) -> tuple[PartitionPlan, PlanReport | None]:

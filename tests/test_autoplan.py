@@ -15,6 +15,31 @@ from launch import REPO, check, run_script
 TIGHT = str(10**6)  # bytes per rank: below any process's own overhead
 
 
+def test_the_planner_profiles_the_batch_training_step_receives() -> None:
+    """One loader: its batch; a list or dict of loaders: the list or dict of batches, as Lightning combines them."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from parti_lightning.autoplan import training_batch
+
+    from scenarios import ToyRegressor, make_dataset
+
+    module, loader = ToyRegressor(), DataLoader(make_dataset(), batch_size=4)
+    for source, check_batch in [
+        (loader, lambda b: len(b) == 2 and b[0].shape == (4, 6)),
+        ([loader, loader], lambda b: len(b) == 2 and b[1][0].shape == (4, 6)),
+        ({"a": loader, "b": loader}, lambda b: set(b) == {"a", "b"} and b["b"][0].shape == (4, 6)),
+        (None, lambda b: len(b) == 2 and b[0].shape == (8, 6)),  # the module's own train_dataloader
+    ]:
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
+        trainer.strategy.connect(module)
+        trainer._data_connector.attach_data(module, train_dataloaders=source)
+        batch = training_batch(trainer, module)
+        assert check_batch(batch), (source, batch)
+        assert all(t.dtype == torch.float32 for t in torch.utils._pytree.tree_leaves(batch))
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     # Measured once here, as a fresh install would, then read from this cache by every run below.
