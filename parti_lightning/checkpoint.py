@@ -76,6 +76,11 @@ def sharded_model_state(module: nn.Module) -> dict[str, Any]:
     return get_model_state_dict(module)
 
 
+def _parameter_names(module: nn.Module) -> dict[nn.Parameter, str]:
+    # Parameters hash by identity: the optimizer's parameters are the module's own objects.
+    return {param: name for name, param in module.named_parameters()}
+
+
 def local_optimizer(optimizer: Optimizer) -> Optimizer:
     """The optimizer that holds this rank's state: ZeRO-1's inner one, else ``optimizer`` itself."""
     return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
@@ -89,7 +94,7 @@ def sharded_optimizer_state(module: nn.Module, optimizer: Optimizer) -> dict[str
     Built by hand rather than with DCP's ``get_optimizer_state_dict``, which would first create the
     state of a fresh optimizer with a zero-lr step and so change the training that follows.
     """
-    names = {param: name for name, param in module.named_parameters()}
+    names = _parameter_names(module)
     try:
         groups = [
             {**{k: v for k, v in group.items() if k != "params"}, "params": [names[p] for p in group["params"]]}
@@ -451,7 +456,7 @@ def _optimizer_target(
     A state tensor shaped like its parameter (Adam's moments) is laid out like the parameter now is
     (an FSDP shard, or whole); anything else (step counters) is read whole.
     """
-    names = {param: name for name, param in module.named_parameters()}
+    names = _parameter_names(module)
     entries = optimizer_entries(saved, index)
     local = local_optimizer(optimizer)
     target: dict[str, dict[str, Tensor]] = {}
@@ -470,7 +475,7 @@ def _load_optimizer(
     module: nn.Module, optimizer: Optimizer, loaded: Mapping[str, Mapping[str, Tensor]], saved: Mapping[str, Any]
 ) -> None:
     """Load name-keyed state into ``optimizer`` (its local part under ZeRO-1) through its own ``load_state_dict``."""
-    names = {param: name for name, param in module.named_parameters()}
+    names = _parameter_names(module)
     saved_groups = saved["param_groups"]
     group_of = {name: i for i, group in enumerate(saved_groups) for name in group["params"]}
     _check_groups(optimizer, names, saved_groups)

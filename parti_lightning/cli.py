@@ -89,18 +89,18 @@ def plan(args: list[str]) -> int:
         return 2
     device = strategy.parallel_devices[0] if strategy.parallel_devices else torch.device("cpu")
     ranks_per_node, world_size = strategy.num_processes, strategy.num_processes * strategy.num_nodes
-    budget = strategy._memory_budget or partition_memory_bytes(device, ranks_per_node)
+    budget = strategy.memory_budget or partition_memory_bytes(device, ranks_per_node)
     with torch.device("meta"):
         module.configure_model()
     try:
         batch = example_batch(module, datamodule if datamodule is not None else _module_loader(module))
-        report = plan_for(module, batch, device.type, budget, world_size, ranks_per_node, strategy._planner_headroom)
+        report = plan_for(module, batch, device.type, budget, world_size, ranks_per_node, strategy.planner_headroom)
     except (PlanError, ValueError) as err:
         print(f"parti-lightning plan: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     print(report.render())
     print(f"plan='auto' would choose: {report.chosen.describe()}")
-    if not strategy._auto:
+    if not strategy.plans_automatically:
         fixed = strategy.plan.resolve(world_size, ranks_per_node=ranks_per_node)
         row = next((c for c in report.candidates if c.plan == fixed), None)
         prediction = (

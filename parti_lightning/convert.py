@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,8 @@ def _named_state(index: int, saved: dict[str, Any], tensors: dict[str, Tensor]) 
 
 def sharded_to_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Write the sharded checkpoint ``src`` as a single Lightning checkpoint file ``dst``."""
-    _save_atomic(load_consolidated(src), Path(dst))
+    checkpoint = load_consolidated(src)
+    _write_atomic(Path(dst), lambda tmp: torch.save(checkpoint, tmp))
 
 
 def sharded_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -86,18 +87,23 @@ def sharded_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike) -> No
     state = load_consolidated(src)["state_dict"]
     # safetensors refuses tensors that share memory (tied weights); each gets its own copy.
     weights = {k: v.detach().contiguous().clone() for k, v in state.items() if isinstance(v, Tensor)}
-    tmp = Path(dst).with_name(f".{Path(dst).name}.partial")
-    save_file(weights, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, dst)
+    _write_atomic(Path(dst), lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
 
 
-def file_to_sharded(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Write the single-file checkpoint ``src`` (parti's ``state_dict_type="full"``) as a sharded one."""
+def file_to_sharded(src: str | os.PathLike, dst: str | os.PathLike, *, weights_only: bool = False) -> None:
+    """Write the single-file checkpoint ``src`` (parti's ``state_dict_type="full"``) as a sharded one.
+
+    ``weights_only``: leave out the optimizer and scheduler states (the only way for a stock Lightning
+    file, whose optimizer state is keyed by position).
+    """
     checkpoint = torch.load(src, map_location="cpu", weights_only=True)
     if "state_dict" not in checkpoint:
         raise CheckpointError(f"{src} has no 'state_dict': it is not a Lightning checkpoint.")
-    states = checkpoint.get("optimizer_states", [])
     names = checkpoint.pop(NAMES_KEY, None)
+    if weights_only:
+        checkpoint.pop("optimizer_states", None)
+        checkpoint.pop("lr_schedulers", None)
+    states = checkpoint.get("optimizer_states", [])
     if names is not None and len(names) == len(states):
         states = [positional_to_named(state, n) for state, n in zip(states, names, strict=True)]
         checkpoint["optimizer_states"] = states
@@ -107,14 +113,6 @@ def file_to_sharded(src: str | os.PathLike, dst: str | os.PathLike) -> None:
             " from the file itself with strategy='parti' (it loads under any plan) and save again, or pass"
             " --weights-only to convert the weights and loops alone."
         )
-    save_sharded(dst, checkpoint, {"parti": {"converted_from": str(src)}}, rng=False)
-
-
-def file_weights_to_sharded(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """As :func:`file_to_sharded`, without the optimizer states (a weights-only checkpoint)."""
-    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
-    checkpoint.pop("optimizer_states", None)
-    checkpoint.pop("lr_schedulers", None)
     save_sharded(dst, checkpoint, {"parti": {"converted_from": str(src)}}, rng=False)
 
 
@@ -129,13 +127,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, weights_only: boo
             return f"wrote the model weights of {src} to {dst} (safetensors)"
         sharded_to_file(src, dst)
         return f"wrote {src} as a single Lightning checkpoint file {dst}"
-    (file_weights_to_sharded if weights_only else file_to_sharded)(src, dst)
+    file_to_sharded(src, dst, weights_only=weights_only)
     return f"wrote {src} as a sharded checkpoint directory {dst}"
 
 
-def _save_atomic(obj: Any, dst: Path) -> None:
+def _write_atomic(dst: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a hidden file beside ``dst``, then rename it to ``dst``: never a half-written ``dst``."""
     tmp = dst.with_name(f".{dst.name}.partial")
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, dst)
 
 

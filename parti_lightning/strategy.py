@@ -221,6 +221,20 @@ class PartiStrategy(ParallelStrategy):
         return "nccl" if device_type == "cuda" else "gloo"
 
     @property
+    def plans_automatically(self) -> bool:
+        """Whether the planner chooses the plan (``plan="auto"``) when ``fit`` sets up."""
+        return self._auto
+
+    @property
+    def memory_budget(self) -> int | None:
+        """The per-rank budget ``plan="auto"`` plans for; ``None``: the device's."""
+        return self._memory_budget
+
+    @property
+    def planner_headroom(self) -> float:
+        return self._planner_headroom
+
+    @property
     def resolved_plan(self) -> PartitionPlan:
         """The plan with its degrees fixed for this world size (resolved once per world shape)."""
         shape = (self.num_nodes * self.num_processes, self.num_processes)
