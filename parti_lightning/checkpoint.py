@@ -41,6 +41,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.optim import Optimizer
 
+from parti_lightning.parallel.names import optimizer_parameter_names, parameter_names
+
 META_FILE = "meta.pt"
 FORMAT = "parti-sharded/1"
 MODEL = "model"
@@ -76,11 +78,6 @@ def sharded_model_state(module: nn.Module) -> dict[str, Any]:
     return get_model_state_dict(module)
 
 
-def _parameter_names(module: nn.Module) -> dict[nn.Parameter, str]:
-    # Parameters hash by identity: the optimizer's parameters are the module's own objects.
-    return {param: name for name, param in module.named_parameters()}
-
-
 def local_optimizer(optimizer: Optimizer) -> Optimizer:
     """The optimizer that holds this rank's state: ZeRO-1's inner one, else ``optimizer`` itself."""
     return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
@@ -94,7 +91,7 @@ def sharded_optimizer_state(module: nn.Module, optimizer: Optimizer) -> dict[str
     Built by hand rather than with DCP's ``get_optimizer_state_dict``, which would first create the
     state of a fresh optimizer with a zero-lr step and so change the training that follows.
     """
-    names = _parameter_names(module)
+    names = parameter_names(module)
     try:
         groups = [
             {**{k: v for k, v in group.items() if k != "params"}, "params": [names[p] for p in group["params"]]}
@@ -456,7 +453,7 @@ def _optimizer_target(
     A state tensor shaped like its parameter (Adam's moments) is laid out like the parameter now is
     (an FSDP shard, or whole); anything else (step counters) is read whole.
     """
-    names = _parameter_names(module)
+    names = parameter_names(module)
     entries = optimizer_entries(saved, index)
     local = local_optimizer(optimizer)
     target: dict[str, dict[str, Tensor]] = {}
@@ -475,7 +472,7 @@ def _load_optimizer(
     module: nn.Module, optimizer: Optimizer, loaded: Mapping[str, Mapping[str, Tensor]], saved: Mapping[str, Any]
 ) -> None:
     """Load name-keyed state into ``optimizer`` (its local part under ZeRO-1) through its own ``load_state_dict``."""
-    names = _parameter_names(module)
+    names = parameter_names(module)
     saved_groups = saved["param_groups"]
     group_of = {name: i for i, group in enumerate(saved_groups) for name in group["params"]}
     _check_groups(optimizer, names, saved_groups)
@@ -533,7 +530,6 @@ def named_optimizer_state(state: Mapping[str, Any], module: nn.Module, optimizer
     """
     if not state or is_named_optimizer_state(state):
         return dict(state)
-    names = {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}
     ordered = [p for group in optimizer.param_groups for p in group["params"]]
     saved_count = sum(len(group["params"]) for group in state["param_groups"])
     if saved_count != len(ordered):
@@ -541,11 +537,7 @@ def named_optimizer_state(state: Mapping[str, Any], module: nn.Module, optimizer
             f"the checkpoint's optimizer has {saved_count} parameters but this one has {len(ordered)}:"
             " configure_optimizers must build the same parameter groups to resume."
         )
-    try:
-        by_position = [names[id(p)] for p in ordered]
-    except KeyError as err:
-        raise ValueError("an optimizer parameter is not a parameter of the module; cannot key it by name") from err
-    return positional_to_named(state, by_position)
+    return positional_to_named(state, optimizer_parameter_names(module, optimizer))
 
 
 def positional_to_named(state: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:

@@ -20,7 +20,11 @@ ShardDegree = Union[int, Literal["auto", "node"]]
 
 
 class MeshAxis(str, enum.Enum):
-    """Names of the device-mesh axes, outermost first."""
+    """Names of the device-mesh axes, in the order plans are written and printed.
+
+    The mesh itself is laid out in another order (pipeline outermost, tensor innermost): see
+    :data:`parti_lightning.mesh.MESH_ORDER`.
+    """
 
     DATA = "data"
     SHARD = "shard"
@@ -157,7 +161,7 @@ class PartitionPlan:
 
     # ---------------------------------------------------------------- resolution
 
-    def resolve(self, world_size: int, ranks_per_node: int | None = None) -> PartitionPlan:
+    def resolve(self, world_size: int, ranks_per_node: int | None = None) -> ResolvedPlan:
         """The same plan with every ``"auto"``/``"node"`` degree replaced by a number that fits ``world_size``."""
         if not _is_int(world_size) or world_size < 1:
             raise PlanError(f"world size {world_size!r} is invalid: it must be a positive integer.")
@@ -180,33 +184,32 @@ class PartitionPlan:
                 shard = dp if data == "auto" else _exact(dp, data, "data", world_size)
         if data == "auto":
             data = _exact(dp, shard, "shard", world_size)
-        resolved = dataclasses.replace(self, data=data, shard=shard)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        resolved = ResolvedPlan(**{**fields, "data": data, "shard": shard})
         resolved.check_world_size(world_size)
         return resolved
 
     def check_world_size(self, world_size: int) -> None:
         """Raise if the resolved mesh does not multiply out to ``world_size``."""
-        if not self.is_resolved:
+        if not isinstance(self, ResolvedPlan):
             raise PlanError("plan has 'auto' degrees: call plan.resolve(world_size) first.")
-        product = self.data * self.shard * self.tensor * self.pipeline  # type: ignore[operator]
+        product = self.data * self.shard * self.tensor * self.pipeline
         if product != world_size:
             raise PlanError(f"mesh {self.mesh_description()} = {product} does not match world size {world_size}.")
 
     @property
     def is_resolved(self) -> bool:
-        return _is_int(self.data) and _is_int(self.shard)
+        return isinstance(self, ResolvedPlan)
 
     @property
     def mesh_shape(self) -> dict[str, int]:
-        """Axis name to degree, outermost first (resolved plans only)."""
-        if not self.is_resolved:
-            raise PlanError("plan has 'auto' degrees: call plan.resolve(world_size) first.")
-        return {str(a): getattr(self, a.value) for a in MeshAxis}
+        """Axis name to degree, in :class:`MeshAxis` order (resolved plans only)."""
+        raise PlanError("plan has 'auto' degrees: call plan.resolve(world_size) first.")
 
     @property
     def data_parallel_size(self) -> int:
-        """Ranks that see different batches: data × shard."""
-        return self.mesh_shape["data"] * self.mesh_shape["shard"]
+        """Ranks that see different batches: data × shard (resolved plans only)."""
+        raise PlanError("plan has 'auto' degrees: call plan.resolve(world_size) first.")
 
     @property
     def zero_stage(self) -> int:
@@ -223,6 +226,32 @@ class PartitionPlan:
         if self.activation_checkpointing != "none":
             parts.append(f"activation_checkpointing={self.activation_checkpointing}")
         return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class ResolvedPlan(PartitionPlan):
+    """A plan whose degrees are fixed numbers for one world size: what :meth:`PartitionPlan.resolve` returns.
+
+    Everything that runs a plan (the mesh, ``parallelize``, the planner's cost model) takes this type,
+    so the degrees it reads are integers and checked as such.
+    """
+
+    data: int = 1
+    shard: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("data", "shard"):
+            if not _is_int(getattr(self, name)):
+                raise PlanError(f"a resolved plan needs an integer {name} degree, got {getattr(self, name)!r}.")
+
+    @property
+    def mesh_shape(self) -> dict[str, int]:
+        return {str(a): getattr(self, a.value) for a in MeshAxis}
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.data * self.shard
 
 
 def _is_int(value: Any) -> bool:

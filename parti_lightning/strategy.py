@@ -12,12 +12,10 @@ import inspect
 import logging
 import shutil
 import sys
-import zlib
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from types import FrameType
 from typing import Any, Literal, Union
 
 import torch
@@ -41,8 +39,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from torch import Tensor
 from torch.distributed import ProcessGroup
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -59,22 +55,26 @@ from parti_lightning.checkpoint import (
     sharded_optimizer_state,
 )
 from parti_lightning.launchers import PartiMultiProcessingLauncher, PartiSubprocessScriptLauncher
+from parti_lightning.layer_sync import PartiSyncBatchNorm
+from parti_lightning.logging_sync import check_same_logged_name, logged_name
+from parti_lightning.mesh import MeshCoordinates, ParallelMesh
 from parti_lightning.network import init_dist_connection, track_mesh
-from parti_lightning.parallel.batchnorm import PartiSyncBatchNorm
-from parti_lightning.parallel.blocks import resolve_units
-from parti_lightning.parallel.checkpointing import apply_activation_checkpointing
-from parti_lightning.parallel.data import GradientSynchronizer
+from parti_lightning.parallel import (
+    Parallelized,
+    check_module,
+    holds_sharded_tensors,
+    parallelize,
+    shards_module,
+    steps_through_root,
+)
 from parti_lightning.parallel.storage import (
-    apply_storage,
     full_optimizer_state_dict,
     full_state_dict,
     load_full_optimizer_state_dict,
     load_full_state_dict,
     retarget_lr_scheduler,
-    root_free_units,
-    shard_optimizer,
 )
-from parti_lightning.plan import AUTO, PRESETS, PartitionPlan, PlanLike
+from parti_lightning.plan import AUTO, PRESETS, PartitionPlan, PlanLike, ResolvedPlan
 from parti_lightning.planner import PlanReport
 
 log = logging.getLogger(__name__)
@@ -170,12 +170,10 @@ class PartiStrategy(ParallelStrategy):
         self._state_dict_type = state_dict_type
         self._restored_sharded = False  # the last `load_checkpoint` already restored model and optimizers
         self._num_nodes = 1
-        self.mesh: DeviceMesh | None = None
-        self._dp_group: ProcessGroup | None = None
-        self._grad_sync: GradientSynchronizer | None = None
+        self.mesh: ParallelMesh | None = None
+        self._parallel: Parallelized | None = None  # the plan as applied to the module (fit only)
         # Read every step (sampler, backward sync): resolved once, again only if the world changes.
-        self._resolved: tuple[tuple[int, int], PartitionPlan] | None = None
-        self._redirect_steps = False  # steps go through the FSDP root's `__call__` (ZeRO-2/3, automatic optimization)
+        self._resolved: tuple[tuple[int, int], ResolvedPlan] | None = None
 
     # ------------------------------------------------------------------ devices and ranks
 
@@ -235,7 +233,7 @@ class PartiStrategy(ParallelStrategy):
         return self._planner_headroom
 
     @property
-    def resolved_plan(self) -> PartitionPlan:
+    def resolved_plan(self) -> ResolvedPlan:
         """The plan with its degrees fixed for this world size (resolved once per world shape)."""
         shape = (self.num_nodes * self.num_processes, self.num_processes)
         if self._resolved is None or self._resolved[0] != shape:
@@ -244,10 +242,10 @@ class PartiStrategy(ParallelStrategy):
 
     @property
     def data_parallel_rank(self) -> int:
-        # Mesh axes are (data, shard, tensor, pipeline), outermost first: ranks that differ only in
-        # their tensor or pipeline coordinate are consecutive and share a data-parallel rank.
-        plan = self.resolved_plan
-        return self.global_rank // (plan.tensor * plan.pipeline)
+        # Ranks that differ only in their tensor or pipeline coordinate share a data-parallel rank.
+        if self.mesh is not None:
+            return self.mesh.data_parallel_rank
+        return MeshCoordinates.of(self.global_rank, self.resolved_plan).data_parallel_rank
 
     @property
     @override
@@ -304,19 +302,8 @@ class PartiStrategy(ParallelStrategy):
     def _validate_model(self) -> None:
         """Checks that need the user's module, run by the launcher before it starts any process."""
         module = self.lightning_module
-        if module is None:
-            return
-        units = []
-        if self.plan.sharding_units is not None or self.plan.activation_checkpointing == "blocks":
-            units = resolve_units(module, self.plan.sharding_units)  # names an unknown unit clearly
-        if self._shards_module and not module.automatic_optimization:
-            try:
-                root_free_units(module, units)
-            except ValueError as err:
-                raise NotImplementedError(
-                    f"manual optimization with plan storage={self.plan.storage!r} is not supported for this"
-                    f" module: {err} Use storage='optimizer' (ZeRO-1) or 'replicated'."
-                ) from err
+        if module is not None:
+            check_module(module, self.resolved_plan, automatic_optimization=module.automatic_optimization)
 
     # ------------------------------------------------------------------ process group and mesh
 
@@ -325,7 +312,7 @@ class PartiStrategy(ParallelStrategy):
         super().setup_environment()
         if isinstance(self.accelerator, PartiAccelerator):
             partition = self.accelerator.setup_partition(
-                self.root_device, self.local_rank, self.num_processes, sharded=self._shards_module
+                self.root_device, self.local_rank, self.num_processes, sharded=shards_module(self.resolved_plan)
             )
             log.info(f"rank {self.global_rank}: partition {partition}")
         self._setup_distributed()
@@ -343,38 +330,17 @@ class PartiStrategy(ParallelStrategy):
         self._build_mesh(self.resolved_plan)
         rank_zero_info(f"parti: {self.world_size} processes joined ({self.process_group_backend})")
 
-    def _build_mesh(self, plan: PartitionPlan) -> None:
-        self.mesh = init_device_mesh(
-            self.root_device.type, (plan.data, plan.shard), mesh_dim_names=("data", "shard")
-        )
-        track_mesh(self.mesh)
-        self._dp_group = self._data_parallel_group(self.mesh, plan)
-        self._use_run_timeout()
-
-    def _use_run_timeout(self) -> None:
-        """Every rank has joined: from now on a collective waits `timeout`, not `startup_timeout`."""
+    def _build_mesh(self, plan: ResolvedPlan) -> None:
+        self.mesh = ParallelMesh(plan, self.root_device.type)
+        track_mesh(self.mesh.device_mesh)
+        # Every rank has joined: from now on a collective waits `timeout`, not `startup_timeout`.
         dist.barrier()
-        self._set_group_timeouts(self._timeout)
-
-    def _set_group_timeouts(self, timeout: timedelta) -> None:
-        assert self.mesh is not None
-        groups = {id(g): g for g in (dist.group.WORLD, self._dp_group, *self.mesh.get_all_groups()) if g is not None}
-        for group in groups.values():
-            # torch fixes a group's timeout when it is created and offers only this (private) setter.
-            dist.distributed_c10d._set_pg_timeout(timeout, group)
-
-    @staticmethod
-    def _data_parallel_group(mesh: DeviceMesh, plan: PartitionPlan) -> ProcessGroup:
-        if plan.shard == 1:
-            return mesh["data"].get_group()
-        if plan.data == 1:
-            return mesh["shard"].get_group()
-        return mesh["data", "shard"]._flatten("data_shard").get_group()
+        self.mesh.set_timeout(self._timeout)
 
     @property
     def data_parallel_group(self) -> ProcessGroup | None:
         """The group over which batches differ: Lightning's reductions and the sampler use it."""
-        return self._dp_group
+        return self.mesh.data_parallel_group if self.mesh is not None else None
 
     # ------------------------------------------------------------------ applying the plan
 
@@ -390,16 +356,19 @@ class PartiStrategy(ParallelStrategy):
         rank_zero_info(f"parti: plan {plan.describe()}")
         if fitting and self._layer_sync is not None:
             # Lightning's TorchSyncBatchNorm refuses CPU tensors; ours runs on both, over the DP group.
-            self._layer_sync = PartiSyncBatchNorm(self._dp_group, use_torch=self.process_group_backend == "nccl")
+            use_torch = self.process_group_backend == "nccl"
+            self._layer_sync = PartiSyncBatchNorm(self.data_parallel_group, use_torch=use_torch)
             self.model = self._layer_sync.apply(self.model)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        if not _is_sharded(self.model):
+        if not holds_sharded_tensors(self.model):
             # Every replica starts from rank 0's weights, whatever each process initialized. (A module
             # still sharded by an earlier `fit` is consistent already: its shards are its state.)
             _sync_module_states(self.model)
         if fitting:
-            self._apply_plan(plan)
+            assert self.mesh is not None and self.lightning_module is not None
+            automatic = self.lightning_module.automatic_optimization
+            self._parallel = parallelize(self.model, self.mesh, automatic_optimization=automatic)
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if fitting:
@@ -415,7 +384,8 @@ class PartiStrategy(ParallelStrategy):
         module, device_type = self.lightning_module, self.root_device.type
         # Planning is start-up: the other ranks wait while rank 0 profiles the model and, on a machine
         # it has not seen, measures it (seconds), which a short run `timeout` must not cut off.
-        self._set_group_timeouts(self._startup_timeout)
+        assert self.mesh is not None
+        self.mesh.set_timeout(self._startup_timeout)
         try:
             chosen, report = choose_on_rank0(
                 lambda: plan_for(
@@ -424,7 +394,7 @@ class PartiStrategy(ParallelStrategy):
                 )
             )
         finally:
-            self._set_group_timeouts(self._timeout)
+            self.mesh.set_timeout(self._timeout)
         if report is not None:
             self.plan_report = report
             rank_zero_info(f"parti: plan='auto' chose {report.chosen.describe()}\n{report.render()}")
@@ -433,7 +403,7 @@ class PartiStrategy(ParallelStrategy):
         plan = self.resolved_plan
         if (plan.data, plan.shard) != (previous.data, previous.shard):
             self._build_mesh(plan)
-        if self._shards_module and self.root_device.type == "cpu":
+        if shards_module(plan) and self.root_device.type == "cpu":
             release_freed_memory()  # as the accelerator does for a sharded plan known at launch
         estimate = next((c.estimate for c in report.candidates if c.chosen), None) if report is not None else None
         self._step_meter = StepMeter(
@@ -448,38 +418,8 @@ class PartiStrategy(ParallelStrategy):
             self._step_meter.step()
         return output
 
-    @property
-    def _shards_module(self) -> bool:
-        """ZeRO-2/3: FSDP owns the parameters and reduces the gradients."""
-        plan = self.resolved_plan
-        return plan.storage in ("gradients", "parameters") and plan.shard > 1
-
-    @property
-    def _shards_optimizer(self) -> bool:
-        plan = self.resolved_plan
-        return plan.storage == "optimizer" and plan.shard > 1
-
-    def _apply_plan(self, plan: PartitionPlan) -> None:
-        # Order as in DESIGN.md: (pipeline, tensor,) activation checkpointing, then storage, and all
-        # before the optimizers are built, since FSDP replaces the parameters they would hold.
-        assert self.model is not None
-        assert self.mesh is not None and self._dp_group is not None
-        if plan.activation_checkpointing == "blocks":
-            apply_activation_checkpointing(self.model, resolve_units(self.model, plan.sharding_units))
-        if self._shards_module:
-            # Automatic optimization runs each step through the module's `__call__` (see `_call_step`),
-            # so the root can be a unit; manual optimization runs backward passes inside
-            # `training_step`, before any root forward would end, so only the children are units.
-            shard_root = self.lightning_module is not None and self.lightning_module.automatic_optimization
-            apply_storage(self.model, self.mesh, plan, shard_root=shard_root)
-            self._redirect_steps = shard_root
-        else:
-            # Replicated and ZeRO-1 keep whole parameters: gradients are averaged over every
-            # data-parallel rank (ZeRO-1 then splits only the optimizer step).
-            self._grad_sync = GradientSynchronizer(self.model, self._dp_group)
-
     def _step(self, method: str, context: Any, *args: Any, **kwargs: Any) -> Any:
-        if not self._redirect_steps:
+        if self.lightning_module is None or not steps_through_root(self.lightning_module):
             return getattr(super(), method)(*args, **kwargs)
         # FSDP gathers a unit's parameters in hooks around its `forward`, but Lightning calls
         # `training_step` & co. directly: route them through the module's `__call__` so the root's
@@ -508,18 +448,17 @@ class PartiStrategy(ParallelStrategy):
     @override
     def setup_optimizers(self, trainer: Trainer) -> None:
         super().setup_optimizers(trainer)
-        if not self._shards_optimizer:
+        if self._parallel is None:
             return
-        assert self.mesh is not None
-        shard_group = self.mesh["shard"].get_group()
-        sharded = []
+        wrapped = []
         for optimizer in self.optimizers:
-            replacement = shard_optimizer(optimizer, shard_group)
-            for config in self.lr_scheduler_configs:
-                if getattr(config.scheduler, "optimizer", None) is optimizer:
-                    retarget_lr_scheduler(config.scheduler, replacement)
-            sharded.append(replacement)
-        self.optimizers = sharded
+            replacement = self._parallel.wrap_optimizer(optimizer)
+            if replacement is not optimizer:
+                for config in self.lr_scheduler_configs:
+                    if getattr(config.scheduler, "optimizer", None) is optimizer:
+                        retarget_lr_scheduler(config.scheduler, replacement)
+            wrapped.append(replacement)
+        self.optimizers = wrapped
 
     @override
     def model_to_device(self) -> None:
@@ -528,23 +467,16 @@ class PartiStrategy(ParallelStrategy):
 
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
-        if self._grad_sync is not None:
-            self._grad_sync.sync()
+        if self._parallel is not None:
+            self._parallel.sync_gradients()
 
     @contextmanager
     @override
     def block_backward_sync(self) -> Generator[None, None, None]:
-        if self._grad_sync is not None:
-            with self._grad_sync.no_sync():
-                yield
-        elif self._shards_module and hasattr(self.model, "set_requires_gradient_sync"):
-            # FSDP: accumulate unsharded local gradients, reduce-scatter at the boundary step.
-            self.model.set_requires_gradient_sync(False)  # type: ignore[operator]
-            try:
-                yield
-            finally:
-                self.model.set_requires_gradient_sync(True)  # type: ignore[operator]
-        else:
+        if self._parallel is None:
+            yield
+            return
+        with self._parallel.no_sync():
             yield
 
     # ------------------------------------------------------------------ checkpoints
@@ -567,8 +499,8 @@ class PartiStrategy(ParallelStrategy):
                 f"sharded checkpoints are written to a local or mounted file system, not {path!r}: use"
                 " PartiStrategy(state_dict_type='full') for a remote URL, or save to a mounted path."
             )
-        plan = self.resolved_plan
-        meta = {"parti": {"plan": plan.to_dict(), "world_size": self.world_size, "num_nodes": self.num_nodes}}
+        meta = {"parti": {"plan": self.resolved_plan.to_dict(), "world_size": self.world_size,
+                          "num_nodes": self.num_nodes}}
         save_sharded(path, checkpoint, meta)
 
     @override
@@ -624,7 +556,7 @@ class PartiStrategy(ParallelStrategy):
             # What this rank holds, keyed by the module's own names; `save_checkpoint` writes the shards.
             return sharded_model_state(self.lightning_module)
         # Gathered and keyed by the module's own names under every plan: a plain Lightning state dict.
-        if self._shards_module:
+        if holds_sharded_tensors(self.lightning_module):
             return full_state_dict(self.lightning_module)
         return self.lightning_module.state_dict()
 
@@ -633,7 +565,7 @@ class PartiStrategy(ParallelStrategy):
         assert self.lightning_module is not None
         if self._restored_sharded:
             return  # `load_checkpoint` read the weights straight into the module
-        if self._shards_module:
+        if holds_sharded_tensors(self.lightning_module):
             load_full_state_dict(self.lightning_module, checkpoint["state_dict"], strict=strict)
         else:
             self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=strict)
@@ -663,33 +595,16 @@ class PartiStrategy(ParallelStrategy):
         self, tensor: Tensor | Any, group: Any | None = None, reduce_op: Any | None = "mean"
     ) -> Tensor | Any:
         if isinstance(tensor, Tensor):
-            group = group or self._dp_group
-            name = _logged_name(inspect.currentframe())
+            group = group or self.data_parallel_group
+            name = logged_name(inspect.currentframe())
             if name is not None and _distributed_is_initialized():
-                self._check_same_logged_name(name, group, tensor.device)
+                check_same_logged_name(name, group, tensor.device, self.global_rank)
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
 
-    def _check_same_logged_name(self, name: str, group: Any, device: torch.device) -> None:
-        """Fail on every rank, rather than hang or add unrelated values, when ranks sync different metrics.
-
-        ``self.log(name, value, sync_dist=True)`` reduces values in the order each rank logs them, so
-        ranks that log different names would pair unrelated values, or wait forever for a partner.
-        One small all-reduce compares a hash of the names first (max of h and of -h: equal iff all agree).
-        """
-        digest = zlib.crc32(name.encode())
-        pair = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
-        dist.all_reduce(pair, op=dist.ReduceOp.MAX, group=group)
-        if pair[0].item() != -pair[1].item():
-            raise RuntimeError(
-                f"rank {self.global_rank} logged {name!r} with sync_dist=True while another rank logged a different"
-                " name at the same point: every rank must log the same metrics, in the same order, when they are"
-                " synced (sync_dist=True). Log rank-specific values without sync_dist, or under the same name."
-            )
-
     @override
     def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
-        return _all_gather_ddp_if_available(tensor, group=group or self._dp_group, sync_grads=sync_grads)
+        return _all_gather_ddp_if_available(tensor, group=group or self.data_parallel_group, sync_grads=sync_grads)
 
     @override
     def barrier(self, *args: Any, **kwargs: Any) -> None:
@@ -730,9 +645,9 @@ class PartiStrategy(ParallelStrategy):
 
     @override
     def teardown(self) -> None:
-        if self._grad_sync is not None:
-            self._grad_sync.remove()
-            self._grad_sync = None
+        if self._parallel is not None:
+            self._parallel.remove()
+            self._parallel = None
         module = self.lightning_module
         if (
             module is not None
@@ -755,29 +670,8 @@ class PartiStrategy(ParallelStrategy):
             strategy_registry.register(f"parti_{name}", cls, description=f"parti with plan='{name}'", plan=name)
 
 
-def _is_sharded(module: torch.nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in module.parameters())
-
-
 def _positive_timedelta(name: str, value: float | timedelta) -> timedelta:
     result = value if isinstance(value, timedelta) else timedelta(seconds=float(value))
     if result.total_seconds() <= 0:
         raise ValueError(f"{name}={value!r} must be positive.")
     return result
-
-
-def _logged_name(frame: FrameType | None) -> str | None:
-    """The ``hook.name`` of the metric whose ``self.log(sync_dist=True)`` called ``reduce``, if that is the caller.
-
-    Lightning's result collection calls ``strategy.reduce`` from a ``_ResultMetric`` method and passes
-    no name; reading it off the calling frame costs a few attribute lookups per synced value.
-    """
-    for _ in range(3):
-        frame = frame.f_back if frame is not None else None
-        if frame is None:
-            return None
-        caller = frame.f_locals.get("self")
-        meta = getattr(caller, "meta", None)
-        if type(caller).__name__ == "_ResultMetric" and meta is not None:
-            return f"{meta.fx}.{meta.name}"
-    return None

@@ -1,0 +1,178 @@
+"""Applying a plan: :func:`parallelize` composes the techniques, each a set of plain functions in its own file.
+
+The order is fixed, and each step has a reason to come where it does:
+
+1. pipeline split: decides which blocks this rank holds at all, so every later step touches only those
+   (not implemented yet);
+2. tensor parallel: replaces a block's weights by tensor-axis shards, which storage sharding then
+   shards again over its own axis (not implemented yet);
+3. activation checkpointing: wraps whole blocks before FSDP, so the recomputation runs inside each
+   unit's backward, after FSDP has gathered that unit's parameters for it;
+4. storage: FSDP (ZeRO-2/3) replaces every parameter with a sharded one, so it comes after everything
+   that reads or replaces parameters and before the optimizers are built; or, for whole parameters
+   (replicated, ZeRO-1), gradient averaging over the data-parallel ranks.
+
+Nothing here imports Lightning: the strategy adapts what :func:`parallelize` returns to Lightning's hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from torch import nn
+from torch.distributed import ProcessGroup
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.optim import Optimizer
+
+from parti_lightning.mesh import ParallelMesh
+from parti_lightning.parallel.blocks import resolve_units
+from parti_lightning.parallel.checkpointing import apply_activation_checkpointing
+from parti_lightning.parallel.data import GradientSynchronizer
+from parti_lightning.parallel.storage import apply_storage, root_free_units, shard_optimizer
+from parti_lightning.plan import ResolvedPlan
+
+__all__ = [
+    "Parallelized", "check_module", "holds_sharded_tensors", "parallelize", "shards_module", "steps_through_root",
+]
+
+
+def shards_module(plan: ResolvedPlan) -> bool:
+    """ZeRO-2/3 with more than one shard: FSDP owns the parameters and reduces the gradients."""
+    return plan.storage in ("gradients", "parameters") and plan.shard > 1
+
+
+def shards_optimizer(plan: ResolvedPlan) -> bool:
+    """ZeRO-1 with more than one shard: each rank steps the optimizer for its own parameters."""
+    return plan.storage == "optimizer" and plan.shard > 1
+
+
+def steps_through_root(module: nn.Module) -> bool:
+    """Whether a step must run through ``module.__call__``: FSDP sharded the root (ZeRO-2/3, automatic
+    optimization), and gathers the root's parameters in hooks around its ``forward`` only.
+
+    Read from the module, not the plan, so it holds after ``fit`` too (``validate`` on a sharded module).
+    """
+    return isinstance(module, FSDPModule)
+
+
+def holds_sharded_tensors(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` is a ``DTensor`` (a shard), whatever the plan that made it one."""
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+@dataclass
+class Parallelized:
+    """What the strategy needs to run a step of a module that :func:`parallelize` applied a plan to.
+
+    Attributes:
+        module: the module, changed in place; this rank's part of it.
+        plan: the plan applied.
+        gradient_sync: averages whole gradients over the data-parallel ranks after backward
+            (replicated and ZeRO-1); ``None`` where FSDP reduces them, or with one data-parallel rank.
+        optimizer_shard_group: the ranks that split the optimizer state (ZeRO-1), else ``None``.
+    """
+
+    module: nn.Module
+    plan: ResolvedPlan
+    gradient_sync: GradientSynchronizer | None = None
+    optimizer_shard_group: ProcessGroup | None = field(default=None, repr=False)
+
+    def sync_gradients(self) -> None:
+        """After a backward pass: average the gradients it produced (a no-op where FSDP does it)."""
+        if self.gradient_sync is not None:
+            self.gradient_sync.sync()
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate local gradients without reducing them (gradient accumulation steps)."""
+        if self.gradient_sync is not None:
+            with self.gradient_sync.no_sync():
+                yield
+        elif shards_module(self.plan) and hasattr(self.module, "set_requires_gradient_sync"):
+            # FSDP: accumulate unsharded local gradients, reduce-scatter at the boundary step.
+            self.module.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.module.set_requires_gradient_sync(True)
+        else:
+            yield
+
+    def wrap_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        """The optimizer that steps under this plan: ZeRO-1's sharded one, else ``optimizer`` itself.
+
+        Re-point LR schedulers built on ``optimizer`` at the result
+        (:func:`~parti_lightning.parallel.storage.retarget_lr_scheduler`).
+        """
+        if self.optimizer_shard_group is None:
+            return optimizer
+        return shard_optimizer(optimizer, self.optimizer_shard_group)
+
+    def remove(self) -> None:
+        """Remove the hooks the plan put on the module's parameters (the sharding itself stays)."""
+        if self.gradient_sync is not None:
+            self.gradient_sync.remove()
+            self.gradient_sync = None
+
+
+def check_module(module: nn.Module, plan: ResolvedPlan, *, automatic_optimization: bool = True) -> None:
+    """Checks of ``plan`` against ``module`` that need no process: run before anything is launched.
+
+    Cheap: walks the module tree only (a meta-device module works).
+
+    Raises:
+        ValueError: a sharding unit name is unknown.
+        NotImplementedError: the module cannot run the plan as asked (the message says what to use instead).
+    """
+    units = []
+    if plan.sharding_units is not None or plan.activation_checkpointing == "blocks":
+        units = resolve_units(module, plan.sharding_units)  # names an unknown unit clearly
+    if shards_module(plan) and not automatic_optimization:
+        try:
+            root_free_units(module, units)
+        except ValueError as err:
+            raise NotImplementedError(
+                f"manual optimization with plan storage={plan.storage!r} is not supported for this"
+                f" module: {err} Use storage='optimizer' (ZeRO-1) or 'replicated'."
+            ) from err
+
+
+def parallelize(module: nn.Module, mesh: ParallelMesh, *, automatic_optimization: bool = True) -> Parallelized:
+    """Apply ``mesh.plan`` to ``module`` in place, in the order of this module's docstring.
+
+    Call it on every rank, with the module's weights already the same on every rank (or already
+    sharded by an earlier call), and before the optimizers are built.
+
+    Args:
+        module: the user's module.
+        mesh: the run's mesh; its plan is the one applied.
+        automatic_optimization: ``False`` when the module runs its own backward passes inside a step
+            (Lightning's manual optimization): FSDP then leaves the root unsharded, since a backward
+            would run before any root forward ended.
+
+    Returns:
+        what the strategy needs to run a step.
+    """
+    plan = mesh.plan
+    if plan.pipeline > 1 or plan.tensor > 1:
+        raise NotImplementedError(
+            f"plan {plan.mesh_description()}: tensor and pipeline parallelism are not implemented yet."
+        )
+    if plan.activation_checkpointing == "blocks":
+        apply_activation_checkpointing(module, resolve_units(module, plan.sharding_units))
+    result = Parallelized(module, plan)
+    if shards_module(plan):
+        # Automatic optimization runs each step through the module's `__call__`, so the root can be a
+        # unit; manual optimization runs backward passes inside a step, before any root forward would
+        # end, so only the children are units.
+        apply_storage(module, mesh.storage_mesh, plan, shard_root=automatic_optimization)
+        return result
+    # Replicated and ZeRO-1 keep whole parameters: gradients are averaged over every data-parallel
+    # rank (ZeRO-1 then splits only the optimizer step).
+    result.gradient_sync = GradientSynchronizer(module, mesh.data_parallel_group)
+    if shards_optimizer(plan):
+        result.optimizer_shard_group = mesh.shard_group
+    return result

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
-from lightning.pytorch.plugins.layer_sync import LayerSync, _BatchNormXd
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -64,30 +63,12 @@ class DistributedBatchNorm(_BatchNorm):
         self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
 
 
-class PartiSyncBatchNorm(LayerSync):
-    """Lightning's ``sync_batchnorm=True`` for parti: over the data-parallel group, on CPU and CUDA.
+def convert_batchnorm(module: nn.Module, group: ProcessGroup | None) -> nn.Module:
+    """``module`` with every batch norm replaced by a :class:`DistributedBatchNorm` over ``group``.
 
-    Args:
-        group: the data-parallel process group (``None``: the whole world).
-        use_torch: use torch's fused ``SyncBatchNorm`` (CUDA training only).
+    The new layers hold the same parameter and buffer objects; returns the new root when ``module``
+    itself is a batch norm.
     """
-
-    def __init__(self, group: ProcessGroup | None = None, use_torch: bool = False) -> None:
-        self.group = group
-        self.use_torch = use_torch
-
-    @override
-    def apply(self, model: nn.Module) -> nn.Module:
-        if self.use_torch:
-            return nn.SyncBatchNorm.convert_sync_batchnorm(model, self.group)
-        return _convert(model, self.group)
-
-    @override
-    def revert(self, model: nn.Module) -> nn.Module:
-        return _revert(model)
-
-
-def _convert(module: nn.Module, group: ProcessGroup | None) -> nn.Module:
     converted = module
     if isinstance(module, _BatchNorm) and not isinstance(module, (DistributedBatchNorm, nn.SyncBatchNorm)):
         converted = DistributedBatchNorm(
@@ -98,21 +79,27 @@ def _convert(module: nn.Module, group: ProcessGroup | None) -> nn.Module:
         converted.train(module.training)
         converted._parti_original_class = type(module)  # type: ignore[assignment]
     for name, child in module.named_children():
-        converted.add_module(name, _convert(child, group))
+        converted.add_module(name, convert_batchnorm(child, group))
     return converted
 
 
-def _revert(module: nn.Module) -> nn.Module:
+def revert_batchnorm(module: nn.Module, fallback: type[_BatchNorm]) -> nn.Module:
+    """Undo :func:`convert_batchnorm` (or torch's ``convert_sync_batchnorm``), keeping the tensors.
+
+    Args:
+        module: the converted model.
+        fallback: the class of a layer whose original class was not recorded (torch's conversion).
+    """
     converted = module
     if isinstance(module, (DistributedBatchNorm, nn.SyncBatchNorm)):
-        original = getattr(module, "_parti_original_class", _BatchNormXd)
+        original = getattr(module, "_parti_original_class", fallback)
         converted = original(
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
         )
         _share_tensors(module, converted)
         converted.train(module.training)
     for name, child in module.named_children():
-        converted.add_module(name, _revert(child))
+        converted.add_module(name, revert_batchnorm(child, fallback))
     return converted
 
 

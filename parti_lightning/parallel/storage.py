@@ -40,6 +40,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils._pytree import tree_map_only
 
 from parti_lightning.parallel.blocks import resolve_units
+from parti_lightning.parallel.names import optimizer_parameter_names
 from parti_lightning.plan import MeshAxis, PartitionPlan, PlanError
 
 log = logging.getLogger(__name__)
@@ -463,24 +464,14 @@ def _drop_state_not_in(module: nn.Module, optimizer: Optimizer, saved: set[str])
     # saved state with a zeroed state whose step counter is 1 instead of none: their first real Adam
     # step would then be bias-corrected as a second one. Back to no state, as in the checkpoint.
     ordered = [param for group in optimizer.param_groups for param in group["params"]]
-    for param, name in zip(ordered, _parameter_names(module, optimizer), strict=True):
+    for param, name in zip(ordered, optimizer_parameter_names(module, optimizer), strict=True):
         if name not in saved:
             optimizer.state.pop(param, None)
 
 
-def _parameter_names(module: nn.Module, optimizer: Optimizer) -> list[str]:
-    """The name of each parameter of ``optimizer``, in its state-dict index order."""
-    names = {param: name for name, param in module.named_parameters()}
-    ordered = [param for group in optimizer.param_groups for param in group["params"]]
-    missing = sum(param not in names for param in ordered)
-    if missing:
-        raise ValueError(f"{missing} optimizer parameter(s) are not parameters of {type(module).__name__}.")
-    return [names[param] for param in ordered]
-
-
 def _named(module: nn.Module, optimizer: Optimizer, state: Mapping[str, Any]) -> dict[str, Any]:
     """An index-keyed optimizer state dict keyed by parameter name instead, as DCP keys it."""
-    names = _parameter_names(module, optimizer)
+    names = optimizer_parameter_names(module, optimizer)
     return {
         "state": {names[index]: value for index, value in state["state"].items()},
         "param_groups": [
@@ -506,7 +497,7 @@ def _zero_full_state_dict(module: nn.Module, optimizer: ZeroRedundancyOptimizer,
 
 
 def _zero_load_state_dict(module: nn.Module, optimizer: ZeroRedundancyOptimizer, state: Mapping[str, Any]) -> None:
-    index_of = {name: index for index, name in enumerate(_parameter_names(module, optimizer))}
+    index_of = {name: index for index, name in enumerate(optimizer_parameter_names(module, optimizer))}
     unknown = sorted(set(state["state"]) - set(index_of))
     if unknown:
         raise ValueError(f"optimizer state for unknown parameter(s) {unknown[:5]} of {type(module).__name__}.")
