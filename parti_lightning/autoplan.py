@@ -15,6 +15,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.seed import isolate_rng
 
 from parti_lightning.accelerator import usable_cores
+from parti_lightning.mesh import ParallelMesh
 from parti_lightning.plan import PartitionPlan
 from parti_lightning.planner import HardwareProfile, PlanReport, choose_plan, example_batch, profile_model
 
@@ -87,6 +89,45 @@ def plan_for(
     hardware = _hardware(device_type, ranks_per_node)
     hardware = dataclasses.replace(hardware, memory_bytes=memory_budget)
     return choose_plan(profile, hardware, world_size=world_size, ranks_per_node=ranks_per_node, headroom=headroom)
+
+
+def choose_in_run(
+    trainer: Trainer,
+    module: LightningModule,
+    mesh: ParallelMesh,
+    device: torch.device,
+    *,
+    budget: int,
+    ranks_per_node: int,
+    headroom: float,
+    startup_timeout: timedelta,
+    timeout: timedelta,
+) -> tuple[PartitionPlan, PlanReport | None, StepMeter]:
+    """The plan for this run, chosen on global rank 0 from the first training batch. Collective.
+
+    Returns:
+        the chosen plan (every rank), the planner's report (rank 0 only, else ``None``), and the meter
+        that logs the measured step time and memory beside the prediction after the first steps.
+    """
+    world_size = dist.get_world_size()
+    # Planning is start-up: the other ranks wait while rank 0 profiles the model and, on a machine it has
+    # not seen, measures it (seconds), which a short run `timeout` must not cut off.
+    mesh.set_timeout(startup_timeout)
+    try:
+        chosen, report = choose_on_rank0(
+            lambda: plan_for(
+                module, training_batch(trainer, module), device.type, budget, world_size, ranks_per_node, headroom
+            )
+        )
+    finally:
+        mesh.set_timeout(timeout)
+    if report is not None:
+        rank_zero_info(f"parti: plan='auto' chose {report.chosen.describe()}\n{report.render()}")
+    estimate = next((c.estimate for c in report.candidates if c.chosen), None) if report is not None else None
+    meter = StepMeter(
+        "plan='auto'", estimate.peak_bytes if estimate else 0, estimate.seconds if estimate else 0.0, device
+    )
+    return chosen, report, meter
 
 
 def _hardware(device_type: str, ranks_per_node: int) -> HardwareProfile:

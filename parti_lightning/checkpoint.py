@@ -147,7 +147,7 @@ def save_sharded(
                 "world_size": len(gathered),
                 "rng": [g["rng"] for g in gathered] if rng else [],
                 "optimizers": _merge_optimizer_metadata(gathered, len(checkpoint.get("optimizer_states", []))),
-                "model_extra": gathered[0]["model_extra"],
+                "model_extra": {k: v for g in gathered for k, v in g["model_extra"].items()},
             },
         }
         _write_synced(staging / META_FILE, meta_out)
@@ -180,8 +180,9 @@ def _split(checkpoint: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any
 
 
 def _merge_optimizer_metadata(gathered: Sequence[Mapping[str, Any]], count: int) -> list[dict[str, Any]]:
-    # Groups are the same on every rank (ZeRO-1's come from the outer optimizer); state entries are
-    # each rank's own (ZeRO-1) or the same everywhere, so their union is the whole.
+    # Each rank lists the parameters its optimizer holds: all of them where every rank holds the whole
+    # model (ZeRO-1's outer groups included), its own part where a rank holds only part of it. State
+    # entries are each rank's own or the same everywhere. So the union is the whole, in both cases.
     merged = []
     for index in range(count):
         entries = [g["optimizers"][index] for g in gathered]
@@ -191,7 +192,11 @@ def _merge_optimizer_metadata(gathered: Sequence[Mapping[str, Any]], count: int)
             has_state.update(entry["has_state"])
             for name, values in entry["state"].items():
                 state.setdefault(name, {}).update(values)
-        merged.append({"param_groups": entries[0]["param_groups"], "state": state, "has_state": sorted(has_state)})
+        groups = [dict(group) for group in entries[0]["param_groups"]]
+        for entry in entries[1:]:
+            for group, other in zip(groups, entry["param_groups"], strict=True):
+                group["params"] = list(dict.fromkeys([*group["params"], *other["params"]]))
+        merged.append({"param_groups": groups, "state": state, "has_state": sorted(has_state)})
     return merged
 
 
@@ -406,7 +411,8 @@ def load_sharded(
         )
     model_target = {k: v for k, v in sharded_model_state(module).items() if isinstance(v, Tensor)}
     saved_model = {k[len(MODEL) + 1 :] for k in index if k.startswith(f"{MODEL}.")}
-    _check_model_keys(path, set(model_target), saved_model, strict)
+    # A rank may hold part of the module (a pipeline stage): the ranks together must hold all of it.
+    _check_model_keys(path, _union_over_ranks(set(model_target)), saved_model, strict)
     model_target = {k: v for k, v in model_target.items() if f"{MODEL}.{k}" in index}
     targets: dict[str, Any] = {MODEL: model_target}
     optim_targets = {str(i): _optimizer_target(module, opt, i, index) for i, opt in enumerate(optimizers)}
@@ -419,6 +425,14 @@ def load_sharded(
     for i, optimizer in enumerate(optimizers):
         _load_optimizer(module, optimizer, optim_targets[str(i)], saved_optimizers[i])
     return meta
+
+
+def _union_over_ranks(names: set[str]) -> set[str]:
+    if not dist.is_initialized():
+        return names
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(names))
+    return {name for part in gathered for name in part}
 
 
 def _check_model_keys(path: Any, expected: set[str], saved: set[str], strict: bool) -> None:
@@ -503,7 +517,12 @@ def _hyper(group: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _check_groups(optimizer: Optimizer, names: Mapping[Any, str], saved_groups: Sequence[Mapping[str, Any]]) -> None:
+    # A rank may hold part of the module (a pipeline stage): the ranks' groups together must be the saved ones.
     current = [[names[p] for p in group["params"]] for group in optimizer.param_groups]
+    if dist.is_initialized():
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, current)
+        current = [list(dict.fromkeys(n for part in parts for n in part)) for parts in zip(*gathered, strict=True)]
     if [sorted(g) for g in current] != [sorted(g["params"]) for g in saved_groups]:
         raise CheckpointError(
             f"the optimizer's parameter groups ({[len(g) for g in current]} parameters) differ from the"

@@ -114,19 +114,6 @@ class PartitionPlan:
                     f"plan.sharding_units={self.sharding_units!r} is invalid: give a list of module names."
                 )
             object.__setattr__(self, "sharding_units", tuple(self.sharding_units))
-        if self.tensor > 1:
-            raise NotImplementedError(
-                f"plan.tensor={self.tensor}: tensor parallelism is not implemented yet; use tensor=1."
-            )
-        if self.pipeline > 1:
-            raise NotImplementedError(
-                f"plan.pipeline={self.pipeline}: pipeline parallelism is not implemented yet; use pipeline=1."
-            )
-        if self.micro_batches > 1:
-            raise NotImplementedError(
-                f"plan.micro_batches={self.micro_batches} only applies to pipeline parallelism, which is not"
-                " implemented yet; use micro_batches=1."
-            )
 
     # ---------------------------------------------------------------- construction
 
@@ -146,11 +133,33 @@ class PartitionPlan:
                 raise PlanError(f"unknown plan field(s) {unknown}: valid fields are {sorted(known)}.")
             if isinstance(fields.get("sharding_units"), list):
                 fields["sharding_units"] = tuple(fields["sharding_units"])
-            return dataclasses.replace(base, **fields)
+            plan = dataclasses.replace(base, **fields)
+            plan.check_implemented()
+            return plan
         raise PlanError(
             f"plan={value!r} is invalid: give a preset name ({', '.join(PRESETS)}), 'auto',"
             " or a mapping of plan fields."
         )
+
+    def check_implemented(self) -> None:
+        """Raise ``NotImplementedError`` for a valid plan that parti cannot run yet.
+
+        Separate from validation so that the mesh and the planner can reason about such plans; every
+        path from a user's plan to a run calls it before anything is launched.
+        """
+        if self.tensor > 1:
+            raise NotImplementedError(
+                f"plan.tensor={self.tensor}: tensor parallelism is not implemented yet; use tensor=1."
+            )
+        if self.pipeline > 1:
+            raise NotImplementedError(
+                f"plan.pipeline={self.pipeline}: pipeline parallelism is not implemented yet; use pipeline=1."
+            )
+        if self.micro_batches > 1:
+            raise NotImplementedError(
+                f"plan.micro_batches={self.micro_batches} only applies to pipeline parallelism, which is not"
+                " implemented yet; use micro_batches=1."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """A plain mapping that ``from_value`` turns back into this plan (YAML/JSON friendly)."""

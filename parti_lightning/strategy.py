@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import inspect
 import logging
-import shutil
 import sys
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Literal, Union
 
 import torch
@@ -32,7 +30,6 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
@@ -43,17 +40,8 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from parti_lightning.accelerator import PartiAccelerator, release_freed_memory
-from parti_lightning.autoplan import StepMeter, choose_on_rank0, plan_for, training_batch
-from parti_lightning.checkpoint import (
-    CheckpointError,
-    is_sharded_checkpoint,
-    load_sharded,
-    named_optimizer_state,
-    restore_rng_state,
-    save_sharded,
-    sharded_model_state,
-    sharded_optimizer_state,
-)
+from parti_lightning.autoplan import StepMeter, choose_in_run
+from parti_lightning.checkpoint_hooks import CheckpointHooks, StateDictType
 from parti_lightning.launchers import PartiMultiProcessingLauncher, PartiSubprocessScriptLauncher
 from parti_lightning.layer_sync import PartiSyncBatchNorm
 from parti_lightning.logging_sync import check_same_logged_name, logged_name
@@ -67,24 +55,17 @@ from parti_lightning.parallel import (
     shards_module,
     steps_through_root,
 )
-from parti_lightning.parallel.storage import (
-    full_optimizer_state_dict,
-    full_state_dict,
-    load_full_optimizer_state_dict,
-    load_full_state_dict,
-    retarget_lr_scheduler,
-)
+from parti_lightning.parallel.storage import retarget_lr_scheduler
 from parti_lightning.plan import AUTO, PRESETS, PartitionPlan, PlanLike, ResolvedPlan
 from parti_lightning.planner import PlanReport
 
 log = logging.getLogger(__name__)
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
-StateDictType = Literal["sharded", "full"]
 _BACKENDS = ("gloo", "nccl")
 
 
-class PartiStrategy(ParallelStrategy):
+class PartiStrategy(CheckpointHooks):
     """Partitioned training for an unmodified LightningModule.
 
     Args:
@@ -151,6 +132,7 @@ class PartiStrategy(ParallelStrategy):
                 " or a preset (ddp, zero1, zero2, zero3, hybrid) with your fields."
             )
         self.plan = PartitionPlan.from_value(plan)
+        self.plan.check_implemented()
         if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget <= 0):
             raise ValueError(f"memory_budget={memory_budget!r}: give a positive number of bytes per rank, or None.")
         if not 0 <= planner_headroom < 1:
@@ -376,40 +358,23 @@ class PartiStrategy(ParallelStrategy):
 
     def _choose_plan(self, trainer: Trainer) -> None:
         """``plan="auto"``: the planner chooses on global rank 0, every rank takes its choice."""
-        assert self.lightning_module is not None
+        assert self.lightning_module is not None and self.mesh is not None
         budget = self._memory_budget
         if budget is None:
             assert isinstance(self.accelerator, PartiAccelerator), "plan='auto' needs the PartiAccelerator"
             budget = self.accelerator.memory_budget
-        module, device_type = self.lightning_module, self.root_device.type
-        # Planning is start-up: the other ranks wait while rank 0 profiles the model and, on a machine
-        # it has not seen, measures it (seconds), which a short run `timeout` must not cut off.
-        assert self.mesh is not None
-        self.mesh.set_timeout(self._startup_timeout)
-        try:
-            chosen, report = choose_on_rank0(
-                lambda: plan_for(
-                    module, training_batch(trainer, module), device_type, budget, self.world_size,
-                    self.num_processes, self._planner_headroom,
-                )
-            )
-        finally:
-            self.mesh.set_timeout(self._timeout)
-        if report is not None:
-            self.plan_report = report
-            rank_zero_info(f"parti: plan='auto' chose {report.chosen.describe()}\n{report.render()}")
+        chosen, report, self._step_meter = choose_in_run(
+            trainer, self.lightning_module, self.mesh, self.root_device, budget=budget,
+            ranks_per_node=self.num_processes, headroom=self._planner_headroom,
+            startup_timeout=self._startup_timeout, timeout=self._timeout,
+        )
+        self.plan_report = report
         previous = self.resolved_plan
         self.plan, self._resolved = chosen, None
-        plan = self.resolved_plan
-        if (plan.data, plan.shard) != (previous.data, previous.shard):
-            self._build_mesh(plan)
-        if shards_module(plan) and self.root_device.type == "cpu":
+        if self.resolved_plan.mesh_shape != previous.mesh_shape:
+            self._build_mesh(self.resolved_plan)
+        if shards_module(self.resolved_plan) and self.root_device.type == "cpu":
             release_freed_memory()  # as the accelerator does for a sharded plan known at launch
-        estimate = next((c.estimate for c in report.candidates if c.chosen), None) if report is not None else None
-        self._step_meter = StepMeter(
-            "plan='auto'", estimate.peak_bytes if estimate else 0, estimate.seconds if estimate else 0.0,
-            self.root_device,
-        )
 
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
@@ -478,115 +443,6 @@ class PartiStrategy(ParallelStrategy):
             return
         with self._parallel.no_sync():
             yield
-
-    # ------------------------------------------------------------------ checkpoints
-
-    @override
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
-    ) -> None:
-        if self._state_dict_type == "full":
-            path = self.broadcast(filepath)
-            if is_sharded_checkpoint(path) and self.is_global_zero:
-                shutil.rmtree(path)
-            return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
-        if storage_options is not None:
-            raise TypeError("PartiStrategy(state_dict_type='sharded') writes through torch.distributed.checkpoint:"
-                            " storage_options are not supported; use state_dict_type='full' for a CheckpointIO.")
-        path = str(self.broadcast(filepath))
-        if "://" in path:
-            raise NotImplementedError(
-                f"sharded checkpoints are written to a local or mounted file system, not {path!r}: use"
-                " PartiStrategy(state_dict_type='full') for a remote URL, or save to a mounted path."
-            )
-        meta = {"parti": {"plan": self.resolved_plan.to_dict(), "world_size": self.world_size,
-                          "num_nodes": self.num_nodes}}
-        save_sharded(path, checkpoint, meta)
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        # Always tensors and plain containers only: a checkpoint is data, and unpickling arbitrary
-        # objects would run whatever code a crafted file carries. parti's own checkpoints need nothing more.
-        if weights_only is False:
-            rank_zero_info("parti: checkpoints are always loaded as weights only; ignoring the request to unpickle.")
-        path = Path(self.broadcast(checkpoint_path))
-        self._restored_sharded = False
-        if not path.is_dir():
-            return super().load_checkpoint(path, weights_only=True)
-        if not is_sharded_checkpoint(path):
-            raise CheckpointError(
-                f"{path} is a directory but not a complete parti checkpoint (no meta.pt or .metadata): it was"
-                " not written by parti, or its save did not finish."
-            )
-        module = self.lightning_module
-        assert module is not None and module._trainer is not None
-        fitting = module._trainer.state.fn == TrainerFn.FITTING
-        meta = load_sharded(path, module, self.optimizers if fitting else (), strict=module.strict_loading)
-        parti = meta.pop("parti")
-        if fitting:
-            self._restore_rng(parti)
-        self._restored_sharded = True
-        if fitting and parti.get("optimizers") and "optimizer_states" not in meta:
-            meta["optimizer_states"] = [None] * len(parti["optimizers"])  # restored above; Lightning checks the key
-        return meta
-
-    def _restore_rng(self, parti: Mapping[str, Any]) -> None:
-        states = parti.get("rng", [])
-        if not states:
-            rank_zero_info("parti: the checkpoint holds no RNG states (converted from a file); RNGs left as seeded.")
-            return
-        if len(states) != self.world_size:
-            rank_zero_info(
-                f"parti: the checkpoint was written by {len(states)} processes, this run has {self.world_size}:"
-                " random number generators continue from this run's seeds, not the checkpoint's."
-            )
-            return
-        restore_rng_state(states[self.global_rank])
-
-    @property
-    @override
-    def restore_checkpoint_after_setup(self) -> bool:
-        # Sharded parameters and optimizers exist only after `setup`; loading then works for every plan.
-        return True
-
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        assert self.lightning_module is not None
-        if self._state_dict_type == "sharded":
-            # What this rank holds, keyed by the module's own names; `save_checkpoint` writes the shards.
-            return sharded_model_state(self.lightning_module)
-        # Gathered and keyed by the module's own names under every plan: a plain Lightning state dict.
-        if holds_sharded_tensors(self.lightning_module):
-            return full_state_dict(self.lightning_module)
-        return self.lightning_module.state_dict()
-
-    @override
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        assert self.lightning_module is not None
-        if self._restored_sharded:
-            return  # `load_checkpoint` read the weights straight into the module
-        if holds_sharded_tensors(self.lightning_module):
-            load_full_state_dict(self.lightning_module, checkpoint["state_dict"], strict=strict)
-        else:
-            self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=strict)
-
-    @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        # Keyed by parameter name rather than position, so it loads under any other plan.
-        assert self.lightning_module is not None
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's torch optimizer
-        if self._state_dict_type == "sharded":
-            return sharded_optimizer_state(self.lightning_module, optimizer)
-        return full_optimizer_state_dict(self.lightning_module, optimizer)
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        assert self.lightning_module is not None
-        if self._restored_sharded:
-            return
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
-            state = named_optimizer_state(state, self.lightning_module, optimizer)
-            load_full_optimizer_state_dict(self.lightning_module, optimizer, state)
 
     # ------------------------------------------------------------------ collectives
 

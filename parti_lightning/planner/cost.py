@@ -15,10 +15,11 @@ does not overlap, so nothing hides behind compute.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from parti_lightning.parallel.data import DEFAULT_BUCKET_BYTES
-from parti_lightning.plan import PartitionPlan
+from parti_lightning.plan import ResolvedPlan
 from parti_lightning.planner.hardware import HardwareProfile
 from parti_lightning.planner.profile import ModelProfile
 
@@ -54,52 +55,96 @@ class Estimate:
         return sum(self.time.values())
 
 
-def estimate(profile: ModelProfile, hardware: HardwareProfile, plan: PartitionPlan, ranks_per_node: int) -> Estimate:
-    """Predict ``plan`` (resolved) for ``profile`` on ``hardware``."""
-    memory = _memory(profile, plan)
-    memory["overhead"] = hardware.process_overhead_bytes
-    sharded = plan.storage in ("gradients", "parameters") and plan.shard > 1
-    setup = profile.parameter_bytes + _fsdp_shard_bytes(profile, plan.shard) if sharded else 0
-    return Estimate(memory, setup, _time(profile, hardware, plan, ranks_per_node))
+# A technique's term: the cost of the plan so far, changed by what the technique does to one step.
+Term = Callable[["_Cost", ModelProfile, HardwareProfile, ResolvedPlan, int], None]
+
+
+@dataclass
+class _Cost:
+    memory: dict[str, int]
+    time: dict[str, float]
+    setup_bytes: int = 0
+
+
+def estimate(profile: ModelProfile, hardware: HardwareProfile, plan: ResolvedPlan, ranks_per_node: int) -> Estimate:
+    """Predict ``plan`` (resolved) for ``profile`` on ``hardware``.
+
+    Starts from one process holding and computing everything, then applies one term per technique in
+    the order ``parallelize`` applies the techniques. Pipeline and tensor parallelism have no term yet
+    (the planner does not propose them); theirs slot in before activation checkpointing.
+    """
+    cost = _single_process(profile, hardware)
+    for term in _TERMS:
+        term(cost, profile, hardware, plan, ranks_per_node)
+    cost.memory["overhead"] = hardware.process_overhead_bytes
+    return Estimate(cost.memory, cost.setup_bytes, cost.time)
+
+
+def _single_process(profile: ModelProfile, hardware: HardwareProfile) -> _Cost:
+    """One process: the whole model, its gradients (and the averaging bucket), its optimizer state."""
+    memory = {
+        "parameters": profile.parameter_bytes + profile.buffer_bytes,
+        "gradients": profile.peak_gradient_bytes + min(DEFAULT_BUCKET_BYTES, profile.gradient_bytes),
+        "optimizer": profile.optimizer_state_bytes + profile.optimizer_scalar_bytes,
+        "activations": profile.transient_bytes,
+        "in_flight": 0,
+    }
+    # Adam-like step: reads parameter, gradient and state, writes parameter and state.
+    step = 2 * profile.parameter_bytes + profile.gradient_bytes + 2 * profile.optimizer_state_bytes
+    time = {"compute": profile.step_flops / hardware.flops_per_s, "recompute": 0.0,
+            "optimizer": step / hardware.memory_bandwidth_bytes_per_s, "communication": 0.0}
+    return _Cost(memory, time)
+
+
+def _activation_checkpointing(
+    cost: _Cost, profile: ModelProfile, hardware: HardwareProfile, plan: ResolvedPlan, ranks_per_node: int
+) -> None:
+    """Blocks keep only their inputs; their forward runs again in backward."""
+    cost.memory["activations"] = _activation_bytes(profile, plan)
+    if plan.activation_checkpointing == "blocks":
+        cost.time["recompute"] = sum(b.forward_flops for b in profile.blocks) / hardware.flops_per_s
+
+
+def _storage(
+    cost: _Cost, profile: ModelProfile, hardware: HardwareProfile, plan: ResolvedPlan, ranks_per_node: int
+) -> None:
+    """ZeRO-1/2/3 over the shard axis, or replicated gradient averaging over the data-parallel ranks."""
+    n = plan.shard if plan.storage != "replicated" else 1
+    cost.time["optimizer"] /= n  # each rank steps its share
+    cost.time["communication"] = _communication(profile, hardware, plan, ranks_per_node)
+    if plan.storage == "replicated" or n == 1:
+        return
+    if plan.storage == "optimizer":
+        owned = _zero1_largest_share(profile, n)
+        cost.memory["optimizer"] = owned * profile.optimizer_tensors_per_parameter + profile.optimizer_scalar_bytes // n
+        return
+    shard = _fsdp_shard_bytes(profile, n)
+    params, unit = profile.parameter_bytes, _largest_unit_bytes(profile)
+    trainable_share = profile.gradient_bytes / max(params, 1)
+    # ZeRO-2 keeps every unit gathered from its forward to its backward; ZeRO-3 only those in flight.
+    gathered = params if plan.storage == "gradients" else min(params, _UNITS_IN_FLIGHT * unit)
+    cost.memory.update({
+        "parameters": shard + profile.buffer_bytes,
+        # Gradients are reduce-scattered unit by unit: a unit's whole gradients and the reduce-scatter
+        # input exist until its shard is written.
+        "gradients": int(shard * trainable_share) + 2 * unit,
+        "optimizer": int(shard * trainable_share) * profile.optimizer_tensors_per_parameter
+        + profile.optimizer_scalar_bytes,
+        # The all-gather output is copied out into the unit's parameters: briefly one unit twice.
+        "in_flight": gathered + unit,
+    })
+    # On CPU the strategy builds the whole model on every rank before sharding it.
+    cost.setup_bytes = params + shard
+
+
+# In `parallelize`'s order: (pipeline split, tensor parallel: no term yet,) activation checkpointing, storage.
+_TERMS: tuple[Term, ...] = (_activation_checkpointing, _storage)
 
 
 # ------------------------------------------------------------------------------------------ memory
 
 
-def _memory(profile: ModelProfile, plan: PartitionPlan) -> dict[str, int]:
-    n = plan.shard if plan.storage != "replicated" else 1
-    params, grads = profile.parameter_bytes, profile.gradient_bytes
-    optimizer = profile.optimizer_state_bytes
-    scalars = profile.optimizer_scalar_bytes
-    activations = _activation_bytes(profile, plan)
-    peak_grads = profile.peak_gradient_bytes
-    unit = _largest_unit_bytes(profile)
-    bucket = min(DEFAULT_BUCKET_BYTES, grads)
-    if plan.storage == "replicated" or n == 1:
-        return {"parameters": params + profile.buffer_bytes, "gradients": peak_grads + bucket,
-                "optimizer": optimizer + scalars, "activations": activations, "in_flight": 0}
-    if plan.storage == "optimizer":
-        owned = _zero1_largest_share(profile, n)
-        return {"parameters": params + profile.buffer_bytes, "gradients": peak_grads + bucket,
-                "optimizer": owned * profile.optimizer_tensors_per_parameter + scalars // n,
-                "activations": activations, "in_flight": 0}
-    shard = _fsdp_shard_bytes(profile, n)
-    trainable_share = grads / max(params, 1)
-    # ZeRO-2 keeps every unit gathered from its forward to its backward; ZeRO-3 only those in flight.
-    gathered = params if plan.storage == "gradients" else min(params, _UNITS_IN_FLIGHT * unit)
-    return {
-        "parameters": shard + profile.buffer_bytes,
-        # Gradients are reduce-scattered unit by unit: a unit's whole gradients and the reduce-scatter
-        # input exist until its shard is written.
-        "gradients": int(shard * trainable_share) + 2 * unit,
-        "optimizer": int(shard * trainable_share) * profile.optimizer_tensors_per_parameter + scalars,
-        "activations": activations,
-        # The all-gather output is copied out into the unit's parameters: briefly one unit twice.
-        "in_flight": gathered + unit,
-    }
-
-
-def _activation_bytes(profile: ModelProfile, plan: PartitionPlan) -> int:
+def _activation_bytes(profile: ModelProfile, plan: ResolvedPlan) -> int:
     """Activations and temporaries at the peak; under checkpointing, blocks keep only their inputs."""
     transient = profile.transient_bytes
     if plan.activation_checkpointing != "blocks" or not profile.blocks:
@@ -133,25 +178,10 @@ def _zero1_largest_share(profile: ModelProfile, n: int) -> int:
 # -------------------------------------------------------------------------------------------- time
 
 
-def _time(
-    profile: ModelProfile, hardware: HardwareProfile, plan: PartitionPlan, ranks_per_node: int
-) -> dict[str, float]:
-    compute = profile.step_flops / hardware.flops_per_s
-    recompute = 0.0
-    if plan.activation_checkpointing == "blocks":
-        recompute = sum(b.forward_flops for b in profile.blocks) / hardware.flops_per_s
-    n = plan.shard if plan.storage != "replicated" else 1
-    # Adam-like step: reads parameter, gradient and state, writes parameter and state, for the owned share.
-    owned = (2 * profile.parameter_bytes + profile.gradient_bytes + 2 * profile.optimizer_state_bytes) / n
-    return {"compute": compute, "recompute": recompute,
-            "optimizer": owned / hardware.memory_bandwidth_bytes_per_s,
-            "communication": _communication(profile, hardware, plan, ranks_per_node)}
-
-
 def _communication(
-    profile: ModelProfile, hardware: HardwareProfile, plan: PartitionPlan, ranks_per_node: int
+    profile: ModelProfile, hardware: HardwareProfile, plan: ResolvedPlan, ranks_per_node: int
 ) -> float:
-    world = plan.data * plan.shard  # type: ignore[operator]
+    world = plan.data * plan.shard
     if world == 1:
         return 0.0
     calls, copied = _collective_calls(profile, plan)
@@ -162,7 +192,7 @@ def _communication(
             + copied / copy_rate)
 
 
-def _collective_calls(profile: ModelProfile, plan: PartitionPlan) -> tuple[int, float]:
+def _collective_calls(profile: ModelProfile, plan: ResolvedPlan) -> tuple[int, float]:
     """Collective calls per step, and bytes copied around them (read + write) outside the collective."""
     grads, params = profile.gradient_bytes, profile.parameter_bytes
     # GradientSynchronizer: one all-reduce agreeing on which gradients exist, then flat buckets,
@@ -180,10 +210,10 @@ def _collective_calls(profile: ModelProfile, plan: PartitionPlan) -> tuple[int, 
 
 
 def _volume_seconds(
-    profile: ModelProfile, hardware: HardwareProfile, plan: PartitionPlan, ranks_per_node: int
+    profile: ModelProfile, hardware: HardwareProfile, plan: ResolvedPlan, ranks_per_node: int
 ) -> float:
     params, grads = profile.parameter_bytes, profile.gradient_bytes
-    world = plan.data * plan.shard  # type: ignore[operator]
+    world = plan.data * plan.shard
     flat = hardware.bandwidth_bytes_per_s if world <= ranks_per_node else hardware.internode_bandwidth
     if plan.storage == "replicated" or plan.shard == 1:
         return _all_reduce(grads, world, flat)
@@ -195,7 +225,7 @@ def _volume_seconds(
     gathers = 1 if plan.storage == "gradients" else 2  # ZeRO-3 gathers again for backward
     seconds = _one_way(grads, plan.shard, shard_bw) + gathers * _one_way(params, plan.shard, shard_bw)
     if plan.data > 1:  # hybrid: replicas average their gradient shards across nodes
-        seconds += _all_reduce(grads / plan.shard, plan.data, hardware.internode_bandwidth)  # type: ignore[arg-type]
+        seconds += _all_reduce(grads / plan.shard, plan.data, hardware.internode_bandwidth)
     return seconds
 
 

@@ -20,7 +20,7 @@ def report_table(report: PlanReport) -> Table:
              f" {report.world_size}: budget {report.budget_bytes / GIB:.2f} GiB per rank, usable"
              f" {report.usable_bytes / GIB:.2f} GiB ({report.headroom:.0%} headroom)")
     table = Table(title=title)
-    for column in ("", "plan", "mesh", "peak GiB/rank", "params+grads+optim GiB", "activations GiB",
+    for column in ("", "plan", "mesh p×d×s×t", "peak GiB/rank", "params+grads+optim GiB", "activations GiB",
                    "in flight GiB", "step s", "verdict"):
         table.add_column(column, justify="left" if column in ("plan", "verdict") else "right")
     for candidate in report.candidates:
@@ -28,7 +28,7 @@ def report_table(report: PlanReport) -> Table:
         states = memory["parameters"] + memory["gradients"] + memory["optimizer"]
         table.add_row(
             "→" if candidate.chosen else "", candidate.label,
-            f"{candidate.plan.data}×{candidate.plan.shard}",
+            "×".join(str(candidate.plan.mesh_shape[axis]) for axis in ("pipeline", "data", "shard", "tensor")),
             f"{candidate.peak_bytes / GIB:.3f}", f"{states / GIB:.3f}", f"{memory['activations'] / GIB:.3f}",
             f"{memory['in_flight'] / GIB:.3f}", f"{candidate.step_seconds:.3f}", candidate.reason,
             style="bold green" if candidate.chosen else ("dim" if not candidate.fits else None),

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from rich.table import Table
 
-from parti_lightning.plan import PartitionPlan, PlanError
+from parti_lightning.plan import ActivationCheckpointing, PartitionPlan, PlanError, ResolvedPlan, Storage
 from parti_lightning.planner.cost import Estimate, estimate
 from parti_lightning.planner.hardware import HardwareProfile
 from parti_lightning.planner.profile import ModelProfile
 
 GIB = 1024**3
 # Simpler first: on a tie the earlier storage level wins.
-STORAGE_ORDER = ("replicated", "optimizer", "gradients", "parameters")
+STORAGE_ORDER: tuple[Storage, ...] = ("replicated", "optimizer", "gradients", "parameters")
 # How much more ranks a "would fit with" hint tries before giving up.
 _MAX_WORLD_HINT = 4096
 
@@ -35,7 +34,7 @@ class Candidate:
         chosen: whether it is the planner's choice.
     """
 
-    plan: PartitionPlan
+    plan: ResolvedPlan
     estimate: Estimate
     fits: bool
     reason: str = ""
@@ -53,7 +52,7 @@ class Candidate:
     def label(self) -> str:
         plan = self.plan
         name = {"replicated": "ddp", "optimizer": "zero1", "gradients": "zero2", "parameters": "zero3"}[plan.storage]
-        if plan.data > 1 and plan.shard > 1:  # type: ignore[operator]
+        if plan.data > 1 and plan.shard > 1:
             name = f"hybrid {name}"
         return name + (" + checkpointing" if plan.activation_checkpointing == "blocks" else "")
 
@@ -71,7 +70,7 @@ class PlanReport:
         hardware: the hardware profile they came from.
     """
 
-    chosen: PartitionPlan
+    chosen: ResolvedPlan
     candidates: tuple[Candidate, ...]
     budget_bytes: int
     headroom: float
@@ -100,20 +99,39 @@ class PlanReport:
         return self.render()
 
 
-def candidate_plans(profile: ModelProfile, world_size: int, ranks_per_node: int) -> list[PartitionPlan]:
-    """Every plan worth predicting: each storage level, flat and (over several nodes) hybrid, with and
-    without block checkpointing when the model has repeated blocks; all resolved."""
-    checkpointing = ("none", "blocks") if profile.blocks else ("none",)
-    plans: list[PartitionPlan] = []
-    for storage in STORAGE_ORDER if world_size > 1 else ("replicated",):
-        shards: list[Any] = ["auto"]
-        if storage != "replicated" and ranks_per_node < world_size and world_size % ranks_per_node == 0:
-            shards.append("node")
-        for shard in shards:
-            for ac in checkpointing:
-                plan = PartitionPlan(storage=storage, shard=shard, activation_checkpointing=ac)  # type: ignore[arg-type]
-                plans.append(plan.resolve(world_size, ranks_per_node))
+def candidate_plans(profile: ModelProfile, world_size: int, ranks_per_node: int) -> list[ResolvedPlan]:
+    """Every plan worth predicting, over the mesh degrees the model and the world allow; all resolved.
+
+    For each split of the world into model-parallel and data-parallel ranks: each storage level, flat
+    and (over several nodes) hybrid, with and without block checkpointing when the model has repeated
+    blocks. Simplest first, which is the order ties are broken in.
+    """
+    checkpointing: tuple[ActivationCheckpointing, ...] = ("none", "blocks") if profile.blocks else ("none",)
+    plans: list[ResolvedPlan] = []
+    for pipeline, tensor in _model_parallel_degrees(world_size):
+        data_parallel = world_size // (pipeline * tensor)
+        for storage in STORAGE_ORDER if data_parallel > 1 else ("replicated",):
+            for data, shard in _storage_degrees(storage, data_parallel, ranks_per_node):
+                for ac in checkpointing:
+                    plans.append(ResolvedPlan(pipeline=pipeline, tensor=tensor, data=data, shard=shard,
+                                              storage=storage, activation_checkpointing=ac))
     return plans
+
+
+def _model_parallel_degrees(world_size: int) -> list[tuple[int, int]]:
+    """``(pipeline, tensor)`` degrees to consider. Only ``(1, 1)`` until the planner has cost terms for tensor
+    and pipeline parallelism: it never proposes a technique it cannot predict."""
+    return [(1, 1)]
+
+
+def _storage_degrees(storage: str, data_parallel: int, ranks_per_node: int) -> list[tuple[int, int]]:
+    """``(data, shard)`` splits of the data-parallel ranks for ``storage``: all sharded, or shard inside a node."""
+    if storage == "replicated":
+        return [(data_parallel, 1)]
+    splits = [(1, data_parallel)]
+    if ranks_per_node < data_parallel and data_parallel % ranks_per_node == 0:
+        splits.append((data_parallel // ranks_per_node, ranks_per_node))  # hybrid: replicate across nodes
+    return splits
 
 
 def choose_plan(

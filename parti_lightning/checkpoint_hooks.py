@@ -1,0 +1,159 @@
+"""The checkpoint half of :class:`~parti_lightning.PartiStrategy`: Lightning's checkpoint hooks, adapted.
+
+Lightning asks a strategy for the model's and each optimizer's state, then saves the checkpoint dict it
+builds from them; on resume it loads a dict and hands the parts back. Here those hooks write and read
+either one plain Lightning file (``state_dict_type="full"``, gathered on rank 0) or a sharded directory
+(``"sharded"``, each rank writing what it holds; :mod:`parti_lightning.checkpoint`), keyed by the
+module's own parameter names either way so that a checkpoint loads under any plan. Whether a state
+must be gathered is read from the tensors (sharded ``DTensor`` parameters), not from the plan.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from parti_lightning.checkpoint import (
+    CheckpointError,
+    is_sharded_checkpoint,
+    load_sharded,
+    named_optimizer_state,
+    restore_rng_state,
+    save_sharded,
+    sharded_model_state,
+    sharded_optimizer_state,
+)
+from parti_lightning.parallel import holds_sharded_tensors
+from parti_lightning.parallel.storage import (
+    full_optimizer_state_dict,
+    full_state_dict,
+    load_full_optimizer_state_dict,
+    load_full_state_dict,
+)
+from parti_lightning.plan import ResolvedPlan
+
+StateDictType = Literal["sharded", "full"]
+
+
+class CheckpointHooks(ParallelStrategy):
+    """Lightning's checkpoint hooks for plan-independent checkpoints; :class:`~parti_lightning.PartiStrategy` is one."""
+
+    # Set by the strategy's constructor and `setup`.
+    _state_dict_type: StateDictType
+    _restored_sharded: bool  # the last `load_checkpoint` already restored model and optimizers
+    resolved_plan: ResolvedPlan
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        if self._state_dict_type == "full":
+            path = self.broadcast(filepath)
+            if is_sharded_checkpoint(path) and self.is_global_zero:
+                shutil.rmtree(path)
+            return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+        if storage_options is not None:
+            raise TypeError("PartiStrategy(state_dict_type='sharded') writes through torch.distributed.checkpoint:"
+                            " storage_options are not supported; use state_dict_type='full' for a CheckpointIO.")
+        path = str(self.broadcast(filepath))
+        if "://" in path:
+            raise NotImplementedError(
+                f"sharded checkpoints are written to a local or mounted file system, not {path!r}: use"
+                " PartiStrategy(state_dict_type='full') for a remote URL, or save to a mounted path."
+            )
+        meta = {"parti": {"plan": self.resolved_plan.to_dict(), "world_size": self.world_size,
+                          "num_nodes": self.num_nodes}}
+        save_sharded(path, checkpoint, meta)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # Always tensors and plain containers only: a checkpoint is data, and unpickling arbitrary
+        # objects would run whatever code a crafted file carries. parti's own checkpoints need nothing more.
+        if weights_only is False:
+            rank_zero_info("parti: checkpoints are always loaded as weights only; ignoring the request to unpickle.")
+        path = Path(self.broadcast(checkpoint_path))
+        self._restored_sharded = False
+        if not path.is_dir():
+            return super().load_checkpoint(path, weights_only=True)
+        if not is_sharded_checkpoint(path):
+            raise CheckpointError(
+                f"{path} is a directory but not a complete parti checkpoint (no meta.pt or .metadata): it was"
+                " not written by parti, or its save did not finish."
+            )
+        module = self.lightning_module
+        assert module is not None and module._trainer is not None
+        fitting = module._trainer.state.fn == TrainerFn.FITTING
+        meta = load_sharded(path, module, self.optimizers if fitting else (), strict=module.strict_loading)
+        parti = meta.pop("parti")
+        if fitting:
+            self._restore_rng(parti)
+        self._restored_sharded = True
+        if fitting and parti.get("optimizers") and "optimizer_states" not in meta:
+            meta["optimizer_states"] = [None] * len(parti["optimizers"])  # restored above; Lightning checks the key
+        return meta
+
+    def _restore_rng(self, parti: Mapping[str, Any]) -> None:
+        states = parti.get("rng", [])
+        if not states:
+            rank_zero_info("parti: the checkpoint holds no RNG states (converted from a file); RNGs left as seeded.")
+            return
+        if len(states) != self.world_size:
+            rank_zero_info(
+                f"parti: the checkpoint was written by {len(states)} processes, this run has {self.world_size}:"
+                " random number generators continue from this run's seeds, not the checkpoint's."
+            )
+            return
+        restore_rng_state(states[self.global_rank])
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        # Sharded parameters and optimizers exist only after `setup`; loading then works for every plan.
+        return True
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        assert self.lightning_module is not None
+        if self._state_dict_type == "sharded":
+            # What this rank holds, keyed by the module's own names; `save_checkpoint` writes the shards.
+            return sharded_model_state(self.lightning_module)
+        # Gathered and keyed by the module's own names under every plan: a plain Lightning state dict.
+        if holds_sharded_tensors(self.lightning_module):
+            return full_state_dict(self.lightning_module)
+        return self.lightning_module.state_dict()
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        assert self.lightning_module is not None
+        if self._restored_sharded:
+            return  # `load_checkpoint` read the weights straight into the module
+        if holds_sharded_tensors(self.lightning_module):
+            load_full_state_dict(self.lightning_module, checkpoint["state_dict"], strict=strict)
+        else:
+            self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=strict)
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        # Keyed by parameter name rather than position, so it loads under any other plan.
+        assert self.lightning_module is not None
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's torch optimizer
+        if self._state_dict_type == "sharded":
+            return sharded_optimizer_state(self.lightning_module, optimizer)
+        return full_optimizer_state_dict(self.lightning_module, optimizer)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        assert self.lightning_module is not None
+        if self._restored_sharded:
+            return
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            state = named_optimizer_state(state, self.lightning_module, optimizer)
+            load_full_optimizer_state_dict(self.lightning_module, optimizer, state)
