@@ -2,7 +2,8 @@
 
 Tier 1 (no process group): validate_tensor_rules' errors and the rule sources. Tier 2: one gloo group
 of 2 ranks runs every model once (process start dominates); each rank trains a tensor-parallel copy
-and, in the same process, an unsharded copy from the same weights, and returns the differences.
+and, in the same process, an unsharded copy from the same weights, and returns the differences; one
+group of 4 ranks (tensor=2 x data=2) does the same with data parallelism done by hand.
 """
 
 from __future__ import annotations
@@ -247,8 +248,15 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def _train_parity(name: str, rules: dict | None) -> dict:
-    """5 AdamW steps with clipping, tensor-parallel and unsharded, from the same weights and batches."""
+def _train_parity(name: str, rules: dict | None, data: int = 1) -> dict:
+    """5 AdamW steps with clipping, tensor-parallel and unsharded, from the same weights and batches.
+
+    With ``data`` > 1 the ranks form a (data, tensor) mesh, data outer as parti orders it: the ranks of one
+    tensor group see the same slice of each global batch, and the data-parallel ranks average their
+    gradients by hand (an all-reduce of each gradient's local tensor over the data group). The unsharded
+    reference trains in the same process on the whole global batch.
+    """
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from parti_lightning.parallel.tensor import apply_tensor_parallel, tensor_parallel_step
@@ -257,17 +265,26 @@ def _train_parity(name: str, rules: dict | None) -> dict:
     model = MODELS[name]()
     reference = copy.deepcopy(model)
     batches = [
-        torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(i)) for i in range(STEPS)
+        torch.randint(0, VOCAB, (BATCH * data, SEQ + 1), generator=torch.Generator().manual_seed(i))
+        for i in range(STEPS)
     ]
-    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
-    report = apply_tensor_parallel(model, mesh, rules, run_example=lambda: _loss(model, batches[0]))
+    tensor = dist.get_world_size() // data
+    mesh = init_device_mesh("cpu", (data, tensor), mesh_dim_names=("data", "tensor"))
+    rank_in_data = mesh.get_local_rank("data")
+    own = [batch[rank_in_data * BATCH : (rank_in_data + 1) * BATCH] for batch in batches]
+    report = apply_tensor_parallel(model, mesh["tensor"], rules, run_example=lambda: _loss(model, own[0]))
     losses, norms = [], []
-    for net in (reference, model):
+    for net, net_batches in ((reference, batches), (model, own)):
         optimizer = torch.optim.AdamW(net.parameters(), lr=LR, eps=EPS, foreach=True)
         run_losses, run_norms = [], []
-        for batch in batches:
+        for batch in net_batches:
             loss = _loss(net, batch)
             loss.backward()
+            if net is model and data > 1:
+                _average_gradients(net, mesh["data"].get_group())
+                loss = loss.detach().clone()
+                dist.all_reduce(loss, group=mesh["data"].get_group())
+                loss /= data
             with tensor_parallel_step():
                 run_norms.append(_full(torch.nn.utils.clip_grad_norm_(net.parameters(), 0.5)).item())
                 optimizer.step()
@@ -289,6 +306,17 @@ def _train_parity(name: str, rules: dict | None) -> dict:
         "fallbacks": report.fallbacks,
         "describe": report.describe(),
     }
+
+
+def _average_gradients(model: nn.Module, group) -> None:
+    """Data parallel by hand: each gradient's local part (a shard or a replica) averaged over ``group``."""
+    import torch.distributed as dist
+
+    for param in model.parameters():
+        if param.grad is not None:
+            local = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
+            dist.all_reduce(local, group=group)
+            local /= dist.get_world_size(group)
 
 
 CASES = {
@@ -366,6 +394,30 @@ def test_tensor2_matches_one_process(tensor2: dict, case: str) -> None:
     assert result["param_error"] < 1e-5
     split = [name for name, layout in result["rows"] if layout != "replicate"]
     assert split, f"nothing was split:\n{result['describe']}"
+
+
+# tensor=2 x data=2 on 4 ranks: one group start for both models (process start dominates).
+TENSOR_DATA_CASES = ("nanogpt", "hf_llama")
+
+
+def _run_tensor_data(cases: list[str]) -> dict:
+    return {case: _train_parity(case, None, data=2) for case in cases}
+
+
+@pytest.fixture(scope="module")
+def tensor2_data2() -> dict:
+    return run_distributed(_run_tensor_data, 4, list(TENSOR_DATA_CASES), timeout=300)
+
+
+@pytest.mark.parametrize("case", TENSOR_DATA_CASES)
+def test_tensor2_data2_matches_one_process(tensor2_data2: list[dict], case: str) -> None:
+    for rank, results in enumerate(tensor2_data2):
+        result = results[case]
+        reference, sharded = result["losses"]
+        assert sharded == pytest.approx(reference, rel=1e-5), f"rank {rank}\n{result['describe']}"
+        assert result["norms"][1] == pytest.approx(result["norms"][0], rel=1e-5), f"rank {rank}"
+        assert result["param_error"] < 1e-5, f"rank {rank}: {result['worst']}"
+        assert any(layout != "replicate" for _, layout in result["rows"]), result["describe"]
 
 
 def test_wrong_rule_falls_back_and_trains_right(tensor2: dict) -> None:
