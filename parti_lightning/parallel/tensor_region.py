@@ -1,0 +1,113 @@
+"""Tensor-parallel regions: a block whose layers hold DTensor parameters, with plain tensors in and out.
+
+Inside a region every intermediate is a DTensor with global semantics (see ``tensor.py``); the hooks
+here make the boundary and fix Megatron's collectives (one all-reduce per split pair each way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.utils._pytree import tree_map
+
+from parti_lightning.parallel.tensor_rules import COLWISE, REPLICATE, ROWWISE, parameter_placements
+
+
+def shard_unit(unit: nn.Module, rules: Mapping[str, str], mesh: DeviceMesh) -> None:
+    """Turn ``unit`` into a region in place: parameters split by ``rules`` (names relative to ``unit``),
+    every other parameter and buffer replicated, and hooks that take plain tensors in and give plain ones out.
+    """
+    converted: dict[int, nn.Parameter] = {}  # one DTensor per parameter object, so ties inside the unit hold
+    for name, layer in unit.named_modules():
+        placements = parameter_placements(layer, rules.get(name, REPLICATE))
+        for param_name, param in list(layer.named_parameters(recurse=False)):
+            if id(param) not in converted:
+                data = distribute_tensor(param.detach(), mesh, [placements[param_name]])
+                converted[id(param)] = nn.Parameter(data, requires_grad=param.requires_grad)
+            layer.register_parameter(param_name, converted[id(param)])
+        for buffer_name, buffer in list(layer.named_buffers(recurse=False)):
+            if not isinstance(buffer, DTensor):
+                # Replicated so that code mixing a buffer into the block's DTensors (a causal mask, rotary
+                # tables) is not a mix of plain and distributed tensors.
+                layer._buffers[buffer_name] = distribute_tensor(buffer, mesh, [Replicate()])
+    region = _Region(mesh)
+    modules = dict(unit.named_modules())
+    for name, style in rules.items():
+        # Megatron's layout, fixed rather than left to DTensor's choice: the rowwise sum is all-reduced at
+        # once (DTensor may otherwise pick reduce-scatter + all-gather, the same bytes in two collectives),
+        # and a colwise layer's input gradient is all-reduced once per input tensor (q/k/v share one).
+        if style == ROWWISE:
+            modules[name].register_forward_hook(_replicate_output)
+        elif style == COLWISE:
+            modules[name].register_forward_pre_hook(region.reduce_input_grad)
+    unit.register_forward_pre_hook(region.enter, with_kwargs=True)
+    # always_call: the implicit replication entered before the forward ends even when the forward raises.
+    unit.register_forward_hook(region.exit, always_call=True)
+
+
+class _Region:
+    """The hooks around a region: plain tensors in, DTensors inside, plain tensors out.
+
+    Inside, DTensor's implicit replication is on: a tensor the user's code creates in the forward
+    (``torch.arange(T)`` for positions, a mask from ``torch.ones``) is a plain tensor, and is the same
+    on every tensor rank, so treating it as replicated is exact.
+    """
+
+    def __init__(self, mesh: DeviceMesh) -> None:
+        self.mesh = mesh
+        self._saved_flags: list[bool] = []
+        self._grad_reduced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        dispatcher = DTensor._op_dispatcher
+        self._saved_flags.append(dispatcher._allow_implicit_replication)
+        dispatcher._allow_implicit_replication = True
+        self._grad_reduced.clear()
+        return tree_map(self._replicate, args), tree_map(self._replicate, kwargs)
+
+    def exit(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        self._grad_reduced.clear()
+        if self._saved_flags:
+            DTensor._op_dispatcher._allow_implicit_replication = self._saved_flags.pop()
+        return tree_map(lambda value: value.full_tensor() if isinstance(value, DTensor) else value, output)
+
+    def reduce_input_grad(self, module: nn.Module, args: tuple) -> tuple | None:
+        value = args[0] if args else None
+        if not isinstance(value, DTensor) or not value.requires_grad:
+            return None
+        if id(value) not in self._grad_reduced:
+            # Keyed by id with the tensor kept alive beside it, so an id is not reused within one forward.
+            self._grad_reduced[id(value)] = (value, _ReplicatedGrad.apply(value))
+        return (self._grad_reduced[id(value)][1], *args[1:])
+
+    def _replicate(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
+            # No check: ranks of one tensor group see the same batch by contract. Backward sums the
+            # partial input gradients of the split layers over the tensor ranks (one all-reduce).
+            return DTensor.from_local(value, self.mesh, [Replicate()], run_check=False)
+        return value
+
+
+def _replicate_output(module: nn.Module, args: tuple, output: Any) -> Any:
+    if isinstance(output, DTensor) and any(placement.is_partial() for placement in output.placements):
+        return output.redistribute(output.device_mesh, [Replicate()] * output.device_mesh.ndim)
+    return output
+
+
+class _ReplicatedGrad(torch.autograd.Function):
+    """Identity forward; backward turns a partial-sum gradient into a replicated one (one all-reduce)."""
+
+    @staticmethod
+    def forward(ctx: Any, value: DTensor) -> DTensor:
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx: Any, grad: DTensor) -> DTensor:
+        if isinstance(grad, DTensor) and any(placement.is_partial() for placement in grad.placements):
+            return grad.redistribute(grad.device_mesh, [Replicate()] * grad.device_mesh.ndim)
+        return grad

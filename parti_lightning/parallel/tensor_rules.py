@@ -1,0 +1,259 @@
+"""Where tensor-parallel rules come from, and what each rule does to a layer's parameters.
+
+A rule names a layout for one layer: ``colwise`` splits its output features across the tensor
+ranks, ``rowwise`` its input features, ``replicate`` keeps it whole. Rules come, in this order,
+from the user (patterns over ``named_modules()`` names), from a Hugging Face model's own
+``tp_plan``, or from a trace of one block (:func:`trace_block_rules`). Everything here is pure
+module-tree logic except the trace, which runs one block once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.tensor import Placement, Replicate, Shard
+
+COLWISE, ROWWISE, REPLICATE = "colwise", "rowwise", "replicate"
+STYLES = (COLWISE, ROWWISE, REPLICATE)
+
+# Hugging Face `tp_plan` values (transformers 5) by the layout they give the weight. Under parti's
+# region design every layer keeps global (DTensor) semantics, so "gather the output", "local" and
+# "packed" variants all reduce to where the weight is split; values not listed stay replicated.
+_HF_STYLES = {
+    "colwise": COLWISE,
+    "colwise_gather_output": COLWISE,
+    "local_colwise": COLWISE,
+    "packed_colwise": COLWISE,
+    "rowwise": ROWWISE,
+    "rowwise_split_input": ROWWISE,
+    "local_rowwise": ROWWISE,
+    "local_packed_rowwise": ROWWISE,
+    "embedding_rowwise": ROWWISE,
+}
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """How a layer type stores its matrix: the weight dimension that holds output / input features."""
+
+    name: str
+    out_dim: int
+    in_dim: int
+    has_bias_per_output: bool
+
+
+_LINEAR = _Kind("Linear", out_dim=0, in_dim=1, has_bias_per_output=True)
+# Hugging Face's GPT-2 `Conv1D`: a linear layer with its weight stored transposed, (in, out).
+_CONV1D = _Kind("Conv1D", out_dim=1, in_dim=0, has_bias_per_output=True)
+# An embedding's "output features" are its embedding dimension, its "input features" the vocabulary.
+_EMBEDDING = _Kind("Embedding", out_dim=1, in_dim=0, has_bias_per_output=False)
+
+
+def layer_kind(module: nn.Module) -> _Kind | None:
+    """The matrix layout of ``module`` when a tensor-parallel split applies to it, else ``None``."""
+    if isinstance(module, nn.Linear):
+        return _LINEAR
+    if isinstance(module, nn.Embedding):
+        return _EMBEDDING
+    # Duck-typed so that transformers stays an optional (test-only) dependency.
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, torch.Tensor):
+        return _CONV1D if weight.dim() == 2 else None
+    return None
+
+
+def split_dim(module: nn.Module, style: str) -> int | None:
+    """The weight dimension ``style`` splits on ``module`` (``None`` for replicate)."""
+    kind = layer_kind(module)
+    if style == REPLICATE or kind is None:
+        return None
+    return kind.out_dim if style == COLWISE else kind.in_dim
+
+
+def parameter_placements(module: nn.Module, style: str) -> dict[str, Placement]:
+    """Placement of each of ``module``'s own parameters under ``style`` (plain ``Shard``/``Replicate``).
+
+    Only plain ``Shard(0)``/``Shard(1)`` and ``Replicate`` are produced, so distributed checkpoints
+    can save every parameter as is.
+    """
+    dim = split_dim(module, style)
+    placements: dict[str, Placement] = {name: Replicate() for name, _ in module.named_parameters(recurse=False)}
+    if dim is None:
+        return placements
+    placements["weight"] = Shard(dim)
+    kind = layer_kind(module)
+    # A colwise layer's bias belongs to its (split) outputs; a rowwise layer's is added once, after the sum.
+    if "bias" in placements and style == COLWISE and kind is not None and kind.has_bias_per_output:
+        placements["bias"] = Shard(0)
+    return placements
+
+
+def match_rules(module: nn.Module, rules: Mapping[str, str]) -> dict[str, str]:
+    """Resolve ``pattern -> style`` to ``module name -> style``; the last matching pattern wins.
+
+    Raises:
+        ValueError: an unknown style, or a pattern that matches no submodule.
+    """
+    names = [name for name, _ in module.named_modules() if name]
+    resolved: dict[str, str] = {}
+    for pattern, style in rules.items():
+        if style not in STYLES:
+            raise ValueError(f"tensor rule {pattern!r}: {style!r} is not one of {', '.join(STYLES)}.")
+        matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            raise ValueError(
+                f"tensor rule {pattern!r} matches no submodule of {type(module).__name__}; patterns are fnmatch"
+                f" patterns over model.named_modules() names such as {', '.join(map(repr, names[:6]))}."
+            )
+        resolved.update(dict.fromkeys(matched, style))
+    return resolved
+
+
+def validate_tensor_rules(module: nn.Module, rules: Mapping[str, str], degree: int) -> None:
+    """Check explicit tensor-parallel rules before anything is launched.
+
+    Works on a meta-device model (only shapes are read).
+
+    Args:
+        module: the model the patterns are matched against.
+        rules: ``fnmatch`` pattern over ``named_modules()`` names -> ``"colwise" | "rowwise" | "replicate"``.
+        degree: the size of the tensor axis.
+
+    Raises:
+        ValueError: a pattern that matches nothing, an unknown style, a split rule on a module type that
+            cannot take it, or a dimension the degree does not divide (the message names the layer, the
+            size and the degrees that would work).
+    """
+    if degree < 1:
+        raise ValueError(f"tensor degree must be at least 1, got {degree}.")
+    modules = dict(module.named_modules())
+    for name, style in match_rules(module, rules).items():
+        if style == REPLICATE:
+            continue
+        layer = modules[name]
+        kind = layer_kind(layer)
+        if kind is None:
+            raise ValueError(
+                f"tensor rule {style!r} matches {name!r}, a {type(layer).__name__}: only nn.Linear, nn.Embedding and"
+                " transposed-weight Conv1D layers can be split; use 'replicate' or a pattern for its linear layers."
+            )
+        dim = split_dim(layer, style)
+        size = layer.weight.shape[dim]
+        if size % degree:
+            working = [d for d in range(2, size + 1) if size % d == 0 and d <= 64]
+            raise ValueError(
+                f"tensor rule {style!r} on {name!r} splits a dimension of size {size}, which tensor={degree} does"
+                f" not divide; degrees that would: {', '.join(map(str, working)) or 'none'} (or 'replicate' it)."
+            )
+
+
+def hf_tensor_rules(module: nn.Module) -> dict[str, str]:
+    """Rules from the Hugging Face models inside ``module`` (their ``tp_plan``), keys prefixed with their path.
+
+    Returns an empty mapping when no submodule carries a plan. Nested models are read once, at their
+    outermost level (a causal-LM's plan already covers its base model).
+    """
+    rules: dict[str, str] = {}
+    taken: list[str] = []
+    for path, sub in module.named_modules():
+        plan = getattr(sub, "tp_plan", None) if hasattr(sub, "config") else None
+        if not isinstance(plan, Mapping) or not plan or any(_inside(path, outer) for outer in taken):
+            continue
+        taken.append(path)
+        prefix = f"{path}." if path else ""
+        for key, value in plan.items():
+            rules[prefix + key] = _HF_STYLES.get(value, REPLICATE)
+    return rules
+
+
+def _inside(path: str, outer: str) -> bool:
+    return outer == "" or path == outer or path.startswith(f"{outer}.")
+
+
+def rules_for_unit(unit_name: str, unit: nn.Module, resolved: Mapping[str, str]) -> dict[str, str]:
+    """The resolved rules that fall inside ``unit``, keyed relative to it ("" is the unit itself)."""
+    relative: dict[str, str] = {}
+    for name, _ in unit.named_modules():
+        full = f"{unit_name}.{name}" if name else unit_name
+        if full in resolved:
+            relative[name] = resolved[full]
+    return relative
+
+
+def trace_block_rules(block: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, str], list[str]]:
+    """Automatic rules for one block, from the order and widths of its linear layers in one real call.
+
+    The Megatron pattern is read off the trace: a linear layer that reads the block's width opens a
+    group (colwise); layers that read the very same input tensor join it (q/k/v, gate/up, and a fused
+    qkv is one such layer); the next layer that writes the block's width closes it (rowwise), its
+    output returning to the residual stream. Groups that never close, and layers in no group, stay
+    replicated. The result is a proposal: :func:`~parti_lightning.parallel.tensor.apply_tensor_parallel`
+    verifies it numerically before using it.
+
+    Args:
+        block: one block (not modified: a copy is run, in eval mode, without gradients).
+        args: its captured positional inputs.
+        kwargs: its captured keyword inputs.
+
+    Returns:
+        ``(rules, groups)``: rules keyed by names relative to the block, and one readable line per group.
+    """
+    width = _block_width(args, kwargs)
+    calls = _record_linear_calls(block, args, kwargs)
+    rules: dict[str, str] = {}
+    groups: list[str] = []
+    members: list[str] = []
+    group_inputs: list[torch.Tensor] = []
+    for name, inp, in_features, out_features in calls:
+        if members and any(inp is seen for seen in group_inputs):
+            members.append(name)
+        elif members and out_features == width:
+            rules.update(dict.fromkeys(members, COLWISE))
+            rules[name] = ROWWISE
+            groups.append(f"{', '.join(members)} colwise -> {name} rowwise")
+            members, group_inputs = [], []
+        elif in_features == width:
+            members, group_inputs = [name], [inp]
+        else:
+            members, group_inputs = [], []
+    return rules, groups
+
+
+def _block_width(args: Iterable, kwargs: Mapping) -> int | None:
+    for value in [*args, *kwargs.values()]:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2:
+            return value.shape[-1]
+    return None
+
+
+def _record_linear_calls(block: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor, int, int]]:
+    import copy
+
+    probe = copy.deepcopy(block).eval()
+    calls: list[tuple[str, torch.Tensor, int, int]] = []
+    seen: set[str] = set()
+    handles = []
+    for name, layer in probe.named_modules():
+        kind = layer_kind(layer)
+        if kind is None or kind is _EMBEDDING or not name:
+            continue
+
+        def record(mod: nn.Module, inputs: tuple, _name: str = name, _kind: _Kind = kind) -> None:
+            if _name in seen or not inputs or not isinstance(inputs[0], torch.Tensor):
+                return
+            seen.add(_name)
+            weight = mod.weight
+            calls.append((_name, inputs[0], weight.shape[_kind.in_dim], weight.shape[_kind.out_dim]))
+
+        handles.append(layer.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            probe(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
