@@ -4,6 +4,8 @@ Usage (from the repository root)::
 
     python examples/train_char_gpt.py                       # 2 CPU processes, strategy "parti"
     python examples/train_char_gpt.py --strategy ddp        # the same run with Lightning's DDP
+    python examples/train_char_gpt.py --plan tp             # tensor parallel: each layer split over 2 processes
+    python examples/train_char_gpt.py --devices 4 --plan '{"preset": "tp", "data": 2}'   # 2-D: tensor × data
     python examples/train_char_gpt.py --devices 1 --max-steps 100
 
 The defaults take a few minutes on a 2-core machine. Lightning starts the second process by running this
@@ -13,6 +15,7 @@ script again, so everything happens under ``if __name__ == "__main__"`` and only
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 import warnings
@@ -24,6 +27,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 import parti_lightning  # noqa: F401  (registers strategy="parti" with Lightning)
+from parti_lightning import PartiStrategy
 
 from char_gpt import CharDataModule, CharGPT
 
@@ -35,6 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--accelerator", default="cpu")
     run.add_argument("--devices", type=int, default=2, help="processes (or accelerators) to train on")
     run.add_argument("--strategy", default="parti", help='Lightning strategy name, e.g. "parti" or "ddp"')
+    run.add_argument(
+        "--plan", default=None,
+        help='parti plan (with --strategy parti): a preset ("auto", "ddp", "zero3", "tp", ...) or a JSON mapping,'
+             ' e.g. \'{"preset": "tp", "data": 2}\'',
+    )
     run.add_argument("--max-steps", type=int, default=500)
     run.add_argument("--val-every", type=int, default=100, help="validate every N optimizer steps")
     run.add_argument("--seed", type=int, default=1234)
@@ -54,7 +63,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sample.add_argument("--prompt", default="The ")
     sample.add_argument("--sample-chars", type=int, default=400)
     sample.add_argument("--temperature", type=float, default=0.8)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.plan is not None and args.strategy != "parti":
+        parser.error(f"--plan is a parti plan: use it with --strategy parti, not {args.strategy!r}")
+    return args
+
+
+def strategy_of(args: argparse.Namespace) -> str | PartiStrategy:
+    """The strategy name, or parti with the plan ``--plan`` asks for."""
+    if args.plan is None:
+        return args.strategy
+    plan = json.loads(args.plan) if args.plan.lstrip().startswith("{") else args.plan
+    return PartiStrategy(plan=plan)
 
 
 def build(args: argparse.Namespace) -> tuple[CharGPT, CharDataModule, L.Trainer, ModelCheckpoint]:
@@ -83,7 +103,7 @@ def build(args: argparse.Namespace) -> tuple[CharGPT, CharDataModule, L.Trainer,
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
-        strategy=args.strategy,
+        strategy=strategy_of(args),
         max_steps=args.max_steps,
         # Validate on a step count rather than per epoch, so the last validation lands on the last step.
         val_check_interval=args.val_every,

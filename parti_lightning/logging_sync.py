@@ -3,7 +3,8 @@
 Lightning's result collection reduces logged values in the order each rank logs them, so ranks that
 log different names would pair unrelated values, or wait forever for a partner. The strategy's
 ``reduce`` reads which metric it is reducing (:func:`logged_name`) and compares it across ranks
-(:func:`check_same_logged_name`) before reducing.
+(:func:`check_same_logged_name`) before reducing. Both, and torchmetrics (:func:`sync_metrics_over`),
+reduce over the data-parallel ranks only.
 """
 
 from __future__ import annotations
@@ -14,6 +15,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torchmetrics import Metric
+
+
+def sync_metrics_over(module: nn.Module, group: Any) -> None:
+    """Make the module's torchmetrics sync over ``group`` (the data-parallel ranks) instead of every rank.
+
+    A metric syncs over its own ``process_group``, the whole world by default: with tensor- or
+    pipeline-parallel replicas of a batch, the world holds each batch more than once, so sums and counts
+    would be multiplied. A metric given its own group by the user keeps it.
+    """
+    for submodule in module.modules():
+        if isinstance(submodule, Metric) and submodule.process_group is None:
+            submodule.process_group = group
 
 
 def check_same_logged_name(name: str, group: Any, device: torch.device, rank: int) -> None:

@@ -17,6 +17,7 @@ Offload = Literal["none", "cpu"]
 ActivationCheckpointing = Literal["none", "blocks", "auto"]
 Degree = Union[int, Literal["auto"]]
 ShardDegree = Union[int, Literal["auto", "node"]]
+TensorStyle = Literal["colwise", "rowwise", "replicate"]
 
 
 class MeshAxis(str, enum.Enum):
@@ -54,7 +55,8 @@ class PartitionPlan:
             state between them), ``"auto"``: the whole data-parallel width when ``storage`` shards
             something, else 1; or ``"node"``: the ranks of one node (hybrid sharding: shard inside a
             node over its fast links, replicate across nodes).
-        tensor: degree of the ``tensor`` axis (not yet implemented beyond 1).
+        tensor: degree of the ``tensor`` axis: ranks that split each layer's weight matrices (and see the
+            same batch); ``"auto"``: the ranks that ``data``, ``shard`` and ``pipeline`` (all fixed) leave.
         pipeline: degree of the ``pipeline`` axis (not yet implemented beyond 1).
         storage: what is sharded over the ``shard`` axis: ``"replicated"`` (ZeRO-0, plain data
             parallel), ``"optimizer"`` (ZeRO-1), ``"gradients"`` (ZeRO-2), ``"parameters"`` (ZeRO-3).
@@ -64,17 +66,23 @@ class PartitionPlan:
         micro_batches: micro-batches per step for the pipeline schedule.
         sharding_units: module names (as in ``named_modules``) to shard as units; ``None`` finds
             repeated blocks automatically.
+        tensor_rules: with ``tensor > 1``, how to split layers: ``fnmatch`` patterns over
+            ``named_modules()`` names to ``"colwise"``, ``"rowwise"`` or ``"replicate"``; ``None`` takes
+            the model's own plan (a Hugging Face ``tp_plan``) or finds rules from each block's structure.
+            Every rule set is checked on a real batch before training; one that changes the function
+            falls back (see the README).
     """
 
     data: Degree = "auto"
     shard: ShardDegree = "auto"
-    tensor: int = 1
+    tensor: Degree = 1
     pipeline: int = 1
     storage: Storage = "replicated"
     offload: Offload = "none"
     activation_checkpointing: ActivationCheckpointing = "none"
     micro_batches: int = 1
     sharding_units: tuple[str, ...] | None = field(default=None)
+    tensor_rules: tuple[tuple[str, TensorStyle], ...] | None = field(default=None)
 
     def __post_init__(self) -> None:
         for name in ("data", "shard"):
@@ -84,7 +92,9 @@ class PartitionPlan:
             if not _is_int(value) or value < 1:
                 extra = ", 'auto' or 'node'" if name == "shard" else " or 'auto'"
                 raise PlanError(f"plan.{name}={value!r} is invalid: use a positive integer{extra}.")
-        for name in ("tensor", "pipeline", "micro_batches"):
+        if self.tensor != "auto" and (not _is_int(self.tensor) or self.tensor < 1):
+            raise PlanError(f"plan.tensor={self.tensor!r} is invalid: use a positive integer or 'auto'.")
+        for name in ("pipeline", "micro_batches"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise PlanError(f"plan.{name}={value!r} is invalid: use a positive integer.")
@@ -114,6 +124,10 @@ class PartitionPlan:
                     f"plan.sharding_units={self.sharding_units!r} is invalid: give a list of module names."
                 )
             object.__setattr__(self, "sharding_units", tuple(self.sharding_units))
+        if self.tensor_rules is not None:
+            object.__setattr__(self, "tensor_rules", _tensor_rules(self.tensor_rules))
+            if self.tensor == 1:
+                raise PlanError("plan.tensor_rules is set but plan.tensor=1 splits nothing: set tensor > 1.")
 
     # ---------------------------------------------------------------- construction
 
@@ -147,9 +161,10 @@ class PartitionPlan:
         Separate from validation so that the mesh and the planner can reason about such plans; every
         path from a user's plan to a run calls it before anything is launched.
         """
-        if self.tensor > 1:
+        if self.tensor != 1 and self.storage != "replicated":
             raise NotImplementedError(
-                f"plan.tensor={self.tensor}: tensor parallelism is not implemented yet; use tensor=1."
+                f"plan.tensor={self.tensor} with storage={self.storage!r}: tensor parallelism with sharded storage"
+                " (ZeRO-1/2/3 over the data-parallel ranks) is not implemented yet; use storage='replicated'."
             )
         if self.pipeline > 1:
             raise NotImplementedError(
@@ -166,6 +181,8 @@ class PartitionPlan:
         out = dataclasses.asdict(self)
         if out["sharding_units"] is not None:
             out["sharding_units"] = list(out["sharding_units"])
+        if out["tensor_rules"] is not None:
+            out["tensor_rules"] = {pattern: style for pattern, style in self.tensor_rules or ()}
         return out
 
     # ---------------------------------------------------------------- resolution
@@ -178,6 +195,8 @@ class PartitionPlan:
             if ranks_per_node is None:
                 raise PlanError("plan.shard='node' needs the number of ranks per node to resolve.")
             return dataclasses.replace(self, shard=ranks_per_node).resolve(world_size)
+        if self.tensor == "auto":
+            return dataclasses.replace(self, tensor=self._tensor_left(world_size)).resolve(world_size)
         model_parallel = self.tensor * self.pipeline
         if world_size % model_parallel:
             raise PlanError(
@@ -197,6 +216,21 @@ class PartitionPlan:
         resolved = ResolvedPlan(**{**fields, "data": data, "shard": shard})
         resolved.check_world_size(world_size)
         return resolved
+
+    def _tensor_left(self, world_size: int) -> int:
+        shard = 1 if self.shard == "auto" and self.storage == "replicated" else self.shard
+        if not (_is_int(self.data) and _is_int(shard)):
+            raise PlanError(
+                "plan.tensor='auto' takes the ranks the other axes leave: give data and shard as numbers"
+                f" (got data={self.data!r}, shard={self.shard!r})."
+            )
+        other = self.data * shard * self.pipeline  # type: ignore[operator]
+        if world_size % other:
+            raise PlanError(
+                f"plan.tensor='auto': data={self.data} × shard={shard} × pipeline={self.pipeline} = {other} does"
+                f" not divide world size {world_size}."
+            )
+        return world_size // other
 
     def check_world_size(self, world_size: int) -> None:
         """Raise if the resolved mesh does not multiply out to ``world_size``."""
@@ -230,6 +264,8 @@ class PartitionPlan:
     def describe(self) -> str:
         """One line for logs: mesh, storage and the options that are on."""
         parts = [self.mesh_description(), f"storage={self.storage} (ZeRO-{self.zero_stage})"]
+        if self.tensor_rules is not None:
+            parts.append(f"tensor_rules={dict(self.tensor_rules)}")
         if self.offload != "none":
             parts.append(f"offload={self.offload}")
         if self.activation_checkpointing != "none":
@@ -247,10 +283,11 @@ class ResolvedPlan(PartitionPlan):
 
     data: int = 1
     shard: int = 1
+    tensor: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("data", "shard"):
+        for name in ("data", "shard", "tensor"):
             if not _is_int(getattr(self, name)):
                 raise PlanError(f"a resolved plan needs an integer {name} degree, got {getattr(self, name)!r}.")
 
@@ -261,6 +298,22 @@ class ResolvedPlan(PartitionPlan):
     @property
     def data_parallel_size(self) -> int:
         return self.data * self.shard
+
+
+def _tensor_rules(value: Any) -> tuple[tuple[str, TensorStyle], ...]:
+    pairs = value.items() if isinstance(value, Mapping) else value
+    try:
+        rules = tuple((pattern, style) for pattern, style in pairs)
+    except (TypeError, ValueError):
+        raise PlanError(
+            f"plan.tensor_rules={value!r} is invalid: give a mapping of module-name patterns to"
+            " 'colwise', 'rowwise' or 'replicate'."
+        ) from None
+    for pattern, style in rules:
+        if not isinstance(pattern, str) or not pattern:
+            raise PlanError(f"plan.tensor_rules: pattern {pattern!r} is invalid: give a module-name pattern.")
+        _check_choice(f"tensor_rules[{pattern!r}]", style, TensorStyle)
+    return rules
 
 
 def _is_int(value: Any) -> bool:
@@ -289,6 +342,9 @@ PRESETS: dict[str, PartitionPlan] = {
     "zero1": PartitionPlan(storage="optimizer"),
     "zero2": PartitionPlan(storage="gradients"),
     "zero3": PartitionPlan(storage="parameters"),
+    # Every rank splits every layer (no data parallelism); combine with data for 2-D, e.g. {"preset": "tp", "data": 2,
+    # "tensor": 2}.
+    "tp": PartitionPlan(data=1, tensor="auto"),
     # Shard inside each node, replicate across nodes (HSDP). On one node it is zero3.
     "hybrid": PartitionPlan(storage="parameters", shard="node"),
 }

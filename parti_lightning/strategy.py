@@ -12,7 +12,7 @@ import inspect
 import logging
 import sys
 from collections.abc import Generator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from typing import Any, Literal, Union
 
@@ -44,7 +44,7 @@ from parti_lightning.autoplan import StepMeter, choose_in_run
 from parti_lightning.checkpoint_hooks import CheckpointHooks, StateDictType
 from parti_lightning.launchers import PartiMultiProcessingLauncher, PartiSubprocessScriptLauncher
 from parti_lightning.layer_sync import PartiSyncBatchNorm
-from parti_lightning.logging_sync import check_same_logged_name, logged_name
+from parti_lightning.logging_sync import check_same_logged_name, logged_name, sync_metrics_over
 from parti_lightning.mesh import MeshCoordinates, ParallelMesh
 from parti_lightning.network import init_dist_connection, track_mesh
 from parti_lightning.parallel import (
@@ -58,6 +58,7 @@ from parti_lightning.parallel import (
 from parti_lightning.parallel.storage import retarget_lr_scheduler
 from parti_lightning.plan import AUTO, PRESETS, PartitionPlan, PlanLike, ResolvedPlan
 from parti_lightning.planner import PlanReport
+from parti_lightning.sample_step import sample_step
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +342,8 @@ class PartiStrategy(CheckpointHooks):
             use_torch = self.process_group_backend == "nccl"
             self._layer_sync = PartiSyncBatchNorm(self.data_parallel_group, use_torch=use_torch)
             self.model = self._layer_sync.apply(self.model)
+        if self.mesh is not None and (self.mesh.tensor_enabled or self.mesh.pipeline_enabled):
+            sync_metrics_over(self.model, self.data_parallel_group)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if not holds_sharded_tensors(self.model):
@@ -349,8 +352,13 @@ class PartiStrategy(CheckpointHooks):
             _sync_module_states(self.model)
         if fitting:
             assert self.mesh is not None and self.lightning_module is not None
-            automatic = self.lightning_module.automatic_optimization
-            self._parallel = parallelize(self.model, self.mesh, automatic_optimization=automatic)
+            module = self.lightning_module
+            run_example = sample_step(trainer, module, self.root_device) if self.mesh.tensor_enabled else None
+            self._parallel = parallelize(
+                self.model, self.mesh, automatic_optimization=module.automatic_optimization, run_example=run_example
+            )
+            if self._parallel.tensor_report is not None:
+                rank_zero_info(f"parti: {self._parallel.tensor_report.describe()}")
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if fitting:
@@ -378,7 +386,8 @@ class PartiStrategy(CheckpointHooks):
 
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        with self._parallel.step_context() if self._parallel is not None else nullcontext():
+            output = super().optimizer_step(optimizer, closure, model, **kwargs)
         if self._step_meter is not None and optimizer is self.optimizers[0]:
             self._step_meter.step()
         return output

@@ -150,6 +150,22 @@ class BlockRegressor(ToyRegressor):
         return F.mse_loss(pred, y), pred
 
 
+class TensorBlockRegressor(BlockRegressor):
+    """Blocks whose MLPs tensor parallelism splits (colwise then rowwise), with an LR scheduler, and a metric
+    that counts samples: synced over every rank rather than the data-parallel ones, it would count each
+    batch once per tensor rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.use_scheduler = True
+        self.samples = torchmetrics.SumMetric()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.samples(torch.tensor(float(len(batch[0]))))
+        self.log("train_samples", self.samples, on_step=False, on_epoch=True)
+        return super().training_step(batch, batch_idx)
+
+
 class LateRegressor(ToyRegressor):
     """Builds its head in `configure_model`, as Lightning's large-model recipes do."""
 
@@ -176,6 +192,8 @@ class Scenario:
     max_steps: int = 10
     plan: str | dict[str, Any] = "ddp"
     strategy_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Ranks that see different batches; tensor-parallel ranks see the same one.
+    data_parallel: int = WORLD_SIZE
 
 
 def _accumulate_clip_schedule(name: str, plan: str) -> Scenario:
@@ -206,6 +224,14 @@ SCENARIOS = [
     ),
     Scenario("ddp_blocks_activation_checkpointing", BlockRegressor, plan={"activation_checkpointing": "blocks"}),
     Scenario("zero3_configure_model", LateRegressor, plan="zero3"),
+    # Tensor parallel over both ranks: one data-parallel rank, so a global batch of BATCH.
+    Scenario(
+        "tp_accumulate_clip_schedule",
+        TensorBlockRegressor,
+        trainer_kwargs={"accumulate_grad_batches": 2, "gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"},
+        plan="tp",
+        data_parallel=1,
+    ),
     # The planner chooses: replicated for a model that easily fits; then, with a budget between the
     # replicated and the sharded predictions of that first run, a sharded plan (see `main`).
     Scenario("auto", BlockRegressor, plan="auto"),
@@ -226,12 +252,12 @@ def make_trainer(scenario: Scenario, **kwargs: Any) -> L.Trainer:
     )
 
 
-def results(trainer: L.Trainer, module: L.LightningModule, world_size: int) -> dict[str, Any]:
+def results(trainer: L.Trainer, module: L.LightningModule, data_parallel: int) -> dict[str, Any]:
     # The strategy's own gathered view (what a checkpoint holds); a plain state dict on one process.
     state = trainer.strategy.lightning_module_state_dict()
     metrics = {k: v.detach().clone() for k, v in trainer.callback_metrics.items()}
     # Evaluation after fit, on the trained (possibly still sharded) module, over the same samples.
-    loader = DataLoader(make_dataset(), batch_size=BATCH * WORLD_SIZE // world_size)
+    loader = DataLoader(make_dataset(), batch_size=BATCH * WORLD_SIZE // data_parallel)
     (validated,) = trainer.validate(module, dataloaders=loader, verbose=False)
     module.eval()
     with torch.no_grad():
@@ -268,15 +294,15 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
 
 def run_reference(scenario: Scenario) -> dict[str, Any]:
-    """The same scenario in one process, over the global batches of WORLD_SIZE ranks."""
+    """The same scenario in one process, over the global batches of the scenario's data-parallel ranks."""
     L.seed_everything(SEED, verbose=False)
     module = scenario.module(**scenario.module_kwargs)
     dataset = make_dataset()
     # A sampler that covers one epoch only, so the epoch boundary falls where it does for the ranks.
-    loader = DataLoader(dataset, batch_sampler=GlobalBatchSampler(dataset, WORLD_SIZE, BATCH, epochs=1))
+    loader = DataLoader(dataset, batch_sampler=GlobalBatchSampler(dataset, scenario.data_parallel, BATCH, epochs=1))
     trainer = make_trainer(scenario, accelerator="cpu", devices=1, strategy="auto")
     trainer.fit(module, train_dataloaders=loader)
-    return results(trainer, module, world_size=1)
+    return results(trainer, module, data_parallel=1)
 
 
 def run_distributed(scenario: Scenario, out: str) -> tuple[L.Trainer, dict[str, Any]]:
@@ -297,7 +323,7 @@ def run_distributed(scenario: Scenario, out: str) -> tuple[L.Trainer, dict[str, 
     }
     # A checkpoint written under this plan: a plain Lightning file, whatever the partition.
     trainer.save_checkpoint(os.path.join(out, f"{scenario.name}.ckpt"))
-    return trainer, {**results(trainer, module, world_size=WORLD_SIZE), "applied": applied}
+    return trainer, {**results(trainer, module, data_parallel=scenario.data_parallel), "applied": applied}
 
 
 class RecordRestoredState(L.Callback):
@@ -322,6 +348,8 @@ RESUMES = [
     ("basic", "zero3"),
     ("zero1_accumulate_clip_schedule", "zero2"),
     ("stock", "zero3"),  # written by stock Lightning in one process (positional optimizer state)
+    ("tp_accumulate_clip_schedule", "ddp"),
+    ("ddp_blocks_activation_checkpointing", "tp"),
 ]
 
 

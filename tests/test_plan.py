@@ -83,7 +83,12 @@ BAD_PLANS = [
     ("ddp", 0, PlanError, "world size 0 is invalid"),
     ("hybrid", 4, PlanError, "plan.shard='node' needs the number of ranks per node"),
     ({"data": "node"}, None, PlanError, "plan.data='node' is invalid"),
-    ({"tensor": 2}, None, NotImplementedError, "tensor parallelism is not implemented yet"),
+    ({"tensor": 2, "storage": "parameters"}, None, NotImplementedError, "tensor parallelism with sharded storage"),
+    ({"tensor": 0}, None, PlanError, "plan.tensor=0 is invalid"),
+    ({"tensor_rules": {"blocks.*.fc": "colwise"}}, None, PlanError, "plan.tensor=1 splits nothing"),
+    ({"tensor": 2, "tensor_rules": {"blocks.*.fc": "columns"}}, None, PlanError, "choose one of 'colwise'"),
+    ({"preset": "tp", "data": "auto"}, 4, PlanError, "plan.tensor='auto' takes the ranks the other axes leave"),
+    ({"tensor": 3}, 4, PlanError, "does not divide world size 4"),
     ({"pipeline": 2}, None, NotImplementedError, "pipeline parallelism is not implemented yet"),
     ({"micro_batches": 4}, None, NotImplementedError, "micro_batches=4"),
 ]
@@ -96,3 +101,12 @@ def test_bad_plans_are_rejected_with_the_field_named(value: object, world: int |
         if world is not None:
             plan.resolve(world)
     assert message in str(info.value)
+
+
+def test_tp_preset_splits_every_rank_and_combines_with_data() -> None:
+    assert preset("tp").resolve(4).mesh_shape == {"data": 1, "shard": 1, "tensor": 4, "pipeline": 1}
+    two_d = PartitionPlan.from_value({"preset": "tp", "data": 2}).resolve(4)
+    assert two_d.mesh_shape == {"data": 2, "shard": 1, "tensor": 2, "pipeline": 1}
+    rules = PartitionPlan.from_value({"tensor": 2, "tensor_rules": {"blocks.*.mlp.0": "colwise"}})
+    assert PartitionPlan.from_value(rules.to_dict()) == rules
+    assert rules.to_dict()["tensor_rules"] == {"blocks.*.mlp.0": "colwise"}

@@ -4,8 +4,8 @@ The order is fixed, and each step has a reason to come where it does:
 
 1. pipeline split: decides which blocks this rank holds at all, so every later step touches only those
    (not implemented yet);
-2. tensor parallel: replaces a block's weights by tensor-axis shards, which storage sharding then
-   shards again over its own axis (not implemented yet);
+2. tensor parallel: replaces a layer's weights by tensor-axis shards (``DTensor`` parameters), checked on
+   a real batch first; everything after it sees the parameters it leaves;
 3. activation checkpointing: wraps whole blocks before FSDP, so the recomputation runs inside each
    unit's backward, after FSDP has gathered that unit's parameters for it;
 4. storage: FSDP (ZeRO-2/3) replaces every parameter with a sharded one, so it comes after everything
@@ -17,9 +17,10 @@ Nothing here imports Lightning: the strategy adapts what :func:`parallelize` ret
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 from torch.distributed import ProcessGroup
@@ -32,6 +33,12 @@ from parti_lightning.parallel.blocks import resolve_units
 from parti_lightning.parallel.checkpointing import apply_activation_checkpointing
 from parti_lightning.parallel.data import GradientSynchronizer
 from parti_lightning.parallel.storage import apply_storage, root_free_units, shard_optimizer
+from parti_lightning.parallel.tensor import (
+    TensorParallelReport,
+    apply_tensor_parallel,
+    tensor_parallel_step,
+    validate_tensor_rules,
+)
 from parti_lightning.plan import ResolvedPlan
 
 __all__ = [
@@ -73,12 +80,23 @@ class Parallelized:
         gradient_sync: averages whole gradients over the data-parallel ranks after backward
             (replicated and ZeRO-1); ``None`` where FSDP reduces them, or with one data-parallel rank.
         optimizer_shard_group: the ranks that split the optimizer state (ZeRO-1), else ``None``.
+        tensor_report: what tensor parallelism split and what fell back, with ``tensor > 1``.
     """
 
     module: nn.Module
     plan: ResolvedPlan
     gradient_sync: GradientSynchronizer | None = None
     optimizer_shard_group: ProcessGroup | None = field(default=None, repr=False)
+    tensor_report: TensorParallelReport | None = None
+
+    def step_context(self) -> Any:
+        """The context an optimizer step and gradient clipping run in.
+
+        Under tensor parallelism the parameters are a mix of sharded ``DTensor`` and plain tensors, which
+        torch's foreach optimizers and ``clip_grad_norm_`` cannot take together; in this context they can,
+        and the norm is the global one.
+        """
+        return tensor_parallel_step() if self.tensor_report is not None else nullcontext()
 
     def sync_gradients(self) -> None:
         """After a backward pass: average the gradients it produced (a no-op where FSDP does it)."""
@@ -130,6 +148,8 @@ def check_module(module: nn.Module, plan: ResolvedPlan, *, automatic_optimizatio
     units = []
     if plan.sharding_units is not None or plan.activation_checkpointing == "blocks":
         units = resolve_units(module, plan.sharding_units)  # names an unknown unit clearly
+    if plan.tensor > 1 and plan.tensor_rules is not None:
+        validate_tensor_rules(module, dict(plan.tensor_rules), plan.tensor)
     if shards_module(plan) and not automatic_optimization:
         try:
             root_free_units(module, units)
@@ -140,7 +160,13 @@ def check_module(module: nn.Module, plan: ResolvedPlan, *, automatic_optimizatio
             ) from err
 
 
-def parallelize(module: nn.Module, mesh: ParallelMesh, *, automatic_optimization: bool = True) -> Parallelized:
+def parallelize(
+    module: nn.Module,
+    mesh: ParallelMesh,
+    *,
+    automatic_optimization: bool = True,
+    run_example: Callable[[], Any] | None = None,
+) -> Parallelized:
     """Apply ``mesh.plan`` to ``module`` in place, in the order of this module's docstring.
 
     Call it on every rank, with the module's weights already the same on every rank (or already
@@ -152,18 +178,21 @@ def parallelize(module: nn.Module, mesh: ParallelMesh, *, automatic_optimization
         automatic_optimization: ``False`` when the module runs its own backward passes inside a step
             (Lightning's manual optimization): FSDP then leaves the root unsharded, since a backward
             would run before any root forward ended.
+        run_example: runs the module once on a real batch, the same on every rank (no gradients needed):
+            tensor parallelism checks each block's rules on the inputs it really gets. Without it, rules
+            are applied unchecked and none are found automatically.
 
     Returns:
         what the strategy needs to run a step.
     """
     plan = mesh.plan
-    if plan.pipeline > 1 or plan.tensor > 1:
-        raise NotImplementedError(
-            f"plan {plan.mesh_description()}: tensor and pipeline parallelism are not implemented yet."
-        )
+    plan.check_implemented()
+    result = Parallelized(module, plan)
+    if mesh.tensor_enabled:
+        rules = dict(plan.tensor_rules) if plan.tensor_rules is not None else None
+        result.tensor_report = apply_tensor_parallel(module, mesh.tensor_mesh, rules, run_example)
     if plan.activation_checkpointing == "blocks":
         apply_activation_checkpointing(module, resolve_units(module, plan.sharding_units))
-    result = Parallelized(module, plan)
     if shards_module(plan):
         # Automatic optimization runs each step through the module's `__call__`, so the root can be a
         # unit; manual optimization runs backward passes inside a step, before any root forward would
