@@ -186,6 +186,7 @@ def test_bad_cuts_are_refused(kwargs: dict, message: str) -> None:
         ({"num_blocks": 4, "num_stages": 2, "micro_batches": 3, "batch_size": 8}, "does not divide the batch of 8"),
         ({"num_blocks": 4, "num_stages": 2, "micro_batches": 4, "schedule": "zigzag"}, "unknown pipeline schedule"),
         ({"num_blocks": 4, "num_stages": 2, "micro_batches": 0}, "at least 1"),
+        ({"num_blocks": 4, "num_stages": 2, "micro_batches": 1, "schedule": "1f1b"}, "at least as many micro-batches"),
     ],
 )
 def test_bad_settings_are_refused_before_launch(kwargs: dict, message: str) -> None:
@@ -229,7 +230,12 @@ def _parity(kind: str, schedule: str) -> dict[str, Any]:
     with torch.inference_mode():
         inference_got = model(eval_batch).clone()
     ref_params = dict(reference.named_parameters())
+    # Replicated parameters must stay bit-identical on every pipeline rank (no drift between replicas).
+    replicated = torch.cat([p.detach().flatten() for p in model.parameters() if not pp.is_stage_parameter(p)])
+    replicas = [torch.empty_like(replicated) for _ in range(dist.get_world_size())]
+    dist.all_gather(replicas, replicated)
     return {
+        "replicas_identical": all(torch.equal(r, replicated) for r in replicas),
         "expected": expected,
         "got": got,
         "params": {name: (p.detach(), ref_params[name].detach()) for name, p in model.named_parameters()},
@@ -353,6 +359,7 @@ def test_training_matches_one_process(kind: str, schedule: str) -> None:
         got = result[f"{kind}-{schedule}"]
         torch.testing.assert_close(got["got"]["losses"], got["expected"]["losses"], rtol=RTOL, atol=0)
         torch.testing.assert_close(got["got"]["norms"], got["expected"]["norms"], rtol=RTOL, atol=0)
+        assert got["replicas_identical"]
         for name, (param, expected) in got["params"].items():
             where = f"rank {rank} {name}"
             torch.testing.assert_close(param, expected, rtol=RTOL, atol=ATOL, msg=lambda m, w=where: f"{w}: {m}")
