@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from pipeline_models import build, make_batch
 from torch import Tensor, nn
 
@@ -307,6 +308,23 @@ def _dropout_replay() -> dict[str, Any]:
     }
 
 
+def _two_backward_passes() -> float:
+    """Manual optimization's pattern: two losses from one forward, each with its own backward."""
+    torch.manual_seed(0)
+    reference = build("gpt")
+    model = copy.deepcopy(reference)
+    apply_pipeline(model, dist.group.WORLD, micro_batches=MICRO_BATCHES, device=torch.device("cpu"))
+    idx, targets = make_batch("gpt", BATCH, seed=3)
+    for m in (reference, model):
+        logits = m(idx)
+        first = F.cross_entropy(logits[:, :4].flatten(0, 1), targets[:, :4].flatten())
+        second = F.cross_entropy(logits[:, 4:].flatten(0, 1), targets[:, 4:].flatten())
+        first.backward(retain_graph=True)
+        second.backward()
+    expected = dict(reference.named_parameters())
+    return max((p.grad - expected[n].grad).abs().max().item() for n, p in model.named_parameters())
+
+
 def _bad_batch() -> str:
     torch.manual_seed(0)
     model = build("gpt")
@@ -343,6 +361,7 @@ def _peer_timeout() -> str:
 def _run_all() -> dict[str, Any]:
     results: dict[str, Any] = {f"{kind}-{schedule}": _parity(kind, schedule) for kind, schedule in SCENARIOS}
     results["dropout"] = _dropout_replay()
+    results["two_backward"] = _two_backward_passes()
     results["bad_batch"] = _bad_batch()
     results["timeout"] = _peer_timeout()
     return results
@@ -395,6 +414,11 @@ def test_dropout_masks_are_replayed_in_the_recompute() -> None:
         assert got["dropout_changes_loss"]
         assert got["rng_equal_on_ranks"]
         assert got["difference"] == pytest.approx(got["slope"], rel=1e-6)
+
+
+def test_two_backward_passes_through_one_forward_accumulate_like_one_process() -> None:
+    for result in _results():
+        assert result["two_backward"] < 1e-6
 
 
 def test_micro_batches_that_do_not_divide_the_batch_are_refused() -> None:
