@@ -1,0 +1,218 @@
+"""Pipeline parallelism for an unmodified ``forward``: the trunk of repeated blocks split into stages.
+
+Each rank of the pipeline group keeps the parameters of one contiguous run of blocks (its stage)
+and frees the others. Everything else (embeddings, head, loss, logging) stays replicated and runs
+on every pipeline rank, unchanged; the trunk runs as one pipelined operation when the forward calls
+it (see :mod:`~parti_lightning.parallel.pipeline_runtime`), after its contract was checked by
+:func:`~parti_lightning.parallel.pipeline_contract.check_trunk_contract`.
+
+Order with the other techniques: ``apply_pipeline`` first (it frees the blocks other stages own, so
+nothing after sees them), then tensor parallel and storage sharding inside the stage, then the
+optimizers. No parameter is reduced over the pipeline axis: each stage's blocks live on one rank,
+and replicated parameters get the same gradient on every pipeline rank by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+
+from parti_lightning.parallel.blocks import find_blocks
+from parti_lightning.parallel.pipeline_runtime import SCHEDULES, PipelinedTrunk
+from parti_lightning.parallel.pipeline_split import stage_starts
+
+__all__ = ["SCHEDULES", "PipelineParallel", "apply_pipeline", "check_pipeline_settings"]
+
+
+def check_pipeline_settings(
+    num_blocks: int, num_stages: int, *, micro_batches: int, batch_size: int | None = None, schedule: str = "1f1b"
+) -> None:
+    """Refuse, before anything is launched, pipeline settings that cannot run.
+
+    Args:
+        num_blocks: the trunk's block count.
+        num_stages: the pipeline degree.
+        micro_batches: micro-batches per trunk call.
+        batch_size: the batch each data-parallel rank's ``training_step`` gets, if known.
+        schedule: the training schedule's name.
+
+    Raises:
+        ValueError: an unknown schedule, more stages than blocks, ``micro_batches < 1``, fewer
+            micro-batches than stages under 1F1B, or ``micro_batches`` not dividing ``batch_size``.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
+    if num_stages > num_blocks:
+        raise ValueError(
+            f"pipeline={num_stages} stages but the trunk has only {num_blocks} blocks: every stage needs at least one"
+            " block; use at most as many stages as blocks."
+        )
+    if schedule == "1f1b" and micro_batches < num_stages:
+        raise ValueError(
+            f"schedule '1f1b' needs at least as many micro-batches as stages, got micro_batches={micro_batches} for"
+            f" pipeline={num_stages}; raise micro_batches (at least {num_stages}) or use schedule='gpipe'."
+        )
+    if batch_size is not None and batch_size % micro_batches:
+        raise ValueError(
+            f"micro_batches={micro_batches} does not divide the batch of {batch_size} each data-parallel rank gets;"
+            " choose a divisor of the batch size."
+        )
+
+
+def apply_pipeline(
+    module: nn.Module,
+    group: ProcessGroup,
+    *,
+    micro_batches: int,
+    schedule: str = "1f1b",
+    cuts: Sequence[str] | None = None,
+    costs: Sequence[float] | None = None,
+    device: torch.device,
+) -> PipelineParallel:
+    """Split ``module``'s trunk into one stage per rank of ``group`` and pipeline it when the forward runs.
+
+    Call after the trunk contract was checked (:func:`~parti_lightning.parallel.pipeline_contract.check_trunk_contract`)
+    and the module moved to ``device``, before tensor parallel, storage sharding and the optimizers: the
+    blocks this rank does not own lose their parameters and buffers here, so nothing after sees them.
+
+    Args:
+        module: the model, modified in place.
+        group: the pipeline-axis process group, its ranks in stage order.
+        micro_batches: how many micro-batches each trunk call is split into; must divide the batch.
+        schedule: ``"1f1b"`` or ``"gpipe"`` (the training schedule; forward passes use a forward-only one).
+        cuts: the block names where stages ``1 .. N-1`` start; ``None`` to balance ``costs``.
+        costs: a cost per block to balance; ``None`` for parameter counts.
+        device: where this rank's stage runs.
+
+    Returns:
+        What the strategy needs afterwards: the owned blocks, norm reduction over stages.
+
+    Raises:
+        ValueError: an unknown schedule, fewer blocks than stages, bad cuts, ``micro_batches < 1``,
+            no repeated trunk, or a parameter shared between blocks or between a block and the rest.
+    """
+    blocks = find_blocks(module)
+    if len(blocks) < 2:
+        raise ValueError(f"no repeated trunk to pipeline in {type(module).__name__} (found {len(blocks)} block)")
+    num_stages = dist.get_world_size(group)
+    check_pipeline_settings(len(blocks), num_stages, micro_batches=micro_batches, schedule=schedule)
+    _check_no_shared_parameters(module, blocks)
+    if costs is None:
+        costs = [sum(p.numel() for p in block.parameters()) for _, block in blocks]
+    starts = stage_starts([name for name, _ in blocks], num_stages, cuts=cuts, costs=costs)
+    trunk = PipelinedTrunk(blocks, starts, group, micro_batches, schedule, device)
+    return PipelineParallel(trunk)
+
+
+class PipelineParallel:
+    """A module's pipelined trunk as seen by the strategy (returned by :func:`apply_pipeline`).
+
+    Nothing needs calling per step: the trunk pipelines itself when the forward runs it, with the
+    forward-only schedule whenever no backward can follow (``torch.no_grad``/``inference_mode``:
+    validate, test, predict) and for the forward pass of training.
+    """
+
+    def __init__(self, trunk: PipelinedTrunk) -> None:
+        self._trunk = trunk
+
+    @property
+    def group(self) -> ProcessGroup:
+        """The pipeline-axis process group; gradient norms are reduced over it."""
+        return self._trunk.group
+
+    grad_norm_group = group
+
+    @property
+    def stage_index(self) -> int:
+        """This rank's stage."""
+        return self._trunk.stage
+
+    @property
+    def num_stages(self) -> int:
+        """How many stages the trunk is split into."""
+        return self._trunk.num_stages
+
+    @property
+    def stages(self) -> list[list[str]]:
+        """The block names of every stage, in order."""
+        return self._trunk.stage_names()
+
+    @property
+    def owned_blocks(self) -> list[str]:
+        """The names of the blocks this rank holds (as in ``module.named_modules()``)."""
+        return self.stages[self.stage_index]
+
+    @property
+    def freed_blocks(self) -> list[str]:
+        """The blocks whose parameters live on other ranks; a checkpoint must take them from their stage."""
+        return [name for s, names in enumerate(self.stages) if s != self.stage_index for name in names]
+
+    def is_stage_parameter(self, param: Tensor) -> bool:
+        """Whether ``param`` belongs to this rank's stage (rather than to the replicated rest of the model)."""
+        return id(param) in self._trunk.stage_param_ids
+
+    def grad_norm(self, parameters: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
+        """The norm of the gradients of ``parameters`` over the whole model, as one process would compute it.
+
+        Stage parameters' contributions are summed over the pipeline group; replicated parameters
+        (the same gradient on every pipeline rank) count once. Every pipeline rank must call this.
+        """
+        with_grads = [p for p in parameters if p.grad is not None]
+        stage = [p.grad for p in with_grads if self.is_stage_parameter(p)]
+        rest = [p.grad for p in with_grads if not self.is_stage_parameter(p)]
+        return _reduced_norm(stage, rest, float(norm_type), self.group, self._trunk.device)
+
+    def clip_grad_norm_(self, parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Clip gradients in place by their norm over all stages; returns that norm (every pipeline rank must call).
+
+        The drop-in for ``torch.nn.utils.clip_grad_norm_`` when the trunk is pipelined: a per-rank
+        norm would see only one stage's blocks and clip by a different factor on every stage.
+        """
+        params = [p for p in parameters if p.grad is not None]
+        total = self.grad_norm(params, norm_type)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
+
+
+def _reduced_norm(
+    stage: list[Tensor], rest: list[Tensor], p: float, group: ProcessGroup, device: torch.device
+) -> Tensor:
+    def local(grads: list[Tensor]) -> Tensor:
+        if not grads:
+            return torch.zeros((), device=device)
+        norm = torch.nn.utils.get_total_norm(grads, p)
+        # Sharded (DTensor) gradients: the norm over the whole parameter, from the shard axis.
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    stage_norm, rest_norm = local(stage).float(), local(rest).float()
+    if p == float("inf"):
+        dist.all_reduce(stage_norm, op=dist.ReduceOp.MAX, group=group)
+        return torch.maximum(stage_norm, rest_norm)
+    powered = stage_norm**p
+    dist.all_reduce(powered, group=group)
+    return (powered + rest_norm**p) ** (1.0 / p)
+
+
+def _check_no_shared_parameters(module: nn.Module, blocks: list[tuple[str, nn.Module]]) -> None:
+    owner: dict[int, str] = {}
+    for name, block in blocks:
+        for pname, p in block.named_parameters(remove_duplicate=False):
+            other = owner.setdefault(id(p), name)
+            if other != name:
+                raise ValueError(
+                    f"parameter {name}.{pname} is shared with block {other!r}; blocks that share parameters cannot"
+                    " be placed on different pipeline stages"
+                )
+    for pname, p in module.named_parameters(remove_duplicate=False):
+        block = owner.get(id(p))
+        if block is not None and not pname.startswith(f"{block}."):
+            raise ValueError(
+                f"parameter {pname!r} is tied to a parameter of block {block!r}; a trunk block's parameters must not"
+                " be used outside it (the block's stage would be the only rank holding them)"
+            )

@@ -1,0 +1,293 @@
+"""The trunk contract that pipeline parallelism needs from an unmodified ``forward``, checked by a dry run.
+
+Pipelining runs the whole trunk (the repeated blocks) as one operation the first time the user's
+forward calls its first block, and lets the calls of the later blocks pass that result through. That
+is exact only if the forward treats the trunk as a chain: every block called once, in order, fed the
+previous block's output (its first element when blocks return tuples), with the same extra
+arguments (masks, rotary tables, position ids) for every block, no cache, and nothing between or
+after the blocks reading an intermediate block output. :func:`check_trunk_contract` runs the
+forward once (on meta tensors where the caller can) with hooks on the blocks and a
+``TorchFunctionMode`` that sees every tensor operation outside the blocks, and names what breaks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from parti_lightning.parallel.blocks import find_blocks
+
+# Keyword arguments through which a block would read or write a key/value cache across calls.
+_CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past", "kv_cache")
+
+
+def check_trunk_contract(module: nn.Module, run_example: Callable[[], Any]) -> list[tuple[str, nn.Module]]:
+    """Check by one dry run that ``module``'s trunk can be pipelined without changing its ``forward``.
+
+    Args:
+        module: the model; ideally on the meta device (nothing is computed then).
+        run_example: runs the module's forward (or training step) once, on inputs shaped like a
+            real batch. Whatever it returns is ignored.
+
+    Returns:
+        The trunk's ``(name, block)`` pairs, in call order (as :func:`find_blocks` returns them).
+
+    Raises:
+        ValueError: no repeated trunk (the message lists the containers searched), or the forward
+            breaks the contract (the message names the block and what it did).
+    """
+    blocks = find_blocks(module)
+    if len(blocks) < 2:
+        raise ValueError(_no_trunk_message(module))
+    recorder = _Recorder([name for name, _ in blocks])
+    handles = []
+    for index, (_, block) in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(recorder.pre_hook(index), with_kwargs=True))
+        handles.append(block.register_forward_hook(recorder.post_hook(index), with_kwargs=True, always_call=True))
+    try:
+        with recorder.mode():
+            run_example()
+    finally:
+        for handle in handles:
+            handle.remove()
+    recorder.verify()
+    return blocks
+
+
+def same_arguments(a: Any, b: Any) -> bool:
+    """Whether two blocks' extra arguments are the same: tensors by identity, containers by element, others by ``==``.
+
+    Identity, not value, for tensors: the forward computes a mask or a rotary table once and hands
+    the same object to every block; a different object per block is a per-layer argument.
+    """
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return a is b
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(same_arguments(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_arguments(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - objects whose == raises or is ambiguous compare by identity
+        return a is b
+
+
+def cache_argument(args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
+    """The name of a cache the block is given (or ``use_cache=True``), else ``None``."""
+    for key in _CACHE_KWARGS:
+        if kwargs.get(key) is not None:
+            return key
+    if kwargs.get("use_cache") is True:
+        return "use_cache=True"
+    for i, value in enumerate(args):
+        if "Cache" in type(value).__name__:
+            return f"positional argument {i + 1} ({type(value).__name__})"
+    return None
+
+
+def first_output(output: Any) -> Any:
+    """The hidden state a block hands on: its output, or the first element of a tuple or list."""
+    return output[0] if isinstance(output, (tuple, list)) and len(output) > 0 else output
+
+
+def argument_name(path: tuple[Any, ...]) -> str:
+    """A readable name for an extra argument: ``'attention_mask'`` or ``'positional argument 2'``."""
+    kind, key = path
+    return repr(key) if kind == "kw" else f"positional argument {key + 1}"
+
+
+@dataclass
+class _Call:
+    index: int
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: Any = None
+
+
+@dataclass
+class _Recorder:
+    names: list[str]
+    calls: list[_Call] = field(default_factory=list)
+    depth: int = 0
+    # Tensors the forward must not read outside the blocks: non-first block outputs and the first
+    # outputs of all blocks but the last (the pipelined trunk produces neither on every rank).
+    hidden: dict[int, tuple[Tensor, str]] = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+
+    def pre_hook(self, index: int) -> Callable[..., None]:
+        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.depth += 1
+            self.calls.append(_Call(index, args, dict(kwargs)))
+
+        return hook
+
+    def post_hook(self, index: int) -> Callable[..., None]:
+        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            self.depth -= 1
+            if not self.calls or self.calls[-1].index != index:
+                return
+            self.calls[-1].output = output
+            name = self.names[index]
+            if isinstance(output, (tuple, list)):
+                for i, item in enumerate(output[1:], start=1):
+                    if isinstance(item, Tensor):
+                        self.hidden[id(item)] = (item, f"output element {i} of block {name!r}")
+            hidden_state = first_output(output)
+            if isinstance(hidden_state, Tensor) and index < len(self.names) - 1:
+                self.hidden[id(hidden_state)] = (hidden_state, f"the output of block {name!r} (not the last block)")
+
+        return hook
+
+    def mode(self) -> TorchFunctionMode:
+        return _WatchOutsideBlocks(self)
+
+    def note_use(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None, result: Any) -> None:
+        if self.depth > 0 or not self.hidden or not _has_tensor(result):
+            return
+        for value in _leaves((args, kwargs or {})):
+            seen = self.hidden.get(id(value)) if isinstance(value, Tensor) else None
+            if seen is not None and seen[0] is value:
+                what = getattr(func, "__name__", str(func))
+                self.violations.append(f"{seen[1]} is used outside the blocks (by {what})")
+                return
+
+    def verify(self) -> None:
+        order = [call.index for call in self.calls]
+        _check_order(order, self.names)
+        first = self.calls[0]
+        self._check_call(first, None, first)
+        for previous, call in zip(self.calls, self.calls[1:], strict=False):
+            self._check_call(first, previous, call)
+        if self.violations:
+            raise ValueError(
+                f"trunk contract broken: {self.violations[0]}. A pipelined trunk hands on only the last block's"
+                " first output: block outputs other than the first, and intermediate block outputs, do not exist"
+                " on every pipeline rank."
+            )
+
+    def _check_call(self, first: _Call, previous: _Call | None, call: _Call) -> None:
+        name = self.names[call.index]
+        if not call.args or not isinstance(call.args[0], Tensor):
+            raise ValueError(
+                f"trunk contract broken: block {name!r} is called without a tensor as its first positional"
+                " argument; the pipelined trunk needs the hidden state passed first, by position."
+            )
+        where = cache_argument(call.args[1:], call.kwargs)
+        if where is not None:
+            raise ValueError(
+                f"trunk contract broken: block {name!r} is passed a cache ({where}); a cache is state kept across"
+                " blocks and steps, which a pipeline cannot split. Turn caching off in training (use_cache=False)."
+            )
+        hidden, out = call.args[0], first_output(call.output)
+        if not isinstance(out, Tensor) or out.shape != hidden.shape or out.dtype != hidden.dtype:
+            raise ValueError(
+                f"trunk contract broken: block {name!r} returns {_describe(out)} for a hidden state of "
+                f"{_describe(hidden)}; pipelined blocks must return a tensor of the input's shape and dtype"
+                " (or a tuple whose first element is one)."
+            )
+        if previous is not None and hidden is not first_output(previous.output):
+            raise ValueError(
+                f"trunk contract broken: block {name!r} is not fed the output of block {self.names[previous.index]!r}"
+                " (its first element); code between blocks that changes the hidden state cannot be pipelined."
+            )
+        for path, value, reference in _extra_pairs(call, first):
+            if not same_arguments(value, reference):
+                raise ValueError(
+                    f"trunk contract broken: block {name!r} gets {argument_name(path)} different from block"
+                    f" {self.names[first.index]!r}; every block must get the same extra arguments (per-layer"
+                    " arguments, e.g. a sliding-window mask on some layers, cannot be pipelined)."
+                )
+            if isinstance(value, Tensor) and value.requires_grad:
+                raise ValueError(
+                    f"trunk contract broken: {argument_name(path)} of block {name!r} requires grad; extra block"
+                    " arguments must be constants (masks, rotary tables, position ids), not learned tensors."
+                )
+
+
+class _WatchOutsideBlocks(TorchFunctionMode):
+    def __init__(self, recorder: _Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        result = func(*args, **(kwargs or {}))
+        self.recorder.note_use(func, args, kwargs, result)
+        return result
+
+
+def _check_order(order: list[int], names: list[str]) -> None:
+    if not order:
+        raise ValueError(
+            f"trunk contract broken: the example ran none of the {len(names)} blocks ({names[0]!r}, ...); the"
+            " forward must call the trunk's blocks."
+        )
+    counts = [order.count(i) for i in range(len(names))]
+    repeated = [names[i] for i, c in enumerate(counts) if c > 1]
+    if repeated:
+        raise ValueError(
+            f"trunk contract broken: block {repeated[0]!r} is called {counts[names.index(repeated[0])]} times in one"
+            " forward (blocks indexed inside the loop, or a block reused); each block must be called exactly once."
+        )
+    skipped = [names[i] for i, c in enumerate(counts) if c == 0]
+    if skipped:
+        raise ValueError(
+            f"trunk contract broken: block(s) {', '.join(map(repr, skipped[:4]))} are never called; the pipelined"
+            " trunk runs every block, so the forward must too."
+        )
+    for previous, index in zip(order, order[1:], strict=False):
+        if index != previous + 1:
+            raise ValueError(
+                f"trunk contract broken: block {names[index]!r} is called right after {names[previous]!r}; the"
+                " blocks must be called in their module order."
+            )
+
+
+def _extra_pairs(call: _Call, first: _Call) -> list[tuple[tuple[Any, ...], Any, Any]]:
+    pairs: list[tuple[tuple[Any, ...], Any, Any]] = []
+    for i in range(1, max(len(call.args), len(first.args))):
+        pairs.append((("pos", i), _get(call.args, i), _get(first.args, i)))
+    for key in dict.fromkeys([*call.kwargs, *first.kwargs]):
+        pairs.append((("kw", key), call.kwargs.get(key, _MISSING), first.kwargs.get(key, _MISSING)))
+    return pairs
+
+
+_MISSING = object()
+
+
+def _get(values: tuple[Any, ...], i: int) -> Any:
+    return values[i] if i < len(values) else _MISSING
+
+
+def _leaves(value: Any) -> list[Any]:
+    return torch.utils._pytree.tree_leaves(value)
+
+
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(v, Tensor) for v in _leaves(value))
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {tuple(value.shape)} {value.dtype} tensor"
+    return f"a {type(value).__name__}"
+
+
+def _no_trunk_message(module: nn.Module) -> str:
+    containers = [
+        f"{name or '<root>'} ({type(m).__name__} of {', '.join(type(c).__name__ for c in m.children()) or 'nothing'})"
+        for name, m in module.named_modules()
+        if isinstance(m, (nn.ModuleList, nn.Sequential))
+    ]
+    searched = "; ".join(containers[:8]) if containers else "none: the model has no nn.ModuleList or nn.Sequential"
+    return (
+        f"no repeated trunk to pipeline in {type(module).__name__}: pipeline stages are cut between repeated blocks,"
+        " which are two or more children of one class, holding parameters, in an nn.ModuleList or nn.Sequential."
+        f" Containers searched: {searched}."
+    )

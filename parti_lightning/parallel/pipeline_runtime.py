@@ -1,0 +1,425 @@
+"""How a pipelined trunk runs: the user's block calls intercepted, the trunk as one autograd operation.
+
+When the user's forward calls the first block, :class:`_TrunkFunction` runs the whole trunk on
+``torch.distributed.pipelining``:
+
+- forward: a forward-only schedule over ``M`` micro-batches; the last stage broadcasts the trunk's
+  output to every pipeline rank, which the later blocks' calls then hand on unchanged;
+- backward: a training schedule (GPipe or 1F1B) re-runs the trunk with the incoming gradient as
+  the loss target (surrogate loss ``(out * grad).sum()``), accumulating each stage's parameter
+  gradients; stage 0 broadcasts the input gradient so the replicated layers before the trunk get
+  the same gradient on every rank.
+
+Why a recompute instead of torch's schedules end to end: torch's schedules want the loss computed on
+the last stage by a ``loss_fn``; a Lightning ``training_step`` computes its loss itself, after the
+trunk, and its ``self.log`` calls must see that loss on every rank. The price is one extra trunk
+forward per step (as with activation checkpointing of the trunk). Dropout masks are replayed
+exactly in the recompute: each (stage, micro-batch) runs under a seed drawn once per call from the
+global generator, which advances identically on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from weakref import WeakKeyDictionary
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+
+from parti_lightning.parallel.pipeline_contract import (
+    argument_name,
+    cache_argument,
+    first_output,
+    same_arguments,
+)
+
+SCHEDULES: dict[str, type[PipelineScheduleSingle]] = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+# block -> (trunk, index): how a block's call finds the pipelined trunk it belongs to. Weak, and not
+# an attribute, so the user's modules carry no reference to process groups (deepcopy, pickling).
+_ROUTES: WeakKeyDictionary[nn.Module, tuple[PipelinedTrunk, int]] = WeakKeyDictionary()
+_INTERCEPTING_CLASSES: dict[type, type] = {}
+
+
+@dataclass
+class _Call:
+    """One run of the trunk: the extra block arguments of each micro-batch, and the dropout seed."""
+
+    micro_batches: int
+    extras: list[tuple[tuple[Any, ...], dict[str, Any]]]
+    seed: int | None
+    input_leaves: dict[int, Tensor] | None = None
+
+
+class PipelinedTrunk:
+    """The pipelined trunk of one module on one rank: stage construction, call interception, schedules.
+
+    Built by :func:`~parti_lightning.parallel.pipeline.apply_pipeline`; frees the blocks of other
+    stages and routes the user's block calls here.
+    """
+
+    def __init__(
+        self,
+        blocks: list[tuple[str, nn.Module]],
+        starts: list[int],
+        group: ProcessGroup,
+        micro_batches: int,
+        schedule: str,
+        device: torch.device,
+    ) -> None:
+        self.names = [name for name, _ in blocks]
+        self.blocks = [block for _, block in blocks]
+        self.starts = starts
+        self.group = group
+        self.micro_batches = micro_batches
+        self.schedule = schedule
+        self.device = torch.device(device)
+        self.num_stages = len(starts)
+        self.stage = dist.get_rank(group)
+        ends = [*starts[1:], len(blocks)]
+        lo, hi = starts[self.stage], ends[self.stage]
+        owned = [block for _, block in blocks[lo:hi]]
+        self.stage_param_ids = {id(p) for block in owned for p in block.parameters()}
+        for index, (_, block) in enumerate(blocks):
+            if not lo <= index < hi:
+                _free(block)
+            _intercept(block)
+            _ROUTES[block] = (self, index)
+        self.stage_module = _StageModule(self, owned)
+        # Why: a custom autograd Function is only backpropagated through if an input requires grad;
+        # when the trunk's input does not (frozen embeddings), this empty leaf still routes the backward.
+        self.anchor = torch.zeros(0, device=self.device, requires_grad=True)
+        self.running = False
+        self.call: _Call | None = None
+        self._next = 0
+        self._carry: Tensor | None = None
+        self._extras: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self._templates: dict[str, Any] = {}
+        self._schedules: dict[tuple, PipelineScheduleSingle] = {}
+
+    def stage_names(self) -> list[list[str]]:
+        ends = [*self.starts[1:], len(self.names)]
+        return [self.names[a:b] for a, b in zip(self.starts, ends, strict=True)]
+
+    # --- the user's block calls
+
+    def intercept(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A call of block ``index`` from the user's forward: block 0 runs the whole trunk, later ones hand it on."""
+        name = self.names[index]
+        if index != self._next:
+            expected = self.names[self._next]
+            raise RuntimeError(
+                f"pipelined trunk: block {name!r} was called where {expected!r} was expected; the trunk's blocks"
+                " must be called once each, in order (see check_trunk_contract)"
+            )
+        if not args or not isinstance(args[0], Tensor):
+            raise RuntimeError(
+                f"pipelined trunk: block {name!r} must get the hidden state as its first positional argument"
+            )
+        extras = (args[1:], kwargs)
+        if index == 0:
+            where = cache_argument(args[1:], kwargs)
+            if where is not None:
+                raise RuntimeError(f"pipelined trunk: block {name!r} is passed a cache ({where}); turn caching off")
+            out = self._run(args[0], extras)
+            self._carry, self._extras = out, extras
+        else:
+            if args[0] is not self._carry:
+                raise RuntimeError(
+                    f"pipelined trunk: block {name!r} is not fed the output of {self.names[index - 1]!r}; code between"
+                    " blocks cannot change the hidden state of a pipelined trunk"
+                )
+            if not same_arguments(extras, self._extras):
+                raise RuntimeError(
+                    f"pipelined trunk: block {name!r} gets extra arguments different from the first block's"
+                )
+        carry, key = self._carry, _template_key(self._extras)
+        self._next = (index + 1) % len(self.names)
+        if self._next == 0:  # the trunk is done: drop references to its graph and arguments
+            self._carry, self._extras = None, None
+        return _shaped_like(self._templates[key], carry)
+
+    def _run(self, x: Tensor, extras: tuple[tuple[Any, ...], dict[str, Any]]) -> Tensor:
+        for path, value in _tensor_leaves_with_names(extras):
+            if value.requires_grad:
+                raise NotImplementedError(
+                    f"pipelined trunk: extra block argument {path} requires grad; only constant extras (masks, rotary"
+                    " tables, position ids) are supported"
+                )
+        call = self._plan_call(x, extras)
+        anchor = self.anchor if torch.is_grad_enabled() else None
+        return _TrunkFunction.apply(self, call, x, anchor)
+
+    def _plan_call(self, x: Tensor, extras: tuple[tuple[Any, ...], dict[str, Any]]) -> _Call:
+        batch = x.shape[0]
+        m = self.micro_batches
+        if batch % m:
+            if torch.is_grad_enabled():
+                raise ValueError(
+                    f"pipeline micro_batches={m} does not divide the batch of {batch} the trunk received; use a batch"
+                    " size divisible by micro_batches (and drop_last=True)"
+                )
+            # Forward-only (validation's ragged last batch): fewer, equal micro-batches give the same values.
+            m = max(d for d in range(1, m + 1) if batch % d == 0)
+        per_micro = [_split_extras(extras, batch, m, i) for i in range(m)]
+        # All blocks, freed ones included: every rank must agree on whether to draw a seed.
+        training = any(block.training for block in self.blocks)
+        seed = int(torch.randint(0, 2**62, ())) if training else None
+        return _Call(m, per_micro, seed)
+
+    # --- schedules
+
+    def _schedule(self, call: _Call, x: Tensor, backward: bool) -> PipelineScheduleSingle:
+        micro = (x.shape[0] // call.micro_batches, *x.shape[1:])
+        key = (backward, call.micro_batches, micro, x.dtype, torch.is_inference_mode_enabled())
+        cached = self._schedules.get(key)
+        if cached is not None:
+            return cached
+        # Static shapes (every block keeps the hidden state's shape): no metadata exchange at start.
+        # requires_grad tells the stage to allocate gradient buffers.
+        example = torch.empty(micro, dtype=x.dtype, device="meta", requires_grad=backward)
+        stage = PipelineStage(
+            self.stage_module,
+            self.stage,
+            self.num_stages,
+            self.device,
+            input_args=(example,),
+            output_args=(example,),
+            group=self.group,
+        )
+        if backward:
+            # A sum, not a mean: the surrogate loss must not be rescaled per micro-batch.
+            schedule = SCHEDULES[self.schedule](stage, call.micro_batches, loss_fn=_surrogate_loss, scale_grads=False)
+        else:
+            # No loss_fn: forward only. scale_grads=False matters here too: a schedule divides the stage's
+            # existing gradients by the micro-batch count at the end of every step, backward or not,
+            # which would shrink gradients accumulated by earlier backward passes.
+            schedule = ScheduleGPipe(stage, call.micro_batches, scale_grads=False)
+        self._schedules[key] = schedule
+        return schedule
+
+    def forward_only(self, call: _Call, x: Tensor) -> Tensor:
+        schedule = self._schedule(call, x, backward=False)
+        indices = torch.arange(call.micro_batches)
+        self.call = call
+        try:
+            with torch.no_grad():
+                out = schedule.step(*self._stage_args(x), micro_batch=indices)
+        finally:
+            self.call = None
+        last = self.num_stages - 1
+        if self.stage != last:
+            out = torch.empty_like(x)
+        out = out.contiguous()
+        dist.broadcast(out, group=self.group, group_src=last)
+        self._share_template(call)
+        return out
+
+    def backward(self, call: _Call, x: Tensor, grad: Tensor, input_grad: bool) -> Tensor | None:
+        schedule = self._schedule(call, x, backward=True)
+        indices = torch.arange(call.micro_batches)
+        call.input_leaves = {} if input_grad and self.stage == 0 else None
+        target = grad if self.stage == self.num_stages - 1 else None
+        self.call = call
+        try:
+            with torch.enable_grad():
+                schedule.step(*self._stage_args(x), target=target, micro_batch=indices, return_outputs=False)
+        finally:
+            self.call = None
+        if not input_grad:
+            return None
+        if self.stage == 0:
+            leaves = [call.input_leaves[i] for i in range(call.micro_batches)]
+            grad_x = torch.cat([leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves])
+        else:
+            grad_x = torch.empty_like(x)
+        call.input_leaves = None
+        dist.broadcast(grad_x, group=self.group, group_src=0)
+        return grad_x
+
+    def _stage_args(self, x: Tensor) -> tuple[Tensor, ...]:
+        return (x.detach(),) if self.stage == 0 else ()
+
+    def _share_template(self, call: _Call) -> None:
+        # Which structure (tensor, or tuple of what length) the blocks return, so every rank can hand
+        # the trunk's output on in the same shape. Learned once per set of non-tensor arguments.
+        key = _template_key(call.extras[0])
+        if key in self._templates:
+            return
+        box = [self.stage_module.template]
+        dist.broadcast_object_list(box, group=self.group, group_src=self.num_stages - 1, device=self.device)
+        self._templates[key] = box[0]
+
+
+class _StageModule(nn.Module):
+    """This rank's blocks, run in order on one micro-batch; the submodule of the ``PipelineStage``."""
+
+    def __init__(self, trunk: PipelinedTrunk, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.template: Any = None
+        # A plain attribute (object.__setattr__): the trunk is not a submodule.
+        object.__setattr__(self, "trunk", trunk)
+
+    def forward(self, x: Tensor, micro_batch: Tensor) -> Tensor:
+        trunk: PipelinedTrunk = self.trunk
+        call = trunk.call
+        assert call is not None, "the stage runs only inside a trunk call"  # noqa: S101
+        index = int(micro_batch)
+        args, kwargs = call.extras[index]
+        if call.input_leaves is not None:
+            # A leaf per micro-batch collects the gradient of stage 0's input, which the stage does not return.
+            x = x.detach().requires_grad_()
+            call.input_leaves[index] = x
+        shape, dtype = x.shape, x.dtype
+        with _seeded(call.seed, trunk.stage, index, call.micro_batches, trunk.device), _running(trunk):
+            for block in self.blocks:
+                out = block(x, *args, **kwargs)
+                x = first_output(out)
+                if not isinstance(x, Tensor) or x.shape != shape or x.dtype != dtype:
+                    raise ValueError(
+                        f"a pipelined block returned {type(x).__name__} {getattr(x, 'shape', '')} for a {tuple(shape)}"
+                        f" {dtype} hidden state; blocks must keep the hidden state's shape and dtype"
+                    )
+        self.template = _template_of(out)
+        return x
+
+
+class _TrunkFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, trunk: PipelinedTrunk, call: _Call, x: Tensor, anchor: Tensor | None) -> Tensor:
+        ctx.trunk, ctx.call = trunk, call
+        ctx.save_for_backward(x)
+        return trunk.forward_only(call, x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, Tensor | None, None]:
+        (x,) = ctx.saved_tensors
+        grad_x = ctx.trunk.backward(ctx.call, x, grad, input_grad=ctx.needs_input_grad[2])
+        return None, None, grad_x, None
+
+
+def _surrogate_loss(output: Tensor, target: Tensor) -> Tensor:
+    # d/d(output) of sum(output * grad) is grad: backpropagating it from the last stage is
+    # backpropagating the incoming gradient through the trunk.
+    return (output * target).sum()
+
+
+@contextlib.contextmanager
+def _running(trunk: PipelinedTrunk) -> Iterator[None]:
+    previous, trunk.running = trunk.running, True
+    try:
+        yield
+    finally:
+        trunk.running = previous
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, stage: int, micro_batch: int, micro_batches: int, device: torch.device) -> Iterator[None]:
+    """Run a stage's micro-batch under its own seed, leaving the global generators as they were.
+
+    The same (call, stage, micro-batch) gets the same dropout masks in the forward pass and in the
+    backward's recompute; and every rank's global generator stays identical, whatever its stage drew.
+    """
+    accel = torch.get_device_module(device.type) if device.type != "cpu" else None
+    cpu_state = torch.get_rng_state()
+    accel_state = accel.get_rng_state(device) if accel is not None else None
+    if seed is not None:
+        derived = (seed + stage * micro_batches + micro_batch) % 2**63
+        torch.default_generator.manual_seed(derived)
+        if accel is not None:
+            with accel.device(device):
+                accel.manual_seed(derived)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if accel is not None:
+            accel.set_rng_state(accel_state, device)
+
+
+def _split_extras(extras: Any, batch: int, parts: int, index: int) -> Any:
+    # Batch-sized tensors (a padding mask) are split like the hidden state; others (a causal mask,
+    # rotary tables, position ids of batch 1) are the same for every micro-batch.
+    size = batch // parts
+
+    def split(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch and batch > 1:
+            return value.narrow(0, index * size, size)
+        return value
+
+    return torch.utils._pytree.tree_map(split, extras)
+
+
+def _tensor_leaves_with_names(extras: tuple[tuple[Any, ...], dict[str, Any]]) -> Iterator[tuple[str, Tensor]]:
+    args, kwargs = extras
+    for i, value in enumerate(args, start=1):
+        for leaf in torch.utils._pytree.tree_leaves(value):
+            if isinstance(leaf, Tensor):
+                yield argument_name(("pos", i)), leaf
+    for key, value in kwargs.items():
+        for leaf in torch.utils._pytree.tree_leaves(value):
+            if isinstance(leaf, Tensor):
+                yield argument_name(("kw", key)), leaf
+
+
+def _template_key(extras: Any) -> str:
+    # The non-tensor arguments (flags like output_attentions) decide a block's output structure.
+    leaves = torch.utils._pytree.tree_leaves(extras)
+    return repr([leaf if not isinstance(leaf, Tensor) else "T" for leaf in leaves])
+
+
+def _template_of(output: Any) -> Any:
+    if isinstance(output, (tuple, list)):
+        return (type(output), len(output))
+    return None
+
+
+def _shaped_like(template: Any, hidden: Tensor) -> Any:
+    """The trunk's output in the structure the blocks return; elements other than the first are ``None``."""
+    if template is None:
+        return hidden
+    kind, length = template
+    return kind([hidden, *([None] * (length - 1))])
+
+
+def _free(block: nn.Module) -> None:
+    # Parameters and buffers set to None stay declared (attribute access keeps working for code that
+    # reads e.g. a block's config) but hold no memory and vanish from parameters() and state_dict().
+    for sub in block.modules():
+        for name in list(sub._parameters):
+            sub._parameters[name] = None
+        for name in list(sub._buffers):
+            sub._buffers[name] = None
+
+
+def _intercept(block: nn.Module) -> None:
+    """Swap ``block``'s class for a subclass whose ``__call__`` routes the user's calls to the pipelined trunk.
+
+    A subclass rather than a patched ``forward``: the stage must still run the block through its
+    own ``__call__`` with all hooks (FSDP's unshard, activation checkpointing), and Python looks
+    ``__call__`` up on the class. FSDP swaps classes the same way, and composes with this one.
+    """
+    cls = type(block)
+    if cls in _INTERCEPTING_CLASSES.values():
+        return
+    sub = _INTERCEPTING_CLASSES.get(cls)
+    if sub is None:
+
+        def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
+            route = _ROUTES.get(self)
+            if route is None or route[0].running:
+                return super(sub, self).__call__(*args, **kwargs)
+            trunk, index = route
+            return trunk.intercept(index, args, kwargs)
+
+        sub = type(f"Pipelined{cls.__name__}", (cls,), {"__call__": __call__, "__module__": cls.__module__})
+        _INTERCEPTING_CLASSES[cls] = sub
+    block.__class__ = sub

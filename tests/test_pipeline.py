@@ -1,0 +1,433 @@
+"""Pipeline parallelism of an unmodified forward, against one process.
+
+Tier 1 (no process group): the trunk contract's dry run (what passes, one test per kind of
+breakage), stage splitting, settings refused before launch.
+Tier 2 (gloo, 2 CPU ranks): one group of ranks runs every scenario and the tests read its results.
+Each scenario trains a tiny model from the same weights for a few AdamW steps with gradient
+clipping, pipelined (2 stages, 4 micro-batches) and as one process on the same batches in the same
+rank, and compares: a nanoGPT-style model with tied embeddings, a ViT-style encoder built from
+``nn.TransformerEncoderLayer`` and a Llama decoder from transformers (built from a config).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pipeline_models import build, make_batch
+from torch import Tensor, nn
+
+from parti_lightning.parallel.pipeline import apply_pipeline, check_pipeline_settings
+from parti_lightning.parallel.pipeline_contract import check_trunk_contract
+from parti_lightning.parallel.pipeline_split import stage_starts
+
+from dist_utils import run_distributed
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MICRO_BATCHES, BATCH, STEPS, ACCUMULATE, LR, MAX_NORM = 4, 8, 2, 2, 1e-2, 0.5
+# fp32 parity: micro-batches sum gradients in another order than one batch, and Adam divides by
+# sqrt(v) + eps. An element whose true gradient cancels to ~1e-9 (seen in a key projection) is
+# rounding noise that eps=1e-8 would turn into a sizeable part of an update; eps=1e-6 keeps such
+# noise at its own scale and leaves real gradients (>= 1e-5 here) untouched. A real error shows
+# at the scale of the update (lr=1e-2).
+RTOL, ATOL, ADAM_EPS = 1e-5, 1e-5, 1e-6
+SCENARIOS = [("gpt", "gpipe"), ("gpt", "1f1b"), ("vit", "gpipe"), ("vit", "1f1b"), ("hf", "gpipe"), ("hf", "1f1b")]
+
+
+# ----------------------------------------------------------------------------------- tier 1: contract
+
+
+def _meta_example(kind: str) -> tuple[nn.Module, Any]:
+    device = "cpu" if kind == "hf" else "meta"  # HF's mask code branches on tensor values: not on meta
+    with torch.device(device):
+        model = build(kind)
+    batch = tuple(t.to(device) for t in make_batch(kind, 4, 0))
+    return model, lambda: model.loss(batch)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "vit", "hf"])
+def test_contract_accepts_gpt_vit_and_hugging_face(kind: str) -> None:
+    model, example = _meta_example(kind)
+    names = [name for name, _ in check_trunk_contract(model, example)]
+    assert len(names) == 4 and names[0].endswith("0") and names[-1].endswith("3")
+
+
+class _Block(nn.Module):
+    def __init__(self, tuple_out: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.tuple_out = tuple_out
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, bias: Tensor | None = None, cache: Any = None) -> Any:
+        y = self.lin(x) if mask is None else self.lin(x) * mask
+        y = y if bias is None else y + bias
+        return (y, y.mean()) if self.tuple_out else y
+
+
+class _Chain(nn.Module):
+    """Three blocks, called the way ``mode`` says: each mode breaks the contract one way."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.h = nn.ModuleList([_Block(tuple_out=mode == "aux_output") for _ in range(3)])
+        self.bias = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, mode = self.h, self.mode
+        if mode == "indexed":
+            for i in range(len(h)):
+                x = h[i // 2](x)
+        elif mode == "reversed":
+            for block in reversed(h):
+                x = block(x)
+        elif mode == "skipped":
+            for block in h[:-1]:
+                x = block(x)
+        elif mode == "per_layer_args":
+            for i, block in enumerate(h):
+                x = block(x, mask=x.new_full((4,), float(i)))
+        elif mode == "changed_between":
+            for block in h:
+                x = block(x) * 0.5
+        elif mode == "aux_output":
+            aux = x.new_zeros(())
+            for block in h:
+                x, extra = block(x)
+                aux = aux + extra
+            x = x + aux
+        elif mode == "intermediate_used":
+            hidden = []
+            for block in h:
+                x = block(x)
+                hidden.append(x)
+            x = torch.stack(hidden).sum(0)
+        elif mode == "cache":
+            cache: dict = {}
+            for block in h:
+                x = block(x, cache=cache)
+        elif mode == "learned_extra":
+            for block in h:
+                x = block(x, bias=self.bias)
+        return x
+
+
+BREAKAGES = {
+    "indexed": "called 2 times",
+    "reversed": "called right after",
+    "skipped": "never called",
+    "per_layer_args": "'mask' different from block 'h.0'",
+    "changed_between": "is not fed the output of block 'h.0'",
+    "aux_output": "output element 1 of block 'h.0' is used outside the blocks",
+    "intermediate_used": "the output of block 'h.0' (not the last block) is used outside the blocks",
+    "cache": "is passed a cache (cache)",
+    "learned_extra": "requires grad",
+}
+
+
+@pytest.mark.parametrize("mode", sorted(BREAKAGES))
+def test_contract_refuses_each_kind_of_breakage(mode: str) -> None:
+    with torch.device("meta"):
+        model = _Chain(mode)
+        x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="trunk contract broken") as error:
+        check_trunk_contract(model, lambda: model(x))
+    assert BREAKAGES[mode] in str(error.value)
+
+
+def test_contract_refuses_a_model_without_repeated_trunk_and_names_the_containers() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LayerNorm(4))
+    expected = r"no repeated trunk.*searched: <root> \(Sequential of Linear, ReLU, LayerNorm\)"
+    with pytest.raises(ValueError, match=expected):
+        check_trunk_contract(model, lambda: model(torch.randn(2, 4)))
+
+
+def test_contract_refuses_blocks_that_change_the_hidden_shape() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="must return a tensor of the input's shape"):
+        check_trunk_contract(model, lambda: model(torch.randn(2, 4)))
+
+
+# ------------------------------------------------------------------------- tier 1: splits and settings
+
+
+def test_stages_balance_costs_or_follow_cuts() -> None:
+    names = [f"h.{i}" for i in range(6)]
+    assert stage_starts(names, 2) == [0, 3]
+    assert stage_starts(names, 3, costs=[4, 1, 1, 1, 1, 4]) == [0, 1, 5]
+    assert stage_starts(names, 2, cuts=["h.4"]) == [0, 4]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cuts": ["h.9"]}, "is not a trunk block"),
+        ({"cuts": ["h.0"]}, "must name blocks after the first"),
+        ({"cuts": ["h.1", "h.2"]}, "needs 1 cut"),
+    ],
+)
+def test_bad_cuts_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        stage_starts([f"h.{i}" for i in range(4)], 2, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_blocks": 2, "num_stages": 3, "micro_batches": 4}, "only 2 blocks"),
+        ({"num_blocks": 4, "num_stages": 2, "micro_batches": 3, "batch_size": 8}, "does not divide the batch of 8"),
+        ({"num_blocks": 4, "num_stages": 2, "micro_batches": 4, "schedule": "zigzag"}, "unknown pipeline schedule"),
+        ({"num_blocks": 4, "num_stages": 2, "micro_batches": 0}, "at least 1"),
+        ({"num_blocks": 4, "num_stages": 2, "micro_batches": 1, "schedule": "1f1b"}, "at least as many micro-batches"),
+    ],
+)
+def test_bad_settings_are_refused_before_launch(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_pipeline_settings(**kwargs)
+
+
+# ----------------------------------------------------------------------------------- tier 2: ranks
+
+
+def _train(model: nn.Module, kind: str, clip: Any, steps: int = STEPS) -> dict[str, Any]:
+    """AdamW steps, each accumulating ACCUMULATE batches, clipped by ``clip``; losses and norms recorded."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, eps=ADAM_EPS)
+    losses, norms = [], []
+    for step in range(steps):
+        for micro in range(ACCUMULATE):
+            loss = model.loss(make_batch(kind, BATCH, seed=step * ACCUMULATE + micro)) / ACCUMULATE
+            loss.backward()
+            losses.append(loss.detach())
+        norms.append(clip(model.parameters(), MAX_NORM).detach())
+        optimizer.step()
+        optimizer.zero_grad()
+    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
+    return {"losses": torch.stack(losses), "norms": torch.stack(norms), "state_bytes": state_bytes}
+
+
+def _parity(kind: str, schedule: str) -> dict[str, Any]:
+    torch.manual_seed(0)
+    reference = build(kind)
+    model = copy.deepcopy(reference)
+    pp = apply_pipeline(
+        model, dist.group.WORLD, micro_batches=MICRO_BATCHES, schedule=schedule, device=torch.device("cpu")
+    )
+    expected = _train(reference, kind, torch.nn.utils.clip_grad_norm_)
+    got = _train(model, kind, pp.clip_grad_norm_)
+    eval_batch = make_batch(kind, 6, seed=99)[0]  # 6 is not a multiple of 4: forward-only uses 3 micro-batches
+    reference.eval()
+    model.eval()
+    with torch.no_grad():
+        eval_expected, eval_got = reference(eval_batch), model(eval_batch)
+    with torch.inference_mode():
+        inference_got = model(eval_batch).clone()
+    ref_params = dict(reference.named_parameters())
+    # Replicated parameters must stay bit-identical on every pipeline rank (no drift between replicas).
+    replicated = torch.cat([p.detach().flatten() for p in model.parameters() if not pp.is_stage_parameter(p)])
+    replicas = [torch.empty_like(replicated) for _ in range(dist.get_world_size())]
+    dist.all_gather(replicas, replicated)
+    return {
+        "replicas_identical": all(torch.equal(r, replicated) for r in replicas),
+        "expected": expected,
+        "got": got,
+        "params": {name: (p.detach(), ref_params[name].detach()) for name, p in model.named_parameters()},
+        "eval": (eval_got, eval_expected, inference_got),
+        "owned": pp.owned_blocks,
+        "freed": pp.freed_blocks,
+        "state_dict_keys": list(model.state_dict()),
+        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "reference_param_bytes": sum(p.numel() * p.element_size() for p in reference.parameters()),
+        "trunk_param_bytes": sum(p.numel() * p.element_size() for p in model.parameters() if pp.is_stage_parameter(p)),
+    }
+
+
+def _dropout_replay() -> dict[str, Any]:
+    """float64, dropout 0.1: the backward's recompute must reuse the forward's masks.
+
+    Exact single-process parity is impossible with dropout and micro-batches (a mask drawn per
+    micro-batch is not a slice of a mask drawn for the whole batch), so what is checked is that the
+    gradient is the gradient of the function the forward computed: a central difference of the
+    pipelined loss along a random direction, each evaluation under the same global seed, equals the
+    gradient's projection on it. Masks not replayed would make them differ at O(1).
+    """
+    torch.manual_seed(0)
+    model = build("gpt", dropout=0.1).double()
+    pp = apply_pipeline(model, dist.group.WORLD, micro_batches=MICRO_BATCHES, device=torch.device("cpu"))
+    batch = make_batch("gpt", BATCH, seed=5)
+
+    def loss() -> Tensor:
+        torch.manual_seed(1234)
+        return model.loss(batch)
+
+    loss().backward()
+    gen = torch.Generator().manual_seed(7)
+    # Every rank draws the same direction for every parameter of the whole model, by name.
+    shapes = [(name, p.shape) for name, p in build("gpt").named_parameters()]
+    direction = {name: torch.randn(shape, generator=gen, dtype=torch.float64) for name, shape in shapes}
+    params = dict(model.named_parameters())
+    slope_stage = torch.zeros((), dtype=torch.float64)
+    slope_rest = torch.zeros((), dtype=torch.float64)
+    for name, p in params.items():
+        if pp.is_stage_parameter(p):
+            slope_stage += (p.grad * direction[name]).sum()
+        else:
+            slope_rest += (p.grad * direction[name]).sum()
+    dist.all_reduce(slope_stage)
+    eps = 1e-5
+
+    def shift(scale: float) -> None:
+        for name, p in params.items():
+            p.add_(direction[name], alpha=scale * eps)
+
+    with torch.no_grad():
+        shift(1.0)
+        plus = loss()
+        shift(-2.0)
+        minus = loss()
+        shift(1.0)
+    dropout_on = loss().item()
+    model.eval()
+    dropout_off = model.loss(batch).item()
+    rng = torch.get_rng_state()
+    states = [torch.empty_like(rng) for _ in range(dist.get_world_size())]
+    dist.all_gather(states, rng)
+    return {
+        "slope": (slope_stage + slope_rest).item(),
+        "difference": ((plus - minus) / (2 * eps)).item(),
+        "dropout_changes_loss": abs(dropout_on - dropout_off) > 1e-6,
+        "rng_equal_on_ranks": all(torch.equal(s, states[0]) for s in states),
+    }
+
+
+def _two_backward_passes() -> float:
+    """Manual optimization's pattern: two losses from one forward, each with its own backward."""
+    torch.manual_seed(0)
+    reference = build("gpt")
+    model = copy.deepcopy(reference)
+    apply_pipeline(model, dist.group.WORLD, micro_batches=MICRO_BATCHES, device=torch.device("cpu"))
+    idx, targets = make_batch("gpt", BATCH, seed=3)
+    for m in (reference, model):
+        logits = m(idx)
+        first = F.cross_entropy(logits[:, :4].flatten(0, 1), targets[:, :4].flatten())
+        second = F.cross_entropy(logits[:, 4:].flatten(0, 1), targets[:, 4:].flatten())
+        first.backward(retain_graph=True)
+        second.backward()
+    expected = dict(reference.named_parameters())
+    return max((p.grad - expected[n].grad).abs().max().item() for n, p in model.named_parameters())
+
+
+def _bad_batch() -> str:
+    torch.manual_seed(0)
+    model = build("gpt")
+    apply_pipeline(model, dist.group.WORLD, micro_batches=MICRO_BATCHES, device=torch.device("cpu"))
+    try:
+        model.loss(make_batch("gpt", 6, seed=0))
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def _peer_timeout() -> str:
+    """Stage 1 enters a training step that stage 0 never runs: its receive must fail after the group's timeout."""
+    dist.barrier()  # both ranks create the short-timeout group at the same moment (creation obeys it too)
+    group = dist.new_group([0, 1], timeout=timedelta(seconds=4))
+    torch.manual_seed(0)
+    model = build("gpt")
+    apply_pipeline(model, group, micro_batches=2, device=torch.device("cpu"))
+    batch = make_batch("gpt", 4, seed=0)
+    model.loss(batch).backward()  # a first step together: the schedules are set up
+    outcome = "absent"
+    if dist.get_rank() == 1:
+        start = time.monotonic()
+        try:
+            model.loss(batch).backward()
+            outcome = "no error"
+        except RuntimeError as error:
+            outcome = f"raised after {time.monotonic() - start:.1f}s: {error}"
+    # Stage 0 stays alive but absent from the pipeline group: it waits here, on the default group.
+    dist.barrier()
+    return outcome
+
+
+def _run_all() -> dict[str, Any]:
+    results: dict[str, Any] = {f"{kind}-{schedule}": _parity(kind, schedule) for kind, schedule in SCENARIOS}
+    results["dropout"] = _dropout_replay()
+    results["two_backward"] = _two_backward_passes()
+    results["bad_batch"] = _bad_batch()
+    results["timeout"] = _peer_timeout()
+    return results
+
+
+@functools.cache
+def _results() -> list[dict[str, Any]]:
+    return run_distributed(_run_all, 2, timeout=150)
+
+
+@pytest.mark.parametrize(("kind", "schedule"), SCENARIOS)
+def test_training_matches_one_process(kind: str, schedule: str) -> None:
+    for rank, result in enumerate(_results()):
+        got = result[f"{kind}-{schedule}"]
+        torch.testing.assert_close(got["got"]["losses"], got["expected"]["losses"], rtol=RTOL, atol=0)
+        torch.testing.assert_close(got["got"]["norms"], got["expected"]["norms"], rtol=RTOL, atol=0)
+        assert got["replicas_identical"]
+        for name, (param, expected) in got["params"].items():
+            where = f"rank {rank} {name}"
+            torch.testing.assert_close(param, expected, rtol=RTOL, atol=ATOL, msg=lambda m, w=where: f"{w}: {m}")
+
+
+@pytest.mark.parametrize(("kind", "schedule"), SCENARIOS[::2])
+def test_forward_only_matches_one_process(kind: str, schedule: str) -> None:
+    for result in _results():
+        got, expected, inference = result[f"{kind}-{schedule}"]["eval"]
+        torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(inference, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_each_rank_holds_only_its_stage() -> None:
+    ranks = [result["gpt-1f1b"] for result in _results()]
+    assert [r["owned"] for r in ranks] == [[f"transformer.h.{i}" for i in s] for s in ((0, 1), (2, 3))]
+    for r in ranks:
+        assert not any(key.startswith(tuple(f"{name}." for name in r["freed"])) for key in r["state_dict_keys"])
+        assert not any(name.startswith(tuple(r["freed"])) for name in r["params"])
+    # Two equal stages: each rank holds the replicated part plus half the trunk, and Adam state to match.
+    trunk = sum(r["trunk_param_bytes"] for r in ranks)
+    replicated = ranks[0]["param_bytes"] - ranks[0]["trunk_param_bytes"]
+    assert trunk + replicated == ranks[0]["reference_param_bytes"]
+    for r in ranks:
+        assert r["trunk_param_bytes"] == trunk // 2
+        assert r["got"]["state_bytes"] == 2 * r["param_bytes"]  # exp_avg and exp_avg_sq of what it holds
+        assert r["got"]["state_bytes"] < r["expected"]["state_bytes"]
+
+
+def test_dropout_masks_are_replayed_in_the_recompute() -> None:
+    for result in _results():
+        got = result["dropout"]
+        assert got["dropout_changes_loss"]
+        assert got["rng_equal_on_ranks"]
+        assert got["difference"] == pytest.approx(got["slope"], rel=1e-6)
+
+
+def test_two_backward_passes_through_one_forward_accumulate_like_one_process() -> None:
+    for result in _results():
+        assert result["two_backward"] < 1e-6
+
+
+def test_micro_batches_that_do_not_divide_the_batch_are_refused() -> None:
+    for result in _results():
+        assert "micro_batches=4 does not divide the batch of 6" in result["bad_batch"]
+
+
+def test_a_peer_waiting_in_a_receive_fails_after_the_group_timeout() -> None:
+    absent, waiting = (result["timeout"] for result in _results())
+    assert absent == "absent"
+    assert waiting.startswith("raised after") and "Timed out" in waiting, waiting
+    assert float(waiting.split()[2].rstrip("s:")) < 7.0
