@@ -23,15 +23,20 @@ from typing_extensions import override
 
 from parti_lightning.checkpoint import (
     CheckpointError,
+    gather_optimizer_parts,
+    gather_parts,
     is_sharded_checkpoint,
     load_sharded,
     named_optimizer_state,
     restore_rng_state,
+    restrict_optimizer_to_module,
+    restrict_to_module,
     save_sharded,
     sharded_model_state,
     sharded_optimizer_state,
 )
-from parti_lightning.parallel import holds_sharded_tensors
+from parti_lightning.mesh import ParallelMesh
+from parti_lightning.parallel import holds_part_of_the_model, holds_sharded_tensors
 from parti_lightning.parallel.storage import (
     full_optimizer_state_dict,
     full_state_dict,
@@ -50,6 +55,7 @@ class CheckpointHooks(ParallelStrategy):
     _state_dict_type: StateDictType
     _restored_sharded: bool  # the last `load_checkpoint` already restored model and optimizers
     resolved_plan: ResolvedPlan
+    mesh: ParallelMesh | None
 
     @override
     def save_checkpoint(
@@ -126,28 +132,40 @@ class CheckpointHooks(ParallelStrategy):
             # What this rank holds, keyed by the module's own names; `save_checkpoint` writes the shards.
             return sharded_model_state(self.lightning_module)
         # Gathered and keyed by the module's own names under every plan: a plain Lightning state dict.
-        if holds_sharded_tensors(self.lightning_module):
-            return full_state_dict(self.lightning_module)
-        return self.lightning_module.state_dict()
+        module = self.lightning_module
+        if holds_sharded_tensors(module):
+            return full_state_dict(module)
+        if holds_part_of_the_model(module) and self.mesh is not None:
+            part = {key: value.detach().cpu() for key, value in module.state_dict().items()}
+            return gather_parts(module, part, self.mesh.pipeline_group)
+        return module.state_dict()
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         assert self.lightning_module is not None
         if self._restored_sharded:
             return  # `load_checkpoint` read the weights straight into the module
-        if holds_sharded_tensors(self.lightning_module):
-            load_full_state_dict(self.lightning_module, checkpoint["state_dict"], strict=strict)
+        module = self.lightning_module
+        if holds_sharded_tensors(module):
+            load_full_state_dict(module, checkpoint["state_dict"], strict=strict)
+        elif holds_part_of_the_model(module):
+            # A whole model's weights, of which this rank holds its stage's and the replicated ones.
+            module.load_state_dict(restrict_to_module(module, checkpoint["state_dict"]), strict=strict)
         else:
-            self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=strict)
+            module.load_state_dict(checkpoint["state_dict"], strict=strict)
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         # Keyed by parameter name rather than position, so it loads under any other plan.
         assert self.lightning_module is not None
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's torch optimizer
+        module = self.lightning_module
         if self._state_dict_type == "sharded":
-            return sharded_optimizer_state(self.lightning_module, optimizer)
-        return full_optimizer_state_dict(self.lightning_module, optimizer)
+            return sharded_optimizer_state(module, optimizer)
+        if holds_part_of_the_model(module) and not holds_sharded_tensors(module) and self.mesh is not None:
+            part = full_optimizer_state_dict(module, optimizer, rank0_only=False)
+            return gather_optimizer_parts(module, part, self.mesh.pipeline_group)
+        return full_optimizer_state_dict(module, optimizer)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
@@ -156,4 +174,6 @@ class CheckpointHooks(ParallelStrategy):
             return
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
             state = named_optimizer_state(state, self.lightning_module, optimizer)
+            if holds_part_of_the_model(self.lightning_module):
+                state = restrict_optimizer_to_module(self.lightning_module, state)
             load_full_optimizer_state_dict(self.lightning_module, optimizer, state)

@@ -15,6 +15,7 @@ from typing import Any, Literal, Union, get_args
 Storage = Literal["replicated", "optimizer", "gradients", "parameters"]
 Offload = Literal["none", "cpu"]
 ActivationCheckpointing = Literal["none", "blocks", "auto"]
+Schedule = Literal["1f1b", "gpipe"]
 Degree = Union[int, Literal["auto"]]
 ShardDegree = Union[int, Literal["auto", "node"]]
 TensorStyle = Literal["colwise", "rowwise", "replicate"]
@@ -57,13 +58,20 @@ class PartitionPlan:
             node over its fast links, replicate across nodes).
         tensor: degree of the ``tensor`` axis: ranks that split each layer's weight matrices (and see the
             same batch); ``"auto"``: the ranks that ``data``, ``shard`` and ``pipeline`` (all fixed) leave.
-        pipeline: degree of the ``pipeline`` axis (not yet implemented beyond 1).
+        pipeline: degree of the ``pipeline`` axis: consecutive stages of the trunk of repeated blocks, one per
+            rank (which see the same batch); ``"auto"``: the ranks that ``data``, ``shard`` and ``tensor``
+            (all fixed) leave.
         storage: what is sharded over the ``shard`` axis: ``"replicated"`` (ZeRO-0, plain data
             parallel), ``"optimizer"`` (ZeRO-1), ``"gradients"`` (ZeRO-2), ``"parameters"`` (ZeRO-3).
         offload: ``"cpu"`` keeps sharded storage in host memory between uses (GPU runs only).
         activation_checkpointing: ``"blocks"`` recomputes the activations of each repeated block
             in the backward pass instead of storing them.
-        micro_batches: micro-batches per step for the pipeline schedule.
+        micro_batches: with ``pipeline > 1``, how many micro-batches the trunk splits each batch into; must
+            divide the batch each data-parallel rank gets.
+        schedule: with ``pipeline > 1``, the training schedule: ``"1f1b"`` (needs ``micro_batches >= pipeline``)
+            or ``"gpipe"``.
+        pipeline_cuts: with ``pipeline > 1``, the block names (as in ``named_modules``) where stages 2, 3,
+            ... start; ``None`` balances the stages by parameter count.
         sharding_units: module names (as in ``named_modules``) to shard as units; ``None`` finds
             repeated blocks automatically.
         tensor_rules: with ``tensor > 1``, how to split layers: ``fnmatch`` patterns over
@@ -76,11 +84,13 @@ class PartitionPlan:
     data: Degree = "auto"
     shard: ShardDegree = "auto"
     tensor: Degree = 1
-    pipeline: int = 1
+    pipeline: Degree = 1
     storage: Storage = "replicated"
     offload: Offload = "none"
     activation_checkpointing: ActivationCheckpointing = "none"
     micro_batches: int = 1
+    schedule: Schedule = "1f1b"
+    pipeline_cuts: tuple[str, ...] | None = field(default=None)
     sharding_units: tuple[str, ...] | None = field(default=None)
     tensor_rules: tuple[tuple[str, TensorStyle], ...] | None = field(default=None)
 
@@ -92,15 +102,37 @@ class PartitionPlan:
             if not _is_int(value) or value < 1:
                 extra = ", 'auto' or 'node'" if name == "shard" else " or 'auto'"
                 raise PlanError(f"plan.{name}={value!r} is invalid: use a positive integer{extra}.")
-        if self.tensor != "auto" and (not _is_int(self.tensor) or self.tensor < 1):
-            raise PlanError(f"plan.tensor={self.tensor!r} is invalid: use a positive integer or 'auto'.")
-        for name in ("pipeline", "micro_batches"):
+        for name in ("tensor", "pipeline"):
+            value = getattr(self, name)
+            if value != "auto" and (not _is_int(value) or value < 1):
+                raise PlanError(f"plan.{name}={value!r} is invalid: use a positive integer or 'auto'.")
+        if self.tensor == "auto" and self.pipeline == "auto":
+            raise PlanError("plan.tensor and plan.pipeline cannot both be 'auto': give one of them as a number.")
+        for name in ("tensor", "pipeline"):
+            fixed_shard = _is_int(self.shard) or (self.shard == "auto" and self.storage == "replicated")
+            if getattr(self, name) == "auto" and not (_is_int(self.data) and fixed_shard):
+                raise PlanError(
+                    f"plan.{name}='auto' takes the ranks the other axes leave: give data and shard as numbers"
+                    f" (got data={self.data!r}, shard={self.shard!r})."
+                )
+        for name in ("micro_batches",):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise PlanError(f"plan.{name}={value!r} is invalid: use a positive integer.")
         _check_choice("storage", self.storage, Storage)
         _check_choice("offload", self.offload, Offload)
         _check_choice("activation_checkpointing", self.activation_checkpointing, ActivationCheckpointing)
+        _check_choice("schedule", self.schedule, Schedule)
+        if self.pipeline == 1 and (self.micro_batches > 1 or self.pipeline_cuts is not None):
+            field_name = "micro_batches" if self.micro_batches > 1 else "pipeline_cuts"
+            raise PlanError(
+                f"plan.{field_name}={getattr(self, field_name)!r} only applies to pipeline parallelism, but"
+                " plan.pipeline=1: set pipeline > 1, or drop the field."
+            )
+        if self.pipeline_cuts is not None:
+            if isinstance(self.pipeline_cuts, str) or not all(isinstance(c, str) and c for c in self.pipeline_cuts):
+                raise PlanError(f"plan.pipeline_cuts={self.pipeline_cuts!r} is invalid: give a list of block names.")
+            object.__setattr__(self, "pipeline_cuts", tuple(self.pipeline_cuts))
         if self.storage == "replicated" and _is_int(self.shard) and self.shard > 1:
             raise PlanError(
                 f"plan.shard={self.shard} with plan.storage='replicated' shards nothing: set storage to"
@@ -145,8 +177,9 @@ class PartitionPlan:
             unknown = sorted(set(fields) - known)
             if unknown:
                 raise PlanError(f"unknown plan field(s) {unknown}: valid fields are {sorted(known)}.")
-            if isinstance(fields.get("sharding_units"), list):
-                fields["sharding_units"] = tuple(fields["sharding_units"])
+            for name in ("sharding_units", "pipeline_cuts"):
+                if isinstance(fields.get(name), list):
+                    fields[name] = tuple(fields[name])
             plan = dataclasses.replace(base, **fields)
             plan.check_implemented()
             return plan
@@ -166,21 +199,19 @@ class PartitionPlan:
                 f"plan.tensor={self.tensor} with storage={self.storage!r}: tensor parallelism with sharded storage"
                 " (ZeRO-1/2/3 over the data-parallel ranks) is not implemented yet; use storage='replicated'."
             )
-        if self.pipeline > 1:
+        if self.pipeline != 1 and (self.tensor != 1 or self.storage != "replicated"):
             raise NotImplementedError(
-                f"plan.pipeline={self.pipeline}: pipeline parallelism is not implemented yet; use pipeline=1."
-            )
-        if self.micro_batches > 1:
-            raise NotImplementedError(
-                f"plan.micro_batches={self.micro_batches} only applies to pipeline parallelism, which is not"
-                " implemented yet; use micro_batches=1."
+                f"plan.pipeline={self.pipeline} with tensor={self.tensor}, storage={self.storage!r}: pipeline"
+                " parallelism combined with tensor parallelism or sharded storage is not implemented yet; combine it"
+                " with data parallelism (storage='replicated', tensor=1)."
             )
 
     def to_dict(self) -> dict[str, Any]:
         """A plain mapping that ``from_value`` turns back into this plan (YAML/JSON friendly)."""
         out = dataclasses.asdict(self)
-        if out["sharding_units"] is not None:
-            out["sharding_units"] = list(out["sharding_units"])
+        for name in ("sharding_units", "pipeline_cuts"):
+            if out[name] is not None:
+                out[name] = list(out[name])
         if out["tensor_rules"] is not None:
             out["tensor_rules"] = {pattern: style for pattern, style in self.tensor_rules or ()}
         return out
@@ -195,8 +226,9 @@ class PartitionPlan:
             if ranks_per_node is None:
                 raise PlanError("plan.shard='node' needs the number of ranks per node to resolve.")
             return dataclasses.replace(self, shard=ranks_per_node).resolve(world_size)
-        if self.tensor == "auto":
-            return dataclasses.replace(self, tensor=self._tensor_left(world_size)).resolve(world_size)
+        for name in ("tensor", "pipeline"):
+            if getattr(self, name) == "auto":
+                return dataclasses.replace(self, **{name: self._axis_left(name, world_size)}).resolve(world_size)
         model_parallel = self.tensor * self.pipeline
         if world_size % model_parallel:
             raise PlanError(
@@ -217,18 +249,20 @@ class PartitionPlan:
         resolved.check_world_size(world_size)
         return resolved
 
-    def _tensor_left(self, world_size: int) -> int:
+    def _axis_left(self, name: str, world_size: int) -> int:
+        """The degree of the ``"auto"`` model-parallel axis ``name``: the ranks the fixed axes leave."""
         shard = 1 if self.shard == "auto" and self.storage == "replicated" else self.shard
+        other_axis = "pipeline" if name == "tensor" else "tensor"
         if not (_is_int(self.data) and _is_int(shard)):
             raise PlanError(
-                "plan.tensor='auto' takes the ranks the other axes leave: give data and shard as numbers"
+                f"plan.{name}='auto' takes the ranks the other axes leave: give data and shard as numbers"
                 f" (got data={self.data!r}, shard={self.shard!r})."
             )
-        other = self.data * shard * self.pipeline  # type: ignore[operator]
+        other = self.data * shard * getattr(self, other_axis)  # type: ignore[operator]
         if world_size % other:
             raise PlanError(
-                f"plan.tensor='auto': data={self.data} × shard={shard} × pipeline={self.pipeline} = {other} does"
-                f" not divide world size {world_size}."
+                f"plan.{name}='auto': data={self.data} × shard={shard} × {other_axis}={getattr(self, other_axis)} ="
+                f" {other} does not divide world size {world_size}."
             )
         return world_size // other
 
@@ -270,6 +304,10 @@ class PartitionPlan:
             parts.append(f"offload={self.offload}")
         if self.activation_checkpointing != "none":
             parts.append(f"activation_checkpointing={self.activation_checkpointing}")
+        if self.pipeline != 1:
+            parts.append(f"micro_batches={self.micro_batches}, schedule={self.schedule}")
+            if self.pipeline_cuts is not None:
+                parts.append(f"pipeline_cuts={list(self.pipeline_cuts)}")
         return ", ".join(parts)
 
 
@@ -284,10 +322,11 @@ class ResolvedPlan(PartitionPlan):
     data: int = 1
     shard: int = 1
     tensor: int = 1
+    pipeline: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("data", "shard", "tensor"):
+        for name in ("data", "shard", "tensor", "pipeline"):
             if not _is_int(getattr(self, name)):
                 raise PlanError(f"a resolved plan needs an integer {name} degree, got {getattr(self, name)!r}.")
 
@@ -345,6 +384,8 @@ PRESETS: dict[str, PartitionPlan] = {
     # Every rank splits every layer (no data parallelism); combine with data for 2-D, e.g. {"preset": "tp", "data": 2,
     # "tensor": 2}.
     "tp": PartitionPlan(data=1, tensor="auto"),
+    # Every rank holds one stage of the trunk; 4 micro-batches per batch (1F1B needs at least one per stage).
+    "pp": PartitionPlan(data=1, pipeline="auto", micro_batches=4),
     # Shard inside each node, replicate across nodes (HSDP). On one node it is zero3.
     "hybrid": PartitionPlan(storage="parameters", shard="node"),
 }

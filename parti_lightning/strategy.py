@@ -50,6 +50,7 @@ from parti_lightning.network import init_dist_connection, track_mesh
 from parti_lightning.parallel import (
     Parallelized,
     check_module,
+    holds_part_of_the_model,
     holds_sharded_tensors,
     parallelize,
     shards_module,
@@ -58,7 +59,8 @@ from parti_lightning.parallel import (
 from parti_lightning.parallel.storage import retarget_lr_scheduler
 from parti_lightning.plan import AUTO, PRESETS, PartitionPlan, PlanLike, ResolvedPlan
 from parti_lightning.planner import PlanReport
-from parti_lightning.sample_step import sample_step
+from parti_lightning.precision_clip import clip_norm_over_stages
+from parti_lightning.sample_step import SampleStep
 
 log = logging.getLogger(__name__)
 
@@ -346,23 +348,31 @@ class PartiStrategy(CheckpointHooks):
             sync_metrics_over(self.model, self.data_parallel_group)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        if not holds_sharded_tensors(self.model):
+        if not holds_sharded_tensors(self.model) and not holds_part_of_the_model(self.model):
             # Every replica starts from rank 0's weights, whatever each process initialized. (A module
-            # still sharded by an earlier `fit` is consistent already: its shards are its state.)
+            # still split by an earlier `fit` is consistent already: its parts are its state.)
             _sync_module_states(self.model)
         if fitting:
-            assert self.mesh is not None and self.lightning_module is not None
-            module = self.lightning_module
-            run_example = sample_step(trainer, module, self.root_device) if self.mesh.tensor_enabled else None
-            self._parallel = parallelize(
-                self.model, self.mesh, automatic_optimization=module.automatic_optimization, run_example=run_example
-            )
-            if self._parallel.tensor_report is not None:
-                rank_zero_info(f"parti: {self._parallel.tensor_report.describe()}")
+            self._apply_plan(trainer)
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _apply_plan(self, trainer: Trainer) -> None:
+        assert self.mesh is not None and self.lightning_module is not None
+        module = self.lightning_module
+        sample = None
+        if self.mesh.tensor_enabled or self.mesh.pipeline_enabled:
+            sample = SampleStep(trainer, module, self.root_device)
+        self._parallel = parallelize(
+            self.model, self.mesh, automatic_optimization=module.automatic_optimization, run_example=sample,
+            batch_size=sample.batch_size if sample is not None else None,
+        )
+        for line in self._parallel.describe():
+            rank_zero_info(f"parti: {line}")
+        if self._parallel.pipeline is not None:
+            clip_norm_over_stages(self.precision_plugin, self._parallel.pipeline.clip_grad_norm_)
 
     def _choose_plan(self, trainer: Trainer) -> None:
         """``plan="auto"``: the planner chooses on global rank 0, every rank takes its choice."""

@@ -232,6 +232,14 @@ SCENARIOS = [
         plan="tp",
         data_parallel=1,
     ),
+    # Pipeline over both ranks (2 stages of the 3 blocks, 4 micro-batches, 1F1B): one data-parallel rank.
+    Scenario(
+        "pp_accumulate_clip_schedule",
+        TensorBlockRegressor,
+        trainer_kwargs={"accumulate_grad_batches": 2, "gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"},
+        plan="pp",
+        data_parallel=1,
+    ),
     # The planner chooses: replicated for a model that easily fits; then, with a budget between the
     # replicated and the sharded predictions of that first run, a sharded plan (see `main`).
     Scenario("auto", BlockRegressor, plan="auto"),
@@ -350,6 +358,8 @@ RESUMES = [
     ("stock", "zero3"),  # written by stock Lightning in one process (positional optimizer state)
     ("tp_accumulate_clip_schedule", "ddp"),
     ("ddp_blocks_activation_checkpointing", "tp"),
+    ("pp_accumulate_clip_schedule", "ddp"),
+    ("ddp_blocks_activation_checkpointing", "pp"),
 ]
 
 

@@ -89,8 +89,10 @@ BAD_PLANS = [
     ({"tensor": 2, "tensor_rules": {"blocks.*.fc": "columns"}}, None, PlanError, "choose one of 'colwise'"),
     ({"preset": "tp", "data": "auto"}, 4, PlanError, "plan.tensor='auto' takes the ranks the other axes leave"),
     ({"tensor": 3}, 4, PlanError, "does not divide world size 4"),
-    ({"pipeline": 2}, None, NotImplementedError, "pipeline parallelism is not implemented yet"),
-    ({"micro_batches": 4}, None, NotImplementedError, "micro_batches=4"),
+    ({"micro_batches": 4}, None, PlanError, "plan.micro_batches=4 only applies to pipeline parallelism"),
+    ({"pipeline": 2, "tensor": 2}, None, NotImplementedError, "combined with tensor parallelism or sharded storage"),
+    ({"pipeline": 2, "schedule": "zigzag"}, None, PlanError, "plan.schedule='zigzag' is invalid"),
+    ({"pipeline": "auto", "tensor": "auto"}, None, PlanError, "cannot both be 'auto'"),
 ]
 
 
@@ -110,3 +112,11 @@ def test_tp_preset_splits_every_rank_and_combines_with_data() -> None:
     rules = PartitionPlan.from_value({"tensor": 2, "tensor_rules": {"blocks.*.mlp.0": "colwise"}})
     assert PartitionPlan.from_value(rules.to_dict()) == rules
     assert rules.to_dict()["tensor_rules"] == {"blocks.*.mlp.0": "colwise"}
+
+
+def test_pp_preset_puts_one_stage_on_every_rank() -> None:
+    plan = preset("pp").resolve(2)
+    assert plan.mesh_shape == {"data": 1, "shard": 1, "tensor": 1, "pipeline": 2}
+    assert (plan.micro_batches, plan.schedule) == (4, "1f1b")
+    cut = PartitionPlan.from_value({"preset": "pp", "pipeline_cuts": ["blocks.3"]})
+    assert PartitionPlan.from_value(cut.to_dict()) == cut

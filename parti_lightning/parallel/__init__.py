@@ -2,8 +2,8 @@
 
 The order is fixed, and each step has a reason to come where it does:
 
-1. pipeline split: decides which blocks this rank holds at all, so every later step touches only those
-   (not implemented yet);
+1. pipeline split: decides which blocks this rank holds at all (the others' parameters are freed), so
+   every later step touches only those; the trunk then runs pipelined whenever the forward calls it;
 2. tensor parallel: replaces a layer's weights by tensor-axis shards (``DTensor`` parameters), checked on
    a real batch first; everything after it sees the parameters it leaves;
 3. activation checkpointing: wraps whole blocks before FSDP, so the recomputation runs inside each
@@ -29,9 +29,11 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from parti_lightning.mesh import ParallelMesh
-from parti_lightning.parallel.blocks import resolve_units
+from parti_lightning.parallel.blocks import find_blocks, resolve_units
 from parti_lightning.parallel.checkpointing import apply_activation_checkpointing
 from parti_lightning.parallel.data import GradientSynchronizer
+from parti_lightning.parallel.pipeline import PipelineParallel, apply_pipeline, check_pipeline_settings
+from parti_lightning.parallel.pipeline_contract import check_trunk_contract
 from parti_lightning.parallel.storage import apply_storage, root_free_units, shard_optimizer
 from parti_lightning.parallel.tensor import (
     TensorParallelReport,
@@ -41,8 +43,12 @@ from parti_lightning.parallel.tensor import (
 )
 from parti_lightning.plan import ResolvedPlan
 
+# Set on a module that tensor or pipeline parallelism changed in place (its split cannot be applied twice).
+_APPLIED = "_parti_model_parallel"
+
 __all__ = [
-    "Parallelized", "check_module", "holds_sharded_tensors", "parallelize", "shards_module", "steps_through_root",
+    "Parallelized", "check_module", "holds_part_of_the_model", "holds_sharded_tensors", "parallelize",
+    "shards_module", "steps_through_root",
 ]
 
 
@@ -70,6 +76,11 @@ def holds_sharded_tensors(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
+def holds_part_of_the_model(module: nn.Module) -> bool:
+    """Whether this rank's module lacks parameters other ranks hold (a pipeline stage, or a tensor-parallel split)."""
+    return bool(getattr(module, _APPLIED, False))
+
+
 @dataclass
 class Parallelized:
     """What the strategy needs to run a step of a module that :func:`parallelize` applied a plan to.
@@ -81,6 +92,7 @@ class Parallelized:
             (replicated and ZeRO-1); ``None`` where FSDP reduces them, or with one data-parallel rank.
         optimizer_shard_group: the ranks that split the optimizer state (ZeRO-1), else ``None``.
         tensor_report: what tensor parallelism split and what fell back, with ``tensor > 1``.
+        pipeline: this rank's stage of the pipelined trunk, with ``pipeline > 1``.
     """
 
     module: nn.Module
@@ -88,6 +100,21 @@ class Parallelized:
     gradient_sync: GradientSynchronizer | None = None
     optimizer_shard_group: ProcessGroup | None = field(default=None, repr=False)
     tensor_report: TensorParallelReport | None = None
+    pipeline: PipelineParallel | None = None
+
+    def describe(self) -> list[str]:
+        """What model parallelism did to the module, for the log: tensor layouts, pipeline stages."""
+        lines = []
+        if self.tensor_report is not None:
+            lines.append(self.tensor_report.describe())
+        if self.pipeline is not None:
+            stages = "; ".join(f"stage {i}: {', '.join(names)}" for i, names in enumerate(self.pipeline.stages))
+            bubble = (self.pipeline.num_stages - 1) / (self.plan.micro_batches + self.pipeline.num_stages - 1)
+            lines.append(
+                f"pipeline: {self.pipeline.num_stages} stages, {self.plan.micro_batches} micro-batches,"
+                f" {self.plan.schedule} (predicted bubble {bubble:.0%} of each pass): {stages}"
+            )
+        return lines
 
     def step_context(self) -> Any:
         """The context an optimizer step and gradient clipping run in.
@@ -148,6 +175,15 @@ def check_module(module: nn.Module, plan: ResolvedPlan, *, automatic_optimizatio
     units = []
     if plan.sharding_units is not None or plan.activation_checkpointing == "blocks":
         units = resolve_units(module, plan.sharding_units)  # names an unknown unit clearly
+    if plan.pipeline > 1:
+        blocks = find_blocks(module)
+        check_pipeline_settings(len(blocks), plan.pipeline, micro_batches=plan.micro_batches, schedule=plan.schedule)
+        if not automatic_optimization:
+            raise NotImplementedError(
+                "manual optimization with pipeline parallelism is not supported yet: the trunk's backward is one"
+                " pipelined operation per forward, which manual_backward calls cannot drive; use automatic"
+                " optimization, or a plan without pipeline."
+            )
     if plan.tensor > 1 and plan.tensor_rules is not None:
         validate_tensor_rules(module, dict(plan.tensor_rules), plan.tensor)
     if shards_module(plan) and not automatic_optimization:
@@ -166,6 +202,7 @@ def parallelize(
     *,
     automatic_optimization: bool = True,
     run_example: Callable[[], Any] | None = None,
+    batch_size: int | None = None,
 ) -> Parallelized:
     """Apply ``mesh.plan`` to ``module`` in place, in the order of this module's docstring.
 
@@ -180,14 +217,34 @@ def parallelize(
             would run before any root forward ended.
         run_example: runs the module once on a real batch, the same on every rank (no gradients needed):
             tensor parallelism checks each block's rules on the inputs it really gets. Without it, rules
-            are applied unchecked and none are found automatically.
+            are applied unchecked and none are found automatically. Pipeline parallelism checks the trunk's
+            contract with it.
+        batch_size: the batch each data-parallel rank's step gets, if known: pipeline micro-batches must
+            divide it.
 
     Returns:
         what the strategy needs to run a step.
     """
     plan = mesh.plan
     plan.check_implemented()
+    if getattr(module, _APPLIED, False) and (mesh.tensor_enabled or mesh.pipeline_enabled):
+        raise NotImplementedError(
+            f"{type(module).__name__} was already split by tensor or pipeline parallelism in an earlier fit: fitting"
+            " it again is not supported yet. Build a fresh module and resume from a checkpoint instead."
+        )
     result = Parallelized(module, plan)
+    if mesh.pipeline_enabled:
+        blocks = len(find_blocks(module))
+        check_pipeline_settings(
+            blocks, plan.pipeline, micro_batches=plan.micro_batches, batch_size=batch_size, schedule=plan.schedule
+        )
+        if run_example is not None:
+            check_trunk_contract(module, run_example)  # on the real batch: the same verdict on every rank
+        device = next(module.parameters()).device
+        result.pipeline = apply_pipeline(
+            module, mesh.pipeline_group, micro_batches=plan.micro_batches, schedule=plan.schedule,
+            cuts=plan.pipeline_cuts, device=device,
+        )
     if mesh.tensor_enabled:
         rules = dict(plan.tensor_rules) if plan.tensor_rules is not None else None
         result.tensor_report = apply_tensor_parallel(module, mesh.tensor_mesh, rules, run_example)
@@ -199,8 +256,12 @@ def parallelize(
         # end, so only the children are units.
         apply_storage(module, mesh.storage_mesh, plan, shard_root=automatic_optimization)
         return result
+    if mesh.tensor_enabled or mesh.pipeline_enabled:
+        setattr(module, _APPLIED, True)
     # Replicated and ZeRO-1 keep whole parameters: gradients are averaged over every data-parallel
-    # rank (ZeRO-1 then splits only the optimizer step).
+    # rank (ZeRO-1 then splits only the optimizer step). A pipeline rank averages the parameters it
+    # holds; no parameter is reduced over the pipeline axis (replicated ones get the same gradient on
+    # every stage by construction).
     result.gradient_sync = GradientSynchronizer(module, mesh.data_parallel_group)
     if shards_optimizer(plan):
         result.optimizer_shard_group = mesh.shard_group
