@@ -86,6 +86,10 @@ class GradientSynchronizer:
         for b, bucket in enumerate(self._buckets):
             for i in bucket:
                 self._bucket_of[i] = b
+        # Held, as DDP holds them, so every backward reuses these nodes and `_start_agreement` can ask the
+        # engine about them without looking them up per step. (Had a parameter got a new one, its gradient
+        # would only arrive unannounced: averaged after backward, still correct.)
+        self._nodes = [torch.autograd.graph.get_gradient_edge(p).node for p in self._params]
         self._period = _Period(len(self._params), len(self._buckets))
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self._params)]
 
@@ -127,8 +131,7 @@ class GradientSynchronizer:
         if task != -1:
             # Why the private call: it is how torch itself (`register_multi_grad_hook`) asks the
             # engine which nodes the running backward will execute; no public API says it.
-            for i, p in enumerate(self._params):
-                node = torch.autograd.graph.get_gradient_edge(p).node
+            for i, node in enumerate(self._nodes):
                 period.expected[i] = bool(torch._C._will_engine_execute_node(node))
             for i, expected in enumerate(period.expected):
                 period.pending[self._bucket_of[i]] += int(expected and not period.fired[i])
@@ -264,6 +267,7 @@ class GradientSynchronizer:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._nodes = []
         if self._comm is not None:
             # With collectives still in flight (a backward that failed before `sync`), waiting could
             # wait for a dead rank: the group is then left to the default group's teardown.
