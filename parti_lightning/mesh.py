@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -74,6 +75,11 @@ class ParallelMesh:
         )
         self.coordinates = MeshCoordinates.of(dist.get_rank(), plan)
         self.data_parallel_group: ProcessGroup = _flattened_group(self.device_mesh, plan)
+        # Replicated gradient averaging starts its all-reduces during backward, at moments that differ
+        # between ranks: on a group of its own they never pair with other collectives of the data group.
+        self.gradient_group: ProcessGroup | None = (
+            twin_group(self.data_parallel_group) if plan.data_parallel_size > 1 else None
+        )
 
     # ------------------------------------------------------------------ what is on
 
@@ -132,7 +138,7 @@ class ParallelMesh:
 
     def groups(self) -> list[ProcessGroup]:
         """Every process group of the run (the world's included), each once."""
-        found = [dist.group.WORLD, self.data_parallel_group, *self.device_mesh.get_all_groups()]
+        found = [dist.group.WORLD, self.data_parallel_group, self.gradient_group, *self.device_mesh.get_all_groups()]
         unique = {id(group): group for group in found if group is not None}
         return list(unique.values())
 
@@ -160,3 +166,36 @@ def _set_group_timeout(group: ProcessGroup, timeout: timedelta) -> None:
     # torch fixes a group's timeout when the group is created; this private setter (checked against
     # 2.13.0) is the only way to tighten it once every rank has joined.
     dist.distributed_c10d._set_pg_timeout(timeout, group)
+
+
+def twin_group(group: ProcessGroup) -> ProcessGroup:
+    """A process group of the same ranks, for the gradient all-reduces alone.
+
+    Own group, so that buckets started at different moments on different ranks never pair with other
+    collectives on ``group`` (batch-norm statistics, metric syncs). torch creates a group with every
+    process of the job taking part (a group named after its ranks alone, as local creation does, would
+    clash with an earlier group of the same ranks), so each process says which ranks its group has and
+    every process creates all of them, in one order.
+    """
+    backend = str(dist.get_backend(group))
+    if backend == "nccl":
+        backend = "cpu:gloo,cuda:nccl"  # the small agreement masks stay on the host
+    ranks = tuple(dist.get_process_group_ranks(group))
+    everyone: list[tuple[int, ...] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, ranks)
+    twin = None
+    for members in sorted({r for r in everyone if r is not None}):
+        created = dist.new_group(list(members), backend=backend, timeout=_timeout(group), group_desc="parti_gradients")
+        if members == ranks:
+            twin = created
+    assert twin is not None
+    return twin
+
+
+def _timeout(group: ProcessGroup) -> timedelta | None:
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        try:
+            return group._get_backend(device).options._timeout
+        except (RuntimeError, AttributeError):
+            continue
+    return None

@@ -262,7 +262,7 @@ def parallelize(
     # rank (ZeRO-1 then splits only the optimizer step). A pipeline rank averages the parameters it
     # holds; no parameter is reduced over the pipeline axis (replicated ones get the same gradient on
     # every stage by construction).
-    result.gradient_sync = GradientSynchronizer(module, mesh.data_parallel_group)
+    result.gradient_sync = GradientSynchronizer(module, mesh.data_parallel_group, comm_group=mesh.gradient_group)
     if shards_optimizer(plan):
         result.optimizer_shard_group = mesh.shard_group
     return result

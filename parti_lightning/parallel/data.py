@@ -32,7 +32,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -40,6 +39,8 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup, Work
 from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
+
+from parti_lightning.mesh import twin_group
 
 # Gradients are averaged in flat buckets of about this size: few collectives, bounded extra memory.
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
@@ -61,12 +62,20 @@ class GradientSynchronizer:
     Args:
         module: the module whose gradients to average. Its parameters must already be identical
             on every rank (as after Lightning's ``_sync_module_states``).
-        group: the data-parallel process group. Every process of the job must construct its
-            synchronizer at the same point: process groups for the all-reduces are created.
+        group: the data-parallel process group.
         bucket_bytes: size of the flat buckets gradients are averaged in.
+        comm_group: a second group of the same ranks, for the bucket all-reduces alone (see the module
+            docstring), as :class:`~parti_lightning.mesh.ParallelMesh` builds it; ``None`` builds one here,
+            which every process of the job must then do at the same point (creating a group is collective).
     """
 
-    def __init__(self, module: nn.Module, group: ProcessGroup, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        group: ProcessGroup,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        comm_group: ProcessGroup | None = None,
+    ) -> None:
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.bucket_bytes = bucket_bytes
@@ -77,7 +86,7 @@ class GradientSynchronizer:
         self._comm: ProcessGroup | None = None
         if self.world_size == 1 or not self._params:
             return  # the average over one rank is the gradient itself
-        self._comm = _twin_group(group)
+        self._comm = comm_group if comm_group is not None else twin_group(group)
         self._mask_device = torch.device("cpu") if "gloo" in str(dist.get_backend(self._comm)) else _device(
             self._params[0]
         )
@@ -294,39 +303,6 @@ class _Period:
         self.launched = [False] * buckets
         self.next = 0  # position in `order` of the next bucket to start
         self.inflight: list[tuple[int, Tensor, Work]] = []
-
-
-def _twin_group(group: ProcessGroup) -> ProcessGroup:
-    """A process group of the same ranks, for the gradient all-reduces alone.
-
-    Own group, so that buckets started at different moments on different ranks never pair with other
-    collectives on ``group`` (batch-norm statistics, metric syncs). torch creates a group with every
-    process of the job taking part (a group named after its ranks alone, as local creation does, would
-    clash with an earlier group of the same ranks), so each process says which ranks its group has and
-    every process creates all of them, in one order.
-    """
-    backend = str(dist.get_backend(group))
-    if backend == "nccl":
-        backend = "cpu:gloo,cuda:nccl"  # the small agreement masks stay on the host
-    ranks = tuple(dist.get_process_group_ranks(group))
-    everyone: list[tuple[int, ...] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, ranks)
-    twin = None
-    for members in sorted({r for r in everyone if r is not None}):
-        created = dist.new_group(list(members), backend=backend, timeout=_timeout(group), group_desc="parti_gradients")
-        if members == ranks:
-            twin = created
-    assert twin is not None
-    return twin
-
-
-def _timeout(group: ProcessGroup) -> timedelta | None:
-    for device in (torch.device("cpu"), torch.device("cuda")):
-        try:
-            return group._get_backend(device).options._timeout
-        except (RuntimeError, AttributeError):
-            continue
-    return None
 
 
 def _static_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[int]]:
