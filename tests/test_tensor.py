@@ -29,6 +29,7 @@ STEPS = 5
 # rounding into an AdamW update of up to about lr (seen: 6e-5 at lr=1e-2 after one step, 1e-4 after five
 # at 1e-3). A larger eps damps updates of such noise-sized gradients; a wrong layout still moves weights by ~lr.
 LR, EPS = 1e-3, 1e-6
+DROPOUT = 0.2
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -37,11 +38,12 @@ LR, EPS = 1e-3, 1e-6
 class FusedAttention(nn.Module):
     """nanoGPT's attention: one fused qkv layer, `split` by the global width, heads from C // n_head."""
 
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
-        self.n_head = HEADS
+        self.n_head, self.dropout = HEADS, dropout
         self.c_attn = nn.Linear(WIDTH, 3 * WIDTH)
         self.c_proj = nn.Linear(WIDTH, WIDTH)
+        self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
@@ -49,24 +51,27 @@ class FusedAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        # Dropout on the attention probabilities: a split (head-sharded) activation under tensor parallel.
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 
 class Mlp(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
         self.c_fc = nn.Linear(WIDTH, 4 * WIDTH)
         self.c_proj = nn.Linear(4 * WIDTH, WIDTH)
+        self.dropout = nn.Dropout(dropout)  # on the block's output: a replicated activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x)))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
 class GptBlock(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
-        self.ln_1, self.attn, self.ln_2, self.mlp = nn.LayerNorm(WIDTH), FusedAttention(), nn.LayerNorm(WIDTH), Mlp()
+        self.ln_1, self.attn = nn.LayerNorm(WIDTH), FusedAttention(dropout)
+        self.ln_2, self.mlp = nn.LayerNorm(WIDTH), Mlp(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -76,9 +81,9 @@ class GptBlock(nn.Module):
 class RotaryGqaAttention(nn.Module):
     """Separate q/k/v, grouped-query attention (2 key/value heads for 4 query heads), rotary embeddings."""
 
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
-        self.n_head, self.n_kv, self.head_dim = HEADS, 2, WIDTH // HEADS
+        self.n_head, self.n_kv, self.head_dim, self.dropout = HEADS, 2, WIDTH // HEADS, dropout
         self.q_proj = nn.Linear(WIDTH, HEADS * self.head_dim, bias=False)
         self.k_proj = nn.Linear(WIDTH, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(WIDTH, self.n_kv * self.head_dim, bias=False)
@@ -100,36 +105,38 @@ class RotaryGqaAttention(nn.Module):
         q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
         v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class SwiGlu(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
         self.gate = nn.Linear(WIDTH, 2 * WIDTH, bias=False)
         self.up = nn.Linear(WIDTH, 2 * WIDTH, bias=False)
         self.down = nn.Linear(2 * WIDTH, WIDTH, bias=False)
+        self.hidden_dropout = nn.Dropout(dropout)  # on the widened hidden state: a split activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(self.hidden_dropout(F.silu(self.gate(x)) * self.up(x)))
 
 
 class LlamaLikeBlock(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
-        self.norm_1, self.attn = nn.RMSNorm(WIDTH), RotaryGqaAttention()
-        self.norm_2, self.mlp = nn.RMSNorm(WIDTH), SwiGlu()
+        self.norm_1, self.attn = nn.RMSNorm(WIDTH), RotaryGqaAttention(dropout)
+        self.norm_2, self.mlp = nn.RMSNorm(WIDTH), SwiGlu(dropout)
+        self.resid_dropout = nn.Dropout(dropout)  # on the residual stream: a replicated activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x))
+        x = x + self.resid_dropout(self.attn(self.norm_1(x)))
         return x + self.mlp(self.norm_2(x))
 
 
 class MlpBlock(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
-        self.norm, self.mlp = nn.LayerNorm(WIDTH), Mlp()
+        self.norm, self.mlp = nn.LayerNorm(WIDTH), Mlp(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.norm(x))
@@ -152,15 +159,16 @@ class UnwrappingBlock(nn.Module):
 class LanguageModel(nn.Module):
     """Embedding, a trunk of blocks, a head: the shape of every model here (with `trunk` swapped)."""
 
-    def __init__(self, make_block, layers: int = 2) -> None:
+    def __init__(self, make_block, layers: int = 2, dropout: float = 0.0) -> None:
         super().__init__()
         self.wte = nn.Embedding(VOCAB, WIDTH)
+        self.drop = nn.Dropout(dropout)  # outside the blocks: a plain tensor
         self.h = nn.ModuleList(make_block() for _ in range(layers))
         self.ln_f = nn.LayerNorm(WIDTH)
         self.lm_head = nn.Linear(WIDTH, VOCAB, bias=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.wte(idx)
+        x = self.drop(self.wte(idx))
         for block in self.h:
             x = block(x)
         return self.lm_head(self.ln_f(x))
@@ -233,6 +241,11 @@ MODELS = {
     "transposed": lambda: LanguageModel(_transposed_block),
     "hf_gpt2": lambda: _HfLogits(_gpt2()),
     "hf_llama": lambda: _HfLogits(_llama()),
+    # Dropout only on replicated and plain tensors: the one case whose masks match a single process.
+    "mlp_dropout": lambda: LanguageModel(lambda: MlpBlock(DROPOUT), layers=3, dropout=DROPOUT),
+    # Dropout on split activations too (attention probabilities, the MLP's hidden state): masks differ from a
+    # single process.
+    "gqa_dropout": lambda: LanguageModel(lambda: LlamaLikeBlock(DROPOUT), dropout=DROPOUT),
 }
 
 
@@ -275,6 +288,7 @@ def _train_parity(name: str, rules: dict | None, data: int = 1) -> dict:
     report = apply_tensor_parallel(model, mesh["tensor"], rules, run_example=lambda: _loss(model, own[0]))
     losses, norms = [], []
     for net, net_batches in ((reference, batches), (model, own)):
+        torch.manual_seed(1)  # the same random stream for both runs (dropout)
         optimizer = torch.optim.AdamW(net.parameters(), lr=LR, eps=EPS, foreach=True)
         run_losses, run_norms = [], []
         for batch in net_batches:
@@ -327,6 +341,7 @@ CASES = {
     "transposed": None,
     "hf_gpt2": None,
     "hf_llama": None,
+    "mlp_dropout": None,
     "wrong_rule": ("unwrapping", {"h.*.fc": "colwise", "h.*.proj": "rowwise"}),
 }
 MODELS["unwrapping"] = lambda: LanguageModel(UnwrappingBlock)
@@ -370,6 +385,55 @@ def _captured_block_input(model: nn.Module, block: nn.Module, idx: torch.Tensor)
     return (args[0].detach().clone().requires_grad_(True), *args[1:]), kwargs
 
 
+def _dropout_agreement(name: str) -> dict:
+    """Train in training mode with dropout, each rank seeded differently (as per-rank seeding does)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from parti_lightning.parallel.tensor import apply_tensor_parallel, tensor_parallel_step
+
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    batches = [torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    torch.manual_seed(100 + dist.get_rank())
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    apply_tensor_parallel(model, mesh, run_example=lambda: _loss(model, batches[0]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, foreach=True)
+    losses, eval_losses = [], []
+    for batch in batches:
+        loss = _loss(model, batch)
+        loss.backward()
+        with tensor_parallel_step():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        with torch.no_grad():
+            eval_losses.append(_loss(model.eval(), batch).item())
+        model.train()
+    # Each rank's own copy: a replicated parameter as it holds it, a split one gathered.
+    params = {n: _full(p).detach().clone() for n, p in model.named_parameters()}
+    return {"losses": losses, "eval_losses": eval_losses, "params": params}
+
+
+def _dropout_masks() -> dict:
+    """Masks of one dropout on a replicated and on a split DTensor, and the random state after them."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from parti_lightning.parallel.tensor_random import install_cpu_random_tracker, sync_tensor_random_state
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(7 + dist.get_rank())
+    sync_tensor_random_state(mesh)
+    install_cpu_random_tracker(mesh)
+    ones = torch.ones(4, 64)
+    replicated = F.dropout(DTensor.from_local(ones, mesh, [Replicate()]), 0.5).to_local()
+    split = F.dropout(DTensor.from_local(ones, mesh, [Shard(0)]), 0.5).to_local()
+    return {"replicated": replicated, "split": split, "state": torch.get_rng_state()}
+
+
 def _run_all(cases: list[str]) -> dict:
     results = {}
     for case in cases:
@@ -377,12 +441,19 @@ def _run_all(cases: list[str]) -> dict:
         name, rules = spec if spec else (case, None)
         results[case] = _train_parity(name, rules)
     results["collectives"] = {name: _collectives_per_block(name) for name in COUNTED}
+    results["dropout_agreement"] = _dropout_agreement("gqa_dropout")
+    results["dropout_masks"] = _dropout_masks()
     return results
 
 
 @pytest.fixture(scope="module")
-def tensor2() -> dict:
-    return run_distributed(_run_all, 2, list(CASES), timeout=240)[0]
+def tensor2_all_ranks() -> list[dict]:
+    return run_distributed(_run_all, 2, list(CASES), timeout=240)
+
+
+@pytest.fixture(scope="module")
+def tensor2(tensor2_all_ranks: list[dict]) -> dict:
+    return tensor2_all_ranks[0]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "wrong_rule"])
@@ -428,6 +499,24 @@ def test_wrong_rule_falls_back_and_trains_right(tensor2: dict) -> None:
     # `fc` colwise changes what the block computes and is caught; `proj` rowwise alone is correct and kept.
     assert "fc kept replicated: output differs from the unsharded block" in result["describe"]
     assert dict(result["rows"]) == {"h.0.proj": "rowwise", "h.1.proj": "rowwise"}
+
+
+def test_dropout_keeps_tensor_ranks_equal(tensor2_all_ranks: list[dict]) -> None:
+    # Ranks seeded differently before setup, dropout on plain, replicated and split activations: after
+    # 3 steps every rank holds the same replicated weights and saw the same losses.
+    first, second = (ranks["dropout_agreement"] for ranks in tensor2_all_ranks)
+    assert first["losses"] == second["losses"]
+    for name, param in first["params"].items():
+        torch.testing.assert_close(second["params"][name], param, rtol=0, atol=0, msg=name)
+    # Dropout was active: training-mode losses are not the evaluation-mode ones.
+    assert all(abs(a - b) > 1e-4 for a, b in zip(first["losses"], first["eval_losses"], strict=True))
+
+
+def test_dropout_masks_shared_when_replicated_independent_when_split(tensor2_all_ranks: list[dict]) -> None:
+    first, second = (ranks["dropout_masks"] for ranks in tensor2_all_ranks)
+    assert torch.equal(first["replicated"], second["replicated"])
+    assert not torch.equal(first["split"], second["split"]), "every shard got the same mask"
+    assert torch.equal(first["state"], second["state"]), "the shared random stream diverged"
 
 
 def test_megatron_count_two_all_reduces_each_way_per_block(tensor2: dict) -> None:

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from parti_lightning.parallel.blocks import find_blocks
 from parti_lightning.parallel.tensor_ops import register_cpu_attention_sharding
+from parti_lightning.parallel.tensor_random import install_cpu_random_tracker, sync_tensor_random_state
 from parti_lightning.parallel.tensor_region import shard_unit
 from parti_lightning.parallel.tensor_rules import (
     REPLICATE,
@@ -48,6 +49,7 @@ __all__ = [
     "TensorParallelReport",
     "TensorLayerRow",
     "apply_tensor_parallel",
+    "sync_tensor_random_state",
     "tensor_parallel_step",
     "validate_tensor_rules",
 ]
@@ -108,7 +110,10 @@ def apply_tensor_parallel(
 ) -> TensorParallelReport:
     """Split ``module``'s layers across the tensor ranks of ``mesh``, in place.
 
-    Every rank of ``mesh`` must hold the same weights and, in ``run_example``, see the same batch.
+    Every rank of ``mesh`` must hold the same weights and, in ``run_example``, see the same batch. The
+    ranks of ``mesh`` are given one shared random stream (the first rank's state) so that dropout keeps
+    replicated activations equal across them; what that matches of a single process is stated in
+    :mod:`parti_lightning.parallel.tensor_random`.
 
     Args:
         module: the model, on its compute device, not yet wrapped by any other parallelism.
@@ -139,6 +144,9 @@ def apply_tensor_parallel(
     report = TensorParallelReport(degree=degree, source=source)
     if degree == 1:
         return report
+    # Before `run_example`, whose draws (dropout in training mode) must be the same on every tensor rank too.
+    sync_tensor_random_state(mesh)
+    install_cpu_random_tracker(mesh)
     groups = _unit_groups(module, resolved, auto=source == "auto")
     samples = _capture_inputs([members[0][1] for members in groups.values()], run_example)
     tied = _tied_parameters(module)
