@@ -56,6 +56,37 @@ class FusedAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 
+class BiasedQkvAttention(nn.Module):
+    """The example's (examples/char_gpt.py) attention: separate q/k/v with biases, heads from ``-1``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_dim = WIDTH // HEADS
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(WIDTH, WIDTH) for _ in range(3))
+        self.out_proj = nn.Linear(WIDTH, WIDTH)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], -1, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class BiasedQkvBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(WIDTH), BiasedQkvAttention()
+        # The key bias's gradient is zero in exact arithmetic (softmax ignores it): with the example's GPT-2
+        # initialisation it is all rounding noise, which the setup check must not mistake for a wrong layout.
+        nn.init.normal_(self.attn.q_proj.weight, std=0.02)
+        nn.init.normal_(self.attn.k_proj.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attn(self.ln_1(x))
+
+
 class Mlp(nn.Module):
     def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
@@ -241,6 +272,7 @@ MODELS = {
     "transposed": lambda: LanguageModel(_transposed_block),
     "hf_gpt2": lambda: _HfLogits(_gpt2()),
     "hf_llama": lambda: _HfLogits(_llama()),
+    "biased_qkv": lambda: LanguageModel(BiasedQkvBlock),
     # Dropout only on replicated and plain tensors: the one case whose masks match a single process.
     "mlp_dropout": lambda: LanguageModel(lambda: MlpBlock(DROPOUT), layers=3, dropout=DROPOUT),
     # Dropout on split activations too (attention probabilities, the MLP's hidden state): masks differ from a
@@ -341,12 +373,13 @@ CASES = {
     "transposed": None,
     "hf_gpt2": None,
     "hf_llama": None,
+    "biased_qkv": None,
     "mlp_dropout": None,
     "wrong_rule": ("unwrapping", {"h.*.fc": "colwise", "h.*.proj": "rowwise"}),
 }
 MODELS["unwrapping"] = lambda: LanguageModel(UnwrappingBlock)
 # Blocks whose automatic layout is Megatron's; a fused qkv (nanogpt) is not yet: see test_fused_qkv_layout_cost.
-COUNTED = ("gqa_rotary", "mlp", "nanogpt", "hf_llama")
+COUNTED = ("gqa_rotary", "mlp", "nanogpt", "hf_llama", "biased_qkv")
 
 
 def _collectives_per_block(name: str) -> dict[str, dict[str, int]]:
@@ -523,6 +556,9 @@ def test_megatron_count_two_all_reduces_each_way_per_block(tensor2: dict) -> Non
     megatron = {"forward": {"all_reduce": 2}, "backward": {"all_reduce": 2}}
     assert tensor2["collectives"]["gqa_rotary"] == megatron
     assert tensor2["collectives"]["hf_llama"] == megatron
+    # Attention alone: one split group (q/k/v colwise, out_proj rowwise), every layer split.
+    assert tensor2["collectives"]["biased_qkv"] == {"forward": {"all_reduce": 1}, "backward": {"all_reduce": 1}}
+    assert not tensor2["biased_qkv"]["fallbacks"], tensor2["biased_qkv"]["describe"]
     # An MLP block has one split pair: one all-reduce each way.
     assert tensor2["collectives"]["mlp"] == {"forward": {"all_reduce": 1}, "backward": {"all_reduce": 1}}
 
