@@ -378,8 +378,8 @@ CASES = {
     "wrong_rule": ("unwrapping", {"h.*.fc": "colwise", "h.*.proj": "rowwise"}),
 }
 MODELS["unwrapping"] = lambda: LanguageModel(UnwrappingBlock)
-# Blocks whose automatic layout is Megatron's; a fused qkv (nanogpt) is not yet: see test_fused_qkv_layout_cost.
-COUNTED = ("gqa_rotary", "mlp", "nanogpt", "hf_llama", "biased_qkv")
+# Blocks whose automatic layout is Megatron's, a fused qkv (nanogpt, GPT-2's transposed Conv1D) included.
+COUNTED = ("gqa_rotary", "mlp", "nanogpt", "hf_gpt2", "hf_llama", "biased_qkv")
 
 
 def _collectives_per_block(name: str) -> dict[str, dict[str, int]]:
@@ -467,7 +467,50 @@ def _dropout_masks() -> dict:
     return {"replicated": replicated, "split": split, "state": torch.get_rng_state()}
 
 
-def _run_all(cases: list[str]) -> dict:
+def _checkpoint_round_trip(directory: str) -> dict:
+    """DCP save of the tensor-parallel nanoGPT model (packed fused qkv); load into it and into a plain model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from parti_lightning.parallel.tensor import apply_tensor_parallel, standard_layout
+
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    idx = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    models = []
+    for seed in (0, 1):  # the saved model, and another one of different weights that loads it
+        torch.manual_seed(seed)
+        model = MODELS["nanogpt"]()
+        apply_tensor_parallel(model, mesh, run_example=lambda model=model: model(idx))
+        models.append(model)
+    source, target = models
+    # A tensor in a packed parameter's layout outside state_dict(), as an optimizer's moment is.
+    moment = source.h[0].attn.c_attn.weight.detach() * 2
+    dcp.save({**source.state_dict(), "moment": standard_layout(moment)}, checkpoint_id=directory)
+    state = target.state_dict()
+    loaded_moment = torch.zeros_like(moment)
+    state["moment"] = standard_layout(loaded_moment)
+    dcp.load(state, checkpoint_id=directory)
+    loaded_moment.copy_(state.pop("moment"))
+    target.load_state_dict(state)
+    torch.manual_seed(2)
+    plain = MODELS["nanogpt"]()  # not parallelised: reads the checkpoint as the global tensors
+    plain_state = plain.state_dict()
+    dcp.load(plain_state, checkpoint_id=directory)
+    plain.load_state_dict(plain_state)
+    expected = {name: _full(param) for name, param in source.named_parameters()}
+    with torch.no_grad():
+        outputs = [source(idx), target(idx), plain(idx)]
+    return {
+        "placements": {n: str(p.placements) for n, p in source.named_parameters() if n.endswith("c_attn.weight")},
+        "sharded_error": max((_full(p) - expected[n]).abs().max().item() for n, p in target.named_parameters()),
+        "plain_error": max((p - expected[n]).abs().max().item() for n, p in plain.named_parameters()),
+        "output_error": max((out - outputs[0]).abs().max().item() for out in outputs[1:]),
+        "moment_error": (loaded_moment.full_tensor() - moment.full_tensor()).abs().max().item(),
+        "moment_placements": str(loaded_moment.placements),
+    }
+
+
+def _run_all(cases: list[str], checkpoint_dir: str) -> dict:
     results = {}
     for case in cases:
         spec = CASES[case]
@@ -476,12 +519,14 @@ def _run_all(cases: list[str]) -> dict:
     results["collectives"] = {name: _collectives_per_block(name) for name in COUNTED}
     results["dropout_agreement"] = _dropout_agreement("gqa_dropout")
     results["dropout_masks"] = _dropout_masks()
+    results["checkpoint"] = _checkpoint_round_trip(checkpoint_dir)
     return results
 
 
 @pytest.fixture(scope="module")
-def tensor2_all_ranks() -> list[dict]:
-    return run_distributed(_run_all, 2, list(CASES), timeout=240)
+def tensor2_all_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    checkpoint_dir = str(tmp_path_factory.mktemp("tensor-dcp"))
+    return run_distributed(_run_all, 2, list(CASES), checkpoint_dir, timeout=240)
 
 
 @pytest.fixture(scope="module")
@@ -556,6 +601,9 @@ def test_megatron_count_two_all_reduces_each_way_per_block(tensor2: dict) -> Non
     megatron = {"forward": {"all_reduce": 2}, "backward": {"all_reduce": 2}}
     assert tensor2["collectives"]["gqa_rotary"] == megatron
     assert tensor2["collectives"]["hf_llama"] == megatron
+    # A fused qkv split by whole heads (each rank holds [q_r; k_r; v_r]): no all-gather for `split`.
+    assert tensor2["collectives"]["nanogpt"] == megatron
+    assert tensor2["collectives"]["hf_gpt2"] == megatron
     # Attention alone: one split group (q/k/v colwise, out_proj rowwise), every layer split.
     assert tensor2["collectives"]["biased_qkv"] == {"forward": {"all_reduce": 1}, "backward": {"all_reduce": 1}}
     assert not tensor2["biased_qkv"]["fallbacks"], tensor2["biased_qkv"]["describe"]
@@ -563,12 +611,20 @@ def test_megatron_count_two_all_reduces_each_way_per_block(tensor2: dict) -> Non
     assert tensor2["collectives"]["mlp"] == {"forward": {"all_reduce": 1}, "backward": {"all_reduce": 1}}
 
 
-def test_fused_qkv_layout_cost(tensor2: dict) -> None:
-    # Correct but not yet Megatron's: `split` of the colwise fused qkv output gathers it (forward), and
-    # backward gathers too. This pins today's cost so a change either way is seen.
-    counts = tensor2["collectives"]["nanogpt"]
-    assert counts["forward"]["all_reduce"] == 2
-    assert counts["forward"].get("all_gather_into_tensor", 0) >= 1
+def test_fused_qkv_is_packed_by_whole_heads(tensor2: dict) -> None:
+    for case, layer in (("nanogpt", "h.0.attn.c_attn"), ("hf_gpt2", "model.transformer.h.0.attn.c_attn")):
+        assert dict(tensor2[case]["rows"])[layer] == "packed_colwise:3", tensor2[case]["describe"]
+
+
+def test_packed_layout_saves_through_dcp_in_the_standard_layout(tensor2: dict) -> None:
+    result = tensor2["checkpoint"]
+    assert result["placements"]["h.0.attn.c_attn.weight"] == "(_StridedShard(dim=0, sf=3),)"
+    # Loaded back into a tensor-parallel model of other weights, and into a plain model, every tensor is equal.
+    assert result["sharded_error"] == 0.0
+    assert result["plain_error"] == 0.0
+    assert result["output_error"] < 1e-6
+    assert result["moment_error"] == 0.0
+    assert result["moment_placements"] == "(_StridedShard(dim=0, sf=3),)"
 
 
 # ------------------------------------------------------------------------------------------ tier 1

@@ -8,7 +8,10 @@ returns plain, replicated tensors. Inside a region every intermediate is a DTens
 semantics, so user code such as ``view(B, T, self.n_head, C // self.n_head)`` or
 ``qkv.split(C, dim=2)`` computes the same function as on one device: where a layout does not
 suit an op, DTensor redistributes (costing a collective, never a wrong value). Outside the regions
-everything stays plain, so losses, ``self.log(sync_dist=True)`` and metrics need no change.
+everything stays plain, so losses, ``self.log(sync_dist=True)`` and metrics need no change. A fused
+q/k/v layer whose output the block splits is *packed*: each rank holds ``[q_r; k_r; v_r]`` (whole
+heads; a strided shard, saved in the plain layout), and the split is cut locally, so every block runs
+Megatron's two all-reduces forward and two backward.
 
 Before a rule set is used it is verified: each distinct block (class and rules) runs on the input
 it really received in one example step, with its rules and unsharded, forward and backward, on
@@ -34,11 +37,13 @@ from torch.utils._pytree import tree_flatten, tree_map
 from parti_lightning.parallel.blocks import find_blocks
 from parti_lightning.parallel.tensor_ops import register_cpu_attention_sharding
 from parti_lightning.parallel.tensor_random import install_cpu_random_tracker, sync_tensor_random_state
-from parti_lightning.parallel.tensor_region import shard_unit
+from parti_lightning.parallel.tensor_region import shard_unit, standard_layout
 from parti_lightning.parallel.tensor_rules import (
+    COLWISE,
     REPLICATE,
     hf_tensor_rules,
     match_rules,
+    packed_parts,
     rules_for_unit,
     split_dim,
     trace_block_rules,
@@ -49,6 +54,7 @@ __all__ = [
     "TensorParallelReport",
     "TensorLayerRow",
     "apply_tensor_parallel",
+    "standard_layout",
     "sync_tensor_random_state",
     "tensor_parallel_step",
     "validate_tensor_rules",
@@ -101,9 +107,10 @@ class TensorParallelReport:
         """The plan table as text, one line per split layer or replicated unit."""
         lines = [f"tensor parallel: degree {self.degree}, rules from {self.source}"]
         width = max((len(row.name) for row in self.rows), default=10)
+        layout_width = max((len(row.layout) for row in self.rows), default=9)
         for row in self.rows:
             note = f"  ({row.note})" if row.note else ""
-            lines.append(f"  {row.name:<{width}}  {row.layout:<9}  {row.source}{note}")
+            lines.append(f"  {row.name:<{width}}  {row.layout:<{layout_width}}  {row.source}{note}")
         lines.extend(f"  fell back: {unit}: {reason}" for unit, reason in self.fallbacks)
         return "\n".join(lines)
 
@@ -319,8 +326,9 @@ def _drop_unsplittable(
             refused.append(f"{full}: a {type(layer).__name__} cannot be split {style}")
         elif id(layer.weight) in tied:
             refused.append(f"{full}: weight tied with {', '.join(tied[id(layer.weight)])}; kept replicated")
-        elif layer.weight.shape[dim] % degree:
-            refused.append(f"{full}: size {layer.weight.shape[dim]} not divisible by tensor={degree}")
+        elif layer.weight.shape[dim] % (degree * (packed_parts(style) or 1)):
+            parts = f" in {packed_parts(style)} packed parts" if packed_parts(style) else ""
+            refused.append(f"{full}: size {layer.weight.shape[dim]}{parts} not divisible by tensor={degree}")
         else:
             kept[name] = style
     return kept, refused
@@ -334,6 +342,14 @@ def _choose(
     if failure is None:
         return proposal, []
     reasons = [f"rules {_short(proposal)} failed the setup check: {failure}"]
+    unpacked = {name: COLWISE if packed_parts(style) else style for name, style in proposal.items()}
+    if unpacked != proposal:
+        # The slower correct layout of a packed layer: plain colwise, its output gathered where it is cut.
+        failure = _verify(unit, unpacked, sample, mesh)
+        if failure is None:
+            return unpacked, reasons
+        reasons.append(f"rules {_short(unpacked)} failed the setup check: {failure}")
+        proposal = unpacked
     # Whether the block runs on DTensors at all, before trying its layers one by one.
     failure = _verify(unit, {}, sample, mesh)
     if failure is not None:
