@@ -16,7 +16,7 @@ counted by its local shard), for the blocks' weights and for the whole model, ta
 step's optimizer step; peak resident memory (``ru_maxrss``); throughput (global samples/s, timed on
 rank 0 between barriers after warm-up steps); and the collectives of one step: for ``tensor``, counted
 by torch's ``CommDebugMode``; for ``ddp``, whose all-reduces run inside DDP's C++ reducer (which
-``CommDebugMode`` does not see), the number of gradient buckets from DDP's own logging data (one
+``CommDebugMode`` does not see), the number of DDP's gradient buckets after its first step (one
 all-reduce each per step). Ratios are to ``ddp`` measured in the same run.
 
     python benchmarks/tensor_parallel.py                                  # ~100M parameters (14 x 768)
@@ -140,7 +140,8 @@ def _held_bytes(model: Any, optimizer: Any) -> dict[str, int]:
 
 def _count_collectives(mode: str, net: Any, train_step: Any, step: int) -> str:
     if mode == "ddp":
-        buckets = len(net._get_ddp_logging_data().get("bucket_sizes", "").split(", "))
+        # DDP's buckets as rebuilt after the first step (its logging data records the buckets of the first step).
+        buckets = len(net.reducer._get_zeros_like_grad_buckets())
         return f"{buckets} all_reduce (DDP buckets)"
     from torch.distributed.tensor.debug import CommDebugMode
 
