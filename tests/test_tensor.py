@@ -29,6 +29,7 @@ STEPS = 5
 # rounding into an AdamW update of up to about lr (seen: 6e-5 at lr=1e-2 after one step, 1e-4 after five
 # at 1e-3). A larger eps damps updates of such noise-sized gradients; a wrong layout still moves weights by ~lr.
 LR, EPS = 1e-3, 1e-6
+DROPOUT = 0.2
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -37,11 +38,12 @@ LR, EPS = 1e-3, 1e-6
 class FusedAttention(nn.Module):
     """nanoGPT's attention: one fused qkv layer, `split` by the global width, heads from C // n_head."""
 
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
-        self.n_head = HEADS
+        self.n_head, self.dropout = HEADS, dropout
         self.c_attn = nn.Linear(WIDTH, 3 * WIDTH)
         self.c_proj = nn.Linear(WIDTH, WIDTH)
+        self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
@@ -49,24 +51,58 @@ class FusedAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        # Dropout on the attention probabilities: a split (head-sharded) activation under tensor parallel.
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+
+class BiasedQkvAttention(nn.Module):
+    """The example's (examples/char_gpt.py) attention: separate q/k/v with biases, heads from ``-1``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_dim = WIDTH // HEADS
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(WIDTH, WIDTH) for _ in range(3))
+        self.out_proj = nn.Linear(WIDTH, WIDTH)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], -1, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return self.out_proj(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class BiasedQkvBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(WIDTH), BiasedQkvAttention()
+        # The key bias's gradient is zero in exact arithmetic (softmax ignores it): with the example's GPT-2
+        # initialisation it is all rounding noise, which the setup check must not mistake for a wrong layout.
+        nn.init.normal_(self.attn.q_proj.weight, std=0.02)
+        nn.init.normal_(self.attn.k_proj.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attn(self.ln_1(x))
 
 
 class Mlp(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
         self.c_fc = nn.Linear(WIDTH, 4 * WIDTH)
         self.c_proj = nn.Linear(4 * WIDTH, WIDTH)
+        self.dropout = nn.Dropout(dropout)  # on the block's output: a replicated activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x)))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
 class GptBlock(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
-        self.ln_1, self.attn, self.ln_2, self.mlp = nn.LayerNorm(WIDTH), FusedAttention(), nn.LayerNorm(WIDTH), Mlp()
+        self.ln_1, self.attn = nn.LayerNorm(WIDTH), FusedAttention(dropout)
+        self.ln_2, self.mlp = nn.LayerNorm(WIDTH), Mlp(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -76,9 +112,9 @@ class GptBlock(nn.Module):
 class RotaryGqaAttention(nn.Module):
     """Separate q/k/v, grouped-query attention (2 key/value heads for 4 query heads), rotary embeddings."""
 
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
-        self.n_head, self.n_kv, self.head_dim = HEADS, 2, WIDTH // HEADS
+        self.n_head, self.n_kv, self.head_dim, self.dropout = HEADS, 2, WIDTH // HEADS, dropout
         self.q_proj = nn.Linear(WIDTH, HEADS * self.head_dim, bias=False)
         self.k_proj = nn.Linear(WIDTH, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(WIDTH, self.n_kv * self.head_dim, bias=False)
@@ -100,36 +136,38 @@ class RotaryGqaAttention(nn.Module):
         q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
         v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class SwiGlu(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
         self.gate = nn.Linear(WIDTH, 2 * WIDTH, bias=False)
         self.up = nn.Linear(WIDTH, 2 * WIDTH, bias=False)
         self.down = nn.Linear(2 * WIDTH, WIDTH, bias=False)
+        self.hidden_dropout = nn.Dropout(dropout)  # on the widened hidden state: a split activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(self.hidden_dropout(F.silu(self.gate(x)) * self.up(x)))
 
 
 class LlamaLikeBlock(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
-        self.norm_1, self.attn = nn.RMSNorm(WIDTH), RotaryGqaAttention()
-        self.norm_2, self.mlp = nn.RMSNorm(WIDTH), SwiGlu()
+        self.norm_1, self.attn = nn.RMSNorm(WIDTH), RotaryGqaAttention(dropout)
+        self.norm_2, self.mlp = nn.RMSNorm(WIDTH), SwiGlu(dropout)
+        self.resid_dropout = nn.Dropout(dropout)  # on the residual stream: a replicated activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x))
+        x = x + self.resid_dropout(self.attn(self.norm_1(x)))
         return x + self.mlp(self.norm_2(x))
 
 
 class MlpBlock(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
-        self.norm, self.mlp = nn.LayerNorm(WIDTH), Mlp()
+        self.norm, self.mlp = nn.LayerNorm(WIDTH), Mlp(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.norm(x))
@@ -152,15 +190,16 @@ class UnwrappingBlock(nn.Module):
 class LanguageModel(nn.Module):
     """Embedding, a trunk of blocks, a head: the shape of every model here (with `trunk` swapped)."""
 
-    def __init__(self, make_block, layers: int = 2) -> None:
+    def __init__(self, make_block, layers: int = 2, dropout: float = 0.0) -> None:
         super().__init__()
         self.wte = nn.Embedding(VOCAB, WIDTH)
+        self.drop = nn.Dropout(dropout)  # outside the blocks: a plain tensor
         self.h = nn.ModuleList(make_block() for _ in range(layers))
         self.ln_f = nn.LayerNorm(WIDTH)
         self.lm_head = nn.Linear(WIDTH, VOCAB, bias=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.wte(idx)
+        x = self.drop(self.wte(idx))
         for block in self.h:
             x = block(x)
         return self.lm_head(self.ln_f(x))
@@ -233,6 +272,12 @@ MODELS = {
     "transposed": lambda: LanguageModel(_transposed_block),
     "hf_gpt2": lambda: _HfLogits(_gpt2()),
     "hf_llama": lambda: _HfLogits(_llama()),
+    "biased_qkv": lambda: LanguageModel(BiasedQkvBlock),
+    # Dropout only on replicated and plain tensors: the one case whose masks match a single process.
+    "mlp_dropout": lambda: LanguageModel(lambda: MlpBlock(DROPOUT), layers=3, dropout=DROPOUT),
+    # Dropout on split activations too (attention probabilities, the MLP's hidden state): masks differ from a
+    # single process.
+    "gqa_dropout": lambda: LanguageModel(lambda: LlamaLikeBlock(DROPOUT), dropout=DROPOUT),
 }
 
 
@@ -275,6 +320,7 @@ def _train_parity(name: str, rules: dict | None, data: int = 1) -> dict:
     report = apply_tensor_parallel(model, mesh["tensor"], rules, run_example=lambda: _loss(model, own[0]))
     losses, norms = [], []
     for net, net_batches in ((reference, batches), (model, own)):
+        torch.manual_seed(1)  # the same random stream for both runs (dropout)
         optimizer = torch.optim.AdamW(net.parameters(), lr=LR, eps=EPS, foreach=True)
         run_losses, run_norms = [], []
         for batch in net_batches:
@@ -327,11 +373,13 @@ CASES = {
     "transposed": None,
     "hf_gpt2": None,
     "hf_llama": None,
+    "biased_qkv": None,
+    "mlp_dropout": None,
     "wrong_rule": ("unwrapping", {"h.*.fc": "colwise", "h.*.proj": "rowwise"}),
 }
 MODELS["unwrapping"] = lambda: LanguageModel(UnwrappingBlock)
-# Blocks whose automatic layout is Megatron's; a fused qkv (nanogpt) is not yet: see test_fused_qkv_layout_cost.
-COUNTED = ("gqa_rotary", "mlp", "nanogpt", "hf_llama")
+# Blocks whose automatic layout is Megatron's, a fused qkv (nanogpt, GPT-2's transposed Conv1D) included.
+COUNTED = ("gqa_rotary", "mlp", "nanogpt", "hf_gpt2", "hf_llama", "biased_qkv")
 
 
 def _collectives_per_block(name: str) -> dict[str, dict[str, int]]:
@@ -370,19 +418,120 @@ def _captured_block_input(model: nn.Module, block: nn.Module, idx: torch.Tensor)
     return (args[0].detach().clone().requires_grad_(True), *args[1:]), kwargs
 
 
-def _run_all(cases: list[str]) -> dict:
+def _dropout_agreement(name: str) -> dict:
+    """Train in training mode with dropout, each rank seeded differently (as per-rank seeding does)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from parti_lightning.parallel.tensor import apply_tensor_parallel, tensor_parallel_step
+
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    batches = [torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    torch.manual_seed(100 + dist.get_rank())
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    apply_tensor_parallel(model, mesh, run_example=lambda: _loss(model, batches[0]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, foreach=True)
+    losses, eval_losses = [], []
+    for batch in batches:
+        loss = _loss(model, batch)
+        loss.backward()
+        with tensor_parallel_step():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        with torch.no_grad():
+            eval_losses.append(_loss(model.eval(), batch).item())
+        model.train()
+    # Each rank's own copy: a replicated parameter as it holds it, a split one gathered.
+    params = {n: _full(p).detach().clone() for n, p in model.named_parameters()}
+    return {"losses": losses, "eval_losses": eval_losses, "params": params}
+
+
+def _dropout_masks() -> dict:
+    """Masks of one dropout on a replicated and on a split DTensor, and the random state after them."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from parti_lightning.parallel.tensor_random import install_cpu_random_tracker, sync_tensor_random_state
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(7 + dist.get_rank())
+    sync_tensor_random_state(mesh)
+    install_cpu_random_tracker(mesh)
+    ones = torch.ones(4, 64)
+    replicated = F.dropout(DTensor.from_local(ones, mesh, [Replicate()]), 0.5).to_local()
+    split = F.dropout(DTensor.from_local(ones, mesh, [Shard(0)]), 0.5).to_local()
+    return {"replicated": replicated, "split": split, "state": torch.get_rng_state()}
+
+
+def _checkpoint_round_trip(directory: str) -> dict:
+    """DCP save of the tensor-parallel nanoGPT model (packed fused qkv); load into it and into a plain model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from parti_lightning.parallel.tensor import apply_tensor_parallel, standard_layout
+
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    idx = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    models = []
+    for seed in (0, 1):  # the saved model, and another one of different weights that loads it
+        torch.manual_seed(seed)
+        model = MODELS["nanogpt"]()
+        apply_tensor_parallel(model, mesh, run_example=lambda model=model: model(idx))
+        models.append(model)
+    source, target = models
+    # A tensor in a packed parameter's layout outside state_dict(), as an optimizer's moment is.
+    moment = source.h[0].attn.c_attn.weight.detach() * 2
+    dcp.save({**source.state_dict(), "moment": standard_layout(moment)}, checkpoint_id=directory)
+    state = target.state_dict()
+    loaded_moment = torch.zeros_like(moment)
+    state["moment"] = standard_layout(loaded_moment)
+    dcp.load(state, checkpoint_id=directory)
+    loaded_moment.copy_(state.pop("moment"))
+    target.load_state_dict(state)
+    torch.manual_seed(2)
+    plain = MODELS["nanogpt"]()  # not parallelised: reads the checkpoint as the global tensors
+    plain_state = plain.state_dict()
+    dcp.load(plain_state, checkpoint_id=directory)
+    plain.load_state_dict(plain_state)
+    expected = {name: _full(param) for name, param in source.named_parameters()}
+    with torch.no_grad():
+        outputs = [source(idx), target(idx), plain(idx)]
+    return {
+        "placements": {n: str(p.placements) for n, p in source.named_parameters() if n.endswith("c_attn.weight")},
+        "sharded_error": max((_full(p) - expected[n]).abs().max().item() for n, p in target.named_parameters()),
+        "plain_error": max((p - expected[n]).abs().max().item() for n, p in plain.named_parameters()),
+        "output_error": max((out - outputs[0]).abs().max().item() for out in outputs[1:]),
+        "moment_error": (loaded_moment.full_tensor() - moment.full_tensor()).abs().max().item(),
+        "moment_placements": str(loaded_moment.placements),
+    }
+
+
+def _run_all(cases: list[str], checkpoint_dir: str) -> dict:
     results = {}
     for case in cases:
         spec = CASES[case]
         name, rules = spec if spec else (case, None)
         results[case] = _train_parity(name, rules)
     results["collectives"] = {name: _collectives_per_block(name) for name in COUNTED}
+    results["dropout_agreement"] = _dropout_agreement("gqa_dropout")
+    results["dropout_masks"] = _dropout_masks()
+    results["checkpoint"] = _checkpoint_round_trip(checkpoint_dir)
     return results
 
 
 @pytest.fixture(scope="module")
-def tensor2() -> dict:
-    return run_distributed(_run_all, 2, list(CASES), timeout=240)[0]
+def tensor2_all_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    checkpoint_dir = str(tmp_path_factory.mktemp("tensor-dcp"))
+    return run_distributed(_run_all, 2, list(CASES), checkpoint_dir, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def tensor2(tensor2_all_ranks: list[dict]) -> dict:
+    return tensor2_all_ranks[0]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "wrong_rule"])
@@ -430,20 +579,52 @@ def test_wrong_rule_falls_back_and_trains_right(tensor2: dict) -> None:
     assert dict(result["rows"]) == {"h.0.proj": "rowwise", "h.1.proj": "rowwise"}
 
 
+def test_dropout_keeps_tensor_ranks_equal(tensor2_all_ranks: list[dict]) -> None:
+    # Ranks seeded differently before setup, dropout on plain, replicated and split activations: after
+    # 3 steps every rank holds the same replicated weights and saw the same losses.
+    first, second = (ranks["dropout_agreement"] for ranks in tensor2_all_ranks)
+    assert first["losses"] == second["losses"]
+    for name, param in first["params"].items():
+        torch.testing.assert_close(second["params"][name], param, rtol=0, atol=0, msg=name)
+    # Dropout was active: training-mode losses are not the evaluation-mode ones.
+    assert all(abs(a - b) > 1e-4 for a, b in zip(first["losses"], first["eval_losses"], strict=True))
+
+
+def test_dropout_masks_shared_when_replicated_independent_when_split(tensor2_all_ranks: list[dict]) -> None:
+    first, second = (ranks["dropout_masks"] for ranks in tensor2_all_ranks)
+    assert torch.equal(first["replicated"], second["replicated"])
+    assert not torch.equal(first["split"], second["split"]), "every shard got the same mask"
+    assert torch.equal(first["state"], second["state"]), "the shared random stream diverged"
+
+
 def test_megatron_count_two_all_reduces_each_way_per_block(tensor2: dict) -> None:
     megatron = {"forward": {"all_reduce": 2}, "backward": {"all_reduce": 2}}
     assert tensor2["collectives"]["gqa_rotary"] == megatron
     assert tensor2["collectives"]["hf_llama"] == megatron
+    # A fused qkv split by whole heads (each rank holds [q_r; k_r; v_r]): no all-gather for `split`.
+    assert tensor2["collectives"]["nanogpt"] == megatron
+    assert tensor2["collectives"]["hf_gpt2"] == megatron
+    # Attention alone: one split group (q/k/v colwise, out_proj rowwise), every layer split.
+    assert tensor2["collectives"]["biased_qkv"] == {"forward": {"all_reduce": 1}, "backward": {"all_reduce": 1}}
+    assert not tensor2["biased_qkv"]["fallbacks"], tensor2["biased_qkv"]["describe"]
     # An MLP block has one split pair: one all-reduce each way.
     assert tensor2["collectives"]["mlp"] == {"forward": {"all_reduce": 1}, "backward": {"all_reduce": 1}}
 
 
-def test_fused_qkv_layout_cost(tensor2: dict) -> None:
-    # Correct but not yet Megatron's: `split` of the colwise fused qkv output gathers it (forward), and
-    # backward gathers too. This pins today's cost so a change either way is seen.
-    counts = tensor2["collectives"]["nanogpt"]
-    assert counts["forward"]["all_reduce"] == 2
-    assert counts["forward"].get("all_gather_into_tensor", 0) >= 1
+def test_fused_qkv_is_packed_by_whole_heads(tensor2: dict) -> None:
+    for case, layer in (("nanogpt", "h.0.attn.c_attn"), ("hf_gpt2", "model.transformer.h.0.attn.c_attn")):
+        assert dict(tensor2[case]["rows"])[layer] == "packed_colwise:3", tensor2[case]["describe"]
+
+
+def test_packed_layout_saves_through_dcp_in_the_standard_layout(tensor2: dict) -> None:
+    result = tensor2["checkpoint"]
+    assert result["placements"]["h.0.attn.c_attn.weight"] == "(_StridedShard(dim=0, sf=3),)"
+    # Loaded back into a tensor-parallel model of other weights, and into a plain model, every tensor is equal.
+    assert result["sharded_error"] == 0.0
+    assert result["plain_error"] == 0.0
+    assert result["output_error"] < 1e-6
+    assert result["moment_error"] == 0.0
+    assert result["moment_placements"] == "(_StridedShard(dim=0, sf=3),)"
 
 
 # ------------------------------------------------------------------------------------------ tier 1

@@ -8,7 +8,10 @@ returns plain, replicated tensors. Inside a region every intermediate is a DTens
 semantics, so user code such as ``view(B, T, self.n_head, C // self.n_head)`` or
 ``qkv.split(C, dim=2)`` computes the same function as on one device: where a layout does not
 suit an op, DTensor redistributes (costing a collective, never a wrong value). Outside the regions
-everything stays plain, so losses, ``self.log(sync_dist=True)`` and metrics need no change.
+everything stays plain, so losses, ``self.log(sync_dist=True)`` and metrics need no change. A fused
+q/k/v layer whose output the block splits is *packed*: each rank holds ``[q_r; k_r; v_r]`` (whole
+heads; a strided shard, saved in the plain layout), and the split is cut locally, so every block runs
+Megatron's two all-reduces forward and two backward.
 
 Before a rule set is used it is verified: each distinct block (class and rules) runs on the input
 it really received in one example step, with its rules and unsharded, forward and backward, on
@@ -33,11 +36,14 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from parti_lightning.parallel.blocks import find_blocks
 from parti_lightning.parallel.tensor_ops import register_cpu_attention_sharding
-from parti_lightning.parallel.tensor_region import shard_unit
+from parti_lightning.parallel.tensor_random import install_cpu_random_tracker, sync_tensor_random_state
+from parti_lightning.parallel.tensor_region import shard_unit, standard_layout
 from parti_lightning.parallel.tensor_rules import (
+    COLWISE,
     REPLICATE,
     hf_tensor_rules,
     match_rules,
+    packed_parts,
     rules_for_unit,
     split_dim,
     trace_block_rules,
@@ -48,6 +54,8 @@ __all__ = [
     "TensorParallelReport",
     "TensorLayerRow",
     "apply_tensor_parallel",
+    "standard_layout",
+    "sync_tensor_random_state",
     "tensor_parallel_step",
     "validate_tensor_rules",
 ]
@@ -56,6 +64,12 @@ __all__ = [
 # magnitude. Splitting a matmul only reorders its sums (about 1e-7 relative in fp32); a wrong
 # layout changes values at order one.
 _VERIFY_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+# A tensor is compared against at least this fraction of the largest magnitude among all tensors of its kind
+# (outputs, or gradients) in the check. A gradient that is zero in exact arithmetic (a key projection's bias:
+# softmax ignores a shift shared by every key) is pure rounding noise of terms as large as the other
+# gradients; measured against its own largest value it differs at order one under any change of summation
+# order, and the check would refuse every correct split of that layer.
+_SCALE_FLOOR = 1e-2
 _REASON_CHARS = 200
 
 
@@ -93,9 +107,10 @@ class TensorParallelReport:
         """The plan table as text, one line per split layer or replicated unit."""
         lines = [f"tensor parallel: degree {self.degree}, rules from {self.source}"]
         width = max((len(row.name) for row in self.rows), default=10)
+        layout_width = max((len(row.layout) for row in self.rows), default=9)
         for row in self.rows:
             note = f"  ({row.note})" if row.note else ""
-            lines.append(f"  {row.name:<{width}}  {row.layout:<9}  {row.source}{note}")
+            lines.append(f"  {row.name:<{width}}  {row.layout:<{layout_width}}  {row.source}{note}")
         lines.extend(f"  fell back: {unit}: {reason}" for unit, reason in self.fallbacks)
         return "\n".join(lines)
 
@@ -108,7 +123,10 @@ def apply_tensor_parallel(
 ) -> TensorParallelReport:
     """Split ``module``'s layers across the tensor ranks of ``mesh``, in place.
 
-    Every rank of ``mesh`` must hold the same weights and, in ``run_example``, see the same batch.
+    Every rank of ``mesh`` must hold the same weights and, in ``run_example``, see the same batch. The
+    ranks of ``mesh`` are given one shared random stream (the first rank's state) so that dropout keeps
+    replicated activations equal across them; what that matches of a single process is stated in
+    :mod:`parti_lightning.parallel.tensor_random`.
 
     Args:
         module: the model, on its compute device, not yet wrapped by any other parallelism.
@@ -139,6 +157,9 @@ def apply_tensor_parallel(
     report = TensorParallelReport(degree=degree, source=source)
     if degree == 1:
         return report
+    # Before `run_example`, whose draws (dropout in training mode) must be the same on every tensor rank too.
+    sync_tensor_random_state(mesh)
+    install_cpu_random_tracker(mesh)
     groups = _unit_groups(module, resolved, auto=source == "auto")
     samples = _capture_inputs([members[0][1] for members in groups.values()], run_example)
     tied = _tied_parameters(module)
@@ -305,8 +326,9 @@ def _drop_unsplittable(
             refused.append(f"{full}: a {type(layer).__name__} cannot be split {style}")
         elif id(layer.weight) in tied:
             refused.append(f"{full}: weight tied with {', '.join(tied[id(layer.weight)])}; kept replicated")
-        elif layer.weight.shape[dim] % degree:
-            refused.append(f"{full}: size {layer.weight.shape[dim]} not divisible by tensor={degree}")
+        elif layer.weight.shape[dim] % (degree * (packed_parts(style) or 1)):
+            parts = f" in {packed_parts(style)} packed parts" if packed_parts(style) else ""
+            refused.append(f"{full}: size {layer.weight.shape[dim]}{parts} not divisible by tensor={degree}")
         else:
             kept[name] = style
     return kept, refused
@@ -320,6 +342,14 @@ def _choose(
     if failure is None:
         return proposal, []
     reasons = [f"rules {_short(proposal)} failed the setup check: {failure}"]
+    unpacked = {name: COLWISE if packed_parts(style) else style for name, style in proposal.items()}
+    if unpacked != proposal:
+        # The slower correct layout of a packed layer: plain colwise, its output gathered where it is cut.
+        failure = _verify(unit, unpacked, sample, mesh)
+        if failure is None:
+            return unpacked, reasons
+        reasons.append(f"rules {_short(unpacked)} failed the setup check: {failure}")
+        proposal = unpacked
     # Whether the block runs on DTensors at all, before trying its layers one by one.
     failure = _verify(unit, {}, sample, mesh)
     if failure is not None:
@@ -376,8 +406,9 @@ def _compare(unit: nn.Module, rules: Mapping[str, str], sample: tuple, mesh: Dev
     ):
         if len(expected) != len(actual):
             return f"{what}s differ in number: {len(actual)} instead of {len(expected)}"
+        floor = _SCALE_FLOOR * max((_largest(t) for t in expected if t is not None), default=0.0)
         for ref, got in zip(expected, actual, strict=True):
-            difference = _difference(ref, got)
+            difference = _difference(ref, got, floor)
             if difference is not None:
                 return f"{what} differs from the unsharded block: {difference}"
     return None
@@ -390,7 +421,11 @@ def _fresh_input(value: Any) -> Any:
     return value.requires_grad_(True) if value.is_floating_point() else value
 
 
-def _difference(expected: torch.Tensor | None, actual: torch.Tensor | None) -> str | None:
+def _largest(tensor: torch.Tensor) -> float:
+    return tensor.abs().max().item() if tensor.numel() else 0.0
+
+
+def _difference(expected: torch.Tensor | None, actual: torch.Tensor | None, floor: float = 0.0) -> str | None:
     if expected is None or actual is None:
         return None if expected is None and actual is None else "a gradient is missing on one side"
     if isinstance(actual, DTensor):
@@ -399,7 +434,7 @@ def _difference(expected: torch.Tensor | None, actual: torch.Tensor | None) -> s
         return f"shape {tuple(actual.shape)} instead of {tuple(expected.shape)}"
     scale = expected.abs().max().item() if expected.numel() else 0.0
     error = (expected - actual).abs().max().item() if expected.numel() else 0.0
-    tolerance = _VERIFY_RTOL.get(expected.dtype, 1e-4) * max(scale, 1e-6)
+    tolerance = _VERIFY_RTOL.get(expected.dtype, 1e-4) * max(scale, floor, 1e-6)
     return None if error <= tolerance else f"max difference {error:.3g} (largest value {scale:.3g})"
 
 

@@ -1,4 +1,4 @@
-"""Sharding strategies DTensor lacks for ops that transformer blocks run on CPU.
+"""Sharding rules DTensor lacks for ops that transformer blocks run: CPU attention, packed outputs.
 
 torch 2.13 registers DTensor strategies for the CUDA attention kernels only: scaled dot-product
 attention on CPU DTensors raises ``NotImplementedError``. The CPU flash kernel is independent per
@@ -10,10 +10,14 @@ tensor-parallel layout keeps attention head-sharded with no communication.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import torch
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
+from torch.distributed.tensor.placement_types import _StridedShard
+from torch.overrides import TorchFunctionMode
 
 _aten = torch.ops.aten
 
@@ -58,3 +62,58 @@ def _attention_backward(
         shard = Shard(dim)
         strategies.append(([shard] * 3, [shard] * 6 + [None, None, _mask_placement(attn_mask, dim)]))
     return strategies
+
+
+# ------------------------------------------------------------------------------ packed (fused) outputs
+
+_CHUNKS = (torch.Tensor.chunk, torch.chunk)
+_SPLITS = (torch.Tensor.split, torch.split)
+
+
+def equal_parts(func: Callable, args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    """``(parts, dim)`` when ``func(*args, **kwargs)`` is a ``split``/``chunk`` into equal parts, else ``None``."""
+    if func not in _CHUNKS + _SPLITS or not args or not isinstance(args[0], torch.Tensor):
+        return None
+    tensor = args[0]
+    names = ("chunks",) if func in _CHUNKS else ("split_size_or_sections", "split_size")
+    how = args[1] if len(args) > 1 else next((kwargs[name] for name in names if name in kwargs), None)
+    dim = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % max(tensor.dim(), 1)
+    size = tensor.shape[dim]
+    parts = None
+    if isinstance(how, int) and how > 0 and size % how == 0:
+        parts = how if func in _CHUNKS else size // how
+    elif isinstance(how, (list, tuple)) and how and len(set(how)) == 1 and sum(how) == size:
+        parts = len(how)
+    return (parts, dim) if parts is not None and parts > 1 else None
+
+
+class PackedSplit(TorchFunctionMode):
+    """Cuts a packed colwise output (strided-sharded: each rank holds its share of every part) locally.
+
+    A fused q/k/v layer split by whole heads holds ``[q_r; k_r; v_r]`` on rank ``r``: its output is a
+    ``_StridedShard`` DTensor, and the block's ``split(C, dim=2)`` would make DTensor gather it (no
+    sharding rule of torch's maps it to plain shards). Each part's shard is already local, so the parts
+    are cut from the local tensor and returned as ``Shard`` DTensors; autograd's ``cat`` of the local
+    gradients is the matching backward, also without communication. Active only inside a region with a
+    packed layer; every other call passes through.
+    """
+
+    def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        cut = equal_parts(func, args, kwargs)
+        if cut is not None and isinstance(args[0], DTensor):
+            parts = _local_parts(args[0], *cut)
+            if parts is not None:
+                return parts
+        return func(*args, **kwargs)
+
+
+def _local_parts(tensor: DTensor, parts: int, dim: int) -> tuple[DTensor, ...] | None:
+    mesh = tensor.device_mesh
+    placement = tensor.placements[0] if mesh.ndim == 1 else None
+    if not isinstance(placement, _StridedShard) or placement.dim != dim or placement.split_factor != parts:
+        return None
+    local = tensor.to_local()  # its backward wraps the concatenated local gradient in the same strided layout
+    return tuple(
+        DTensor.from_local(piece, mesh, [Shard(dim)], run_check=False) for piece in local.chunk(parts, dim=dim)
+    )

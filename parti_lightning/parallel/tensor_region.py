@@ -12,10 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils._pytree import tree_map
 
-from parti_lightning.parallel.tensor_rules import COLWISE, REPLICATE, ROWWISE, parameter_placements
+from parti_lightning.parallel.tensor_ops import PackedSplit
+from parti_lightning.parallel.tensor_rules import REPLICATE, ROWWISE, packed_parts, parameter_placements
 
 
 def shard_unit(unit: nn.Module, rules: Mapping[str, str], mesh: DeviceMesh) -> None:
@@ -35,7 +37,7 @@ def shard_unit(unit: nn.Module, rules: Mapping[str, str], mesh: DeviceMesh) -> N
                 # Replicated so that code mixing a buffer into the block's DTensors (a causal mask, rotary
                 # tables) is not a mix of plain and distributed tensors.
                 layer._buffers[buffer_name] = distribute_tensor(buffer, mesh, [Replicate()])
-    region = _Region(mesh)
+    region = _Region(mesh, packed=any(packed_parts(style) for style in rules.values()))
     modules = dict(unit.named_modules())
     for name, style in rules.items():
         # Megatron's layout, fixed rather than left to DTensor's choice: the rowwise sum is all-reduced at
@@ -43,8 +45,10 @@ def shard_unit(unit: nn.Module, rules: Mapping[str, str], mesh: DeviceMesh) -> N
         # and a colwise layer's input gradient is all-reduced once per input tensor (q/k/v share one).
         if style == ROWWISE:
             modules[name].register_forward_hook(_replicate_output)
-        elif style == COLWISE:
+        elif style != REPLICATE:
             modules[name].register_forward_pre_hook(region.reduce_input_grad)
+        if packed_parts(style):
+            modules[name].register_state_dict_post_hook(_plain_shard_state)
     unit.register_forward_pre_hook(region.enter, with_kwargs=True)
     # always_call: the implicit replication entered before the forward ends even when the forward raises.
     unit.register_forward_hook(region.exit, always_call=True)
@@ -58,9 +62,11 @@ class _Region:
     on every tensor rank, so treating it as replicated is exact.
     """
 
-    def __init__(self, mesh: DeviceMesh) -> None:
+    def __init__(self, mesh: DeviceMesh, packed: bool = False) -> None:
         self.mesh = mesh
+        self.packed = packed
         self._saved_flags: list[bool] = []
+        self._modes: list[PackedSplit] = []
         self._grad_reduced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -68,10 +74,15 @@ class _Region:
         self._saved_flags.append(dispatcher._allow_implicit_replication)
         dispatcher._allow_implicit_replication = True
         self._grad_reduced.clear()
+        if self.packed:
+            self._modes.append(PackedSplit())
+            self._modes[-1].__enter__()
         return tree_map(self._replicate, args), tree_map(self._replicate, kwargs)
 
     def exit(self, module: nn.Module, args: tuple, output: Any) -> Any:
         self._grad_reduced.clear()
+        if self._modes:
+            self._modes.pop().__exit__(None, None, None)
         if self._saved_flags:
             DTensor._op_dispatcher._allow_implicit_replication = self._saved_flags.pop()
         return tree_map(lambda value: value.full_tensor() if isinstance(value, DTensor) else value, output)
@@ -91,6 +102,34 @@ class _Region:
             # partial input gradients of the split layers over the tensor ranks (one all-reduce).
             return DTensor.from_local(value, self.mesh, [Replicate()], run_check=False)
         return value
+
+
+def _plain_shard_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """Save a packed layer's strided-sharded weight and bias as plain shards of the same global tensor.
+
+    Distributed checkpoints refuse strided shards; a plain ``Shard`` of the unchanged global tensor is the
+    layout every other plan reads. Loading needs nothing: ``load_state_dict`` copies into the strided
+    parameter, and DTensor's ``copy_`` redistributes. The redistribution is a collective: every tensor rank
+    must call ``state_dict()`` together, as distributed checkpointing does.
+    """
+    for name, value in module.named_parameters(recurse=False):
+        if prefix + name in state_dict:
+            state_dict[prefix + name] = standard_layout(value.detach())
+
+
+def standard_layout(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in a layout distributed checkpoints save: a strided shard becomes a plain ``Shard`` of the
+    same global tensor (a collective over its mesh), anything else is returned as is.
+
+    For state that follows a packed parameter's layout outside ``state_dict()``: the optimizer's moments
+    (``exp_avg`` of a packed weight is strided too). To load, ``copy_`` the loaded plain shard into the
+    strided tensor: DTensor redistributes.
+    """
+    placements = tensor.placements if isinstance(tensor, DTensor) else ()
+    if not any(isinstance(placement, _StridedShard) for placement in placements):
+        return tensor
+    plain = [Shard(p.dim) if isinstance(p, _StridedShard) else p for p in placements]
+    return tensor.redistribute(tensor.device_mesh, plain)
 
 
 def _replicate_output(module: nn.Module, args: tuple, output: Any) -> Any:

@@ -10,15 +10,33 @@ module-tree logic except the trace, which runs one block once.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.tensor import Placement, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
+from torch.overrides import TorchFunctionMode
+
+from parti_lightning.parallel.tensor_ops import equal_parts
 
 COLWISE, ROWWISE, REPLICATE = "colwise", "rowwise", "replicate"
 STYLES = (COLWISE, ROWWISE, REPLICATE)
+# A colwise layer whose output packs ``k`` tensors side by side (a fused q/k/v: ``k = 3``), which the block's
+# code splits into ``k`` equal parts: each rank holds its share of every part. Found by the trace only.
+_PACKED = "packed_colwise:"
+
+
+def packed_colwise(parts: int) -> str:
+    """The rule for a colwise layer whose output packs ``parts`` equal tensors (a fused q/k/v: 3)."""
+    return f"{_PACKED}{parts}"
+
+
+def packed_parts(style: str) -> int | None:
+    """How many tensors a :func:`packed_colwise` rule's layer packs; ``None`` for any other rule."""
+    return int(style[len(_PACKED) :]) if style.startswith(_PACKED) else None
 
 # Hugging Face `tp_plan` values (transformers 5) by the layout they give the weight. Under parti's
 # region design every layer keeps global (DTensor) semantics, so "gather the output", "local" and
@@ -71,24 +89,26 @@ def split_dim(module: nn.Module, style: str) -> int | None:
     kind = layer_kind(module)
     if style == REPLICATE or kind is None:
         return None
-    return kind.out_dim if style == COLWISE else kind.in_dim
+    return kind.in_dim if style == ROWWISE else kind.out_dim
 
 
 def parameter_placements(module: nn.Module, style: str) -> dict[str, Placement]:
-    """Placement of each of ``module``'s own parameters under ``style`` (plain ``Shard``/``Replicate``).
+    """Placement of each of ``module``'s own parameters under ``style``.
 
-    Only plain ``Shard(0)``/``Shard(1)`` and ``Replicate`` are produced, so distributed checkpoints
-    can save every parameter as is.
+    Plain ``Shard``/``Replicate``, except a :func:`packed_colwise` layer's weight and bias: a strided shard (each
+    rank holds its share of each packed part), which distributed checkpoints refuse; the region saves those
+    in the plain ``Shard`` layout (:func:`~parti_lightning.parallel.tensor_region.shard_unit`).
     """
     dim = split_dim(module, style)
     placements: dict[str, Placement] = {name: Replicate() for name, _ in module.named_parameters(recurse=False)}
     if dim is None:
         return placements
-    placements["weight"] = Shard(dim)
+    parts = packed_parts(style)
+    placements["weight"] = Shard(dim) if parts is None else _StridedShard(dim, split_factor=parts)
     kind = layer_kind(module)
     # A colwise layer's bias belongs to its (split) outputs; a rowwise layer's is added once, after the sum.
-    if "bias" in placements and style == COLWISE and kind is not None and kind.has_bias_per_output:
-        placements["bias"] = Shard(0)
+    if "bias" in placements and style != ROWWISE and kind is not None and kind.has_bias_per_output:
+        placements["bias"] = Shard(0) if parts is None else _StridedShard(0, split_factor=parts)
     return placements
 
 
@@ -191,8 +211,10 @@ def trace_block_rules(block: nn.Module, args: tuple, kwargs: dict) -> tuple[dict
     group (colwise); layers that read the very same input tensor join it (q/k/v, gate/up, and a fused
     qkv is one such layer); the next layer that writes the block's width closes it (rowwise), its
     output returning to the residual stream. Groups that never close, and layers in no group, stay
-    replicated. The result is a proposal: :func:`~parti_lightning.parallel.tensor.apply_tensor_parallel`
-    verifies it numerically before using it.
+    replicated. A colwise layer whose output the block cuts into ``k`` equal parts along its features
+    (a fused qkv's ``split(C, dim=2)``) is packed (:func:`packed_colwise`): split by whole heads. The
+    result is a proposal: :func:`~parti_lightning.parallel.tensor.apply_tensor_parallel` verifies it
+    numerically before using it.
 
     Args:
         block: one block (not modified: a copy is run, in eval mode, without gradients).
@@ -203,7 +225,7 @@ def trace_block_rules(block: nn.Module, args: tuple, kwargs: dict) -> tuple[dict
         ``(rules, groups)``: rules keyed by names relative to the block, and one readable line per group.
     """
     width = _block_width(args, kwargs)
-    calls = _record_linear_calls(block, args, kwargs)
+    calls, packed = _record_linear_calls(block, args, kwargs)
     rules: dict[str, str] = {}
     groups: list[str] = []
     members: list[str] = []
@@ -212,7 +234,7 @@ def trace_block_rules(block: nn.Module, args: tuple, kwargs: dict) -> tuple[dict
         if members and any(inp is seen for seen in group_inputs):
             members.append(name)
         elif members and out_features == width:
-            rules.update(dict.fromkeys(members, COLWISE))
+            rules.update({m: packed_colwise(packed[m]) if m in packed else COLWISE for m in members})
             rules[name] = ROWWISE
             groups.append(f"{', '.join(members)} colwise -> {name} rowwise")
             members, group_inputs = [], []
@@ -230,12 +252,17 @@ def _block_width(args: Iterable, kwargs: Mapping) -> int | None:
     return None
 
 
-def _record_linear_calls(block: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor, int, int]]:
+def _record_linear_calls(
+    block: nn.Module, args: tuple, kwargs: dict
+) -> tuple[list[tuple[str, torch.Tensor, int, int]], dict[str, int]]:
+    """Each linear layer's first call (name, input, in and out features), and the layers whose output was cut
+    into equal parts along its features (name -> parts)."""
     import copy
 
     probe = copy.deepcopy(block).eval()
     calls: list[tuple[str, torch.Tensor, int, int]] = []
     seen: set[str] = set()
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor kept beside its id, so the id stays its own
     handles = []
     for name, layer in probe.named_modules():
         kind = layer_kind(layer)
@@ -249,11 +276,33 @@ def _record_linear_calls(block: nn.Module, args: tuple, kwargs: dict) -> list[tu
             weight = mod.weight
             calls.append((_name, inputs[0], weight.shape[_kind.in_dim], weight.shape[_kind.out_dim]))
 
+        def keep(mod: nn.Module, inputs: tuple, output: object, _name: str = name) -> None:
+            if isinstance(output, torch.Tensor):
+                outputs.setdefault(id(output), (_name, output))
+
         handles.append(layer.register_forward_pre_hook(record))
+        handles.append(layer.register_forward_hook(keep))
+    recorder = _CutRecorder(outputs)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), recorder:
             probe(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    return calls
+    return calls, recorder.packed
+
+
+class _CutRecorder(TorchFunctionMode):
+    """Notes which linear outputs the block cuts into equal parts along their last (feature) dimension."""
+
+    def __init__(self, outputs: dict[int, tuple[str, torch.Tensor]]) -> None:
+        super().__init__()
+        self.outputs = outputs
+        self.packed: dict[str, int] = {}
+
+    def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        cut = equal_parts(func, args, kwargs)
+        if cut is not None and id(args[0]) in self.outputs and cut[1] == args[0].dim() - 1:
+            self.packed.setdefault(self.outputs[id(args[0])][0], cut[0])
+        return func(*args, **kwargs)
