@@ -43,7 +43,7 @@ def test_config_paths_are_found_in_argv() -> None:
 @pytest.mark.parametrize(
     ("preset", "storage"),
     [("ddp", "replicated"), ("zero1", "optimizer"), ("zero2", "gradients"), ("zero3", "parameters"),
-     ("hybrid", "parameters")],
+     ("hybrid", "parameters"), ("tp", "replicated"), ("pp", "replicated")],
 )
 def test_preset_yaml_names_the_strategy(preset: str, storage: str) -> None:
     config = yaml.safe_load((REPO / "strategies" / f"{preset}.yaml").read_text())
