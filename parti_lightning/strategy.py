@@ -35,7 +35,6 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy
-from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
@@ -50,6 +49,7 @@ from parti_lightning.accelerator import PartiAccelerator, release_freed_memory
 from parti_lightning.autoplan import StepMeter, choose_on_rank0, plan_for, training_batch
 from parti_lightning.checkpoint import (
     CheckpointError,
+    checkpoint_kind,
     is_sharded_checkpoint,
     load_sharded,
     named_optimizer_state,
@@ -59,7 +59,7 @@ from parti_lightning.checkpoint import (
     sharded_optimizer_state,
 )
 from parti_lightning.launchers import PartiMultiProcessingLauncher, PartiSubprocessScriptLauncher
-from parti_lightning.network import init_dist_connection, track_mesh
+from parti_lightning.network import init_dist_connection, restore_backend_interfaces, track_mesh
 from parti_lightning.parallel.batchnorm import PartiSyncBatchNorm
 from parti_lightning.parallel.blocks import resolve_units
 from parti_lightning.parallel.checkpointing import apply_activation_checkpointing
@@ -80,7 +80,7 @@ from parti_lightning.planner import PlanReport
 log = logging.getLogger(__name__)
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
-StateDictType = Literal["sharded", "full"]
+StateDictType = Literal["auto", "sharded", "full"]
 _BACKENDS = ("gloo", "nccl")
 
 
@@ -104,11 +104,12 @@ class PartiStrategy(ParallelStrategy):
             or on CPU the machine's memory over the ranks of a node.
         planner_headroom: fraction of ``memory_budget`` that ``plan="auto"`` keeps free for what its
             prediction does not see (allocator slack, data loading, logging).
-        state_dict_type: how checkpoints are written. ``"sharded"``: a directory written by every rank
-            through ``torch.distributed.checkpoint`` (each rank writes what it holds; no rank gathers
-            the model), atomically, loadable under any plan or world size; ``parti-lightning convert``
-            turns it into a single file. ``"full"``: one plain Lightning file gathered on rank 0.
-            Either kind loads under any plan.
+        state_dict_type: how checkpoints are written. ``"auto"``: ``"full"`` where one rank holds the
+            whole model anyway (ddp, zero1), ``"sharded"`` where the parameters are sharded (zero2, zero3,
+            hybrid). ``"sharded"``: a directory written by every rank through ``torch.distributed.checkpoint``
+            (each rank writes what it holds; no rank gathers the model), atomically, loadable under any plan
+            or world size; ``parti-lightning convert`` turns it into a single file. ``"full"``: one plain
+            Lightning file gathered on rank 0. Either kind loads under any plan.
         accelerator: the device partitions; default :class:`~parti_lightning.PartiAccelerator`.
         parallel_devices: devices of this node (normally set by the Trainer).
         cluster_environment: normally detected by the Trainer (torchrun, SLURM, ...).
@@ -125,7 +126,7 @@ class PartiStrategy(ParallelStrategy):
         timeout: Union[float, timedelta] = 600.0,
         startup_timeout: Union[float, timedelta] = 1800.0,
         start_method: StartMethod = "popen",
-        state_dict_type: StateDictType = "sharded",
+        state_dict_type: StateDictType = "auto",
         memory_budget: int | None = None,
         planner_headroom: float = 0.1,
         accelerator: Accelerator | None = None,
@@ -165,9 +166,9 @@ class PartiStrategy(ParallelStrategy):
         self._timeout = _positive_timedelta("timeout", timeout)
         self._startup_timeout = _positive_timedelta("startup_timeout", startup_timeout)
         self._start_method = start_method
-        if state_dict_type not in ("sharded", "full"):
-            raise ValueError(f"state_dict_type={state_dict_type!r}: choose 'sharded' or 'full'.")
-        self._state_dict_type = state_dict_type
+        if state_dict_type not in ("auto", "sharded", "full"):
+            raise ValueError(f"state_dict_type={state_dict_type!r}: choose 'auto', 'sharded' or 'full'.")
+        self._requested_state_dict_type = state_dict_type
         self._restored_sharded = False  # the last `load_checkpoint` already restored model and optimizers
         self._num_nodes = 1
         self.mesh: DeviceMesh | None = None
@@ -219,6 +220,10 @@ class PartiStrategy(ParallelStrategy):
             return self._process_group_backend
         device_type = self.parallel_devices[0].type if self.parallel_devices else "cpu"
         return "nccl" if device_type == "cuda" else "gloo"
+
+    @property
+    def _state_dict_type(self) -> str:
+        return checkpoint_kind(self._requested_state_dict_type, self.resolved_plan)
 
     @property
     def plans_automatically(self) -> bool:
@@ -722,11 +727,10 @@ class PartiStrategy(ParallelStrategy):
             file=sys.stderr,
             flush=True,
         )
-        # Lightning's script launcher kills the other ranks only on Ctrl+C. A rank that is not in a
-        # collective (computing, loading data, hung) would otherwise outlive the failed launcher
-        # process as an orphan; the launcher (rank 0 of the node) ends them now.
+        # The caller may catch it and go on in the same processes: the launcher ends the other ranks only
+        # if this process goes away instead (see PartiSubprocessScriptLauncher).
         if isinstance(self._launcher, PartiSubprocessScriptLauncher):
-            self._launcher.kill(_get_sigkill_signal())
+            self._launcher.note_failure()
 
     @override
     def teardown(self) -> None:
@@ -743,6 +747,7 @@ class PartiStrategy(ParallelStrategy):
             assert self.model is not None
             self.model = self._layer_sync.revert(self.model)
         super().teardown()
+        restore_backend_interfaces()  # the run's groups exist; what the process does next is not pinned
 
     @classmethod
     @override
