@@ -27,7 +27,7 @@ from parti_lightning.parallel.storage import full_state_dict
 class PartiSubprocessScriptLauncher(_SubprocessScriptLauncher):
     """Lightning's script launcher (``python train.py`` re-run per rank), checking the module first.
 
-    ``before_launch`` runs once the user's module is known (``trainer.fit(model)``) and before any
+    ``before_launch(trainer)`` runs once the user's module is known (``trainer.fit(model)``) and before any
     process is started, so a plan the module cannot follow fails with nothing launched.
 
     No orphans: Lightning ends the other ranks when one of its children fails, but not when the launching
@@ -42,14 +42,14 @@ class PartiSubprocessScriptLauncher(_SubprocessScriptLauncher):
     EXIT_GRACE_S = 5.0
 
     def __init__(self, cluster_environment: ClusterEnvironment, num_processes: int, num_nodes: int,
-                 before_launch: Callable[[], None]) -> None:
+                 before_launch: Callable[[Any], None]) -> None:
         super().__init__(cluster_environment, num_processes, num_nodes)
         self._before_launch = before_launch
         self._failed = False
 
     @override
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
-        self._before_launch()
+        self._before_launch(trainer)
         self._failed = False  # a new run in the same processes: whatever failed before, the caller went on
         return super().launch(function, *args, trainer=trainer, **kwargs)
 
@@ -89,13 +89,13 @@ class PartiMultiProcessingLauncher(_MultiProcessingLauncher):
     guard by device type. Without it every rank would train the same shared tensors.
     """
 
-    def __init__(self, strategy: Any, start_method: str, before_launch: Callable[[], None]) -> None:
+    def __init__(self, strategy: Any, start_method: str, before_launch: Callable[[Any], None]) -> None:
         super().__init__(strategy, start_method=start_method)  # type: ignore[arg-type]
         self._before_launch = before_launch
 
     @override
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
-        self._before_launch()
+        self._before_launch(trainer)
         return super().launch(function, *args, trainer=trainer, **kwargs)
 
     @override

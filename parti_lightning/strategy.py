@@ -58,6 +58,7 @@ from parti_lightning.checkpoint import (
     sharded_model_state,
     sharded_optimizer_state,
 )
+from parti_lightning.compat import check_callbacks
 from parti_lightning.launchers import PartiMultiProcessingLauncher, PartiSubprocessScriptLauncher
 from parti_lightning.network import init_dist_connection, restore_backend_interfaces, track_mesh
 from parti_lightning.parallel.batchnorm import PartiSyncBatchNorm
@@ -306,11 +307,12 @@ class PartiStrategy(ParallelStrategy):
         if self.plan.offload == "cpu" and device_type == "cpu":
             rank_zero_info("parti: offload='cpu' on a CPU run keeps storage where it already is (no effect).")
 
-    def _validate_model(self) -> None:
+    def _validate_model(self, trainer: Trainer | None = None) -> None:
         """Checks that need the user's module, run by the launcher before it starts any process."""
         module = self.lightning_module
         if module is None:
             return
+        check_callbacks(trainer.callbacks if trainer is not None else [], self.resolved_plan)
         units = []
         if self.plan.sharding_units is not None or self.plan.activation_checkpointing == "blocks":
             units = resolve_units(module, self.plan.sharding_units)  # names an unknown unit clearly
@@ -392,6 +394,7 @@ class PartiStrategy(ParallelStrategy):
         if fitting and self._auto and self._step_meter is None:  # planned once per strategy
             self._choose_plan(trainer)
         plan = self.resolved_plan
+        check_callbacks(trainer.callbacks, plan)  # again: plan="auto" chose only now
         rank_zero_info(f"parti: plan {plan.describe()}")
         if fitting and self._layer_sync is not None:
             # Lightning's TorchSyncBatchNorm refuses CPU tensors; ours runs on both, over the DP group.

@@ -10,12 +10,17 @@ default checkpoint (a file under ddp, a directory under ZeRO-3) through Lightnin
 from __future__ import annotations
 
 import json
+import os
 import re
+from typing import Any
 
+import lightning as L
 import pytest
+from lightning.pytorch.callbacks import ModelPruning, StochasticWeightAveraging, WeightAveraging
 
 from parti_lightning import PartiStrategy
 from parti_lightning.checkpoint import checkpoint_kind
+from parti_lightning.compat import check_callbacks
 from parti_lightning.plan import PartitionPlan
 
 from launch import check, run_script
@@ -90,3 +95,20 @@ def test_default_checkpoint_is_a_file_unless_parameters_are_sharded(requested: s
 
 def test_state_dict_type_defaults_to_auto() -> None:
     assert PartiStrategy()._requested_state_dict_type == "auto"
+
+
+@pytest.mark.parametrize(
+    "callback",
+    [lambda: ModelPruning("l1_unstructured", amount=0.3), lambda: StochasticWeightAveraging(swa_lrs=0.1),
+     lambda: WeightAveraging()],
+    ids=["pruning", "swa", "ema"],
+)
+def test_callbacks_that_need_whole_parameters_are_refused_under_zero3_before_launch(callback: Any) -> None:
+    from scenarios import ToyRegressor
+
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=PartiStrategy(plan="zero3"), logger=False,
+                        enable_checkpointing=False, callbacks=[callback()])
+    with pytest.raises(NotImplementedError, match="needs whole parameters"):
+        trainer.fit(ToyRegressor())
+    assert "LOCAL_RANK" not in os.environ, "the launcher started ranks before refusing"
+    check_callbacks([callback()], PartitionPlan.from_value("zero1").resolve(2, ranks_per_node=2))  # whole there
