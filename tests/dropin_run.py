@@ -151,6 +151,11 @@ def main(out: Path) -> None:
     trainer.fit(module)
     best = Path(saver.best_model_path)
     result["zero3_best"], result["zero3_best_is_dir"] = best.name, best.is_dir()
+    if trainer.is_global_zero:  # MyModule.load_from_checkpoint, on the directory made a file
+        from parti_lightning.convert import checkpoint_file, load_consolidated
+
+        loaded = StatelessSGD.load_from_checkpoint(checkpoint_file(best)).net[0].weight
+        result["load_from_checkpoint_dir"] = torch.equal(loaded, load_consolidated(best)["state_dict"]["net.0.weight"])
     metrics = trainer.validate(module, ckpt_path="best", verbose=False)
     result["validated"] = "val_loss" in metrics[0]
     trainer, record = _trainer(PartiStrategy(plan="zero3"), 6, "zero3-resume", limit_val_batches=0,

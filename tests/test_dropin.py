@@ -71,7 +71,7 @@ def test_resume_with_a_stateless_optimizer_and_from_lightning_ddp(run: tuple[dic
 @pytest.mark.timeout(450)
 def test_zero3_directory_through_lightnings_entry_points(run: tuple[dict, list[str]]) -> None:
     result, _ = run
-    assert result["zero3_best_is_dir"] and result["validated"]
+    assert result["zero3_best_is_dir"] and result["validated"] and result["load_from_checkpoint_dir"]
     step = int(re.search(r"step=(\d+)", result["zero3_best"]).group(1))  # type: ignore[union-attr]
     assert result["zero3_resumed_at"] == step
 
