@@ -24,6 +24,15 @@ from typing_extensions import override
 from parti_lightning.parallel.storage import full_state_dict
 
 
+class _LastRun:
+    # Process-wide: the processes a launcher started outlive its Trainer, and a caller that recovers usually
+    # builds a new Trainer (with its own launcher) to run again in them.
+    failed = False
+
+
+_last_run = _LastRun()
+
+
 class PartiSubprocessScriptLauncher(_SubprocessScriptLauncher):
     """Lightning's script launcher (``python train.py`` re-run per rank), checking the module first.
 
@@ -34,8 +43,9 @@ class PartiSubprocessScriptLauncher(_SubprocessScriptLauncher):
     process (local rank 0) goes away, and a rank that is not waiting in a collective (computing, loading
     data, hung) would outlive it. This launcher ends them when the launching process is really going away:
     on an exception nothing caught (``sys.excepthook``), or at exit after a run that failed
-    (:meth:`note_failure`) and was not followed by another. While the caller may still recover (it caught
-    the exception and runs again in the same processes), the other ranks are left alone, as under ``ddp``.
+    (:meth:`note_failure`) and was not followed by another, by any Trainer of this process. While the caller
+    may still recover (it caught the exception and runs again in the same processes), the other ranks are
+    left alone, as under ``ddp``.
     """
 
     # Seconds the other ranks get to end on their own when this process exits after a failed run.
@@ -45,17 +55,16 @@ class PartiSubprocessScriptLauncher(_SubprocessScriptLauncher):
                  before_launch: Callable[[Any], None]) -> None:
         super().__init__(cluster_environment, num_processes, num_nodes)
         self._before_launch = before_launch
-        self._failed = False
 
     @override
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         self._before_launch(trainer)
-        self._failed = False  # a new run in the same processes: whatever failed before, the caller went on
+        _last_run.failed = False  # a new run in the same processes: whatever failed before, the caller went on
         return super().launch(function, *args, trainer=trainer, **kwargs)
 
     def note_failure(self) -> None:
         """The run raised in this process: end the other ranks if this process exits before running again."""
-        self._failed = True
+        _last_run.failed = True
 
     @override
     def _call_children_scripts(self) -> None:
@@ -72,7 +81,7 @@ class PartiSubprocessScriptLauncher(_SubprocessScriptLauncher):
         sys.excepthook = excepthook
 
     def _end_children_at_exit(self) -> None:
-        if not self._failed:
+        if not _last_run.failed:
             return  # a finished run's ranks end their own scripts
         deadline = time.monotonic() + self.EXIT_GRACE_S
         for proc in self.procs:

@@ -8,7 +8,8 @@
 3. a ``fit`` with Lightning's own ``ddp`` writing a checkpoint, resumed under parti zero1 and zero3;
 4. zero3 with the default checkpoint (a directory), then ``validate(ckpt_path="best")`` and
    ``fit(ckpt_path=<directory>)``;
-5. the process group destroyed, and a plain ``torch.distributed.init_process_group``.
+5. the process group destroyed, and a plain ``torch.distributed.init_process_group``;
+6. rank 1 still busy for a while after rank 0 has exited (it must be left to finish).
 
 Every rank prints ``ENV <stage> <value of GLOO_SOCKET_IFNAME>`` during and after each run, and rank 0
 prints ``RESULT {json}`` at the end.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +177,10 @@ def main(out: Path) -> None:
     dist.destroy_process_group()
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print("RESULT " + json.dumps(result), flush=True)
+    else:
+        # Still busy when rank 0 exits, past the launcher's grace: a recovered run's ranks must not be ended.
+        time.sleep(8)
+        print("FINISHED rank1", flush=True)
 
 
 class _Capture(L.Callback):

@@ -58,6 +58,7 @@ def test_an_exception_the_caller_catches_leaves_the_run_resumable(run: tuple[dic
     # The file of step 2 (the default under ddp: one file), resumed in the same two processes, to the end.
     assert result["a_last_is_file"] and "epoch=0-step=2.ckpt" in result["a_files"]
     assert (result["resumed_at"], result["resumed_to"]) == (2, 6)
+    assert "FINISHED rank1" in lines, "rank 1 of the recovered run was ended when rank 0 exited"
 
 
 @pytest.mark.timeout(450)
