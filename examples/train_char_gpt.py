@@ -123,15 +123,11 @@ def sample_text(model: CharGPT, checkpoint: ModelCheckpoint, args: argparse.Name
     rank holding only part of the parameters, and exercises the checkpoint round trip.
     """
     path = checkpoint.best_model_path or checkpoint.last_model_path
-    if path and Path(path).is_dir():
-        # strategy="parti" writes sharded checkpoints (a directory): consolidate it in memory.
-        from parti_lightning.convert import load_consolidated
+    if path:
+        # strategy="parti" writes a file under ddp/zero1 and a directory under ZeRO-2/3: read as a file either way.
+        from parti_lightning.convert import checkpoint_file
 
-        saved = load_consolidated(path)
-        model = CharGPT(**saved["hyper_parameters"])
-        model.load_state_dict(saved["state_dict"])
-    elif path and Path(path).is_file():
-        model = CharGPT.load_from_checkpoint(path, map_location="cpu")
+        model = CharGPT.load_from_checkpoint(checkpoint_file(path), map_location="cpu")
     generator = torch.Generator().manual_seed(args.seed)
     return model.generate(args.prompt, args.sample_chars, temperature=args.temperature, generator=generator)
 

@@ -654,3 +654,20 @@ def named_to_positional(state: Mapping[str, Any]) -> dict[str, Any]:
         "state": {position_of[name]: v for name, v in state["state"].items() if name in position_of},
         "param_groups": groups,
     }
+
+
+# ------------------------------------------------------------------------------- which kind to write
+
+
+def checkpoint_kind(requested: str, plan: Any) -> str:
+    """What ``state_dict_type=requested`` writes under ``plan`` (a resolved ``PartitionPlan``): "sharded" or "full".
+
+    ``"auto"`` writes one plain Lightning file where a single rank holds the whole model anyway (replicated,
+    ZeRO-1: gathering costs at most the optimizer state, once, on rank 0), so every tool that reads Lightning
+    checkpoints reads it; and a directory where gathering would cost memory no rank may have (sharded
+    parameters: ZeRO-2/3, hybrid; tensor or pipeline parallel).
+    """
+    if requested != "auto":
+        return requested
+    sharded_parameters = plan.storage in ("gradients", "parameters") and plan.shard > 1
+    return "sharded" if sharded_parameters or plan.tensor > 1 or plan.pipeline > 1 else "full"

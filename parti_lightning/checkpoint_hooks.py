@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from parti_lightning.checkpoint import (
     CheckpointError,
+    checkpoint_kind,
     gather_optimizer_parts,
     gather_parts,
     is_sharded_checkpoint,
@@ -45,17 +46,22 @@ from parti_lightning.parallel.storage import (
 )
 from parti_lightning.plan import ResolvedPlan
 
-StateDictType = Literal["sharded", "full"]
+StateDictType = Literal["auto", "sharded", "full"]
 
 
 class CheckpointHooks(ParallelStrategy):
     """Lightning's checkpoint hooks for plan-independent checkpoints; :class:`~parti_lightning.PartiStrategy` is one."""
 
     # Set by the strategy's constructor and `setup`.
-    _state_dict_type: StateDictType
+    _requested_state_dict_type: StateDictType
     _restored_sharded: bool  # the last `load_checkpoint` already restored model and optimizers
     resolved_plan: ResolvedPlan
     mesh: ParallelMesh | None
+
+    @property
+    def _state_dict_type(self) -> str:
+        """What this run writes: ``"auto"`` decided for the plan (see ``checkpoint_kind``)."""
+        return checkpoint_kind(self._requested_state_dict_type, self.resolved_plan)
 
     @override
     def save_checkpoint(

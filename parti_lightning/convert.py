@@ -13,11 +13,12 @@ group is needed.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -78,6 +79,26 @@ def sharded_to_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Write the sharded checkpoint ``src`` as a single Lightning checkpoint file ``dst``."""
     checkpoint = load_consolidated(src)
     _write_atomic(Path(dst), lambda tmp: torch.save(checkpoint, tmp))
+
+
+def checkpoint_file(path: str | os.PathLike) -> str | os.PathLike | IO[bytes]:
+    """``path`` in a form every API that reads a Lightning checkpoint file takes.
+
+    A sharded directory becomes an in-memory file of the consolidated checkpoint (as :func:`sharded_to_file`
+    would write it); a file path is returned unchanged. So code that loads whatever ``ModelCheckpoint``
+    wrote keeps working whichever kind it is::
+
+        MyModule.load_from_checkpoint(checkpoint_file(trainer.checkpoint_callback.best_model_path))
+        torch.load(checkpoint_file(path), weights_only=True)
+
+    The whole model is held twice in this process while it loads (the serialized bytes and the tensors).
+    """
+    if not Path(path).is_dir():
+        return path
+    buffer = io.BytesIO()
+    torch.save(load_consolidated(path), buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def sharded_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -78,15 +78,37 @@ def loopback_interface() -> str | None:
 def restrict_backends_to_loopback() -> dict[str, str]:
     """Point gloo and NCCL at the loopback interface, leaving any choice the user made alone.
 
-    Returns the variables it set. Without this, gloo listens on whatever the host name resolves to,
-    which is an external address on many machines, and NCCL skips ``lo`` unless told otherwise.
+    Returns the variables it set; :func:`restore_backend_interfaces` unsets them. Without this, gloo
+    listens on whatever the host name resolves to, which is an external address on many machines, and
+    NCCL skips ``lo`` unless told otherwise.
     """
     interface = loopback_interface()
     if interface is None:
         return {}
     chosen = {name: interface for name in INTERFACE_VARIABLES if not os.environ.get(name)}
+    for name in chosen:
+        _set_by_us.setdefault(name, os.environ.get(name))
     os.environ.update(chosen)
     return chosen
+
+
+def restore_backend_interfaces() -> None:
+    """Give back the interface variables :func:`restrict_backends_to_loopback` set, as they were before.
+
+    Called when a run ends. The run's groups keep listening where they were created (gloo and NCCL read
+    the variables only when a group, or NCCL's first communicator, is created), while whatever the
+    process does next (another ``fit``, its own ``init_process_group``) is not pinned to loopback by us.
+    """
+    for name, previous in _set_by_us.items():
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+    _set_by_us.clear()
+
+
+# Interface variables set by `restrict_backends_to_loopback` for the current run, and their values before.
+_set_by_us: dict[str, str | None] = {}
 
 
 def listen_socket(family: socket.AddressFamily, address: str, port: int) -> int:
@@ -197,6 +219,9 @@ def init_dist_connection(
     A drop-in for Lightning's ``_init_dist_connection(cluster_environment, backend, timeout=..., device_id=...)``.
     """
     if dist.is_initialized():
+        # A later run in this process reuses the group, but builds its mesh's groups anew: on loopback too.
+        if is_loopback_host(cluster_environment.main_address):
+            restrict_backends_to_loopback()
         return
     init_process_group(
         backend,

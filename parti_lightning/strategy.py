@@ -30,7 +30,6 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
@@ -42,11 +41,12 @@ from typing_extensions import override
 from parti_lightning.accelerator import PartiAccelerator, release_freed_memory
 from parti_lightning.autoplan import StepMeter, choose_in_run
 from parti_lightning.checkpoint_hooks import CheckpointHooks, StateDictType
+from parti_lightning.compat import check_callbacks
 from parti_lightning.launchers import PartiMultiProcessingLauncher, PartiSubprocessScriptLauncher
 from parti_lightning.layer_sync import PartiSyncBatchNorm
 from parti_lightning.logging_sync import check_same_logged_name, logged_name, sync_metrics_over
 from parti_lightning.mesh import MeshCoordinates, ParallelMesh
-from parti_lightning.network import init_dist_connection, track_mesh
+from parti_lightning.network import init_dist_connection, restore_backend_interfaces, track_mesh
 from parti_lightning.parallel import (
     Parallelized,
     check_module,
@@ -88,11 +88,13 @@ class PartiStrategy(CheckpointHooks):
             or on CPU the machine's memory over the ranks of a node.
         planner_headroom: fraction of ``memory_budget`` that ``plan="auto"`` keeps free for what its
             prediction does not see (allocator slack, data loading, logging).
-        state_dict_type: how checkpoints are written. ``"sharded"``: a directory written by every rank
-            through ``torch.distributed.checkpoint`` (each rank writes what it holds; no rank gathers
-            the model), atomically, loadable under any plan or world size; ``parti-lightning convert``
-            turns it into a single file. ``"full"``: one plain Lightning file gathered on rank 0.
-            Either kind loads under any plan.
+        state_dict_type: how checkpoints are written. ``"auto"``: ``"full"`` where one rank holds the
+            whole model anyway (ddp, zero1), ``"sharded"`` where the parameters are sharded or split (zero2,
+            zero3, hybrid, tensor, pipeline). ``"sharded"``: a directory written by every rank through
+            ``torch.distributed.checkpoint`` (each rank writes what it holds; no rank gathers the model),
+            atomically, loadable under any plan or world size; ``parti-lightning convert`` turns it into a
+            single file. ``"full"``: one plain Lightning file gathered on rank 0. Either kind loads under any
+            plan.
         accelerator: the device partitions; default :class:`~parti_lightning.PartiAccelerator`.
         parallel_devices: devices of this node (normally set by the Trainer).
         cluster_environment: normally detected by the Trainer (torchrun, SLURM, ...).
@@ -109,7 +111,7 @@ class PartiStrategy(CheckpointHooks):
         timeout: Union[float, timedelta] = 600.0,
         startup_timeout: Union[float, timedelta] = 1800.0,
         start_method: StartMethod = "popen",
-        state_dict_type: StateDictType = "sharded",
+        state_dict_type: StateDictType = "auto",
         memory_budget: int | None = None,
         planner_headroom: float = 0.1,
         accelerator: Accelerator | None = None,
@@ -150,9 +152,9 @@ class PartiStrategy(CheckpointHooks):
         self._timeout = _positive_timedelta("timeout", timeout)
         self._startup_timeout = _positive_timedelta("startup_timeout", startup_timeout)
         self._start_method = start_method
-        if state_dict_type not in ("sharded", "full"):
-            raise ValueError(f"state_dict_type={state_dict_type!r}: choose 'sharded' or 'full'.")
-        self._state_dict_type = state_dict_type
+        if state_dict_type not in ("auto", "sharded", "full"):
+            raise ValueError(f"state_dict_type={state_dict_type!r}: choose 'auto', 'sharded' or 'full'.")
+        self._requested_state_dict_type = state_dict_type
         self._restored_sharded = False  # the last `load_checkpoint` already restored model and optimizers
         self._num_nodes = 1
         self.mesh: ParallelMesh | None = None
@@ -284,10 +286,11 @@ class PartiStrategy(CheckpointHooks):
         if self.plan.offload == "cpu" and device_type == "cpu":
             rank_zero_info("parti: offload='cpu' on a CPU run keeps storage where it already is (no effect).")
 
-    def _validate_model(self) -> None:
+    def _validate_model(self, trainer: Trainer | None = None) -> None:
         """Checks that need the user's module, run by the launcher before it starts any process."""
         module = self.lightning_module
         if module is not None:
+            check_callbacks(trainer.callbacks if trainer is not None else [], self.resolved_plan)
             check_module(module, self.resolved_plan, automatic_optimization=module.automatic_optimization)
 
     # ------------------------------------------------------------------ process group and mesh
@@ -338,6 +341,7 @@ class PartiStrategy(CheckpointHooks):
         if fitting and self._auto and self._step_meter is None:  # planned once per strategy
             self._choose_plan(trainer)
         plan = self.resolved_plan
+        check_callbacks(trainer.callbacks, plan)  # again: plan="auto" chose only now
         rank_zero_info(f"parti: plan {plan.describe()}")
         if fitting and self._layer_sync is not None:
             # Lightning's TorchSyncBatchNorm refuses CPU tensors; ours runs on both, over the DP group.
@@ -512,11 +516,10 @@ class PartiStrategy(CheckpointHooks):
             file=sys.stderr,
             flush=True,
         )
-        # Lightning's script launcher kills the other ranks only on Ctrl+C. A rank that is not in a
-        # collective (computing, loading data, hung) would otherwise outlive the failed launcher
-        # process as an orphan; the launcher (rank 0 of the node) ends them now.
+        # The caller may catch it and go on in the same processes: the launcher ends the other ranks only
+        # if this process goes away instead (see PartiSubprocessScriptLauncher).
         if isinstance(self._launcher, PartiSubprocessScriptLauncher):
-            self._launcher.kill(_get_sigkill_signal())
+            self._launcher.note_failure()
 
     @override
     def teardown(self) -> None:
@@ -533,6 +536,7 @@ class PartiStrategy(CheckpointHooks):
             assert self.model is not None
             self.model = self._layer_sync.revert(self.model)
         super().teardown()
+        restore_backend_interfaces()  # the run's groups exist; what the process does next is not pinned
 
     @classmethod
     @override

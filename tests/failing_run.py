@@ -7,7 +7,9 @@
 - ``callback``: a callback's ``on_train_batch_end`` raises on the rank;
 - ``sigkill``: the rank is killed with SIGKILL mid-step;
 - ``hang``: the rank stops taking part in collectives without dying (sleeps); `timeout` is 8 s;
-- ``names``: the rank logs a metric name of its own with ``sync_dist=True``.
+- ``names``: the rank logs a metric name of its own with ``sync_dist=True``;
+- ``caught``: the rank's ``training_step`` raises while the others sleep (busy, not in a collective);
+  the script catches the exception and ends normally.
 """
 
 from __future__ import annotations
@@ -51,8 +53,10 @@ class FailingModule(ToyRegressor):
         elif failing and self.mode == "sigkill":
             print(f"rank {self.global_rank} killed at {time.time():.3f}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        elif failing and self.mode == "raise":
+        elif failing and self.mode in ("raise", "caught"):
             raise _boom("training_step", self.global_rank)
+        elif batch_idx == FAILING_STEP and self.mode == "caught":
+            time.sleep(600)
         return super().training_step(batch, batch_idx)
 
     def train_dataloader(self) -> DataLoader:
@@ -93,4 +97,9 @@ if __name__ == "__main__":
         enable_progress_bar=False, enable_model_summary=False,
         callbacks=[FailingCallback(failing_rank)] if mode == "callback" else [],
     )
-    trainer.fit(FailingModule(failing_rank, mode))
+    try:
+        trainer.fit(FailingModule(failing_rank, mode))
+    except RuntimeError as err:
+        if mode != "caught":
+            raise
+        print(f"the script caught at {time.time():.3f}: {err}", flush=True)

@@ -1,4 +1,4 @@
-"""Sharded checkpoints (the default) do not depend on the plan or the world size.
+"""Sharded checkpoints (the default under ZeRO-2/3) do not depend on the plan or the world size.
 
 Five launches (see checkpoint_run.py) write checkpoints under one plan and world size and resume them
 under others; each run records, gathered and keyed by name, the state it had when it saved and the

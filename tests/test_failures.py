@@ -147,3 +147,16 @@ def test_a_rank_killed_mid_step_stops_every_process(killed_rank: int) -> None:
     killed_at = float(re.search(r"rank \d killed at ([\d.]+)", result.stdout).group(1))  # type: ignore[union-attr]
     assert ended - killed_at < 60, f"the others ran {ended - killed_at:.1f}s after the kill"
     assert not result.stderr, f"processes left behind: {result.stderr}"
+
+
+@pytest.mark.timeout(150)
+def test_rank0_exiting_after_catching_a_failure_ends_the_other_ranks() -> None:
+    # Rank 1 sleeps in its step (no collective would ever fail it); rank 0's script catches the exception
+    # and ends normally: the other ranks must not outlive it.
+    result = run_script(["tests/failing_run.py", "0", "caught"], timeout=120)
+    ended = time.time()
+    caught = re.search(r"the script caught at ([\d.]+): boom from the user's training_step on rank 0", result.stdout)
+    assert caught is not None, result.stdout
+    # Start-up time varies with the machine's load; the exit after the catch should not (a 5 s grace, then kill).
+    assert ended - float(caught.group(1)) < 30, f"ran {ended - float(caught.group(1)):.1f}s after the catch"
+    assert not result.stderr, f"processes left behind: {result.stderr}"

@@ -311,6 +311,9 @@ def load_full_optimizer_state_dict(
     saved = [set(state_dict["state"]) if state_dict else None]
     if from_rank0:
         dist.broadcast_object_list(saved, src=0)
+    if not saved[0]:
+        _load_stateless(module, optimizer, state_dict, from_rank0=from_rank0)
+        return
     # Why strict=False: a parameter that never had a gradient (unused, or not reached yet) has no
     # state, as with a plain optimizer; strict mode would refuse such a checkpoint. Parameter groups
     # and their sizes are still checked by the optimizer's own load_state_dict.
@@ -457,6 +460,26 @@ def _gradients_set_aside(optimizer: Optimizer) -> Iterator[None]:
     finally:
         for param, grad in zip(params, grads, strict=True):
             param.grad = grad
+
+
+def _load_stateless(
+    module: nn.Module, optimizer: Optimizer, state_dict: Mapping[str, Any], *, from_rank0: bool
+) -> None:
+    # Why not DCP: with no per-parameter state to load (SGD without momentum, or a save before the first
+    # step), torch's set_optimizer_state_dict finds no state tensor to read the device from and fails
+    # ("Expected device to be set"). What remains are the groups' hyper-parameters (a scheduler's lr),
+    # which the optimizer's own load_state_dict takes, checking the groups' sizes.
+    box = [state_dict.get("param_groups") if state_dict else None]
+    if from_rank0:
+        dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        raise ValueError("the optimizer state to load has no 'param_groups'.")
+    index_of = {name: index for index, name in enumerate(optimizer_parameter_names(module, optimizer))}
+    unknown = sorted({name for group in box[0] for name in group["params"]} - set(index_of))
+    if unknown:
+        raise ValueError(f"optimizer groups name unknown parameter(s) {unknown[:5]} of {type(module).__name__}.")
+    groups = [{**group, "params": [index_of[name] for name in group["params"]]} for group in box[0]]
+    optimizer.load_state_dict({"state": {}, "param_groups": groups})
 
 
 def _drop_state_not_in(module: nn.Module, optimizer: Optimizer, saved: set[str]) -> None:

@@ -1,0 +1,115 @@
+"""Drop-in for existing Lightning scripts: what they do around `fit` keeps working under parti.
+
+One 2-rank launch (dropin_run.py) checks, in the same processes: the interface variables parti sets for a
+single-node run are given back when each run ends (a later run and a plain `init_process_group` are not
+pinned); an exception the caller catches leaves the other ranks alive, so the run resumes; resuming from a
+single file with an optimizer that holds no state, and from a file written by Lightning's own `ddp`; the
+default checkpoint (a file under ddp, a directory under ZeRO-3) through Lightning's entry points.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import lightning as L
+import pytest
+from lightning.pytorch.callbacks import ModelPruning, StochasticWeightAveraging, WeightAveraging
+
+from parti_lightning import PartiStrategy
+from parti_lightning.checkpoint import checkpoint_kind
+from parti_lightning.compat import check_callbacks
+from parti_lightning.plan import PartitionPlan
+
+from launch import check, run_script
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[str]]:
+    out = tmp_path_factory.mktemp("dropin")
+    stdout = check(run_script(["tests/dropin_run.py", str(out)], timeout=400))
+    (line,) = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(line.removeprefix("RESULT ")), stdout.splitlines()
+
+
+def _env(lines: list[str], stage: str) -> set[str]:
+    return {line.split()[-1] for line in lines if line.startswith(f"ENV {stage} ")}
+
+
+@pytest.mark.timeout(450)
+def test_interface_variables_are_given_back_when_each_run_ends(run: tuple[dict, list[str]]) -> None:
+    result, lines = run
+    assert _env(lines, "start") == {"None"}
+    for stage in ("fit1", "fit2", "zero3"):
+        during = _env(lines, f"{stage}-during")
+        assert len(during) == 1 and during != {"None"}, (stage, during)  # loopback while the run is on
+    for stage in ("fit1-after", "fit2-after", "zero3-after", "plain-before"):
+        assert _env(lines, stage) == {"None"}, stage
+    assert result["plain_all_reduce"] == 2.0
+
+
+@pytest.mark.timeout(450)
+def test_an_exception_the_caller_catches_leaves_the_run_resumable(run: tuple[dict, list[str]]) -> None:
+    result, lines = run
+    caught = [line for line in lines if line.startswith("CAUGHT")]
+    assert {line.split(":")[0] for line in caught} == {"CAUGHT rank0", "CAUGHT rank1"}
+    # The file of step 2 (the default under ddp: one file), resumed in the same two processes, to the end.
+    assert result["a_last_is_file"] and "epoch=0-step=2.ckpt" in result["a_files"]
+    assert (result["resumed_at"], result["resumed_to"]) == (2, 6)
+    assert "FINISHED rank1" in lines, "rank 1 of the recovered run was ended when rank 0 exited"
+
+
+@pytest.mark.timeout(450)
+def test_resume_with_a_stateless_optimizer_and_from_lightning_ddp(run: tuple[dict, list[str]]) -> None:
+    result, _ = run
+    assert result["load_from_checkpoint"]
+    for plan in ("zero1", "zero3"):
+        assert result[f"ddp_as_{plan}"] == {"resumed_at": 4, "weights_equal": True}, plan
+
+
+@pytest.mark.timeout(450)
+def test_zero3_directory_through_lightnings_entry_points(run: tuple[dict, list[str]]) -> None:
+    result, _ = run
+    assert result["zero3_best_is_dir"] and result["validated"] and result["load_from_checkpoint_dir"]
+    step = int(re.search(r"step=(\d+)", result["zero3_best"]).group(1))  # type: ignore[union-attr]
+    assert result["zero3_resumed_at"] == step
+
+
+@pytest.mark.parametrize(
+    ("requested", "plan", "kind"),
+    [
+        ("auto", "ddp", "full"),
+        ("auto", "zero1", "full"),
+        ("auto", "zero2", "sharded"),
+        ("auto", "zero3", "sharded"),
+        ("auto", "hybrid", "sharded"),
+        ("sharded", "ddp", "sharded"),
+        ("full", "zero3", "full"),
+    ],
+)
+def test_default_checkpoint_is_a_file_unless_parameters_are_sharded(requested: str, plan: str, kind: str) -> None:
+    resolved = PartitionPlan.from_value(plan).resolve(4, ranks_per_node=2)
+    assert checkpoint_kind(requested, resolved) == kind
+
+
+def test_state_dict_type_defaults_to_auto() -> None:
+    assert PartiStrategy()._requested_state_dict_type == "auto"
+
+
+@pytest.mark.parametrize(
+    "callback",
+    [lambda: ModelPruning("l1_unstructured", amount=0.3), lambda: StochasticWeightAveraging(swa_lrs=0.1),
+     lambda: WeightAveraging()],
+    ids=["pruning", "swa", "ema"],
+)
+def test_callbacks_that_need_whole_parameters_are_refused_under_zero3_before_launch(callback: Any) -> None:
+    from scenarios import ToyRegressor
+
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=PartiStrategy(plan="zero3"), logger=False,
+                        enable_checkpointing=False, callbacks=[callback()])
+    with pytest.raises(NotImplementedError, match="needs whole parameters"):
+        trainer.fit(ToyRegressor())
+    assert "LOCAL_RANK" not in os.environ, "the launcher started ranks before refusing"
+    check_callbacks([callback()], PartitionPlan.from_value("zero1").resolve(2, ranks_per_node=2))  # whole there
