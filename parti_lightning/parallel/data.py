@@ -44,6 +44,9 @@ from parti_lightning.mesh import twin_group
 
 # Gradients are averaged in flat buckets of about this size: few collectives, bounded extra memory.
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
+# The first bucket (the last layers' gradients, ready first) is smaller, so that communication starts
+# early in backward, as DDP does.
+FIRST_BUCKET_BYTES = 1024 * 1024
 # Longest a backward waits for the other ranks' agreement on which gradients exist, once a bucket is
 # ready: about the ranks' skew in a healthy run. Past it that step's buckets start after backward.
 AGREEMENT_WAIT_S = 0.5
@@ -312,7 +315,8 @@ def _static_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[
     for i in reversed(range(len(params))):
         local = _local(params[i])
         nbytes = local.numel() * local.element_size()
-        if buckets and (local.dtype, local.device) == key and size + nbytes <= bucket_bytes:
+        cap = min(FIRST_BUCKET_BYTES, bucket_bytes) if len(buckets) == 1 else bucket_bytes
+        if buckets and (local.dtype, local.device) == key and size + nbytes <= cap:
             buckets[-1].append(i)
             size += nbytes
         else:
