@@ -89,6 +89,7 @@ class GradientSynchronizer:
         self._comm: ProcessGroup | None = None
         if self.world_size == 1 or not self._params:
             return  # the average over one rank is the gradient itself
+        self._owns_comm = comm_group is None  # a group given by the caller (the mesh) outlives this object
         self._comm = comm_group if comm_group is not None else twin_group(group)
         self._mask_device = torch.device("cpu") if "gloo" in str(dist.get_backend(self._comm)) else _device(
             self._params[0]
@@ -283,7 +284,7 @@ class GradientSynchronizer:
         if self._comm is not None:
             # With collectives still in flight (a backward that failed before `sync`), waiting could
             # wait for a dead rank: the group is then left to the default group's teardown.
-            if not self._period.inflight and self._period.agreement is None:
+            if self._owns_comm and not self._period.inflight and self._period.agreement is None:
                 dist.destroy_process_group(self._comm)
             self._comm = None
 
