@@ -43,8 +43,8 @@ PLANS: dict[str, Any] = {
     "zero2": "zero2",
     "zero3": "zero3",
     "zero3+offload": {"preset": "zero3", "offload": "cpu"},
-    "tensor": {"preset": "ddp", "data": 1, "tensor": 2},
-    "pipeline": {"preset": "ddp", "data": 1, "pipeline": 2},
+    "tensor": "tp",
+    "pipeline": "pp",
 }
 PRECISIONS = ("32-true", "bf16-mixed")
 WORLD = 2
@@ -332,15 +332,16 @@ def _result(out: Path, name: str, launch_error: str) -> tuple[Any, str]:
     return result.get("ok"), result.get("error", "")
 
 
-def reference(setup: Setup, module: str, precision: str, steps: int) -> dict[str, Any]:
-    """The same training in one process on ``setup.device``, over the global batches of WORLD ranks."""
+def reference(setup: Setup, module: str, precision: str, steps: int, data_parallel: int = WORLD) -> dict[str, Any]:
+    """The same training in one process on ``setup.device``, over the global batches of ``data_parallel`` ranks
+    (tensor- and pipeline-parallel ranks see the same batch)."""
     from torch.utils.data import DataLoader
 
     from scenarios import BATCH, GlobalBatchSampler, make_dataset
 
     pl_module = _module(module)  # seeds first: the sampler shuffles as the ranks' samplers do, by that seed
     dataset = make_dataset()
-    loader = DataLoader(dataset, batch_sampler=GlobalBatchSampler(dataset, WORLD, BATCH, epochs=1))
+    loader = DataLoader(dataset, batch_sampler=GlobalBatchSampler(dataset, data_parallel, BATCH, epochs=1))
     initial = {k: v.detach().float().clone() for k, v in pl_module.state_dict().items()}
     trainer = L.Trainer(accelerator=setup.device, devices=1, max_steps=steps, precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -507,7 +508,7 @@ def _throughput_sizes(setup: Setup) -> tuple[dict[str, int], int, int, int]:
 
 def _report_parity(report: Report, setup: Setup, out: Path, plans: list[str], skipped: dict[str, str], steps: int,
                    launch_error: str) -> None:
-    references: dict[tuple[str, str], Any] = {}
+    references: dict[tuple[str, str, int], Any] = {}
     for plan in plans:
         for precision in PRECISIONS:
             name = f"parity {plan} {precision}"
@@ -519,9 +520,10 @@ def _report_parity(report: Report, setup: Setup, out: Path, plans: list[str], sk
                 report.line(name, "FAILED", error)
                 continue
             module = _parity_module(plan)
-            key = (module, precision)
+            data_parallel = 1 if plan in ("tensor", "pipeline") else WORLD
+            key = (module, precision, data_parallel)
             if key not in references:
-                references[key] = reference(setup, module, precision, steps)
+                references[key] = reference(setup, module, precision, steps, data_parallel)
             close, detail = compare(got["state"], references[key], precision)
             report.line(name, "ok" if close else "FAILED", f"{steps} steps against one process: {detail}")
     got, error = _result(out, "sync_batchnorm", launch_error)
