@@ -8,7 +8,6 @@ replicas.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
 from collections.abc import Generator, Mapping
@@ -19,11 +18,6 @@ from typing import Any, Literal, Union
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.utilities.distributed import (
-    _all_gather_ddp_if_available,
-    _distributed_is_initialized,
-    _sync_ddp_if_available,
-)
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import Trainer
@@ -41,10 +35,11 @@ from typing_extensions import override
 from parti_lightning.accelerator import PartiAccelerator, release_freed_memory
 from parti_lightning.autoplan import StepMeter, choose_in_run
 from parti_lightning.checkpoint_hooks import CheckpointHooks, StateDictType
+from parti_lightning.collectives import Collectives
 from parti_lightning.compat import check_callbacks
 from parti_lightning.launchers import PartiMultiProcessingLauncher, PartiSubprocessScriptLauncher
 from parti_lightning.layer_sync import PartiSyncBatchNorm
-from parti_lightning.logging_sync import check_same_logged_name, logged_name, sync_metrics_over
+from parti_lightning.logging_sync import sync_metrics_over
 from parti_lightning.mesh import MeshCoordinates, ParallelMesh
 from parti_lightning.network import init_dist_connection, restore_backend_interfaces, track_mesh
 from parti_lightning.parallel import (
@@ -68,7 +63,7 @@ StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 _BACKENDS = ("gloo", "nccl")
 
 
-class PartiStrategy(CheckpointHooks):
+class PartiStrategy(CheckpointHooks, Collectives):
     """Partitioned training for an unmodified LightningModule.
 
     Args:
@@ -466,45 +461,6 @@ class PartiStrategy(CheckpointHooks):
             return
         with self._parallel.no_sync():
             yield
-
-    # ------------------------------------------------------------------ collectives
-
-    @override
-    def reduce(
-        self, tensor: Tensor | Any, group: Any | None = None, reduce_op: Any | None = "mean"
-    ) -> Tensor | Any:
-        if isinstance(tensor, Tensor):
-            group = group or self.data_parallel_group
-            name = logged_name(inspect.currentframe())
-            if name is not None and _distributed_is_initialized():
-                check_same_logged_name(name, group, tensor.device, self.global_rank)
-            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
-        return tensor
-
-    @override
-    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
-        return _all_gather_ddp_if_available(tensor, group=group or self.data_parallel_group, sync_grads=sync_grads)
-
-    @override
-    def barrier(self, *args: Any, **kwargs: Any) -> None:
-        # Over every process, not just the data-parallel group: a barrier synchronizes processes
-        # (checkpoint writes, teardown), and model-parallel replicas must wait too.
-        if not _distributed_is_initialized():
-            return
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[self.root_device.index])
-        else:
-            dist.barrier()
-
-    @override
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        # Over every process for the same reason as `barrier`: a broadcast value (a checkpoint path,
-        # a decision) must reach model-parallel replicas as well.
-        if not _distributed_is_initialized():
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src)
-        return box[0]
 
     # ------------------------------------------------------------------ errors and teardown
 
