@@ -19,6 +19,7 @@ EXPECTED = [
     "parity ddp 32-true", "parity zero1 32-true", "parity zero2 32-true", "parity zero3 32-true",
     "parity ddp bf16-mixed", "parity zero3 bf16-mixed", "sync_batchnorm", "checkpoint cpu zero3 -> cpu ddp",
     "checkpoint cpu zero2 -> cpu zero3", "plan=auto", "throughput parti-ddp vs Lightning ddp",
+    "parity tensor 32-true", "parity pipeline 32-true",
 ]
 
 
