@@ -31,6 +31,7 @@ import json
 import os
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -196,7 +197,8 @@ def _table(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -
     lines = [
         f"CharGPT {args.layers} x {args.width} ({args.heads} heads), {params / 1e6:.1f}M parameters, global batch"
         f" {args.batch_size} x {args.block_size} characters, {args.devices} CPU ranks, {args.steps} timed steps"
-        f" after {args.warmup}",
+        f" after {args.warmup}, {args.rounds} round(s); samples/s: median over rounds (each round's figure in"
+        f" brackets); bytes and RSS: first round",
         "",
         "| mode | rank | block weights + grads + AdamW (MiB) | ratio to ddp | whole model (MiB) | ratio to ddp"
         " | peak RSS (MiB) | ratio to ddp | samples/s | ratio to ddp | collectives per step |",
@@ -209,7 +211,8 @@ def _table(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -
                 f"| {mode} | {rank} | {held['blocks'] / MIB:.1f} | {held['blocks'] / base['blocks']:.3f}"
                 f" | {held['all'] / MIB:.1f} | {held['all'] / base['all']:.3f}"
                 f" | {row['peak_rss'] / MIB:.0f} | {row['peak_rss'] / ddp[rank]['peak_rss']:.2f}"
-                f" | {row['samples_per_s']:.2f} | {row['samples_per_s'] / ddp[0]['samples_per_s']:.2f}"
+                f" | {row['samples_per_s']:.2f} [{', '.join(f'{x:.2f}' for x in row['rounds'])}]"
+                f" | {row['samples_per_s'] / ddp[0]['samples_per_s']:.2f}"
                 f" | {row['collectives']} |"
             )
     return "\n".join(lines)
@@ -226,6 +229,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per mode")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each mode; throughput is their median")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -236,7 +240,13 @@ def main() -> None:
     if args.batch_size % args.devices:
         parser.error(f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}")
     with tempfile.TemporaryDirectory(prefix="parti-tp-bench-") as tmp:
-        results = {mode: _run_mode(args, mode, Path(tmp)) for mode in MODES}
+        # Rounds alternate the modes, so that slow drift of a shared machine hits both alike.
+        rounds = [{mode: _run_mode(args, mode, Path(tmp)) for mode in MODES} for _ in range(args.rounds)]
+    results = rounds[0]
+    for mode in MODES:
+        for rank, row in enumerate(results[mode]):
+            row["rounds"] = [one[mode][rank]["samples_per_s"] for one in rounds]
+            row["samples_per_s"] = statistics.median(row["rounds"])
     print(results["tensor"][0]["layout"])
     print()
     print(_table(args, results))
