@@ -39,9 +39,11 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from parti_lightning.parallel.names import optimizer_parameter_names, parameter_names
+from parti_lightning.parallel.tensor_region import standard_layout
 
 META_FILE = "meta.pt"
 FORMAT = "parti-sharded/1"
@@ -101,7 +103,9 @@ def sharded_optimizer_state(module: nn.Module, optimizer: Optimizer) -> dict[str
         raise ValueError(f"an optimizer parameter is not a parameter of {type(module).__name__}") from err
     local = local_optimizer(optimizer)
     held = [param for group in local.param_groups for param in group["params"] if local.state.get(param)]
-    state = {names[param]: dict(local.state[param]) for param in held}
+    # A tensor-parallel parameter packed by heads keeps its moments in a layout DCP cannot save: they go
+    # as plain shards of the same global tensors (a collective over the tensor ranks, which all save).
+    state = {names[param]: {k: standard_layout(v) for k, v in local.state[param].items()} for param in held}
     return {"state": state, "param_groups": groups}
 
 
@@ -477,7 +481,10 @@ def _optimizer_target(
             for key, entry in entries.get(name, {}).items():
                 dtype, shape = entry.properties.dtype, tuple(entry.size)
                 like_param = shape == tuple(param.shape)
-                tensor = torch.empty_like(param, dtype=dtype) if like_param else torch.empty(shape, dtype=dtype)
+                tensor = (
+                    standard_layout(torch.empty_like(param, dtype=dtype)) if like_param
+                    else torch.empty(shape, dtype=dtype)
+                )
                 target.setdefault(name, {})[key] = tensor
     return target
 
@@ -497,8 +504,9 @@ def _load_optimizer(
     local = local_optimizer(optimizer)
     ordered = [names[p] for group in local.param_groups for p in group["params"]]
     has_state = set(saved["has_state"])
+    params = {names[p]: p for group in local.param_groups for p in group["params"]}
     state = {
-        position: {**loaded.get(name, {}), **saved["state"].get(name, {})}
+        position: {**_in_parameter_layout(loaded.get(name, {}), params[name]), **saved["state"].get(name, {})}
         for position, name in enumerate(ordered)
         if name in has_state
     }
@@ -510,6 +518,18 @@ def _load_optimizer(
         groups.append({**_hyper(group), **hyper, "params": list(range(position, position + count))})
         position += count
     local.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _in_parameter_layout(state: Mapping[str, Tensor], param: Tensor) -> dict[str, Tensor]:
+    """Loaded moments back in their parameter's layout where it is one DCP does not save (packed by heads)."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, DTensor) and isinstance(param, DTensor) and value.placements != param.placements:
+            like = torch.empty_like(param, dtype=value.dtype)
+            like.copy_(value)  # DTensor redistributes into the packed layout
+            value = like
+        out[key] = value
+    return out
 
 
 def _hyper(group: Mapping[str, Any]) -> dict[str, Any]:

@@ -587,4 +587,6 @@ def test_harness_reports_every_failed_rank() -> None:
 @pytest.mark.timeout(60)
 def test_harness_kills_hung_ranks_and_shows_their_stacks() -> None:
     with pytest.raises(DistributedTestError, match=r"(?s)rank 0: hung.*in _hang.*rank 1: hung"):
-        run_distributed(_hang, 2, timeout=8)
+        # The timeout covers start-up (importing torch and Lightning, ~5 s per rank on 2 cores): long
+        # enough that both ranks reach `_hang` on a busy machine too.
+        run_distributed(_hang, 2, timeout=20)
