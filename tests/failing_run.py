@@ -1,6 +1,7 @@
 """A run in which one rank fails at step 5 (used by test_failures.py).
 
-``python tests/failing_run.py RANK MODE [WORLD_SIZE]``, MODE one of:
+``python tests/failing_run.py RANK MODE [WORLD_SIZE [PLAN]]`` (PLAN a preset; ``tp`` and ``pp`` train a model
+with repeated blocks, split by tensor or pipeline parallelism), MODE one of:
 
 - ``raise``: the rank's ``training_step`` raises;
 - ``worker``: a dataloader worker of the rank raises;
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from parti_lightning import PartiAccelerator, PartiStrategy
 
-from scenarios import BATCH, ToyRegressor, make_dataset
+from scenarios import BATCH, BlockRegressor, ToyRegressor, make_dataset
 
 HANG_TIMEOUT_S = 8
 FAILING_STEP = 5
@@ -65,6 +66,10 @@ class FailingModule(ToyRegressor):
         return DataLoader(_FailingDataset(self.global_rank == self.failing_rank), batch_size=BATCH, num_workers=1)
 
 
+class FailingBlockModule(FailingModule, BlockRegressor):
+    """The same failures in a model with repeated blocks, for tensor- and pipeline-parallel plans."""
+
+
 class _FailingDataset(Dataset):
     def __init__(self, fails: bool) -> None:
         self.data = make_dataset()
@@ -91,14 +96,16 @@ class FailingCallback(L.Callback):
 if __name__ == "__main__":
     failing_rank, mode = int(sys.argv[1]), sys.argv[2]
     world_size = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+    plan = sys.argv[4] if len(sys.argv) > 4 else "auto"
     trainer = L.Trainer(
         accelerator=PartiAccelerator(oversubscribe=True), devices=world_size,
-        strategy=PartiStrategy(timeout=HANG_TIMEOUT_S), max_steps=20, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        strategy=PartiStrategy(plan=plan, timeout=HANG_TIMEOUT_S), max_steps=20, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[FailingCallback(failing_rank)] if mode == "callback" else [],
     )
     try:
-        trainer.fit(FailingModule(failing_rank, mode))
+        module_class = FailingBlockModule if plan in ("tp", "pp") else FailingModule
+        trainer.fit(module_class(failing_rank, mode))
     except RuntimeError as err:
         if mode != "caught":
             raise

@@ -138,6 +138,27 @@ def test_a_rank_raising_stops_every_process(mode: str, where: str, failing_rank:
     assert not result.stderr, f"processes left behind: {result.stderr}"
 
 
+MODEL_PARALLEL_FAILURES = [("raise", "tp"), ("raise", "pp"), ("sigkill", "pp")]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize(("mode", "plan"), MODEL_PARALLEL_FAILURES, ids=["-".join(c) for c in MODEL_PARALLEL_FAILURES])
+def test_a_model_parallel_rank_failing_stops_every_process(mode: str, plan: str) -> None:
+    # Rank 1 holds the other half of every layer (tp) or the last stage (pp): its peer waits on it in a
+    # collective or a point-to-point receive, which must fail, not hang.
+    start = time.monotonic()
+    result = run_script(["tests/failing_run.py", "1", mode, "2", plan], timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert elapsed < 50, f"took {elapsed:.0f}s to stop"
+    if mode == "raise":
+        assert "boom from the user's training_step on rank 1" in result.stdout, f"output:\n{result.stdout}"
+        assert "[parti rank 1/2] RuntimeError" in result.stdout, f"output:\n{result.stdout}"
+    else:
+        assert re.search(r"rank 1 killed at", result.stdout), f"output:\n{result.stdout}"
+    assert not result.stderr, f"processes left behind: {result.stderr}"
+
+
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("killed_rank", [0, 1])
 def test_a_rank_killed_mid_step_stops_every_process(killed_rank: int) -> None:
