@@ -232,6 +232,9 @@ SCENARIOS = [
         plan="tp",
         data_parallel=1,
     ),
+    # Tensor parallel with each block's activations recomputed in backward.
+    Scenario("tp_blocks_activation_checkpointing", BlockRegressor, trainer_kwargs={"gradient_clip_val": 0.05},
+             plan={"preset": "tp", "activation_checkpointing": "blocks"}, data_parallel=1),
     # Pipeline over both ranks (2 stages of the 3 blocks, 4 micro-batches, 1F1B): one data-parallel rank.
     Scenario(
         "pp_accumulate_clip_schedule",
