@@ -55,12 +55,12 @@ from parti_lightning.parallel.storage import retarget_lr_scheduler
 from parti_lightning.plan import AUTO, PRESETS, PartitionPlan, PlanLike, ResolvedPlan
 from parti_lightning.planner import PlanReport
 from parti_lightning.precision_clip import clip_norm_over_stages
+from parti_lightning.prelaunch import check_arguments, check_backend, check_plan, positive_timedelta
 from parti_lightning.sample_step import SampleStep
 
 log = logging.getLogger(__name__)
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
-_BACKENDS = ("gloo", "nccl")
 
 
 class PartiStrategy(CheckpointHooks, Collectives):
@@ -133,22 +133,15 @@ class PartiStrategy(CheckpointHooks, Collectives):
             )
         self.plan = PartitionPlan.from_value(plan)
         self.plan.check_implemented()
-        if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget <= 0):
-            raise ValueError(f"memory_budget={memory_budget!r}: give a positive number of bytes per rank, or None.")
-        if not 0 <= planner_headroom < 1:
-            raise ValueError(f"planner_headroom={planner_headroom!r}: the fraction kept free, in [0, 1).")
+        check_arguments(memory_budget, planner_headroom, process_group_backend, state_dict_type)
         self._memory_budget = memory_budget
         self._planner_headroom = planner_headroom
         self.plan_report: PlanReport | None = None  # the planner's choice and reasons (global rank 0, plan="auto")
         self._step_meter: StepMeter | None = None
-        if process_group_backend is not None and process_group_backend not in _BACKENDS:
-            raise ValueError(f"process_group_backend={process_group_backend!r}: choose one of {_BACKENDS} or None.")
         self._process_group_backend = process_group_backend
-        self._timeout = _positive_timedelta("timeout", timeout)
-        self._startup_timeout = _positive_timedelta("startup_timeout", startup_timeout)
+        self._timeout = positive_timedelta("timeout", timeout)
+        self._startup_timeout = positive_timedelta("startup_timeout", startup_timeout)
         self._start_method = start_method
-        if state_dict_type not in ("auto", "sharded", "full"):
-            raise ValueError(f"state_dict_type={state_dict_type!r}: choose 'auto', 'sharded' or 'full'.")
         self._requested_state_dict_type = state_dict_type
         self._restored_sharded = False  # the last `load_checkpoint` already restored model and optimizers
         self._num_nodes = 1
@@ -245,7 +238,11 @@ class PartiStrategy(CheckpointHooks, Collectives):
     @override
     def _configure_launcher(self) -> None:
         # Called while the Trainer is built, before any process starts: the last moment to refuse.
-        self._validate_before_launch()
+        device_type = self.parallel_devices[0].type if self.parallel_devices else "cpu"
+        if isinstance(self.accelerator, PartiAccelerator):
+            self.accelerator.check_devices(self.num_processes)
+        check_backend(device_type, self.process_group_backend)
+        check_plan(self.resolved_plan, device_type)
         assert self.cluster_environment is not None
         if self._start_method == "popen":
             self._launcher = PartiSubprocessScriptLauncher(
@@ -255,31 +252,6 @@ class PartiStrategy(CheckpointHooks, Collectives):
             self._launcher = PartiMultiProcessingLauncher(
                 self, start_method=self._start_method, before_launch=self._validate_model
             )
-
-    def _validate_before_launch(self) -> None:
-        if isinstance(self.accelerator, PartiAccelerator):
-            self.accelerator.check_devices(self.num_processes)
-        device_type = self.parallel_devices[0].type if self.parallel_devices else "cpu"
-        backend = self.process_group_backend
-        if backend == "nccl" and device_type != "cuda":
-            raise ValueError(
-                f"process_group_backend='nccl' needs CUDA devices, but this run is on {device_type}:"
-                " use 'gloo' (or leave it unset)."
-            )
-        if not dist.is_available() or not dist.is_backend_available(backend):
-            raise ValueError(f"process_group_backend={backend!r} is not available in this build of torch.")
-        plan = self.resolved_plan  # raises PlanError when the mesh does not fit the world size
-        if plan.activation_checkpointing == "auto":
-            raise NotImplementedError(
-                "plan.activation_checkpointing='auto' is decided by the planner only with plan='auto': with a"
-                " fixed plan, use 'blocks' or 'none'."
-            )
-        if plan.storage != "replicated" and plan.shard == 1:
-            rank_zero_info(
-                f"parti: storage={plan.storage!r} over shard=1 rank shards nothing; training replicated."
-            )
-        if self.plan.offload == "cpu" and device_type == "cpu":
-            rank_zero_info("parti: offload='cpu' on a CPU run keeps storage where it already is (no effect).")
 
     def _validate_model(self, trainer: Trainer | None = None) -> None:
         """Checks that need the user's module, run by the launcher before it starts any process."""
@@ -503,10 +475,3 @@ class PartiStrategy(CheckpointHooks, Collectives):
         )
         for name in PRESETS:
             strategy_registry.register(f"parti_{name}", cls, description=f"parti with plan='{name}'", plan=name)
-
-
-def _positive_timedelta(name: str, value: float | timedelta) -> timedelta:
-    result = value if isinstance(value, timedelta) else timedelta(seconds=float(value))
-    if result.total_seconds() <= 0:
-        raise ValueError(f"{name}={value!r} must be positive.")
-    return result
