@@ -49,7 +49,6 @@ from parti_lightning.parallel import (
     holds_sharded_tensors,
     parallelize,
     shards_module,
-    steps_through_root,
 )
 from parti_lightning.parallel.storage import retarget_lr_scheduler
 from parti_lightning.plan import AUTO, PRESETS, PartitionPlan, PlanLike, ResolvedPlan
@@ -57,13 +56,14 @@ from parti_lightning.planner import PlanReport
 from parti_lightning.precision_clip import clip_norm_over_stages
 from parti_lightning.prelaunch import check_arguments, check_backend, check_plan, positive_timedelta
 from parti_lightning.sample_step import SampleStep
+from parti_lightning.step_routing import StepRouting
 
 log = logging.getLogger(__name__)
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 
 
-class PartiStrategy(CheckpointHooks, Collectives):
+class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
     """Partitioned training for an unmodified LightningModule.
 
     Args:
@@ -372,33 +372,6 @@ class PartiStrategy(CheckpointHooks, Collectives):
         if self._step_meter is not None and optimizer is self.optimizers[0]:
             self._step_meter.step()
         return output
-
-    def _step(self, method: str, context: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.lightning_module is None or not steps_through_root(self.lightning_module):
-            return getattr(super(), method)(*args, **kwargs)
-        # FSDP gathers a unit's parameters in hooks around its `forward`, but Lightning calls
-        # `training_step` & co. directly: route them through the module's `__call__` so the root's
-        # hooks run (Lightning's forward redirection, with the module as its own wrapper).
-        module = self.lightning_module
-        assert module is not None
-        with context():
-            return self._forward_redirection(module, module, method, *args, **kwargs)
-
-    @override
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._step("training_step", self.precision_plugin.train_step_context, *args, **kwargs)
-
-    @override
-    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._step("validation_step", self.precision_plugin.val_step_context, *args, **kwargs)
-
-    @override
-    def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._step("test_step", self.precision_plugin.test_step_context, *args, **kwargs)
-
-    @override
-    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._step("predict_step", self.precision_plugin.predict_step_context, *args, **kwargs)
 
     @override
     def setup_optimizers(self, trainer: Trainer) -> None:
