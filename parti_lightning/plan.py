@@ -253,11 +253,7 @@ class PartitionPlan:
         """The degree of the ``"auto"`` model-parallel axis ``name``: the ranks the fixed axes leave."""
         shard = 1 if self.shard == "auto" and self.storage == "replicated" else self.shard
         other_axis = "pipeline" if name == "tensor" else "tensor"
-        if not (_is_int(self.data) and _is_int(shard)):
-            raise PlanError(
-                f"plan.{name}='auto' takes the ranks the other axes leave: give data and shard as numbers"
-                f" (got data={self.data!r}, shard={self.shard!r})."
-            )
+        # `__post_init__` refused an "auto" axis unless data and shard are numbers here.
         other = self.data * shard * getattr(self, other_axis)  # type: ignore[operator]
         if world_size % other:
             raise PlanError(

@@ -13,14 +13,13 @@ import sys
 
 import torch
 
-from scenarios import SEED, Scenario, TensorBlockRegressor, make_trainer, results
+from scenarios import ACCUMULATE_CLIP, SEED, Scenario, TensorBlockRegressor, make_trainer, results
 
 WORLD_SIZE = 4
-CLIP = {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"}
 COMPOSED = [
-    Scenario("tp_x_data", TensorBlockRegressor, trainer_kwargs=CLIP, plan={"preset": "tp", "data": 2},
+    Scenario("tp_x_data", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP, plan={"preset": "tp", "data": 2},
              data_parallel=2),
-    Scenario("pp_x_data", TensorBlockRegressor, trainer_kwargs=CLIP, plan={"preset": "pp", "data": 2},
+    Scenario("pp_x_data", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP, plan={"preset": "pp", "data": 2},
              data_parallel=2),
 ]
 

@@ -196,15 +196,13 @@ class Scenario:
     data_parallel: int = WORLD_SIZE
 
 
+# Gradient accumulation and clipping by norm, as the parity scenarios train with them.
+ACCUMULATE_CLIP = {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"}
+
+
 def _accumulate_clip_schedule(name: str, plan: str) -> Scenario:
     """Gradient accumulation, clipping by norm, an LR scheduler and a parameter unused on odd steps."""
-    return Scenario(
-        name,
-        ToyRegressor,
-        {"scheduler": True, "extra_branch": True},
-        {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"},
-        plan=plan,
-    )
+    return Scenario(name, ToyRegressor, {"scheduler": True, "extra_branch": True}, ACCUMULATE_CLIP, plan=plan)
 
 
 SCENARIOS = [
@@ -228,7 +226,7 @@ SCENARIOS = [
     Scenario(
         "tp_accumulate_clip_schedule",
         TensorBlockRegressor,
-        trainer_kwargs={"accumulate_grad_batches": 2, "gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"},
+        trainer_kwargs=ACCUMULATE_CLIP,
         plan="tp",
         data_parallel=1,
     ),
@@ -239,7 +237,7 @@ SCENARIOS = [
     Scenario(
         "pp_accumulate_clip_schedule",
         TensorBlockRegressor,
-        trainer_kwargs={"accumulate_grad_batches": 2, "gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"},
+        trainer_kwargs=ACCUMULATE_CLIP,
         plan="pp",
         data_parallel=1,
     ),

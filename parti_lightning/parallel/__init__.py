@@ -227,7 +227,7 @@ def parallelize(
     """
     plan = mesh.plan
     plan.check_implemented()
-    if getattr(module, _APPLIED, False) and (mesh.tensor_enabled or mesh.pipeline_enabled):
+    if holds_part_of_the_model(module) and (mesh.tensor_enabled or mesh.pipeline_enabled):
         raise NotImplementedError(
             f"{type(module).__name__} was already split by tensor or pipeline parallelism in an earlier fit: fitting"
             " it again is not supported yet. Build a fresh module and resume from a checkpoint instead."
