@@ -194,10 +194,11 @@ class PartitionPlan:
         Separate from validation so that the mesh and the planner can reason about such plans; every
         path from a user's plan to a run calls it before anything is launched.
         """
-        if self.tensor != 1 and self.storage != "replicated":
+        if self.tensor != 1 and self.storage == "optimizer":
             raise NotImplementedError(
-                f"plan.tensor={self.tensor} with storage={self.storage!r}: tensor parallelism with sharded storage"
-                " (ZeRO-1/2/3 over the data-parallel ranks) is not implemented yet; use storage='replicated'."
+                f"plan.tensor={self.tensor} with storage='optimizer': ZeRO-1 on top of tensor parallelism is not"
+                " implemented yet (its optimizer broadcasts whole parameters, which tensor-parallel ones are not);"
+                " use storage='gradients' (ZeRO-2) or 'parameters' (ZeRO-3), which shard the optimizer state too."
             )
         if self.pipeline != 1 and (self.tensor != 1 or self.storage != "replicated"):
             raise NotImplementedError(

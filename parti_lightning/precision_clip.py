@@ -1,10 +1,12 @@
-"""Gradient clipping by norm over every pipeline stage, through Lightning's usual ``gradient_clip_val``.
+"""Gradient clipping by the whole model's norm under model parallelism, through Lightning's usual ``gradient_clip_val``.
 
 Lightning clips in its precision plugin with ``torch.nn.utils.clip_grad_norm_`` over the optimizer's
 parameters. Under pipeline parallelism each rank holds one stage's blocks: a per-rank norm would miss
-the other stages and clip by a different factor on every stage. The plugin's ``clip_grad_by_norm`` is
-the one place all of Lightning's clipping (``Trainer(gradient_clip_val=...)``, ``self.clip_gradients``)
-goes through, so the strategy points it at a norm reduced over the stages.
+the other stages and clip by a different factor on every stage. Under tensor parallelism with sharded
+storage the parameters live on several device meshes, which torch's function cannot combine. The
+plugin's ``clip_grad_by_norm`` is the one place all of Lightning's clipping
+(``Trainer(gradient_clip_val=...)``, ``self.clip_gradients``) goes through, so the strategy points it
+at :meth:`~parti_lightning.parallel.Parallelized.clip_grad_norm_`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from torch.optim import Optimizer
 ClipFn = Callable[[Iterable[Tensor], float], Tensor]
 
 
-def clip_norm_over_stages(plugin: Precision, clip: ClipFn) -> None:
-    """Make ``plugin`` clip by ``clip(parameters, max_norm)`` (e.g. ``PipelineParallel.clip_grad_norm_``).
+def clip_by_model_norm(plugin: Precision, clip: ClipFn) -> None:
+    """Make ``plugin`` clip by ``clip(parameters, max_norm)`` (``Parallelized.clip_grad_norm_``).
 
-    Collective: every pipeline rank clips at the same points, as Lightning's loops make them do.
+    Collective: every rank clips at the same points, as Lightning's loops make them do.
     """
 
     def clip_grad_by_norm(optimizer: Optimizer, clip_val: Any) -> None:

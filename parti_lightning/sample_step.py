@@ -45,7 +45,8 @@ class SampleStep:
 
     def __call__(self) -> Any:
         module = self.module
-        with torch.no_grad(), isolate_rng(), _nothing_logged(module), _state_restored(module):
+        quiet = (_nothing_logged(module), _state_restored(module), _inert_optimization(module))
+        with torch.no_grad(), isolate_rng(), quiet[0], quiet[1], quiet[2]:
             try:
                 return module.training_step(self.batch, 0)
             except Exception as err:
@@ -65,6 +66,78 @@ def _nothing_logged(module: LightningModule) -> Iterator[None]:
         yield
     finally:
         del module.log, module.log_dict
+
+
+@contextmanager
+def _inert_optimization(module: LightningModule) -> Iterator[None]:
+    """Under manual optimization, a ``training_step`` that drives its own optimizers runs without changing them.
+
+    The optimizers do not exist yet (they are built over the parameters the plan leaves), so
+    ``self.optimizers()`` and ``self.lr_schedulers()`` give stand-ins of the ones ``configure_optimizers``
+    returns, in the same number and order: their ``step`` runs the closure it is given and changes nothing
+    else; ``manual_backward`` and ``clip_gradients`` do nothing (no gradients flow in this step).
+    """
+    if module.automatic_optimization:
+        yield
+        return
+    # Lightning's own parser of what configure_optimizers returns (private; checked against 2.6.6).
+    from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+
+    optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
+    inert_optimizers = [_InertOptimizer(optimizer) for optimizer in optimizers]
+    inert_schedulers = [_InertScheduler(config.scheduler) for config in schedulers]
+    replaced = {
+        "optimizers": lambda use_pl_optimizer=True: _one_or_list(inert_optimizers),
+        "lr_schedulers": lambda: _one_or_list(inert_schedulers) if inert_schedulers else None,
+        "manual_backward": _ignore,
+        "clip_gradients": _ignore,
+        "toggle_optimizer": _ignore,
+        "untoggle_optimizer": _ignore,
+    }
+    for name, value in replaced.items():
+        setattr(module, name, value)  # instance attributes shadow the methods, as in `_nothing_logged`
+    try:
+        yield
+    finally:
+        for name in replaced:
+            delattr(module, name)
+
+
+class _InertOptimizer:
+    """An optimizer's stand-in in the sample step: the same parameter groups, a ``step`` that only runs its closure."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.param_groups = optimizer.param_groups
+        self.defaults = optimizer.defaults
+
+    def step(self, closure: Any = None, **kwargs: Any) -> Any:
+        return closure() if closure is not None else None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        return None
+
+    @contextmanager
+    def toggle_model(self, sync_grad: bool = True) -> Iterator[None]:
+        yield
+
+
+class _InertScheduler:
+    """Stands in for an LR scheduler in the sample step: ``step`` does nothing."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.scheduler.optimizer.param_groups]
+
+
+def _one_or_list(items: list[Any]) -> Any:
+    # As LightningModule.optimizers() and lr_schedulers() return them: the object itself when there is one.
+    return items[0] if len(items) == 1 else items
 
 
 @contextmanager

@@ -53,7 +53,7 @@ from parti_lightning.parallel import (
 from parti_lightning.parallel.storage import retarget_lr_scheduler
 from parti_lightning.plan import AUTO, PRESETS, PartitionPlan, PlanLike, ResolvedPlan
 from parti_lightning.planner import PlanReport
-from parti_lightning.precision_clip import clip_norm_over_stages
+from parti_lightning.precision_clip import clip_by_model_norm
 from parti_lightning.prelaunch import check_arguments, check_backend, check_plan, positive_timedelta
 from parti_lightning.sample_step import SampleStep
 from parti_lightning.step_routing import StepRouting
@@ -342,8 +342,8 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
         )
         for line in self._parallel.describe():
             rank_zero_info(f"parti: {line}")
-        if self._parallel.pipeline is not None:
-            clip_norm_over_stages(self.precision_plugin, self._parallel.pipeline.clip_grad_norm_)
+        if self.mesh.tensor_enabled or self.mesh.pipeline_enabled:
+            clip_by_model_norm(self.precision_plugin, self._parallel.clip_grad_norm_)
 
     def _choose_plan(self, trainer: Trainer) -> None:
         """``plan="auto"``: the planner chooses on global rank 0, every rank takes its choice."""

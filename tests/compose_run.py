@@ -2,7 +2,12 @@
 
 ``python tests/compose_run.py OUT``: one launch of 4 processes trains the tensor- and the pipeline-parallel
 block scenario, each with 2 data-parallel replicas (``{"preset": "tp", "data": 2}``: tensor pairs;
-``{"preset": "pp", "data": 2}``: two 2-stage pipelines), and rank 0 saves each result to ``OUT/<name>.pt``.
+``{"preset": "pp", "data": 2}``: two 2-stage pipelines; ``{"preset": "zero3", "tensor": 2}``: tensor pairs
+whose storage ZeRO-3 shards over the 2 data-parallel ranks), and rank 0 saves each result to
+``OUT/<name>.pt``. Then checkpoints cross the 2-D plan: the tensor × shard run's single file (``OUT/2d.ckpt``)
+is resumed under tensor × shard, which writes a sharded directory (``OUT/2d_sharded``), resumed under ZeRO-3 over
+all 4 ranks, which writes ``OUT/zero3_sharded``, resumed under tensor × shard; ``OUT/resumed_<source>.pt`` holds
+what each resume restored.
 Later Trainers reuse the first one's process group, as in scenarios.py.
 """
 
@@ -13,7 +18,15 @@ import sys
 
 import torch
 
-from scenarios import ACCUMULATE_CLIP, SEED, Scenario, TensorBlockRegressor, make_trainer, results
+from scenarios import (
+    ACCUMULATE_CLIP,
+    SEED,
+    RecordRestoredState,
+    Scenario,
+    TensorBlockRegressor,
+    make_trainer,
+    results,
+)
 
 WORLD_SIZE = 4
 COMPOSED = [
@@ -21,7 +34,10 @@ COMPOSED = [
              data_parallel=2),
     Scenario("pp_x_data", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP, plan={"preset": "pp", "data": 2},
              data_parallel=2),
+    Scenario("tp_x_shard", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP,
+             plan={"preset": "zero3", "tensor": 2}, data_parallel=2),
 ]
+TWO_D = COMPOSED[-1]
 
 
 def main(out: str) -> None:
@@ -40,6 +56,34 @@ def main(out: str) -> None:
         if trainer.is_global_zero:
             plan = trainer.strategy.resolved_plan.to_dict()
             torch.save({**result, "plan": plan}, os.path.join(out, f"{scenario.name}.pt"))
+        if scenario is TWO_D:
+            trainer.save_checkpoint(os.path.join(out, "2d.ckpt"))
+    # Checkpoints across the 2-D plan: its single file resumed under tensor × shard, which writes its shards;
+    # those resumed under ZeRO-3 over all 4 ranks, which writes its own; those resumed under tensor × shard.
+    chain = [(TWO_D.plan, "2d.ckpt", "2d_sharded"), ("zero3", "2d_sharded", "zero3_sharded"),
+             (TWO_D.plan, "zero3_sharded", None)]
+    for step, (plan, source, target) in enumerate(chain, start=1):
+        trainer = _resume(plan, os.path.join(out, source), os.path.join(out, f"resumed_{source}.pt"), steps=2 * step)
+        if target is not None:
+            # Written by every rank, each its shards. The strategy was built for single files so that the state
+            # recorded above is gathered (readable with torch.load); the kind it writes is switched for this save.
+            trainer.strategy._requested_state_dict_type = "sharded"
+            trainer.save_checkpoint(os.path.join(out, target))
+
+
+def _resume(plan: object, ckpt: str, record: str, steps: int) -> object:
+    """Resume ``ckpt`` under ``plan`` up to ``steps`` past the scenario's; ``record`` gets what was restored."""
+    import lightning as L
+
+    from parti_lightning import PartiAccelerator, PartiStrategy
+
+    L.seed_everything(SEED + 1, verbose=False)  # other initial weights: the checkpoint must replace them
+    scenario = Scenario(TWO_D.name, TWO_D.module, trainer_kwargs=ACCUMULATE_CLIP, max_steps=TWO_D.max_steps + steps)
+    trainer = make_trainer(scenario, accelerator=PartiAccelerator(oversubscribe=True), devices=WORLD_SIZE,
+                           strategy=PartiStrategy(plan=plan, state_dict_type="full"),
+                           callbacks=[RecordRestoredState(record)])
+    trainer.fit(scenario.module(), ckpt_path=ckpt)
+    return trainer
 
 
 if __name__ == "__main__":

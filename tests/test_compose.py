@@ -1,6 +1,7 @@
-"""Tier 3 at 4 ranks: tensor × data and pipeline × data through the Trainer compute what one process computes.
+"""Tier 3 at 4 ranks: tensor × data, pipeline × data and tensor × shard (2-D) through the Trainer compute what
+one process computes, and checkpoints cross the 2-D plan.
 
-One launch of 4 processes trains both (see compose_run.py); each test compares one of them with a single
+One launch of 4 processes trains all three (see compose_run.py); each test compares one of them with a single
 process over the same global batches (two data-parallel replicas' worth) from the same weights.
 """
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from compose_run import COMPOSED
+from compose_run import COMPOSED, TWO_D
 
 from launch import check, run_script
 from scenarios import Scenario, run_reference
@@ -21,7 +22,7 @@ RTOL, ATOL = 1e-5, 1e-5
 @pytest.fixture(scope="module")
 def composed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("compose")
-    check(run_script(["tests/compose_run.py", str(out)], timeout=500))
+    check(run_script(["tests/compose_run.py", str(out)], timeout=560))
     return out
 
 
@@ -30,7 +31,7 @@ def composed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_model_parallel_with_data_parallel_matches_one_process(composed: Path, scenario: Scenario) -> None:
     got = torch.load(composed / f"{scenario.name}.pt", weights_only=True)
     plan = got["plan"]
-    assert plan["data"] == 2 and (plan["tensor"], plan["pipeline"]) in ((2, 1), (1, 2)), plan
+    assert plan["data"] * plan["shard"] == 2 and (plan["tensor"], plan["pipeline"]) in ((2, 1), (1, 2)), plan
     want = run_reference(scenario)
     assert got["state"].keys() == want["state"].keys()
     for key, expected in want["state"].items():
@@ -42,3 +43,56 @@ def test_model_parallel_with_data_parallel_matches_one_process(composed: Path, s
     torch.testing.assert_close(got["val_loss"], want["val_loss"], rtol=RTOL, atol=ATOL)
     rel = (got["output"] - want["output"]).norm() / want["output"].norm()
     assert rel <= 1e-5, f"outputs differ: relative error {rel:.2e}"
+
+
+def test_tensor_times_shard_is_two_dimensional(composed: Path) -> None:
+    plan = torch.load(composed / f"{TWO_D.name}.pt", weights_only=True)["plan"]
+    assert (plan["shard"], plan["tensor"], plan["storage"]) == (2, 2, "parameters"), plan
+
+
+def _tensors(states: list[dict]) -> dict[str, torch.Tensor]:
+    return {
+        f"{i}.{name}.{key}": value
+        for i, state in enumerate(states)
+        for name, entry in state["state"].items()
+        for key, value in entry.items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+def _assert_restored(restored: dict, saved_state: dict, saved_optimizers: list[dict]) -> None:
+    assert restored["state_dict"].keys() == saved_state.keys()
+    for key, value in saved_state.items():
+        assert torch.equal(restored["state_dict"][key], value), f"weight {key} changed on resume"
+    want, got = _tensors(saved_optimizers), _tensors(restored["optimizer_states"])
+    assert want and got.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], value), f"optimizer state {key} changed on resume"
+
+
+def test_single_file_resumes_under_tensor_times_shard(composed: Path) -> None:
+    saved = torch.load(composed / "2d.ckpt", weights_only=True)
+    restored = torch.load(composed / "resumed_2d.ckpt.pt", weights_only=True)
+    assert restored["global_step"] == saved["global_step"] == TWO_D.max_steps
+    _assert_restored(restored, saved["state_dict"], saved["optimizer_states"])
+
+
+@pytest.mark.parametrize(("source", "steps"), [("2d_sharded", 2), ("zero3_sharded", 4)])
+def test_sharded_directories_convert_and_resume_across_tensor_times_shard(
+    composed: Path, tmp_path: Path, source: str, steps: int
+) -> None:
+    """2-D shards resumed under ZeRO-3 over 4 ranks, and ZeRO-3 shards resumed under tensor × shard."""
+    from parti_lightning.checkpoint import positional_to_named
+    from parti_lightning.convert import NAMES_KEY, convert
+
+    # `parti-lightning convert`: the shards become one plain Lightning file ...
+    converted = tmp_path / "converted.ckpt"
+    convert(composed / source, converted)
+    saved = torch.load(converted, weights_only=True)
+    assert saved["global_step"] == TWO_D.max_steps + steps
+    # ... holding exactly what the next plan restored from the shards. The file keys optimizer state by position,
+    # as stock Lightning does, with the names beside it.
+    restored = torch.load(composed / f"resumed_{source}.pt", weights_only=True)
+    assert restored["global_step"] == saved["global_step"]
+    named = [positional_to_named(s, n) for s, n in zip(saved["optimizer_states"], saved[NAMES_KEY], strict=True)]
+    _assert_restored(restored, saved["state_dict"], named)

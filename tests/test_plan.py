@@ -83,7 +83,7 @@ BAD_PLANS = [
     ("ddp", 0, PlanError, "world size 0 is invalid"),
     ("hybrid", 4, PlanError, "plan.shard='node' needs the number of ranks per node"),
     ({"data": "node"}, None, PlanError, "plan.data='node' is invalid"),
-    ({"tensor": 2, "storage": "parameters"}, None, NotImplementedError, "tensor parallelism with sharded storage"),
+    ({"tensor": 2, "storage": "optimizer"}, None, NotImplementedError, "ZeRO-1 on top of tensor parallelism"),
     ({"tensor": 0}, None, PlanError, "plan.tensor=0 is invalid"),
     ({"tensor_rules": {"blocks.*.fc": "colwise"}}, None, PlanError, "plan.tensor=1 splits nothing"),
     ({"tensor": 2, "tensor_rules": {"blocks.*.fc": "columns"}}, None, PlanError, "choose one of 'colwise'"),
@@ -103,6 +103,12 @@ def test_bad_plans_are_rejected_with_the_field_named(value: object, world: int |
         if world is not None:
             plan.resolve(world)
     assert message in str(info.value)
+
+
+def test_zero3_with_tensor_shards_over_the_ranks_tensor_leaves() -> None:
+    two_d = PartitionPlan.from_value({"preset": "zero3", "tensor": 2}).resolve(4)
+    assert two_d.mesh_shape == {"data": 1, "shard": 2, "tensor": 2, "pipeline": 1}
+    assert two_d.storage == "parameters" and two_d.data_parallel_size == 2
 
 
 def test_tp_preset_splits_every_rank_and_combines_with_data() -> None:

@@ -293,31 +293,47 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def _train_parity(name: str, rules: dict | None, data: int = 1) -> dict:
+def _train_parity(name: str, rules: dict | None, data: int = 1, shard: int = 1) -> dict:
     """5 AdamW steps with clipping, tensor-parallel and unsharded, from the same weights and batches.
 
     With ``data`` > 1 the ranks form a (data, tensor) mesh, data outer as parti orders it: the ranks of one
     tensor group see the same slice of each global batch, and the data-parallel ranks average their
-    gradients by hand (an all-reduce of each gradient's local tensor over the data group). The unsharded
+    gradients by hand (an all-reduce of each gradient's local tensor over the data group). With ``shard`` > 1
+    the plan is applied whole by ``parallelize``: ZeRO-3 over the shard ranks on top of tensor parallelism
+    (2-D), its gradients reduced by FSDP, clipped by the model's norm over both meshes. The unsharded
     reference trains in the same process on the whole global batch.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from parti_lightning.mesh import ParallelMesh
+    from parti_lightning.parallel import parallelize
     from parti_lightning.parallel.tensor import apply_tensor_parallel, tensor_parallel_step
+    from parti_lightning.plan import PartitionPlan
 
     torch.manual_seed(0)
     model = MODELS[name]()
     reference = copy.deepcopy(model)
+    replicas = data * shard
     batches = [
-        torch.randint(0, VOCAB, (BATCH * data, SEQ + 1), generator=torch.Generator().manual_seed(i))
+        torch.randint(0, VOCAB, (BATCH * replicas, SEQ + 1), generator=torch.Generator().manual_seed(i))
         for i in range(STEPS)
     ]
-    tensor = dist.get_world_size() // data
-    mesh = init_device_mesh("cpu", (data, tensor), mesh_dim_names=("data", "tensor"))
-    rank_in_data = mesh.get_local_rank("data")
-    own = [batch[rank_in_data * BATCH : (rank_in_data + 1) * BATCH] for batch in batches]
-    report = apply_tensor_parallel(model, mesh["tensor"], rules, run_example=lambda: _loss(model, own[0]))
+    tensor = dist.get_world_size() // replicas
+    if shard > 1:
+        plan = PartitionPlan(data=data, shard=shard, tensor=tensor, storage="parameters", tensor_rules=rules)
+        parallel_mesh = ParallelMesh(plan.resolve(dist.get_world_size()), "cpu")
+        replica, replica_group = parallel_mesh.data_parallel_rank, parallel_mesh.data_parallel_group
+    else:
+        mesh = init_device_mesh("cpu", (data, tensor), mesh_dim_names=("data", "tensor"))
+        replica, replica_group = mesh.get_local_rank("data"), mesh["data"].get_group()
+    own = [batch[replica * BATCH : (replica + 1) * BATCH] for batch in batches]
+    if shard > 1:
+        parallel = parallelize(model, parallel_mesh, run_example=lambda: _loss(model, own[0]))
+        report, clip, step_context = parallel.tensor_report, parallel.clip_grad_norm_, parallel.step_context
+    else:
+        report = apply_tensor_parallel(model, mesh["tensor"], rules, run_example=lambda: _loss(model, own[0]))
+        clip, step_context = torch.nn.utils.clip_grad_norm_, tensor_parallel_step
     losses, norms = [], []
     for net, net_batches in ((reference, batches), (model, own)):
         torch.manual_seed(1)  # the same random stream for both runs (dropout)
@@ -326,13 +342,17 @@ def _train_parity(name: str, rules: dict | None, data: int = 1) -> dict:
         for batch in net_batches:
             loss = _loss(net, batch)
             loss.backward()
-            if net is model and data > 1:
-                _average_gradients(net, mesh["data"].get_group())
+            if net is model and replicas > 1:
+                if shard > 1:
+                    parallel.sync_gradients()
+                else:
+                    _average_gradients(net, replica_group)
                 loss = loss.detach().clone()
-                dist.all_reduce(loss, group=mesh["data"].get_group())
-                loss /= data
-            with tensor_parallel_step():
-                run_norms.append(_full(torch.nn.utils.clip_grad_norm_(net.parameters(), 0.5)).item())
+                dist.all_reduce(loss, group=replica_group)
+                loss /= replicas
+            with step_context() if net is model else tensor_parallel_step():
+                clipper = clip if net is model else torch.nn.utils.clip_grad_norm_
+                run_norms.append(_full(clipper(net.parameters(), 0.5)).item())
                 optimizer.step()
             optimizer.zero_grad()
             run_losses.append(loss.item())
@@ -467,20 +487,30 @@ def _dropout_masks() -> dict:
     return {"replicated": replicated, "split": split, "state": torch.get_rng_state()}
 
 
-def _checkpoint_round_trip(directory: str) -> dict:
-    """DCP save of the tensor-parallel nanoGPT model (packed fused qkv); load into it and into a plain model."""
+def _checkpoint_round_trip(directory: str, shard: int = 1) -> dict:
+    """DCP save of the tensor-parallel nanoGPT model (packed fused qkv); load into it and into a plain model.
+
+    With ``shard`` > 1, ZeRO-3 over that many ranks on top of tensor parallelism (2-D), applied by ``parallelize``.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
 
+    from parti_lightning.mesh import ParallelMesh
+    from parti_lightning.parallel import parallelize
     from parti_lightning.parallel.tensor import apply_tensor_parallel, standard_layout
+    from parti_lightning.plan import PartitionPlan
 
-    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    world = torch.distributed.get_world_size()
     idx = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     models = []
     for seed in (0, 1):  # the saved model, and another one of different weights that loads it
         torch.manual_seed(seed)
         model = MODELS["nanogpt"]()
-        apply_tensor_parallel(model, mesh, run_example=lambda model=model: model(idx))
+        if shard > 1:
+            plan = PartitionPlan(shard=shard, tensor=world // shard, storage="parameters").resolve(world)
+            parallelize(model, ParallelMesh(plan, "cpu"), run_example=lambda model=model: model(idx))
+        else:
+            apply_tensor_parallel(model, init_device_mesh("cpu", (world,)), run_example=lambda model=model: model(idx))
         models.append(model)
     source, target = models
     # A tensor in a packed parameter's layout outside state_dict(), as an optimizer's moment is.
@@ -549,13 +579,25 @@ def test_tensor2_matches_one_process(tensor2: dict, case: str) -> None:
 TENSOR_DATA_CASES = ("nanogpt", "hf_llama")
 
 
-def _run_tensor_data(cases: list[str]) -> dict:
-    return {case: _train_parity(case, None, data=2) for case in cases}
+# tensor=2 x shard=2 (ZeRO-3 over the data-parallel pair, 2-D), in the same launch: fused (packed) q/k/v whose
+# biases FSDP leaves whole, a transposed-weight (Conv1D) model, and separate q/k/v.
+TENSOR_SHARD_CASES = ("nanogpt", "hf_gpt2", "hf_llama")
+
+
+def _run_tensor_data(cases: list[str], shard_cases: list[str], checkpoint_dir: str) -> dict:
+    return {
+        **{case: _train_parity(case, None, data=2) for case in cases},
+        **{f"2d:{case}": _train_parity(case, None, shard=2) for case in shard_cases},
+        "2d:checkpoint": _checkpoint_round_trip(checkpoint_dir, shard=2),
+    }
 
 
 @pytest.fixture(scope="module")
-def tensor2_data2() -> dict:
-    return run_distributed(_run_tensor_data, 4, list(TENSOR_DATA_CASES), timeout=300)
+def tensor2_data2(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    directory = str(tmp_path_factory.mktemp("tensor_shard_checkpoint"))
+    return run_distributed(
+        _run_tensor_data, 4, list(TENSOR_DATA_CASES), list(TENSOR_SHARD_CASES), directory, timeout=400
+    )
 
 
 @pytest.mark.parametrize("case", TENSOR_DATA_CASES)
@@ -565,6 +607,18 @@ def test_tensor2_data2_matches_one_process(tensor2_data2: list[dict], case: str)
         reference, sharded = result["losses"]
         assert sharded == pytest.approx(reference, rel=1e-5), f"rank {rank}\n{result['describe']}"
         assert result["norms"][1] == pytest.approx(result["norms"][0], rel=1e-5), f"rank {rank}"
+        assert result["param_error"] < 1e-5, f"rank {rank}: {result['worst']}"
+        assert any(layout != "replicate" for _, layout in result["rows"]), result["describe"]
+
+
+@pytest.mark.parametrize("case", TENSOR_SHARD_CASES)
+def test_tensor2_shard2_matches_one_process(tensor2_data2: list[dict], case: str) -> None:
+    for rank, results in enumerate(tensor2_data2):
+        result = results[f"2d:{case}"]
+        reference, sharded = result["losses"]
+        assert sharded == pytest.approx(reference, rel=1e-5), f"rank {rank}\n{result['describe']}"
+        assert result["norms"][1] == pytest.approx(result["norms"][0], rel=1e-5), f"rank {rank}"
+        # Read through full_tensor(): the 2-D layouts describe where every row is (none reordered).
         assert result["param_error"] < 1e-5, f"rank {rank}: {result['worst']}"
         assert any(layout != "replicate" for _, layout in result["rows"]), result["describe"]
 
@@ -625,6 +679,15 @@ def test_packed_layout_saves_through_dcp_in_the_standard_layout(tensor2: dict) -
     assert result["output_error"] < 1e-6
     assert result["moment_error"] == 0.0
     assert result["moment_placements"] == "(_StridedShard(dim=0, sf=3),)"
+
+
+def test_packed_layout_under_tensor_times_shard_saves_in_the_standard_layout(tensor2_data2: list[dict]) -> None:
+    for rank, results in enumerate(tensor2_data2):
+        result = results["2d:checkpoint"]
+        # FSDP shards the packed weight on the other dimension, so no shard of a strided shard is nested.
+        assert result["placements"]["h.0.attn.c_attn.weight"] == "(Shard(dim=1), _StridedShard(dim=0, sf=3))"
+        assert (result["sharded_error"], result["plain_error"], result["moment_error"]) == (0.0, 0.0, 0.0), rank
+        assert result["output_error"] < 1e-6
 
 
 # ------------------------------------------------------------------------------------------ tier 1

@@ -17,12 +17,12 @@ Nothing here imports Lightning: the strategy adapts what :func:`parallelize` ret
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -32,9 +32,15 @@ from parti_lightning.mesh import ParallelMesh
 from parti_lightning.parallel.blocks import find_blocks, resolve_units
 from parti_lightning.parallel.checkpointing import apply_activation_checkpointing
 from parti_lightning.parallel.data import GradientSynchronizer
+from parti_lightning.parallel.norm import clip_grad_norm_
 from parti_lightning.parallel.pipeline import PipelineParallel, apply_pipeline, check_pipeline_settings
 from parti_lightning.parallel.pipeline_contract import check_trunk_contract
-from parti_lightning.parallel.storage import apply_storage, root_free_units, shard_optimizer
+from parti_lightning.parallel.storage import (
+    apply_storage,
+    root_free_units,
+    shard_optimizer,
+    storage_exempt_parameters,
+)
 from parti_lightning.parallel.tensor import (
     TensorParallelReport,
     apply_tensor_parallel,
@@ -133,18 +139,28 @@ class Parallelized:
     @contextmanager
     def no_sync(self) -> Iterator[None]:
         """Accumulate local gradients without reducing them (gradient accumulation steps)."""
-        if self.gradient_sync is not None:
-            with self.gradient_sync.no_sync():
+        # Both can be on: FSDP reduces the gradients it shards, the synchronizer those it left whole.
+        with self.gradient_sync.no_sync() if self.gradient_sync is not None else nullcontext():
+            if shards_module(self.plan) and hasattr(self.module, "set_requires_gradient_sync"):
+                # FSDP: accumulate unsharded local gradients, reduce-scatter at the boundary step.
+                self.module.set_requires_gradient_sync(False)
+                try:
+                    yield
+                finally:
+                    self.module.set_requires_gradient_sync(True)
+            else:
                 yield
-        elif shards_module(self.plan) and hasattr(self.module, "set_requires_gradient_sync"):
-            # FSDP: accumulate unsharded local gradients, reduce-scatter at the boundary step.
-            self.module.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                self.module.set_requires_gradient_sync(True)
-        else:
-            yield
+
+    def clip_grad_norm_(self, parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Clip gradients in place by the norm of the whole model's gradients, and return that norm.
+
+        The drop-in for ``torch.nn.utils.clip_grad_norm_`` under model parallelism: the norm counts every
+        pipeline stage's blocks and each split parameter whole, and works over parameters on several
+        meshes (tensor parallelism with sharded storage). Every rank must call it.
+        """
+        if self.pipeline is not None:
+            return self.pipeline.clip_grad_norm_(parameters, max_norm, norm_type)
+        return clip_grad_norm_(parameters, max_norm, norm_type)
 
     def wrap_optimizer(self, optimizer: Optimizer) -> Optimizer:
         """The optimizer that steps under this plan: ZeRO-1's sharded one, else ``optimizer`` itself.
@@ -254,10 +270,16 @@ def parallelize(
         # Automatic optimization runs each step through the module's `__call__`, so the root can be a
         # unit; manual optimization runs backward passes inside a step, before any root forward would
         # end, so only the children are units.
+        whole = storage_exempt_parameters(module)  # before FSDP, whose own shards are strided too
         apply_storage(module, mesh.storage_mesh, plan, shard_root=automatic_optimization)
-        return result
+        if whole and mesh.data_parallel_enabled:
+            result.gradient_sync = GradientSynchronizer(
+                module, mesh.data_parallel_group, comm_group=mesh.gradient_group, parameters=whole
+            )
     if mesh.tensor_enabled or mesh.pipeline_enabled:
         setattr(module, _APPLIED, True)
+    if shards_module(plan):
+        return result
     # Replicated and ZeRO-1 keep whole parameters: gradients are averaged over every data-parallel
     # rank (ZeRO-1 then splits only the optimizer step). A pipeline rank averages the parameters it
     # holds; no parameter is reduced over the pipeline axis (replicated ones get the same gradient on

@@ -30,7 +30,7 @@ averages back. How that stays correct without DDP's assumptions:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -70,6 +70,7 @@ class GradientSynchronizer:
         comm_group: a second group of the same ranks, for the bucket all-reduces alone (see the module
             docstring), as :class:`~parti_lightning.mesh.ParallelMesh` builds it; ``None`` builds one here,
             which every process of the job must then do at the same point (creating a group is collective).
+        parameters: only these of ``module``'s parameters (those sharded storage leaves whole); all by default.
     """
 
     def __init__(
@@ -78,13 +79,14 @@ class GradientSynchronizer:
         group: ProcessGroup,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         comm_group: ProcessGroup | None = None,
+        parameters: Iterable[nn.Parameter] | None = None,
     ) -> None:
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.bucket_bytes = bucket_bytes
         self.enabled = True
         # `parameters()` skips shared parameters' repeats, so tied weights are averaged once.
-        self._params = [p for p in module.parameters() if p.requires_grad]
+        self._params = [p for p in (module.parameters() if parameters is None else parameters) if p.requires_grad]
         self._handles: list[RemovableHandle] = []
         self._comm: ProcessGroup | None = None
         if self.world_size == 1 or not self._params:

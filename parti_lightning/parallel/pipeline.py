@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from parti_lightning.parallel.blocks import find_blocks
+from parti_lightning.parallel.norm import clip_grads_with_norm_, total_norm
 from parti_lightning.parallel.pipeline_runtime import SCHEDULES, PipelinedTrunk
 from parti_lightning.parallel.pipeline_split import stage_starts
 
@@ -176,21 +177,15 @@ class PipelineParallel:
         """
         params = [p for p in parameters if p.grad is not None]
         total = self.grad_norm(params, norm_type)
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        clip_grads_with_norm_(params, max_norm, total)
         return total
 
 
 def _reduced_norm(
     stage: list[Tensor], rest: list[Tensor], p: float, group: ProcessGroup, device: torch.device
 ) -> Tensor:
-    def local(grads: list[Tensor]) -> Tensor:
-        if not grads:
-            return torch.zeros((), device=device)
-        norm = torch.nn.utils.get_total_norm(grads, p)
-        # Sharded (DTensor) gradients: the norm over the whole parameter, from the shard axis.
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-    stage_norm, rest_norm = local(stage).float(), local(rest).float()
+    # Sharded (DTensor) gradients count with their whole parameter, reduced over their own mesh.
+    stage_norm, rest_norm = total_norm(stage, p, device), total_norm(rest, p, device)
     if p == float("inf"):
         dist.all_reduce(stage_norm, op=dist.ReduceOp.MAX, group=group)
         return torch.maximum(stage_norm, rest_norm)

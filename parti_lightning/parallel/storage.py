@@ -34,7 +34,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils._pytree import tree_map_only
@@ -120,16 +121,57 @@ def apply_storage(
     # holds what ZeRO-3 holds; the difference is the peak (all units gathered between forward and
     # backward) and one all-gather per unit per step instead of two.
     reshard_after_forward = plan.storage == "parameters"
-    offload = _offload_policy(plan, mesh)
+    options: dict[str, Any] = {
+        "mesh": fsdp_mesh,
+        "reshard_after_forward": reshard_after_forward,
+        "offload_policy": _offload_policy(plan, mesh),
+        "shard_placement_fn": _storage_placement,
+    }
+    exempt = set(storage_exempt_parameters(module))
+    if exempt:
+        options["ignored_params"] = exempt
     for _, unit in _deepest_first(units):
-        fully_shard(unit, mesh=fsdp_mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload)
+        fully_shard(unit, **options)
         if reduce_unused_parameters:
             unit.set_reduce_scatter_unused_params(True)  # type: ignore[operator]
     if shard_root:
-        fully_shard(module, mesh=fsdp_mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload)
+        fully_shard(module, **options)
         if reduce_unused_parameters:
             module.set_reduce_scatter_unused_params(True)  # type: ignore[operator]
     return module
+
+
+def storage_exempt_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters sharded storage leaves whole on every data-parallel rank: their gradients must be
+    averaged over those ranks like replicated ones.
+
+    These are tensor-parallel parameters in a packed layout (a strided shard, see
+    :mod:`~parti_lightning.parallel.tensor_region`) with no other dimension FSDP could shard: the biases
+    of packed q/k/v layers. Why: FSDP describes its shard of a tensor-parallel shard of the same dimension
+    as a nested strided shard, and torch 2.13 reads that wrongly when the tensor-parallel shard is itself
+    strided (``full_tensor()`` and distributed checkpoints reorder its rows; the training step is right).
+    A weight avoids the nesting by being sharded on another dimension (:func:`_storage_placement`); a 1-D
+    tensor has none. They are a block's smallest tensors. Call it before :func:`apply_storage`, whose own
+    shards are strided too.
+    """
+    return [
+        param
+        for param in module.parameters()
+        if _strided_dims(param) and all(dim in _strided_dims(param) for dim in range(param.ndim))
+    ]
+
+
+def _storage_placement(param: nn.Parameter) -> Shard | None:
+    """FSDP's shard dimension for ``param``: the first one not strided by tensor parallelism (``None``: dim 0)."""
+    strided = _strided_dims(param)
+    if 0 not in strided:
+        return None
+    return Shard(next(dim for dim in range(param.ndim) if dim not in strided))
+
+
+def _strided_dims(param: Tensor) -> set[int]:
+    placements = param.placements if isinstance(param, DTensor) else ()
+    return {placement.dim for placement in placements if isinstance(placement, _StridedShard)}
 
 
 def root_free_units(module: nn.Module, units: Sequence[tuple[str, nn.Module]] = ()) -> list[tuple[str, nn.Module]]:
