@@ -139,12 +139,21 @@ class CheckpointHooks(ParallelStrategy):
             return sharded_model_state(self.lightning_module)
         # Gathered and keyed by the module's own names under every plan: a plain Lightning state dict.
         module = self.lightning_module
+        if self._holds_one_stage(module):
+            # Each pipeline rank's stage (its tensor-parallel shards made whole first), united on rank 0.
+            part = (
+                full_state_dict(module, rank0_only=False)
+                if holds_sharded_tensors(module)
+                else {key: value.detach().cpu() for key, value in module.state_dict().items()}
+            )
+            assert self.mesh is not None
+            return gather_parts(module, part, self.mesh.pipeline_group)
         if holds_sharded_tensors(module):
             return full_state_dict(module)
-        if holds_part_of_the_model(module) and self.mesh is not None:
-            part = {key: value.detach().cpu() for key, value in module.state_dict().items()}
-            return gather_parts(module, part, self.mesh.pipeline_group)
         return module.state_dict()
+
+    def _holds_one_stage(self, module: Any) -> bool:
+        return self.mesh is not None and self.mesh.pipeline_enabled and holds_part_of_the_model(module)
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -152,13 +161,14 @@ class CheckpointHooks(ParallelStrategy):
         if self._restored_sharded:
             return  # `load_checkpoint` read the weights straight into the module
         module = self.lightning_module
-        if holds_sharded_tensors(module):
-            load_full_state_dict(module, checkpoint["state_dict"], strict=strict)
-        elif holds_part_of_the_model(module):
+        state = checkpoint["state_dict"]
+        if self._holds_one_stage(module):
             # A whole model's weights, of which this rank holds its stage's and the replicated ones.
-            module.load_state_dict(restrict_to_module(module, checkpoint["state_dict"]), strict=strict)
+            state = restrict_to_module(module, state)
+        if holds_sharded_tensors(module):
+            load_full_state_dict(module, state, strict=strict)
         else:
-            module.load_state_dict(checkpoint["state_dict"], strict=strict)
+            module.load_state_dict(state, strict=strict)
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
@@ -168,7 +178,8 @@ class CheckpointHooks(ParallelStrategy):
         module = self.lightning_module
         if self._state_dict_type == "sharded":
             return sharded_optimizer_state(module, optimizer)
-        if holds_part_of_the_model(module) and not holds_sharded_tensors(module) and self.mesh is not None:
+        if self._holds_one_stage(module):
+            assert self.mesh is not None
             part = full_optimizer_state_dict(module, optimizer, rank0_only=False)
             return gather_optimizer_parts(module, part, self.mesh.pipeline_group)
         return full_optimizer_state_dict(module, optimizer)
@@ -180,6 +191,6 @@ class CheckpointHooks(ParallelStrategy):
             return
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
             state = named_optimizer_state(state, self.lightning_module, optimizer)
-            if holds_part_of_the_model(self.lightning_module):
+            if self._holds_one_stage(self.lightning_module):
                 state = restrict_optimizer_to_module(self.lightning_module, state)
             load_full_optimizer_state_dict(self.lightning_module, optimizer, state)

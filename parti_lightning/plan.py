@@ -200,11 +200,11 @@ class PartitionPlan:
                 " implemented yet (its optimizer broadcasts whole parameters, which tensor-parallel ones are not);"
                 " use storage='gradients' (ZeRO-2) or 'parameters' (ZeRO-3), which shard the optimizer state too."
             )
-        if self.pipeline != 1 and (self.tensor != 1 or self.storage != "replicated"):
+        if self.pipeline != 1 and self.storage != "replicated":
             raise NotImplementedError(
-                f"plan.pipeline={self.pipeline} with tensor={self.tensor}, storage={self.storage!r}: pipeline"
-                " parallelism combined with tensor parallelism or sharded storage is not implemented yet; combine it"
-                " with data parallelism (storage='replicated', tensor=1)."
+                f"plan.pipeline={self.pipeline} with storage={self.storage!r}: pipeline parallelism combined with"
+                " sharded storage is not implemented yet; combine it with data or tensor parallelism"
+                " (storage='replicated')."
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -394,6 +394,11 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
         self.model.to(self.root_device)
 
     @override
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        with self._parallel.step_context() if self._parallel is not None else nullcontext():
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @override
     def post_backward(self, closure_loss: Tensor) -> None:
         if self._parallel is not None:
             self._parallel.sync_gradients()

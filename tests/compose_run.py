@@ -3,7 +3,8 @@
 ``python tests/compose_run.py OUT``: one launch of 4 processes trains the tensor- and the pipeline-parallel
 block scenario, each with 2 data-parallel replicas (``{"preset": "tp", "data": 2}``: tensor pairs;
 ``{"preset": "pp", "data": 2}``: two 2-stage pipelines; ``{"preset": "zero3", "tensor": 2}``: tensor pairs
-whose storage ZeRO-3 shards over the 2 data-parallel ranks), and rank 0 saves each result to
+whose storage ZeRO-3 shards over the 2 data-parallel ranks), then ``{"preset": "pp", "tensor": 2}`` (2 stages,
+each split over a tensor pair), and rank 0 saves each result to
 ``OUT/<name>.pt``. Then checkpoints cross the 2-D plan: the tensor × shard run's single file (``OUT/2d.ckpt``)
 is resumed under tensor × shard, which writes a sharded directory (``OUT/2d_sharded``), resumed under ZeRO-3 over
 all 4 ranks, which writes ``OUT/zero3_sharded``, resumed under tensor × shard; ``OUT/resumed_<source>.pt`` holds
@@ -17,6 +18,7 @@ import os
 import sys
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from scenarios import (
     ACCUMULATE_CLIP,
@@ -36,16 +38,22 @@ COMPOSED = [
              data_parallel=2),
     Scenario("tp_x_shard", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP,
              plan={"preset": "zero3", "tensor": 2}, data_parallel=2),
+    # Two 2-stage pipelines whose stages split their blocks over tensor pairs; one data-parallel rank.
+    Scenario("pp_x_tp", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP,
+             plan={"preset": "pp", "tensor": 2}, data_parallel=1),
 ]
-TWO_D = COMPOSED[-1]
+TWO_D = COMPOSED[2]
 
 
-def main(out: str) -> None:
+def main(out: str, *only: str) -> None:
+    """``only``: the names of the scenarios to run (all, and the checkpoint chain, when none is given)."""
     import lightning as L
 
     from parti_lightning import PartiAccelerator, PartiStrategy
 
     for scenario in COMPOSED:
+        if only and scenario.name not in only:
+            continue
         L.seed_everything(SEED, verbose=False)
         module = scenario.module()
         # 4 ranks on a 2-core machine: more processes than cores, said explicitly.
@@ -55,9 +63,14 @@ def main(out: str) -> None:
         result = results(trainer, module, data_parallel=scenario.data_parallel)
         if trainer.is_global_zero:
             plan = trainer.strategy.resolved_plan.to_dict()
-            torch.save({**result, "plan": plan}, os.path.join(out, f"{scenario.name}.pt"))
+            split = sum(isinstance(p, DTensor) and p.device_mesh.mesh_dim_names[-1] == "tensor"
+                        for p in module.parameters())
+            torch.save({**result, "plan": plan, "tensor_split_parameters": split},
+                       os.path.join(out, f"{scenario.name}.pt"))
         if scenario is TWO_D:
             trainer.save_checkpoint(os.path.join(out, "2d.ckpt"))
+    if only:
+        return
     # Checkpoints across the 2-D plan: its single file resumed under tensor × shard, which writes its shards;
     # those resumed under ZeRO-3 over all 4 ranks, which writes its own; those resumed under tensor × shard.
     chain = [(TWO_D.plan, "2d.ckpt", "2d_sharded"), ("zero3", "2d_sharded", "zero3_sharded"),
@@ -87,4 +100,4 @@ def _resume(plan: object, ckpt: str, record: str, steps: int) -> object:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *sys.argv[2:])

@@ -1,5 +1,5 @@
-"""Tier 3 at 4 ranks: tensor × data, pipeline × data and tensor × shard (2-D) through the Trainer compute what
-one process computes, and checkpoints cross the 2-D plan.
+"""Tier 3 at 4 ranks: tensor × data, pipeline × data, tensor × shard (2-D) and pipeline × tensor through the
+Trainer compute what one process computes, and checkpoints cross the 2-D plan.
 
 One launch of 4 processes trains all three (see compose_run.py); each test compares one of them with a single
 process over the same global batches (two data-parallel replicas' worth) from the same weights.
@@ -31,7 +31,10 @@ def composed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_model_parallel_with_data_parallel_matches_one_process(composed: Path, scenario: Scenario) -> None:
     got = torch.load(composed / f"{scenario.name}.pt", weights_only=True)
     plan = got["plan"]
-    assert plan["data"] * plan["shard"] == 2 and (plan["tensor"], plan["pipeline"]) in ((2, 1), (1, 2)), plan
+    assert plan["data"] * plan["shard"] == scenario.data_parallel, plan
+    assert plan["tensor"] * plan["pipeline"] * scenario.data_parallel == 4, plan
+    if plan["tensor"] > 1:  # the blocks' layers really were split (no fall-back to replicated blocks)
+        assert got["tensor_split_parameters"] >= 6, got["tensor_split_parameters"]
     want = run_reference(scenario)
     assert got["state"].keys() == want["state"].keys()
     for key, expected in want["state"].items():

@@ -123,11 +123,13 @@ class Parallelized:
         return lines
 
     def step_context(self) -> Any:
-        """The context an optimizer step and gradient clipping run in.
+        """The context backward passes, optimizer steps and gradient clipping run in.
 
         Under tensor parallelism the parameters are a mix of sharded ``DTensor`` and plain tensors, which
         torch's foreach optimizers and ``clip_grad_norm_`` cannot take together; in this context they can,
-        and the norm is the global one.
+        and the norm is the global one. A backward pass needs it too: autograd runs every node with the
+        thread state of the ``backward()`` call, and the backward of a block's ops mixes the plain tensors its
+        forward created (a causal mask) with DTensors, as its forward did under implicit replication.
         """
         return tensor_parallel_step() if self.tensor_report is not None else nullcontext()
 
@@ -263,7 +265,11 @@ def parallelize(
         )
     if mesh.tensor_enabled:
         rules = dict(plan.tensor_rules) if plan.tensor_rules is not None else None
-        result.tensor_report = apply_tensor_parallel(module, mesh.tensor_mesh, rules, run_example)
+        held = None
+        if result.pipeline is not None:
+            modules = dict(module.named_modules())
+            held = [(name, modules[name]) for name in result.pipeline.owned_blocks]
+        result.tensor_report = apply_tensor_parallel(module, mesh.tensor_mesh, rules, run_example, blocks=held)
     if plan.activation_checkpointing == "blocks":
         apply_activation_checkpointing(module, resolve_units(module, plan.sharding_units))
     if shards_module(plan):

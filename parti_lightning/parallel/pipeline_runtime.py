@@ -86,7 +86,6 @@ class PipelinedTrunk:
         ends = [*starts[1:], len(blocks)]
         lo, hi = starts[self.stage], ends[self.stage]
         owned = [block for _, block in blocks[lo:hi]]
-        self.stage_param_ids = {id(p) for block in owned for p in block.parameters()}
         for index, (_, block) in enumerate(blocks):
             if not lo <= index < hi:
                 _free(block)
@@ -103,6 +102,11 @@ class PipelinedTrunk:
         self._extras: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._templates: dict[str, Any] = {}
         self._schedules: dict[tuple, PipelineScheduleSingle] = {}
+
+    @property
+    def stage_param_ids(self) -> set[int]:
+        """The ids of this stage's parameters, read now: tensor parallelism and FSDP replace parameter objects."""
+        return {id(p) for p in self.stage_module.parameters()}
 
     def stage_names(self) -> list[list[str]]:
         ends = [*self.starts[1:], len(self.names)]

@@ -120,6 +120,7 @@ def apply_tensor_parallel(
     mesh: DeviceMesh,
     rules: Mapping[str, str] | None = None,
     run_example: Callable[[], Any] | None = None,
+    blocks: list[tuple[str, nn.Module]] | None = None,
 ) -> TensorParallelReport:
     """Split ``module``'s layers across the tensor ranks of ``mesh``, in place.
 
@@ -137,6 +138,9 @@ def apply_tensor_parallel(
         run_example: runs ``module`` once on a real sample (no gradients needed). Its block inputs are
             captured to trace automatic rules and to verify every rule set. Without it, explicit and
             Hugging Face rules are applied unverified (said in the report) and automatic rules are none.
+        blocks: the repeated blocks to split (named as in ``module``); ``None`` finds them. A pipeline stage
+            passes the blocks it holds: once the other stages' blocks are freed, the structure ``find_blocks``
+            reads is no longer the model's.
 
     Returns:
         The report: each split layer's layout, each fall-back and its reason.
@@ -160,7 +164,7 @@ def apply_tensor_parallel(
     # Before `run_example`, whose draws (dropout in training mode) must be the same on every tensor rank too.
     sync_tensor_random_state(mesh)
     install_cpu_random_tracker(mesh)
-    groups = _unit_groups(module, resolved, auto=source == "auto")
+    groups = _unit_groups(module, resolved, auto=source == "auto", blocks=blocks)
     samples = _capture_inputs([members[0][1] for members in groups.values()], run_example)
     tied = _tied_parameters(module)
     for key, members in groups.items():
@@ -170,7 +174,7 @@ def apply_tensor_parallel(
 
 @contextlib.contextmanager
 def tensor_parallel_step() -> Iterator[None]:
-    """Enter around ``optimizer.step()`` and gradient clipping when some parameters are DTensors.
+    """Enter around backward passes, ``optimizer.step()`` and gradient clipping when some parameters are DTensors.
 
     Foreach optimizer kernels and ``clip_grad_norm_`` run one op over many tensors and refuse a mix of
     DTensor and plain tensors; DTensor's implicit replication treats the plain ones as replicated on
@@ -191,9 +195,11 @@ def tensor_parallel_step() -> Iterator[None]:
 # ------------------------------------------------------------------------------------ units and groups
 
 
-def _unit_groups(module: nn.Module, resolved: Mapping[str, str], auto: bool) -> dict[Any, list[tuple[str, nn.Module]]]:
+def _unit_groups(
+    module: nn.Module, resolved: Mapping[str, str], auto: bool, blocks: list[tuple[str, nn.Module]] | None = None
+) -> dict[Any, list[tuple[str, nn.Module]]]:
     """Units to shard, grouped by what is verified once: same class and same rules (blocks), or alone."""
-    blocks = find_blocks(module)
+    blocks = find_blocks(module) if blocks is None else blocks
     groups: dict[Any, list[tuple[str, nn.Module]]] = {}
     for name, block in blocks:
         relative = rules_for_unit(name, block, resolved)
@@ -226,6 +232,7 @@ def _large_outside_layers(module: nn.Module, blocks: list[tuple[str, nn.Module]]
         if name
         and id(layer) not in inside
         and isinstance(layer, (nn.Embedding, nn.Linear))
+        and layer.weight is not None  # None: a layer of another pipeline stage's block, freed here
         and layer.weight.numel() >= block_size
     ]
 
@@ -396,7 +403,8 @@ def _compare(unit: nn.Module, rules: Mapping[str, str], sample: tuple, mesh: Dev
                 cotangents = [
                     torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in differentiable
                 ]
-                torch.autograd.backward(differentiable, cotangents)
+                with tensor_parallel_step():  # as the strategy runs backward passes (see Parallelized.step_context)
+                    torch.autograd.backward(differentiable, cotangents)
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.requires_grad]
         grads = [t.grad for t in inputs] + [p.grad for _, p in sorted(model.named_parameters())]
         results.append(([t.detach() for t in outputs], grads))
