@@ -200,11 +200,23 @@ class PartitionPlan:
                 " implemented yet (its optimizer broadcasts whole parameters, which tensor-parallel ones are not);"
                 " use storage='gradients' (ZeRO-2) or 'parameters' (ZeRO-3), which shard the optimizer state too."
             )
-        if self.pipeline != 1 and self.storage != "replicated":
+        if self.pipeline != 1 and self.storage == "optimizer":
             raise NotImplementedError(
-                f"plan.pipeline={self.pipeline} with storage={self.storage!r}: pipeline parallelism combined with"
-                " sharded storage is not implemented yet; combine it with data or tensor parallelism"
-                " (storage='replicated')."
+                f"plan.pipeline={self.pipeline} with storage='optimizer': ZeRO-1 inside pipeline stages is not"
+                " implemented yet; use storage='gradients' (ZeRO-2) or 'parameters' (ZeRO-3), which shard the"
+                " optimizer state too."
+            )
+        if self.pipeline != 1 and self.storage != "replicated" and self.schedule == "1f1b":
+            raise NotImplementedError(
+                f"plan.pipeline={self.pipeline} with storage={self.storage!r} runs schedule='gpipe' only: under 1F1B a"
+                " stage's forward passes come between its backward passes, which FSDP (torch 2.13) takes for"
+                " activation-checkpointing recomputation and then skips a micro-batch's gradient reduction; set"
+                " schedule='gpipe'."
+            )
+        if self.pipeline != 1 and self.tensor != 1 and self.storage != "replicated":
+            raise NotImplementedError(
+                f"plan.pipeline={self.pipeline} × tensor={self.tensor} with storage={self.storage!r}: all three"
+                " together are not implemented yet (each pair is); drop one of them."
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,8 +7,8 @@ whose storage ZeRO-3 shards over the 2 data-parallel ranks), then ``{"preset": "
 each split over a tensor pair), and rank 0 saves each result to
 ``OUT/<name>.pt``. Then checkpoints cross the 2-D plan: the tensor × shard run's single file (``OUT/2d.ckpt``)
 is resumed under tensor × shard, which writes a sharded directory (``OUT/2d_sharded``), resumed under ZeRO-3 over
-all 4 ranks, which writes ``OUT/zero3_sharded``, resumed under tensor × shard; ``OUT/resumed_<source>.pt`` holds
-what each resume restored.
+all 4 ranks, which writes ``OUT/zero3_sharded``, resumed under tensor × shard; ``OUT/2d_sharded`` is resumed again
+under pipeline × shard. ``OUT/resumed_<source>_as_<hop>.pt`` holds what each resume restored.
 Later Trainers reuse the first one's process group, as in scenarios.py.
 """
 
@@ -41,8 +41,12 @@ COMPOSED = [
     # Two 2-stage pipelines whose stages split their blocks over tensor pairs; one data-parallel rank.
     Scenario("pp_x_tp", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP,
              plan={"preset": "pp", "tensor": 2}, data_parallel=1),
+    # Two 2-stage pipelines whose stages ZeRO-3 shards over the 2 data-parallel ranks (GPipe: see the plan check).
+    Scenario("pp_x_shard", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP,
+             plan={"preset": "zero3", "pipeline": 2, "micro_batches": 4, "schedule": "gpipe"}, data_parallel=2),
 ]
 TWO_D = COMPOSED[2]
+PP_SHARD = COMPOSED[4]
 
 
 def main(out: str, *only: str) -> None:
@@ -65,7 +69,9 @@ def main(out: str, *only: str) -> None:
             plan = trainer.strategy.resolved_plan.to_dict()
             split = sum(isinstance(p, DTensor) and p.device_mesh.mesh_dim_names[-1] == "tensor"
                         for p in module.parameters())
-            torch.save({**result, "plan": plan, "tensor_split_parameters": split},
+            sharded = sum(isinstance(p, DTensor) and "shard" in p.device_mesh.mesh_dim_names
+                          for p in module.parameters())
+            torch.save({**result, "plan": plan, "tensor_split_parameters": split, "sharded_parameters": sharded},
                        os.path.join(out, f"{scenario.name}.pt"))
         if scenario is TWO_D:
             trainer.save_checkpoint(os.path.join(out, "2d.ckpt"))
@@ -73,10 +79,12 @@ def main(out: str, *only: str) -> None:
         return
     # Checkpoints across the 2-D plan: its single file resumed under tensor × shard, which writes its shards;
     # those resumed under ZeRO-3 over all 4 ranks, which writes its own; those resumed under tensor × shard.
+    # Then the 2-D shards once more, under pipeline × shard.
     chain = [(TWO_D.plan, "2d.ckpt", "2d_sharded"), ("zero3", "2d_sharded", "zero3_sharded"),
-             (TWO_D.plan, "zero3_sharded", None)]
+             (TWO_D.plan, "zero3_sharded", None), (PP_SHARD.plan, "2d_sharded", None)]
     for step, (plan, source, target) in enumerate(chain, start=1):
-        trainer = _resume(plan, os.path.join(out, source), os.path.join(out, f"resumed_{source}.pt"), steps=2 * step)
+        record = os.path.join(out, f"resumed_{source}_as_{step}.pt")
+        trainer = _resume(plan, os.path.join(out, source), record, steps=2 * step)
         if target is not None:
             # Written by every rank, each its shards. The strategy was built for single files so that the state
             # recorded above is gathered (readable with torch.load); the kind it writes is switched for this save.

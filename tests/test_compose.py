@@ -1,5 +1,5 @@
-"""Tier 3 at 4 ranks: tensor × data, pipeline × data, tensor × shard (2-D) and pipeline × tensor through the
-Trainer compute what one process computes, and checkpoints cross the 2-D plan.
+"""Tier 3 at 4 ranks: tensor × data, pipeline × data, tensor × shard (2-D), pipeline × tensor and pipeline × shard
+through the Trainer compute what one process computes, and checkpoints cross these plans.
 
 One launch of 4 processes trains all three (see compose_run.py); each test compares one of them with a single
 process over the same global batches (two data-parallel replicas' worth) from the same weights.
@@ -35,6 +35,8 @@ def test_model_parallel_with_data_parallel_matches_one_process(composed: Path, s
     assert plan["tensor"] * plan["pipeline"] * scenario.data_parallel == 4, plan
     if plan["tensor"] > 1:  # the blocks' layers really were split (no fall-back to replicated blocks)
         assert got["tensor_split_parameters"] >= 6, got["tensor_split_parameters"]
+    if plan["storage"] == "parameters":  # FSDP holds this rank's parameters as shards
+        assert got["sharded_parameters"] >= 6, got["sharded_parameters"]
     want = run_reference(scenario)
     assert got["state"].keys() == want["state"].keys()
     for key, expected in want["state"].items():
@@ -75,16 +77,19 @@ def _assert_restored(restored: dict, saved_state: dict, saved_optimizers: list[d
 
 def test_single_file_resumes_under_tensor_times_shard(composed: Path) -> None:
     saved = torch.load(composed / "2d.ckpt", weights_only=True)
-    restored = torch.load(composed / "resumed_2d.ckpt.pt", weights_only=True)
+    restored = torch.load(composed / "resumed_2d.ckpt_as_1.pt", weights_only=True)
     assert restored["global_step"] == saved["global_step"] == TWO_D.max_steps
     _assert_restored(restored, saved["state_dict"], saved["optimizer_states"])
 
 
-@pytest.mark.parametrize(("source", "steps"), [("2d_sharded", 2), ("zero3_sharded", 4)])
-def test_sharded_directories_convert_and_resume_across_tensor_times_shard(
-    composed: Path, tmp_path: Path, source: str, steps: int
+@pytest.mark.parametrize(
+    ("source", "hop", "steps"), [("2d_sharded", 2, 2), ("zero3_sharded", 3, 4), ("2d_sharded", 4, 2)],
+    ids=["2d-as-zero3", "zero3-as-2d", "2d-as-pp_x_shard"],
+)
+def test_sharded_directories_convert_and_resume_across_model_parallel_plans(
+    composed: Path, tmp_path: Path, source: str, hop: int, steps: int
 ) -> None:
-    """2-D shards resumed under ZeRO-3 over 4 ranks, and ZeRO-3 shards resumed under tensor × shard."""
+    """2-D shards resumed under ZeRO-3 over 4 ranks and under pipeline × shard; ZeRO-3 shards under tensor × shard."""
     from parti_lightning.checkpoint import positional_to_named
     from parti_lightning.convert import NAMES_KEY, convert
 
@@ -95,7 +100,7 @@ def test_sharded_directories_convert_and_resume_across_tensor_times_shard(
     assert saved["global_step"] == TWO_D.max_steps + steps
     # ... holding exactly what the next plan restored from the shards. The file keys optimizer state by position,
     # as stock Lightning does, with the names beside it.
-    restored = torch.load(composed / f"resumed_{source}.pt", weights_only=True)
+    restored = torch.load(composed / f"resumed_{source}_as_{hop}.pt", weights_only=True)
     assert restored["global_step"] == saved["global_step"]
     named = [positional_to_named(s, n) for s, n in zip(saved["optimizer_states"], saved[NAMES_KEY], strict=True)]
     _assert_restored(restored, saved["state_dict"], named)

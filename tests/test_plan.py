@@ -90,7 +90,10 @@ BAD_PLANS = [
     ({"preset": "tp", "data": "auto"}, 4, PlanError, "plan.tensor='auto' takes the ranks the other axes leave"),
     ({"tensor": 3}, 4, PlanError, "does not divide world size 4"),
     ({"micro_batches": 4}, None, PlanError, "plan.micro_batches=4 only applies to pipeline parallelism"),
-    ({"preset": "zero3", "pipeline": 2}, None, NotImplementedError, "combined with sharded storage"),
+    ({"preset": "zero3", "pipeline": 2}, None, NotImplementedError, "runs schedule='gpipe' only"),
+    ({"preset": "zero1", "pipeline": 2}, None, NotImplementedError, "ZeRO-1 inside pipeline stages"),
+    ({"preset": "zero3", "pipeline": 2, "tensor": 2, "schedule": "gpipe"}, None, NotImplementedError,
+     "all three together"),
     ({"pipeline": 2, "schedule": "zigzag"}, None, PlanError, "plan.schedule='zigzag' is invalid"),
     ({"pipeline": "auto", "tensor": "auto"}, None, PlanError, "cannot both be 'auto'"),
 ]

@@ -263,21 +263,22 @@ def parallelize(
             module, mesh.pipeline_group, micro_batches=plan.micro_batches, schedule=plan.schedule,
             cuts=plan.pipeline_cuts, device=device,
         )
+    # Under pipeline parallelism, the blocks this stage holds: once the other stages' blocks are freed,
+    # `find_blocks` would read another structure (one held block is not a repeated trunk).
+    held = _held_blocks(module, result.pipeline) if result.pipeline is not None else None
     if mesh.tensor_enabled:
         rules = dict(plan.tensor_rules) if plan.tensor_rules is not None else None
-        held = None
-        if result.pipeline is not None:
-            modules = dict(module.named_modules())
-            held = [(name, modules[name]) for name in result.pipeline.owned_blocks]
         result.tensor_report = apply_tensor_parallel(module, mesh.tensor_mesh, rules, run_example, blocks=held)
+    units = held if held is not None and plan.sharding_units is None else None
     if plan.activation_checkpointing == "blocks":
-        apply_activation_checkpointing(module, resolve_units(module, plan.sharding_units))
+        checkpointed = units if units is not None else resolve_units(module, plan.sharding_units)
+        apply_activation_checkpointing(module, checkpointed)
     if shards_module(plan):
         # Automatic optimization runs each step through the module's `__call__`, so the root can be a
         # unit; manual optimization runs backward passes inside a step, before any root forward would
         # end, so only the children are units.
         whole = storage_exempt_parameters(module)  # before FSDP, whose own shards are strided too
-        apply_storage(module, mesh.storage_mesh, plan, shard_root=automatic_optimization)
+        apply_storage(module, mesh.storage_mesh, plan, shard_root=automatic_optimization, units=units)
         if whole and mesh.data_parallel_enabled:
             result.gradient_sync = GradientSynchronizer(
                 module, mesh.data_parallel_group, comm_group=mesh.gradient_group, parameters=whole
@@ -294,3 +295,8 @@ def parallelize(
     if shards_optimizer(plan):
         result.optimizer_shard_group = mesh.shard_group
     return result
+
+
+def _held_blocks(module: nn.Module, pipeline: PipelineParallel) -> list[tuple[str, nn.Module]]:
+    modules = dict(module.named_modules())
+    return [(name, modules[name]) for name in pipeline.owned_blocks]

@@ -60,6 +60,7 @@ def apply_storage(
     *,
     reduce_unused_parameters: bool = False,
     shard_root: bool = True,
+    units: Sequence[tuple[str, nn.Module]] | None = None,
 ) -> nn.Module:
     """Shard the storage of ``module`` over the ``shard`` axis of ``mesh`` as ``plan.storage`` says.
 
@@ -91,6 +92,9 @@ def apply_storage(
             left alone: any method may call the children (a LightningModule's ``training_step`` with
             several backward passes in it), but the root must own no parameter directly and no
             parameter may be shared between two children (see :func:`root_free_units`).
+        units: the ``(name, submodule)`` units to shard before the root; ``None`` for ``plan.sharding_units``
+            or the blocks :func:`~parti_lightning.parallel.blocks.find_blocks` finds (a pipeline stage passes
+            the blocks it holds).
 
     Returns:
         ``module``, sharded in place.
@@ -106,7 +110,7 @@ def apply_storage(
         # ZeRO-1 shards only optimizer state, which does not exist yet: parameters and gradients stay
         # whole on every rank and plain data parallel averages the gradients.
         return module
-    units = resolve_units(module, plan.sharding_units)
+    units = list(units) if units is not None else resolve_units(module, plan.sharding_units)
     _check_units_own_their_parameters(module, units)
     if not shard_root:
         units = [*units, *root_free_units(module, units)]
