@@ -23,7 +23,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 import parti_lightning  # noqa: F401  (registers strategy="parti" with Lightning)
@@ -69,6 +69,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, reading right when training runs by steps.
+
+    With only ``max_steps`` set, Lightning sets ``max_epochs=-1`` and the bar says ``Epoch 9/-2`` (checked against
+    Lightning 2.6.6, whose ``_get_train_description`` prints ``max_epochs - 1``); this one names the step training runs to instead.
+    """
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        return f"Epoch {current_epoch} (training to step {self.trainer.max_steps})"
+
+
 def strategy_of(args: argparse.Namespace) -> str | PartiStrategy:
     """The strategy name, or parti with the plan ``--plan`` asks for."""
     if args.plan is None:
@@ -109,7 +122,7 @@ def build(args: argparse.Namespace) -> tuple[CharGPT, CharDataModule, L.Trainer,
         val_check_interval=args.val_every,
         check_val_every_n_epoch=None,
         gradient_clip_val=1.0,
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), StepProgressBar()],
         logger=CSVLogger(save_dir=args.out_dir, name="logs"),
         log_every_n_steps=10,
     )

@@ -172,3 +172,13 @@ def test_generate_returns_requested_length_over_vocab() -> None:
     assert model.generate("", 0) == ""
     with pytest.raises(ValueError, match="temperature"):
         model.generate("x", 5, temperature=0.0)
+
+
+def test_progress_bar_names_the_last_step_when_training_by_steps() -> None:
+    # Lightning's own bar says "Epoch 9/-2" when only max_steps is set (max_epochs=-1).
+    train = importlib.import_module("train_char_gpt")
+    bar = train.StepProgressBar()
+    bar.setup(L.Trainer(max_steps=500, logger=False, enable_checkpointing=False, callbacks=[bar]), None, "fit")
+    assert bar._get_train_description(9).strip() == "Epoch 9 (training to step 500)"
+    bar.setup(L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, callbacks=[bar]), None, "fit")
+    assert bar._get_train_description(1).strip() == "Epoch 1/2"
