@@ -73,7 +73,8 @@ class StepProgressBar(RichProgressBar):
     """Lightning's rich progress bar, reading right when training runs by steps.
 
     With only ``max_steps`` set, Lightning sets ``max_epochs=-1`` and the bar says ``Epoch 9/-2`` (checked against
-    Lightning 2.6.6, whose ``_get_train_description`` prints ``max_epochs - 1``); this one names the step training runs to instead.
+    Lightning 2.6.6, whose ``_get_train_description`` prints ``max_epochs - 1``); this one names the step training
+    runs to instead.
     """
 
     def _get_train_description(self, current_epoch: int) -> str:

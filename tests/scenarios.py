@@ -278,6 +278,9 @@ SCENARIOS = [
     # replicated and the sharded predictions of that first run, a sharded plan (see `main`).
     Scenario("auto", BlockRegressor, plan="auto"),
     Scenario("auto_tight_budget", BlockRegressor, plan="auto"),
+    # Then a budget only a tensor- or pipeline-parallel plan's prediction meets: the model is split, one
+    # data-parallel rank (both ranks split it).
+    Scenario("auto_model_parallel_budget", BlockRegressor, plan="auto", data_parallel=1),
 ]
 HEADROOM = 0.1
 
@@ -419,12 +422,25 @@ def write_stock_checkpoint(out: str) -> None:
     trainer.save_checkpoint(os.path.join(out, "stock.ckpt"))
 
 
-def _budget_below_replicated(report: Any) -> int | None:
-    """A per-rank budget that the replicated plans' predicted peaks exceed and a ZeRO-3 plan's does not."""
+def _budget_only_model_parallel(report: Any) -> int | None:
+    """A per-rank budget that every data-parallel plan's predicted peak exceeds and some tensor- or pipeline-parallel
+    plan's does not."""
     if report is None:  # not global rank 0
         return None
-    replicated = min(c.peak_bytes for c in report.candidates if c.plan.storage == "replicated")
-    sharded = min(c.peak_bytes for c in report.candidates if c.plan.storage == "parameters")
+    split = min(c.peak_bytes for c in report.candidates if c.plan.tensor > 1 or c.plan.pipeline > 1)
+    whole = min(c.peak_bytes for c in report.candidates if c.plan.tensor == c.plan.pipeline == 1)
+    assert split < whole, f"model-parallel plans predicted {split} B, data-parallel ones {whole} B"
+    return int((split + whole) / 2 / (1 - HEADROOM))
+
+
+def _budget_below_replicated(report: Any) -> int | None:
+    """A per-rank budget that the replicated data-parallel plans' predicted peaks exceed and a ZeRO-3 plan's does not
+    (tensor- and pipeline-parallel plans may fit too: the planner takes them only when no data-parallel plan does)."""
+    if report is None:  # not global rank 0
+        return None
+    data_parallel = [c for c in report.candidates if c.plan.tensor == c.plan.pipeline == 1]
+    replicated = min(c.peak_bytes for c in data_parallel if c.plan.storage == "replicated")
+    sharded = min(c.peak_bytes for c in data_parallel if c.plan.storage == "parameters")
     assert sharded < replicated, f"ZeRO-3 predicted {sharded} B, replicated {replicated} B"
     return int((sharded + replicated) / 2 / (1 - HEADROOM))
 
@@ -433,14 +449,18 @@ def main(out: str) -> None:
     import parti_lightning  # noqa: F401
 
     os.makedirs(out, exist_ok=True)
-    budget = None
+    budget = split_budget = None
     for scenario in SCENARIOS:
+        if scenario.name == "auto_model_parallel_budget":
+            scenario = Scenario(**{**scenario.__dict__, "strategy_kwargs": {"memory_budget": split_budget,
+                                                                          "planner_headroom": HEADROOM}})
         if scenario.name == "auto_tight_budget":
             scenario = Scenario(**{**scenario.__dict__, "strategy_kwargs": {"memory_budget": budget,
                                                                           "planner_headroom": HEADROOM}})
         trainer, result = run_distributed(scenario, out)
         if scenario.name == "auto":
             budget = trainer.strategy.broadcast(_budget_below_replicated(trainer.strategy.plan_report))
+            split_budget = trainer.strategy.broadcast(_budget_only_model_parallel(trainer.strategy.plan_report))
         if trainer.is_global_zero:
             torch.save(result, os.path.join(out, f"{scenario.name}.pt"))
     for source, plan in RESUMES:

@@ -117,6 +117,11 @@ def _tensors(tree: object, prefix: str = "") -> dict[str, torch.Tensor]:
     return {}
 
 
+def test_auto_plan_splits_the_model_when_only_model_parallel_plans_fit(distributed_results: Path) -> None:
+    plan = _load(distributed_results, "auto_model_parallel_budget")["applied"]["plan"]
+    assert plan["tensor"] * plan["pipeline"] == 2 and plan["data"] * plan["shard"] == 1, plan
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(("source", "plan"), RESUMES, ids=[f"{s}-as-{p}" for s, p in RESUMES])
 def test_resume_under_another_plan_restores_every_tensor(distributed_results: Path, source: str, plan: str):

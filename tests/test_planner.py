@@ -26,6 +26,7 @@ from parti_lightning.planner import (
     profile_model,
 )
 from parti_lightning.planner import hardware as hardware_module
+from parti_lightning.planner.search import candidate_plans
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from char_gpt import CharGPT  # noqa: E402
@@ -277,6 +278,72 @@ def test_nothing_fits_says_what_would() -> None:
     assert isinstance(info.value, PlanError)
     assert "no plan fits CharGPT" in message and "the smallest" in message
     assert "more memory per rank" in message and "more ranks" in message and "smaller batch" in message
+
+
+# ------------------------------------------------------------------------------- tensor and pipeline
+
+
+def _model_parallel_degrees(report_or_plans: object) -> set[tuple[int, int]]:
+    plans = [c.plan for c in report_or_plans.candidates] if hasattr(report_or_plans, "candidates") else report_or_plans
+    return {(p.pipeline, p.tensor) for p in plans}
+
+
+def test_tensor_candidates_only_where_the_degree_divides_heads_and_widths() -> None:
+    two_heads = profile_model(CharGPT(n_layer=2, n_embd=64, n_head=2, block_size=32), gpt_batch())
+    three_heads = profile_model(CharGPT(n_layer=2, n_embd=48, n_head=3, block_size=32), gpt_batch())
+    assert two_heads.heads == (2,) and three_heads.heads == (3,)
+    degrees = _model_parallel_degrees(candidate_plans(two_heads, 4, 4))
+    assert (1, 2) in degrees and (1, 4) not in degrees  # 4 does not divide 2 heads
+    assert not any(t > 1 for _, t in _model_parallel_degrees(candidate_plans(three_heads, 4, 4)))
+
+
+def test_pipeline_candidates_only_with_enough_blocks() -> None:
+    two_blocks = profile_model(gpt(layers=2), gpt_batch(8))
+    degrees = _model_parallel_degrees(candidate_plans(two_blocks, 4, 4))
+    assert (2, 1) in degrees and (4, 1) not in degrees
+    tiny = _model_parallel_degrees(candidate_plans(profile_model(Tiny(), torch.zeros(4, 16)), 4, 4))
+    assert {p for p, _ in tiny} == {1, 2}  # Tiny's two Linears in a Sequential: at most 2 stages
+    for plan in candidate_plans(two_blocks, 4, 4):
+        plan.check_implemented()  # nothing parti refuses is proposed
+        if plan.pipeline > 1:
+            assert 8 % plan.micro_batches == 0
+            assert plan.schedule == ("gpipe" if plan.storage in ("gradients", "parameters") else "1f1b")
+
+
+def test_model_parallel_plans_predicted_in_their_terms() -> None:
+    profile = profile_model(gpt(layers=4, width=64), gpt_batch(16))
+    hw = hardware()
+    ddp = estimate(profile, hw, PartitionPlan().resolve(2), 2)
+    tp = estimate(profile, hw, PartitionPlan(tensor=2, data=1).resolve(2), 2)
+    pp = estimate(profile, hw, PartitionPlan(pipeline=2, data=1, micro_batches=8).resolve(2), 2)
+    state = ("parameters", "gradients", "optimizer")
+    for split in (tp, pp):
+        assert sum(split.memory[k] for k in state) < 0.75 * sum(ddp.memory[k] for k in state)
+        assert split.memory["activations"] < ddp.memory["activations"]
+        assert split.time["communication"] > 0
+    assert tp.time["compute"] < ddp.time["compute"]  # each rank computes half of every block
+
+
+def test_a_budget_only_tensor_or_pipeline_meets_gets_that_plan() -> None:
+    profile = profile_model(gpt(layers=4, width=64), gpt_batch(16))
+    everything = choose_plan(profile, hardware(), world_size=2)
+    split = min(c.peak_bytes for c in everything.candidates if c.plan.tensor > 1 or c.plan.pipeline > 1)
+    whole = min(c.peak_bytes for c in everything.candidates if c.plan.tensor == c.plan.pipeline == 1)
+    assert split < whole, "activations dominate this model: splitting it must predict less memory than ZeRO-3"
+    # With room for every plan, a data-parallel one is chosen; model-parallel ones are said to be held back.
+    assert everything.chosen.tensor == everything.chosen.pipeline == 1
+    assert any("a data-parallel plan fits too" in c.reason for c in everything.candidates)
+    tight = choose_plan(profile, hardware((split + whole) / 2 / GIB), world_size=2, headroom=0.0)
+    assert tight.chosen.tensor > 1 or tight.chosen.pipeline > 1
+    assert tight.chosen.is_resolved
+
+
+def test_nothing_fits_names_the_model_parallel_plan_more_ranks_would_fit() -> None:
+    profile = profile_model(gpt(layers=4, width=64), gpt_batch(16))
+    smallest = min(c.peak_bytes for c in choose_plan(profile, hardware(), world_size=2).candidates)
+    with pytest.raises(NoPlanFits) as info:
+        choose_plan(profile, hardware(smallest * 0.97 / GIB), world_size=2, headroom=0.0)
+    assert "would fit, with pp" in str(info.value) or "would fit, with tp" in str(info.value), str(info.value)
 
 
 def test_ties_go_to_the_simpler_plan() -> None:

@@ -64,14 +64,18 @@ class _Cost:
     memory: dict[str, int]
     time: dict[str, float]
     setup_bytes: int = 0
+    # What this rank holds of the model after the model-parallel terms (pipeline, tensor): the storage term
+    # shards that, and the activation term checkpoints the trunk's part of the activations.
+    held_parameter_bytes: int = 0
+    trunk_activation_bytes: int = 0
+    trunk_blocks_held: float = 0.0
 
 
 def estimate(profile: ModelProfile, hardware: HardwareProfile, plan: ResolvedPlan, ranks_per_node: int) -> Estimate:
     """Predict ``plan`` (resolved) for ``profile`` on ``hardware``.
 
     Starts from one process holding and computing everything, then applies one term per technique in
-    the order ``parallelize`` applies the techniques. Pipeline and tensor parallelism have no term yet
-    (the planner does not propose them); theirs slot in before activation checkpointing.
+    the order ``parallelize`` applies the techniques.
     """
     cost = _single_process(profile, hardware)
     for term in _TERMS:
@@ -93,16 +97,96 @@ def _single_process(profile: ModelProfile, hardware: HardwareProfile) -> _Cost:
     step = 2 * profile.parameter_bytes + profile.gradient_bytes + 2 * profile.optimizer_state_bytes
     time = {"compute": profile.step_flops / hardware.flops_per_s, "recompute": 0.0,
             "optimizer": step / hardware.memory_bandwidth_bytes_per_s, "communication": 0.0}
-    return _Cost(memory, time)
+    trunk = sum(b.activation_bytes for b in profile.blocks)
+    return _Cost(memory, time, held_parameter_bytes=profile.parameter_bytes, trunk_activation_bytes=trunk,
+                 trunk_blocks_held=float(len(profile.blocks)))
+
+
+def _pipeline(
+    cost: _Cost, profile: ModelProfile, hardware: HardwareProfile, plan: ResolvedPlan, ranks_per_node: int
+) -> None:
+    """The trunk in ``p`` stages: a rank holds one stage's blocks; the rest of the model runs on every rank.
+
+    Time follows parti's pipelined trunk: one forward-only pass, then a training pass that recomputes the
+    stage's forward, each stretched by the schedule's bubble ``(p-1)/(m+p-1)``; two broadcasts of the
+    trunk's boundary tensor over the pipeline ranks and one send per micro-batch and direction.
+    """
+    p, m = plan.pipeline, plan.micro_batches
+    if p == 1 or not profile.blocks:
+        return
+    block_params = [b.parameter_bytes for b in profile.blocks]
+    stage = _largest_stage(block_params, p)
+    share = stage / max(sum(block_params), 1)
+    trunk_params = sum(block_params)
+    held = profile.parameter_bytes - int(trunk_params * (1 - share))
+    _scale_state(cost, profile, held)
+    cost.setup_bytes = profile.parameter_bytes + profile.buffer_bytes  # built whole, then split
+    cost.trunk_blocks_held = len(profile.blocks) * share
+    # Training pass: 1F1B keeps at most p micro-batches' activations of the stage, GPipe all m.
+    in_flight = m if plan.schedule == "gpipe" else min(p, m)
+    stage_activations = int(cost.trunk_activation_bytes * share * in_flight / m)
+    boundary = profile.blocks[0].input_bytes
+    cost.memory["activations"] += stage_activations - cost.trunk_activation_bytes + 2 * boundary
+    cost.trunk_activation_bytes = stage_activations
+    trunk_forward = sum(b.forward_flops for b in profile.blocks)
+    trunk_step = trunk_forward + sum(b.backward_flops for b in profile.blocks)
+    bubble = (p - 1) / (m + p - 1)
+    stretch = 1 / (1 - bubble)
+    rate = hardware.flops_per_s
+    cost.time["compute"] += ((trunk_step + trunk_forward) * share * stretch - trunk_step) / rate
+    bandwidth = _bandwidth(hardware, p, ranks_per_node)
+    broadcasts = 2 * _one_way(boundary, p, bandwidth)  # trunk output and input gradient, to every stage
+    sends = 2 * boundary / bandwidth + 2 * m * hardware.collective_latency_s
+    cost.time["communication"] += broadcasts + sends + 2 * hardware.collective_latency_s
+
+
+def _tensor(
+    cost: _Cost, profile: ModelProfile, hardware: HardwareProfile, plan: ResolvedPlan, ranks_per_node: int
+) -> None:
+    """Each block's matrices (and embeddings or heads at least a block's size) split over ``t`` ranks.
+
+    Megatron's layout: a block's compute and its activations inside the split layers are divided by ``t``;
+    four all-reduces of the block's input per block and step (two forward, two backward) over the tensor ranks.
+    """
+    t = plan.tensor
+    if t == 1 or not profile.blocks:
+        return
+    split = _tensor_split_bytes(profile)
+    held_fraction = cost.held_parameter_bytes / max(profile.parameter_bytes, 1)
+    held = cost.held_parameter_bytes - int(split * held_fraction * (1 - 1 / t))
+    _scale_state(cost, profile, held)
+    cost.setup_bytes = profile.parameter_bytes + profile.buffer_bytes  # built whole, then split
+    trunk = cost.trunk_activation_bytes
+    cost.memory["activations"] -= trunk - trunk // t
+    cost.trunk_activation_bytes = trunk // t
+    blocks_held = cost.trunk_blocks_held / len(profile.blocks)
+    block_step = sum(b.forward_flops + b.backward_flops for b in profile.blocks)
+    cost.time["compute"] -= block_step * blocks_held * (1 - 1 / t) / hardware.flops_per_s
+    bandwidth = _bandwidth(hardware, t, ranks_per_node)
+    per_block = 4 * (_all_reduce(profile.blocks[0].input_bytes, t, bandwidth) + hardware.collective_latency_s)
+    # A pipelined trunk runs its stage's blocks twice (forward-only, then recomputed): two more all-reduces.
+    passes = 1.5 if plan.pipeline > 1 else 1.0
+    cost.time["communication"] += per_block * cost.trunk_blocks_held * passes
 
 
 def _activation_checkpointing(
     cost: _Cost, profile: ModelProfile, hardware: HardwareProfile, plan: ResolvedPlan, ranks_per_node: int
 ) -> None:
     """Blocks keep only their inputs; their forward runs again in backward."""
-    cost.memory["activations"] = _activation_bytes(profile, plan)
-    if plan.activation_checkpointing == "blocks":
-        cost.time["recompute"] = sum(b.forward_flops for b in profile.blocks) / hardware.flops_per_s
+    if plan.activation_checkpointing != "blocks" or not profile.blocks:
+        return
+    held = cost.trunk_blocks_held / len(profile.blocks)
+    if plan.pipeline == 1 and plan.tensor == 1:
+        cost.memory["activations"] = _activation_bytes(profile, plan)
+    else:
+        # The stage's (or split) trunk keeps its blocks' inputs and one block's activations in flight.
+        trunk = cost.trunk_activation_bytes
+        kept = min(trunk, int((sum(b.input_bytes for b in profile.blocks) + max(b.activation_bytes for b in
+                                                                                  profile.blocks)) * held))
+        cost.memory["activations"] += kept - trunk
+        cost.trunk_activation_bytes = kept
+    forward = sum(b.forward_flops for b in profile.blocks) * held / plan.tensor
+    cost.time["recompute"] = forward / hardware.flops_per_s
 
 
 def _storage(
@@ -111,15 +195,17 @@ def _storage(
     """ZeRO-1/2/3 over the shard axis, or replicated gradient averaging over the data-parallel ranks."""
     n = plan.shard if plan.storage != "replicated" else 1
     cost.time["optimizer"] /= n  # each rank steps its share
-    cost.time["communication"] = _communication(profile, hardware, plan, ranks_per_node)
+    # What the model-parallel terms left this rank holding, as a share of the whole model.
+    share = cost.held_parameter_bytes / max(profile.parameter_bytes, 1)
+    cost.time["communication"] += share * _communication(profile, hardware, plan, ranks_per_node)
     if plan.storage == "replicated" or n == 1:
         return
     if plan.storage == "optimizer":
         owned = _zero1_largest_share(profile, n)
         cost.memory["optimizer"] = owned * profile.optimizer_tensors_per_parameter + profile.optimizer_scalar_bytes // n
         return
-    shard = _fsdp_shard_bytes(profile, n)
-    params, unit = profile.parameter_bytes, _largest_unit_bytes(profile)
+    shard = int(_fsdp_shard_bytes(profile, n) * share)
+    params, unit = cost.held_parameter_bytes, int(_largest_unit_bytes(profile) * share)
     trainable_share = profile.gradient_bytes / max(params, 1)
     # ZeRO-2 keeps every unit gathered from its forward to its backward; ZeRO-3 only those in flight.
     gathered = params if plan.storage == "gradients" else min(params, _UNITS_IN_FLIGHT * unit)
@@ -134,11 +220,43 @@ def _storage(
         "in_flight": gathered + unit,
     })
     # On CPU the strategy builds the whole model on every rank before sharding it.
-    cost.setup_bytes = params + shard
+    cost.setup_bytes = profile.parameter_bytes + shard
 
 
-# In `parallelize`'s order: (pipeline split, tensor parallel: no term yet,) activation checkpointing, storage.
-_TERMS: tuple[Term, ...] = (_activation_checkpointing, _storage)
+# In `parallelize`'s order: pipeline split, tensor parallel, activation checkpointing, storage.
+_TERMS: tuple[Term, ...] = (_pipeline, _tensor, _activation_checkpointing, _storage)
+
+
+def _scale_state(cost: _Cost, profile: ModelProfile, held: int) -> None:
+    """This rank now holds ``held`` parameter bytes: its gradients and optimizer state shrink with them."""
+    ratio = held / max(cost.held_parameter_bytes, 1)
+    cost.held_parameter_bytes = held
+    cost.memory["parameters"] = held + profile.buffer_bytes
+    cost.memory["gradients"] = int(cost.memory["gradients"] * ratio)
+    scalars = profile.optimizer_scalar_bytes
+    cost.memory["optimizer"] = int((cost.memory["optimizer"] - scalars) * ratio) + scalars
+    cost.time["optimizer"] *= ratio
+
+
+def _largest_stage(block_bytes: list[int], stages: int) -> int:
+    """Bytes of the largest stage when ``stage_starts`` balances the blocks by parameter count."""
+    from parti_lightning.parallel.pipeline_split import stage_starts
+
+    starts = stage_starts([str(i) for i in range(len(block_bytes))], stages, costs=block_bytes)
+    ends = [*starts[1:], len(block_bytes)]
+    return max(sum(block_bytes[a:b]) for a, b in zip(starts, ends, strict=True))
+
+
+def _tensor_split_bytes(profile: ModelProfile) -> int:
+    """Parameter bytes tensor parallelism splits: the blocks' matrices, and matrices outside the blocks at
+    least a block's size (embeddings, output head), as its automatic rules do. Vectors stay replicated."""
+    prefixes = tuple(f"{b.name}." for b in profile.blocks)
+    block_numel = max((b.parameter_bytes for b in profile.blocks), default=0)
+    return sum(
+        p.bytes
+        for p in profile.parameters
+        if len(p.shape) >= 2 and (p.name.startswith(prefixes) or p.bytes >= block_numel)
+    )
 
 
 # ------------------------------------------------------------------------------------------ memory

@@ -87,6 +87,8 @@ class ModelProfile:
         batch_size: size of the example batch's first dimension (0 when unknown).
         source: ``"training_step"`` or ``"forward"``: what was run.
         notes: assumptions the numbers rest on.
+        heads: the attention head counts the module's layers or configs declare (``n_head``, ``num_heads``,
+            ``num_attention_heads``, ``num_key_value_heads``, ...): tensor parallelism splits whole heads.
     """
 
     name: str
@@ -102,6 +104,7 @@ class ModelProfile:
     batch_size: int
     source: str
     notes: tuple[str, ...] = ()
+    heads: tuple[int, ...] = ()
 
     @property
     def parameter_count(self) -> int:
@@ -200,7 +203,25 @@ def profile_model(module: nn.Module, batch: Any) -> ModelProfile:
         batch_size=_batch_size(batch),
         source=source,
         notes=tuple(notes),
+        heads=_head_counts(module),
     )
+
+
+# Attribute names under which attention layers and model configs (torch's, nanoGPT's, Hugging Face's) keep
+# their head counts.
+_HEAD_ATTRIBUTES = ("n_head", "nhead", "num_heads", "n_heads", "num_attention_heads", "num_key_value_heads",
+                    "n_kv_heads", "num_kv_heads")
+
+
+def _head_counts(module: nn.Module) -> tuple[int, ...]:
+    found: set[int] = set()
+    for sub in module.modules():
+        for owner in (sub, getattr(sub, "config", None), getattr(sub, "hparams", None)):
+            for attribute in _HEAD_ATTRIBUTES:
+                value = getattr(owner, attribute, None) if owner is not None else None
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    found.add(value)
+    return tuple(sorted(found))
 
 
 # ------------------------------------------------------------------------------------------- copy

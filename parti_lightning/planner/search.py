@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from rich.table import Table
 
@@ -54,6 +55,14 @@ class Candidate:
         name = {"replicated": "ddp", "optimizer": "zero1", "gradients": "zero2", "parameters": "zero3"}[plan.storage]
         if plan.data > 1 and plan.shard > 1:
             name = f"hybrid {name}"
+        if plan.data * plan.shard == 1:
+            name = ""  # no data-parallel ranks: the model-parallel axes say it all
+        model_parallel = []
+        if plan.pipeline > 1:
+            model_parallel.append(f"pp{plan.pipeline} ({plan.schedule}, {plan.micro_batches} micro-batches)")
+        if plan.tensor > 1:
+            model_parallel.append(f"tp{plan.tensor}")
+        name = " × ".join([*model_parallel, *([name] if name else [])])
         return name + (" + checkpointing" if plan.activation_checkpointing == "blocks" else "")
 
 
@@ -108,20 +117,50 @@ def candidate_plans(profile: ModelProfile, world_size: int, ranks_per_node: int)
     """
     checkpointing: tuple[ActivationCheckpointing, ...] = ("none", "blocks") if profile.blocks else ("none",)
     plans: list[ResolvedPlan] = []
-    for pipeline, tensor in _model_parallel_degrees(world_size):
+    for pipeline, tensor in _model_parallel_degrees(profile, world_size):
         data_parallel = world_size // (pipeline * tensor)
         for storage in STORAGE_ORDER if data_parallel > 1 else ("replicated",):
             for data, shard in _storage_degrees(storage, data_parallel, ranks_per_node):
                 for ac in checkpointing:
-                    plans.append(ResolvedPlan(pipeline=pipeline, tensor=tensor, data=data, shard=shard,
-                                              storage=storage, activation_checkpointing=ac))
+                    plan = ResolvedPlan(pipeline=pipeline, tensor=tensor, data=data, shard=shard, storage=storage,
+                                        activation_checkpointing=ac, **_pipeline_settings(profile, pipeline, storage))
+                    try:
+                        plan.check_implemented()
+                    except NotImplementedError:
+                        continue  # a combination parti refuses is never proposed
+                    plans.append(plan)
     return plans
 
 
-def _model_parallel_degrees(world_size: int) -> list[tuple[int, int]]:
-    """``(pipeline, tensor)`` degrees to consider. Only ``(1, 1)`` until the planner has cost terms for tensor
-    and pipeline parallelism: it never proposes a technique it cannot predict."""
-    return [(1, 1)]
+def _model_parallel_degrees(profile: ModelProfile, world_size: int) -> list[tuple[int, int]]:
+    """``(pipeline, tensor)`` degrees the model and the world allow, ``(1, 1)`` first.
+
+    Tensor degrees that divide every attention head count the model declares and both sides of every matrix
+    in its blocks (so that no layer would fall back); pipeline degrees up to the number of blocks.
+    """
+    divisors = [d for d in range(2, world_size + 1) if world_size % d == 0]
+    tensors = [1, *(t for t in divisors if _tensor_fits(profile, t))]
+    pipelines = [1, *(p for p in divisors if p <= len(profile.blocks))] if len(profile.blocks) >= 2 else [1]
+    return [(p, t) for p in pipelines for t in tensors if world_size % (p * t) == 0]
+
+
+def _tensor_fits(profile: ModelProfile, degree: int) -> bool:
+    if not profile.blocks or any(heads % degree for heads in profile.heads):
+        return False
+    prefixes = tuple(f"{b.name}." for b in profile.blocks)
+    matrices = [p.shape for p in profile.parameters if p.name.startswith(prefixes) and len(p.shape) == 2]
+    return bool(matrices) and all(dim % degree == 0 for shape in matrices for dim in shape)
+
+
+def _pipeline_settings(profile: ModelProfile, pipeline: int, storage: str) -> dict[str, Any]:
+    """Micro-batches and schedule for a pipeline degree: the most micro-batches (up to 8) that divide the batch,
+    1F1B where it can run (at least as many micro-batches as stages, storage not sharded), else GPipe."""
+    if pipeline == 1:
+        return {}
+    batch = profile.batch_size or 1
+    micro = max(m for m in (1, 2, 4, 8) if batch % m == 0)
+    one_f_one_b = micro >= pipeline and storage in ("replicated", "optimizer")
+    return {"micro_batches": micro, "schedule": "1f1b" if one_f_one_b else "gpipe"}
 
 
 def _storage_degrees(storage: str, data_parallel: int, ranks_per_node: int) -> list[tuple[int, int]]:
@@ -172,10 +211,17 @@ def choose_plan(
     fitting = [(plan, est) for plan, est in predicted if est.peak_bytes <= usable]
     if not fitting:
         raise NoPlanFits(_no_fit_message(profile, hardware, predicted, usable, world_size, ranks_per_node, headroom))
-    fastest = min(est.seconds for _, est in fitting)
-    chosen, chosen_est = next((p, e) for p, e in fitting if e.seconds <= fastest * (1 + tie_tolerance))
+    # Tensor and pipeline plans only where no data-parallel plan fits: their step time leaves out what
+    # distributed tensors and schedules cost per operation (large on CPU), so "faster" is not yet to be trusted;
+    # their memory is what they are for.
+    data_parallel_fits = any(not _model_parallel(plan) for plan, _ in fitting)
+    eligible = [(plan, est) for plan, est in fitting if not (data_parallel_fits and _model_parallel(plan))]
+    fastest = min(est.seconds for _, est in eligible)
+    chosen, chosen_est = next((p, e) for p, e in eligible if e.seconds <= fastest * (1 + tie_tolerance))
     candidates = tuple(
-        Candidate(plan, est, est.peak_bytes <= usable, _reason(plan is chosen, est, chosen_est, usable, tie_tolerance),
+        Candidate(plan, est, est.peak_bytes <= usable,
+                  _reason(plan is chosen, est, chosen_est, usable, tie_tolerance,
+                          model_parallel_held_back=data_parallel_fits and _model_parallel(plan)),
                   plan is chosen)
         for plan, est in predicted
     )
@@ -183,11 +229,18 @@ def choose_plan(
                       profile.notes)
 
 
-def _reason(is_chosen: bool, est: Estimate, chosen: Estimate, usable: int, tolerance: float) -> str:
+def _model_parallel(plan: ResolvedPlan) -> bool:
+    return plan.tensor > 1 or plan.pipeline > 1
+
+
+def _reason(is_chosen: bool, est: Estimate, chosen: Estimate, usable: int, tolerance: float,
+            model_parallel_held_back: bool = False) -> str:
     if is_chosen:
         return "chosen: the fastest that fits"
     if est.peak_bytes > usable:
         return f"needs {est.peak_bytes / GIB:.2f} GiB > usable {usable / GIB:.2f} GiB"
+    if model_parallel_held_back:
+        return "fits, but a data-parallel plan fits too (tensor/pipeline: only when none does)"
     ratio = est.seconds / chosen.seconds if chosen.seconds else 1.0
     if ratio <= 1 + tolerance:
         return f"as fast ({ratio:.2f}×), less simple"
@@ -200,9 +253,13 @@ def _no_fit_message(profile: ModelProfile, hardware: HardwareProfile, predicted:
     label = f"storage={plan.storage}, activation_checkpointing={plan.activation_checkpointing}"
     hints = [f"more memory per rank (at least {smallest.peak_bytes / (1 - headroom) / GIB:.2f} GiB"
              f" at headroom {headroom:g})"]
-    ranks = _ranks_that_fit(profile, hardware, usable, world_size, ranks_per_node)
-    if ranks:
-        hints.append(f"more ranks ({ranks} would fit)")
+    found = _ranks_that_fit(profile, hardware, usable, world_size, ranks_per_node)
+    if found:
+        ranks, plan_there = found
+        hints.append(f"more ranks ({ranks} would fit, with {_describe(plan_there)})")
+    model_parallel = [(est.peak_bytes, p) for p, est in predicted if _model_parallel(p)]
+    if not model_parallel and len(profile.blocks) < 2 and world_size > 1:
+        hints.append("a model with repeated blocks parti can split (tensor or pipeline parallelism found none here)")
     activations = smallest.memory.get("activations", 0)
     if activations:
         hints.append(f"a smaller batch (activations are {activations / GIB:.2f} GiB of it, about proportional"
@@ -215,12 +272,20 @@ def _no_fit_message(profile: ModelProfile, hardware: HardwareProfile, predicted:
 
 
 def _ranks_that_fit(profile: ModelProfile, hardware: HardwareProfile, usable: int, world_size: int,
-                    ranks_per_node: int) -> int | None:
+                    ranks_per_node: int) -> tuple[int, ResolvedPlan] | None:
+    """The smallest larger world (doubling) where some plan fits, and the smallest-footprint plan there."""
     world = world_size * 2
     while world <= _MAX_WORLD_HINT:
         nodes_of = min(world, ranks_per_node)
-        for plan in candidate_plans(profile, world, nodes_of):
-            if estimate(profile, hardware, plan, nodes_of).peak_bytes <= usable:
-                return world
+        fits = [(est.peak_bytes, plan) for plan in candidate_plans(profile, world, nodes_of)
+                if (est := estimate(profile, hardware, plan, nodes_of)).peak_bytes <= usable]
+        if fits:
+            return world, min(fits, key=lambda item: item[0])[1]
         world *= 2
     return None
+
+
+def _describe(plan: ResolvedPlan) -> str:
+    """A plan in the words of the table: its label and its mesh."""
+    label = Candidate(plan, Estimate({}, 0, {}), fits=True).label
+    return f"{label}, mesh {plan.pipeline}×{plan.data}×{plan.shard}×{plan.tensor} (p×d×s×t)"
