@@ -1,7 +1,8 @@
 """How well the planner predicts: its per-rank peak memory and step time against real 2-rank CPU runs.
 
 For each model (the example's character GPT at a few sizes) and each plan (ddp, zero1, zero2, zero3,
-each with and without activation checkpointing of the blocks), the planner's prediction
+each with and without activation checkpointing of the blocks; tensor and pipeline parallel over both ranks),
+the planner's prediction
 (``parti_lightning.planner.estimate`` on a meta-device profile and this machine's cached hardware
 profile) is set against a real run: ``Trainer(accelerator="cpu", devices=2, strategy=PartiStrategy(plan))``
 in a subprocess, as ``benchmarks/storage_memory.py`` runs them (Lightning's launcher re-runs this
@@ -40,6 +41,8 @@ PLANS: dict[str, dict[str, str]] = {
     "zero1": {"preset": "zero1"}, "zero1+ac": {"preset": "zero1", "activation_checkpointing": "blocks"},
     "zero2": {"preset": "zero2"}, "zero2+ac": {"preset": "zero2", "activation_checkpointing": "blocks"},
     "zero3": {"preset": "zero3"}, "zero3+ac": {"preset": "zero3", "activation_checkpointing": "blocks"},
+    # Model parallel over both ranks (each rank gets the batch a data-parallel rank gets).
+    "tp": {"preset": "tp"}, "pp": {"preset": "pp"},
 }
 QUICK_PLANS = ("ddp", "ddp+ac", "zero1", "zero2", "zero3", "zero3+ac")
 
@@ -120,7 +123,7 @@ def _predict(args: argparse.Namespace, layers: int, width: int, plans: list[str]
         predictions[name] = {"memory": est.peak_bytes - hardware.process_overhead_bytes, "step_s": est.seconds}
     report = choose_plan(profile, hardware, world_size=2, ranks_per_node=2)
     chosen = report.chosen
-    label = next(n for n, p in PLANS.items() if PartitionPlan.from_value(p).resolve(2, 2) == chosen)
+    label = next((n for n, p in PLANS.items() if PartitionPlan.from_value(p).resolve(2, 2) == chosen), str(chosen))
     return predictions, label, profile
 
 

@@ -45,7 +45,8 @@ def footnotes(report: PlanReport) -> list[str]:
         f" per-process overhead {hw.process_overhead_bytes / GIB:.2f} GiB (in every peak)",
         f"model: {report.profile.step_flops / 1e9:,.2f} GFLOP per step at batch {report.profile.batch_size},"
         f" profiled via {report.profile.source}; dtype as built (mixed precision is not modelled)",
-        "step time = compute + recompute + optimizer + communication (no overlap assumed)",
+        "step time = compute + recompute + optimizer + communication (no overlap assumed); plans are compared"
+        " per sample (step time over the data-parallel ranks: a tensor or pipeline step trains fewer samples)",
     ]
     return lines + [f"note: {note}" for note in report.notes]
 

@@ -216,11 +216,14 @@ def choose_plan(
     # their memory is what they are for.
     data_parallel_fits = any(not _model_parallel(plan) for plan, _ in fitting)
     eligible = [(plan, est) for plan, est in fitting if not (data_parallel_fits and _model_parallel(plan))]
-    fastest = min(est.seconds for _, est in eligible)
-    chosen, chosen_est = next((p, e) for p, e in eligible if e.seconds <= fastest * (1 + tie_tolerance))
+    # Seconds per sample: a step of a plan with fewer data-parallel ranks (tensor, pipeline) trains fewer samples.
+    fastest = min(_per_sample(p, e) for p, e in eligible)
+    chosen, chosen_est = next((p, e) for p, e in eligible if _per_sample(p, e) <= fastest * (1 + tie_tolerance))
+    chosen_rate = _per_sample(chosen, chosen_est)
     candidates = tuple(
         Candidate(plan, est, est.peak_bytes <= usable,
-                  _reason(plan is chosen, est, chosen_est, usable, tie_tolerance,
+                  _reason(plan is chosen, _per_sample(plan, est) / chosen_rate if chosen_rate else 1.0,
+                          est.peak_bytes, usable, tie_tolerance,
                           model_parallel_held_back=data_parallel_fits and _model_parallel(plan)),
                   plan is chosen)
         for plan, est in predicted
@@ -233,18 +236,22 @@ def _model_parallel(plan: ResolvedPlan) -> bool:
     return plan.tensor > 1 or plan.pipeline > 1
 
 
-def _reason(is_chosen: bool, est: Estimate, chosen: Estimate, usable: int, tolerance: float,
+def _per_sample(plan: ResolvedPlan, est: Estimate) -> float:
+    return est.seconds / plan.data_parallel_size
+
+
+def _reason(is_chosen: bool, ratio: float, peak_bytes: int, usable: int, tolerance: float,
             model_parallel_held_back: bool = False) -> str:
+    """Why a candidate was or was not chosen; ``ratio``: its time per sample over the chosen plan's."""
     if is_chosen:
         return "chosen: the fastest that fits"
-    if est.peak_bytes > usable:
-        return f"needs {est.peak_bytes / GIB:.2f} GiB > usable {usable / GIB:.2f} GiB"
+    if peak_bytes > usable:
+        return f"needs {peak_bytes / GIB:.2f} GiB > usable {usable / GIB:.2f} GiB"
     if model_parallel_held_back:
         return "fits, but a data-parallel plan fits too (tensor/pipeline: only when none does)"
-    ratio = est.seconds / chosen.seconds if chosen.seconds else 1.0
     if ratio <= 1 + tolerance:
         return f"as fast ({ratio:.2f}×), less simple"
-    return f"slower: {ratio:.2f}× the chosen"
+    return f"slower: {ratio:.2f}× the chosen per sample"
 
 
 def _no_fit_message(profile: ModelProfile, hardware: HardwareProfile, predicted: list[tuple[PartitionPlan, Estimate]],
