@@ -336,6 +336,10 @@ def test_a_budget_only_tensor_or_pipeline_meets_gets_that_plan() -> None:
     tight = choose_plan(profile, hardware((split + whole) / 2 / GIB), world_size=2, headroom=0.0)
     assert tight.chosen.tensor > 1 or tight.chosen.pipeline > 1
     assert tight.chosen.is_resolved
+    # Forced to pipeline only, the report names the stages and the predicted bubble.
+    only_pp = min((c for c in everything.candidates if c.plan.pipeline > 1), key=lambda c: c.peak_bytes)
+    text = choose_plan(profile, hardware(only_pp.peak_bytes * 1.001 / GIB), world_size=2, headroom=0.0).render()
+    assert "bubble" in text and "pipeline stages of the chosen plan" in text and "blocks.0" in text, text
 
 
 def test_nothing_fits_names_the_model_parallel_plan_more_ranks_would_fit() -> None:

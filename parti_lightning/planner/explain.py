@@ -48,7 +48,23 @@ def footnotes(report: PlanReport) -> list[str]:
         "step time = compute + recompute + optimizer + communication (no overlap assumed); plans are compared"
         " per sample (step time over the data-parallel ranks: a tensor or pipeline step trains fewer samples)",
     ]
+    chosen = report.chosen
+    if chosen.pipeline > 1 and report.profile.blocks:
+        lines.append(f"pipeline stages of the chosen plan (balanced by parameters): {_stages(report)}")
     return lines + [f"note: {note}" for note in report.notes]
+
+
+def _stages(report: PlanReport) -> str:
+    from parti_lightning.parallel.pipeline_split import stage_starts
+
+    blocks = report.profile.blocks
+    names = [b.name for b in blocks]
+    starts = stage_starts(names, report.chosen.pipeline, costs=[b.parameter_bytes for b in blocks])
+    ends = [*starts[1:], len(names)]
+    return "; ".join(
+        f"{i}: {names[a]}" + (f" .. {names[b - 1]}" if b - a > 1 else "")
+        for i, (a, b) in enumerate(zip(starts, ends, strict=True))
+    )
 
 
 def render_text(report: PlanReport, width: int = 170) -> str:

@@ -59,7 +59,9 @@ class Candidate:
             name = ""  # no data-parallel ranks: the model-parallel axes say it all
         model_parallel = []
         if plan.pipeline > 1:
-            model_parallel.append(f"pp{plan.pipeline} ({plan.schedule}, {plan.micro_batches} micro-batches)")
+            bubble = (plan.pipeline - 1) / (plan.micro_batches + plan.pipeline - 1)
+            model_parallel.append(f"pp{plan.pipeline} ({plan.schedule}, {plan.micro_batches} micro-batches,"
+                                  f" bubble {bubble:.0%})")
         if plan.tensor > 1:
             model_parallel.append(f"tp{plan.tensor}")
         name = " × ".join([*model_parallel, *([name] if name else [])])
