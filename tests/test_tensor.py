@@ -8,6 +8,7 @@ group of 4 ranks (tensor=2 x data=2) does the same with data parallelism done by
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -107,6 +108,25 @@ class GptBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+
+class InlineMaskAttention(FusedAttention):
+    """nanoGPT's attention before SDPA: the causal mask made in the forward (a plain tensor) and applied with
+    ``masked_fill``, whose backward mixes that saved mask with DTensor gradients."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in self.c_attn(x).split(C, dim=2))
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        y = att.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+
+class InlineMaskBlock(GptBlock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = InlineMaskAttention()
 
 
 class RotaryGqaAttention(nn.Module):
@@ -266,6 +286,7 @@ def _transposed_block() -> nn.Module:
 
 MODELS = {
     "nanogpt": lambda: LanguageModel(GptBlock),
+    "inline_mask": lambda: LanguageModel(InlineMaskBlock),
     "mlp": lambda: LanguageModel(MlpBlock, layers=3),
     "gqa_rotary": lambda: LanguageModel(LlamaLikeBlock),
     "encoder_layer": lambda: LanguageModel(_encoder_layer),
@@ -341,7 +362,8 @@ def _train_parity(name: str, rules: dict | None, data: int = 1, shard: int = 1) 
         run_losses, run_norms = [], []
         for batch in net_batches:
             loss = _loss(net, batch)
-            loss.backward()
+            with step_context() if net is model else contextlib.nullcontext():
+                loss.backward()  # as the strategy runs it (see Parallelized.step_context)
             if net is model and replicas > 1:
                 if shard > 1:
                     parallel.sync_gradients()
@@ -387,6 +409,7 @@ def _average_gradients(model: nn.Module, group) -> None:
 
 CASES = {
     "nanogpt": None,
+    "inline_mask": None,
     "mlp": None,
     "gqa_rotary": None,
     "encoder_layer": None,
@@ -399,7 +422,7 @@ CASES = {
 }
 MODELS["unwrapping"] = lambda: LanguageModel(UnwrappingBlock)
 # Blocks whose automatic layout is Megatron's, a fused qkv (nanogpt, GPT-2's transposed Conv1D) included.
-COUNTED = ("gqa_rotary", "mlp", "nanogpt", "hf_gpt2", "hf_llama", "biased_qkv")
+COUNTED = ("gqa_rotary", "mlp", "nanogpt", "hf_gpt2", "hf_llama", "biased_qkv", "inline_mask")
 
 
 def _collectives_per_block(name: str) -> dict[str, dict[str, int]]:
@@ -407,7 +430,7 @@ def _collectives_per_block(name: str) -> dict[str, dict[str, int]]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.debug import CommDebugMode
 
-    from parti_lightning.parallel.tensor import apply_tensor_parallel
+    from parti_lightning.parallel.tensor import apply_tensor_parallel, tensor_parallel_step
 
     torch.manual_seed(0)
     model = MODELS[name]()
@@ -421,7 +444,7 @@ def _collectives_per_block(name: str) -> dict[str, dict[str, int]]:
     with forward:
         out = block(*args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
-    with backward:
+    with backward, tensor_parallel_step():
         out.sum().backward()
     for phase, mode in (("forward", forward), ("backward", backward)):
         counts[phase] = {str(op).split(".")[-1]: n for op, n in mode.get_comm_counts().items() if n}
