@@ -1,4 +1,9 @@
-"""Where Lightning's step hooks go: through the module's ``__call__`` when FSDP sharded the root.
+"""Where Lightning's step and backward hooks go.
+
+Backward passes run in the plan's step context and end with its gradient averaging; accumulation steps
+skip that averaging.
+
+Steps go through the module's ``__call__`` when FSDP sharded the root.
 
 FSDP gathers a unit's parameters in hooks around its ``forward``, but Lightning calls ``training_step``
 and the other steps directly. When the root module itself is a sharded unit (ZeRO-2/3 with automatic
@@ -10,16 +15,41 @@ still holds after ``fit`` (``validate`` on a module left sharded).
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from lightning.pytorch.strategies import ParallelStrategy
+from torch import Tensor
+from torch.optim import Optimizer
 from typing_extensions import override
 
-from parti_lightning.parallel import steps_through_root
+from parti_lightning.parallel import Parallelized, steps_through_root
 
 
 class StepRouting(ParallelStrategy):
-    """Lightning's step hooks for :class:`~parti_lightning.PartiStrategy`."""
+    """Lightning's step and backward hooks for :class:`~parti_lightning.PartiStrategy`."""
+
+    _parallel: Parallelized | None  # what `parallelize` returned for this fit (set by the strategy's setup)
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        with self._parallel.step_context() if self._parallel is not None else nullcontext():
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @override
+    def post_backward(self, closure_loss: Tensor) -> None:
+        if self._parallel is not None:
+            self._parallel.sync_gradients()
+
+    @contextmanager
+    @override
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        if self._parallel is None:
+            yield
+            return
+        with self._parallel.no_sync():
+            yield
 
     def _step(self, method: str, context: Any, *args: Any, **kwargs: Any) -> Any:
         if self.lightning_module is None or not steps_through_root(self.lightning_module):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Generator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any, Literal, Union
 
@@ -27,7 +27,6 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
-from torch import Tensor
 from torch.distributed import ProcessGroup
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -392,25 +391,6 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
     def model_to_device(self) -> None:
         assert self.model is not None
         self.model.to(self.root_device)
-
-    @override
-    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
-        with self._parallel.step_context() if self._parallel is not None else nullcontext():
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
-
-    @override
-    def post_backward(self, closure_loss: Tensor) -> None:
-        if self._parallel is not None:
-            self._parallel.sync_gradients()
-
-    @contextmanager
-    @override
-    def block_backward_sync(self) -> Generator[None, None, None]:
-        if self._parallel is None:
-            yield
-            return
-        with self._parallel.no_sync():
-            yield
 
     # ------------------------------------------------------------------ errors and teardown
 
