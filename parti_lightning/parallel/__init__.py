@@ -278,7 +278,7 @@ def parallelize(
         # unit; manual optimization runs backward passes inside a step, before any root forward would
         # end, so only the children are units.
         whole = storage_exempt_parameters(module)  # before FSDP, whose own shards are strided too
-        apply_storage(module, mesh.storage_mesh, plan, shard_root=automatic_optimization, units=units)
+        apply_storage(module, mesh.storage_mesh, plan, shard_root=automatic_optimization, units=units, exempt=whole)
         if whole and mesh.data_parallel_enabled:
             result.gradient_sync = GradientSynchronizer(
                 module, mesh.data_parallel_group, comm_group=mesh.gradient_group, parameters=whole

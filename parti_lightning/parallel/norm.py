@@ -11,7 +11,8 @@ runs per mesh too. With one mesh, or none, this is exactly what ``torch.nn.utils
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,10 +42,7 @@ def clip_grads_with_norm_(parameters: Iterable[Tensor], max_norm: float, norm: T
     """Scale the gradients of ``parameters`` in place by ``max_norm / norm`` where that is below one, as torch's
     function of this name does."""
     with_grads = [p for p in parameters if p.grad is not None]
-    by_mesh: dict[object, list[Tensor]] = {}
-    for param in with_grads:
-        by_mesh.setdefault(getattr(param.grad, "device_mesh", None), []).append(param)
-    for group in by_mesh.values():
+    for group in _by_mesh(with_grads, key=lambda param: param.grad).values():
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
 
 
@@ -56,8 +54,9 @@ def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type: fl
     return norm
 
 
-def _by_mesh(grads: Iterable[Tensor]) -> dict[object, list[Tensor]]:
+def _by_mesh(tensors: Iterable[Tensor], key: Callable[[Tensor], Any] = lambda t: t) -> dict[object, list[Tensor]]:
+    """``tensors`` grouped by the device mesh of ``key(tensor)`` (``None`` for a plain tensor), in order."""
     groups: dict[object, list[Tensor]] = {}
-    for grad in grads:
-        groups.setdefault(getattr(grad, "device_mesh", None), []).append(grad)
+    for tensor in tensors:
+        groups.setdefault(getattr(key(tensor), "device_mesh", None), []).append(tensor)
     return groups

@@ -61,6 +61,7 @@ def apply_storage(
     reduce_unused_parameters: bool = False,
     shard_root: bool = True,
     units: Sequence[tuple[str, nn.Module]] | None = None,
+    exempt: Sequence[nn.Parameter] | None = None,
 ) -> nn.Module:
     """Shard the storage of ``module`` over the ``shard`` axis of ``mesh`` as ``plan.storage`` says.
 
@@ -95,6 +96,8 @@ def apply_storage(
         units: the ``(name, submodule)`` units to shard before the root; ``None`` for ``plan.sharding_units``
             or the blocks :func:`~parti_lightning.parallel.blocks.find_blocks` finds (a pipeline stage passes
             the blocks it holds).
+        exempt: :func:`storage_exempt_parameters` of ``module`` if the caller already has them; ``None``
+            computes them.
 
     Returns:
         ``module``, sharded in place.
@@ -131,9 +134,9 @@ def apply_storage(
         "offload_policy": _offload_policy(plan, mesh),
         "shard_placement_fn": _storage_placement,
     }
-    exempt = set(storage_exempt_parameters(module))
-    if exempt:
-        options["ignored_params"] = exempt
+    ignored = set(storage_exempt_parameters(module) if exempt is None else exempt)
+    if ignored:
+        options["ignored_params"] = ignored
     for _, unit in _deepest_first(units):
         fully_shard(unit, **options)
         if reduce_unused_parameters:
