@@ -4,16 +4,18 @@ The example's character GPT, scaled deep, trains on 2 CPU ranks at the same glob
 
 - ``ddp``: every rank holds the whole model and half the batch; gradients averaged
   (``parallel/data.py``'s ``GradientSynchronizer``);
-- ``pp M=m``: 2 stages of half the blocks each (``apply_pipeline``, 1F1B; GPipe for M=1), every rank gets the whole
-  batch, split into ``m`` micro-batches.
+- ``gpipe M=m``: 2 stages of half the blocks each (``apply_pipeline``), every rank gets the whole
+  batch, split into ``m`` micro-batches; the forward's activations are kept for the backward;
+- ``1f1b M=m``: the same under 1F1B (``m >= 2``), which recomputes the trunk's forward in the
+  backward to hold at most 2 micro-batches' activations (see ``parallel/pipeline_runtime.py``).
 
-Both train with AdamW at the tier of plain functions (no Trainer), one process group per variant
-family (peak RSS is a high-water mark, so ``ddp`` and the pipeline runs are separate launches).
+All train with AdamW at the tier of plain functions (no Trainer), one process group per variant
+family (peak RSS is a high-water mark, so ``ddp``, GPipe and 1F1B are separate launches).
 Figures are ratios to ``ddp`` measured in the same run: model-state bytes per rank (parameters,
 gradients, Adam state) of the trunk and of the whole model, peak resident memory above the
-process's size after imports, and throughput (median of timed steps after warm-up) beside the
-bubble (p-1)/(m+p-1) that GPipe/1F1B predicts. The pipeline also recomputes the trunk forward
-once per step (see ``parallel/pipeline_runtime.py``), so its ideal is below 1 / (1 - bubble) × ddp.
+process's size after imports (the largest over the family's M), and throughput (median of timed
+steps after warm-up) beside the bubble (p-1)/(m+p-1) both schedules predict. With the recompute,
+1F1B's ideal is about 3/4 of GPipe's.
 
     python benchmarks/pipeline_parallel.py
     python benchmarks/pipeline_parallel.py --layers 24 --width 64 --batch 16 --steps 6
@@ -36,6 +38,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO_BATCHES = (1, 2, 4, 8)
+SCHEDULES = ("gpipe", "1f1b")
 
 
 def _rss_bytes() -> int:
@@ -73,7 +76,7 @@ def _worker(args: argparse.Namespace, rank: int, out: Path) -> None:
     baseline = _rss_bytes()
     world = dist.get_world_size()
     results: dict[str, Any] = {}
-    variants = ["ddp"] if args.family == "ddp" else [f"pp M={m}" for m in MICRO_BATCHES]
+    variants = ["ddp"] if args.family == "ddp" else [f"{args.family} M={m}" for m in _micro_batches(args.family)]
     for variant in variants:
         torch.manual_seed(0)
         model = CharGPT(n_layer=args.layers, n_embd=args.width, n_head=4, block_size=args.seq)
@@ -85,9 +88,9 @@ def _worker(args: argparse.Namespace, rank: int, out: Path) -> None:
             pp = None
         else:
             m = int(variant.split("=")[1])
-            # 1F1B needs at least as many micro-batches as stages; with one, it is GPipe anyway.
-            schedule = "1f1b" if m >= world else "gpipe"
-            pp = apply_pipeline(model, dist.group.WORLD, micro_batches=m, schedule=schedule, device=torch.device("cpu"))
+            pp = apply_pipeline(
+                model, dist.group.WORLD, micro_batches=m, schedule=args.family, device=torch.device("cpu")
+            )
             per_rank = args.batch
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         times = []
@@ -164,9 +167,9 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory() as tmp:
-        ddp = _launch(args, "ddp", Path(tmp) / "ddp.json")
-        pp = _launch(args, "pp", Path(tmp) / "pp.json")
-    base = ddp[0]["ddp"]
+        runs = {family: _launch(args, family, Path(tmp) / f"{family}.json") for family in ("ddp", *SCHEDULES)}
+    base = runs["ddp"][0]["ddp"]
+    base_rss = max(r["peak_rss_above_imports"] for r in runs["ddp"])
     print(f"CharGPT {args.layers} blocks x width {args.width}, seq {args.seq}, global batch {args.batch}, 2 CPU ranks")
     print("| variant | trunk state / rank (ratio) | model state / rank (ratio) | samples/s (ratio) | bubble |")
     print("|---|---|---|---|---|")
@@ -174,22 +177,27 @@ def main() -> None:
         f"| ddp | {base['trunk_state'] / 2**20:.2f} MiB (1.00) | {base['total_state'] / 2**20:.2f} MiB (1.00) |"
         f" {base['samples_per_s']:.1f} (1.00) | - |"
     )
-    for m in MICRO_BATCHES:
-        row = [r[f"pp M={m}"] for r in pp]
-        trunk = max(r["trunk_state"] for r in row)
-        total = max(r["total_state"] for r in row)
-        rate = row[0]["samples_per_s"]
-        print(
-            f"| pp M={m} | {trunk / 2**20:.2f} MiB ({trunk / base['trunk_state']:.2f}) | {total / 2**20:.2f} MiB"
-            f" ({total / base['total_state']:.2f}) | {rate:.1f} ({rate / base['samples_per_s']:.2f}) |"
-            f" {1 / (m + 1):.2f} |"
-        )
-    ddp_rss = max(r["peak_rss_above_imports"] for r in ddp)
-    pp_rss = max(r["peak_rss_above_imports"] for r in pp)
-    print(
-        f"peak RSS above imports, max over ranks: ddp {ddp_rss / 2**20:.1f} MiB, pp (max over M) "
-        f"{pp_rss / 2**20:.1f} MiB ({pp_rss / ddp_rss:.2f})"
-    )
+    for family in SCHEDULES:
+        for m in _micro_batches(family):
+            row = [r[f"{family} M={m}"] for r in runs[family]]
+            trunk = max(r["trunk_state"] for r in row)
+            total = max(r["total_state"] for r in row)
+            rate = row[0]["samples_per_s"]
+            print(
+                f"| {family} M={m} | {trunk / 2**20:.2f} MiB ({trunk / base['trunk_state']:.2f}) | {total / 2**20:.2f}"
+                f" MiB ({total / base['total_state']:.2f}) | {rate:.1f} ({rate / base['samples_per_s']:.2f}) |"
+                f" {1 / (m + 1):.2f} |"
+            )
+    print(f"peak RSS above imports, max over ranks (and over M): ddp {base_rss / 2**20:.1f} MiB", end="")
+    for family in SCHEDULES:
+        rss = max(r["peak_rss_above_imports"] for r in runs[family])
+        print(f", {family} {rss / 2**20:.1f} MiB ({rss / base_rss:.2f})", end="")
+    print()
+
+
+def _micro_batches(schedule: str) -> list[int]:
+    # 1F1B needs at least as many micro-batches as the 2 stages.
+    return [m for m in MICRO_BATCHES if schedule == "gpipe" or m >= 2]
 
 
 if __name__ == "__main__":

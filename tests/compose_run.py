@@ -34,8 +34,9 @@ WORLD_SIZE = 4
 COMPOSED = [
     Scenario("tp_x_data", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP, plan={"preset": "tp", "data": 2},
              data_parallel=2),
-    Scenario("pp_x_data", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP, plan={"preset": "pp", "data": 2},
-             data_parallel=2),
+    # GPipe here (forward kept, no recompute); pp_x_tp and the two-rank parity scenario run 1F1B.
+    Scenario("pp_x_data", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP,
+             plan={"preset": "pp", "data": 2, "schedule": "gpipe"}, data_parallel=2),
     Scenario("tp_x_shard", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP,
              plan={"preset": "zero3", "tensor": 2}, data_parallel=2),
     # Two 2-stage pipelines whose stages split their blocks over tensor pairs; one data-parallel rank.

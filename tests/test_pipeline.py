@@ -308,12 +308,17 @@ def _dropout_replay() -> dict[str, Any]:
     }
 
 
-def _two_backward_passes() -> float:
-    """Manual optimization's pattern: two losses from one forward, each with its own backward."""
+def _two_backward_passes(schedule: str) -> float:
+    """Manual optimization's pattern: two losses from one forward, each with its own backward.
+
+    Under GPipe the first backward uses the activations its forward kept, the second recomputes.
+    """
     torch.manual_seed(0)
     reference = build("gpt")
     model = copy.deepcopy(reference)
-    apply_pipeline(model, dist.group.WORLD, micro_batches=MICRO_BATCHES, device=torch.device("cpu"))
+    apply_pipeline(
+        model, dist.group.WORLD, micro_batches=MICRO_BATCHES, schedule=schedule, device=torch.device("cpu")
+    )
     idx, targets = make_batch("gpt", BATCH, seed=3)
     for m in (reference, model):
         logits = m(idx)
@@ -323,6 +328,19 @@ def _two_backward_passes() -> float:
         second.backward()
     expected = dict(reference.named_parameters())
     return max((p.grad - expected[n].grad).abs().max().item() for n, p in model.named_parameters())
+
+
+def _block_runs_per_step(schedule: str) -> int:
+    """How many times one owned block runs in a training step: GPipe keeps its forward, 1F1B recomputes it."""
+    torch.manual_seed(0)
+    model = build("gpt")
+    pp = apply_pipeline(
+        model, dist.group.WORLD, micro_batches=MICRO_BATCHES, schedule=schedule, device=torch.device("cpu")
+    )
+    runs = [0]
+    model.get_submodule(pp.owned_blocks[0]).register_forward_hook(lambda *_: runs.__setitem__(0, runs[0] + 1))
+    model.loss(make_batch("gpt", BATCH, seed=0)).backward()
+    return runs[0]
 
 
 def _bad_batch() -> str:
@@ -361,7 +379,8 @@ def _peer_timeout() -> str:
 def _run_all() -> dict[str, Any]:
     results: dict[str, Any] = {f"{kind}-{schedule}": _parity(kind, schedule) for kind, schedule in SCENARIOS}
     results["dropout"] = _dropout_replay()
-    results["two_backward"] = _two_backward_passes()
+    results["two_backward"] = {schedule: _two_backward_passes(schedule) for schedule in ("gpipe", "1f1b")}
+    results["block_runs"] = {schedule: _block_runs_per_step(schedule) for schedule in ("gpipe", "1f1b")}
     results["bad_batch"] = _bad_batch()
     results["timeout"] = _peer_timeout()
     return results
@@ -418,7 +437,13 @@ def test_dropout_masks_are_replayed_in_the_recompute() -> None:
 
 def test_two_backward_passes_through_one_forward_accumulate_like_one_process() -> None:
     for result in _results():
-        assert result["two_backward"] < 1e-6
+        assert result["two_backward"]["gpipe"] < 1e-6
+        assert result["two_backward"]["1f1b"] < 1e-6
+
+
+def test_gpipe_keeps_the_forward_and_1f1b_recomputes_it() -> None:
+    for result in _results():
+        assert result["block_runs"] == {"gpipe": MICRO_BATCHES, "1f1b": 2 * MICRO_BATCHES}
 
 
 def test_micro_batches_that_do_not_divide_the_batch_are_refused() -> None:

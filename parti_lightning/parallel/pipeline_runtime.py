@@ -3,19 +3,27 @@
 When the user's forward calls the first block, :class:`_TrunkFunction` runs the whole trunk on
 ``torch.distributed.pipelining``:
 
-- forward: a forward-only schedule over ``M`` micro-batches; the last stage broadcasts the trunk's
-  output to every pipeline rank, which the later blocks' calls then hand on unchanged;
-- backward: a training schedule (GPipe or 1F1B) re-runs the trunk with the incoming gradient as
-  the loss target (surrogate loss ``(out * grad).sum()``), accumulating each stage's parameter
+- forward: the micro-batches run through the stages; the last stage broadcasts the trunk's output
+  to every pipeline rank, which the later blocks' calls then hand on unchanged;
+- backward: the incoming gradient is the last stage's loss target (surrogate loss
+  ``(out * grad).sum()``), backpropagated through every stage, accumulating each stage's parameter
   gradients; stage 0 broadcasts the input gradient so the replicated layers before the trunk get
   the same gradient on every rank.
 
-Why a recompute instead of torch's schedules end to end: torch's schedules want the loss computed on
-the last stage by a ``loss_fn``; a Lightning ``training_step`` computes its loss itself, after the
-trunk, and its ``self.log`` calls must see that loss on every rank. The price is one extra trunk
-forward per step (as with activation checkpointing of the trunk). Dropout masks are replayed
-exactly in the recompute: each (stage, micro-batch) runs under a seed drawn once per call from the
-global generator, which advances identically on every rank.
+torch's schedules want the loss computed on the last stage by a ``loss_fn`` within one ``step()``; a
+Lightning ``training_step`` computes its loss itself, after the trunk, and its ``self.log`` calls
+must see that loss on every rank. Two ways around that, by schedule:
+
+- ``"gpipe"``: the schedule's forward and backward phases run apart
+  (:class:`~parti_lightning.parallel.pipeline_phases.PhasedGPipe`); each stage keeps its
+  micro-batches' activations between them, as GPipe does. No recompute.
+- ``"1f1b"``: 1F1B interleaves forward and backward passes, which cannot be separated, so the
+  forward is a forward-only pass and the backward re-runs the trunk under 1F1B. One extra trunk
+  forward per step buys 1F1B's memory: at most ``pipeline`` micro-batches' activations in flight,
+  and none held between forward and backward.
+
+Dropout masks are the same in a recompute: each (stage, micro-batch) runs under a seed drawn once per
+call from the global generator, which advances identically on every rank.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from parti_lightning.parallel.pipeline_contract import (
     first_output,
     same_arguments,
 )
+from parti_lightning.parallel.pipeline_phases import PhasedGPipe
 
 SCHEDULES: dict[str, type[PipelineScheduleSingle]] = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -50,11 +59,15 @@ _INTERCEPTING_CLASSES: dict[type, type] = {}
 
 @dataclass
 class _Call:
-    """One run of the trunk: the extra block arguments of each micro-batch, and the dropout seed."""
+    """One run of the trunk: the extra block arguments of each micro-batch, the dropout seed, and how it runs."""
 
     micro_batches: int
     extras: list[tuple[tuple[Any, ...], dict[str, Any]]]
     seed: int | None
+    # Whether the forward keeps its activations for the backward (GPipe under autograd), and then the
+    # schedule that holds them (until its next kept forward, which may be another call's).
+    kept: bool = False
+    kept_by: PhasedGPipe | None = None
     input_leaves: dict[int, Tensor] | None = None
 
 
@@ -176,13 +189,16 @@ class PipelinedTrunk:
         # All blocks, freed ones included: every rank must agree on whether to draw a seed.
         training = any(block.training for block in self.blocks)
         seed = int(torch.randint(0, 2**62, ())) if training else None
-        return _Call(m, per_micro, seed)
+        kept = torch.is_grad_enabled() and self.schedule == "gpipe"
+        return _Call(m, per_micro, seed, kept=kept)
 
     # --- schedules
 
-    def _schedule(self, call: _Call, x: Tensor, backward: bool) -> PipelineScheduleSingle:
+    def _schedule(self, call: _Call, x: Tensor, kind: str) -> PipelineScheduleSingle:
+        """The schedule of ``kind``: ``"forward"`` (forward only), ``"kept"`` (phased GPipe), ``"training"``."""
         micro = (x.shape[0] // call.micro_batches, *x.shape[1:])
-        key = (backward, call.micro_batches, micro, x.dtype, torch.is_inference_mode_enabled())
+        key = (kind, call.micro_batches, micro, x.dtype, torch.is_inference_mode_enabled())
+        backward = kind != "forward"
         cached = self._schedules.get(key)
         if cached is not None:
             return cached
@@ -200,7 +216,8 @@ class PipelinedTrunk:
         )
         if backward:
             # A sum, not a mean: the surrogate loss must not be rescaled per micro-batch.
-            schedule = SCHEDULES[self.schedule](stage, call.micro_batches, loss_fn=_surrogate_loss, scale_grads=False)
+            cls = PhasedGPipe if kind == "kept" else SCHEDULES[self.schedule]
+            schedule = cls(stage, call.micro_batches, loss_fn=_surrogate_loss, scale_grads=False)
         else:
             # No loss_fn: forward only. scale_grads=False matters here too: a schedule divides the stage's
             # existing gradients by the micro-batch count at the end of every step, backward or not,
@@ -209,34 +226,49 @@ class PipelinedTrunk:
         self._schedules[key] = schedule
         return schedule
 
-    def forward_only(self, call: _Call, x: Tensor) -> Tensor:
-        schedule = self._schedule(call, x, backward=False)
+    def forward(self, call: _Call, x: Tensor, input_grad: bool) -> Tensor:
+        """The trunk's output on every pipeline rank; under ``call.kept``, the activations are kept for the backward."""
         indices = torch.arange(call.micro_batches)
         self.call = call
         try:
-            with torch.no_grad():
-                out = schedule.step(*self._stage_args(x), micro_batch=indices)
+            if call.kept:
+                schedule = self._schedule(call, x, "kept")
+                assert isinstance(schedule, PhasedGPipe)  # noqa: S101
+                call.kept_by = schedule
+                call.input_leaves = {} if input_grad and self.stage == 0 else None
+                with torch.enable_grad():
+                    out = schedule.forward_phase(call, *self._stage_args(x), micro_batch=indices)
+            else:
+                schedule = self._schedule(call, x, "forward")
+                with torch.no_grad():
+                    out = schedule.step(*self._stage_args(x), micro_batch=indices)
         finally:
             self.call = None
         last = self.num_stages - 1
-        if self.stage != last:
-            out = torch.empty_like(x)
-        out = out.contiguous()
+        out = out.detach().contiguous() if self.stage == last else torch.empty_like(x)
         dist.broadcast(out, group=self.group, group_src=last)
         self._share_template(call)
         return out
 
     def backward(self, call: _Call, x: Tensor, grad: Tensor, input_grad: bool) -> Tensor | None:
-        schedule = self._schedule(call, x, backward=True)
-        indices = torch.arange(call.micro_batches)
-        call.input_leaves = {} if input_grad and self.stage == 0 else None
+        """The trunk's input gradient on every pipeline rank (``None`` if not needed); stage gradients accumulate."""
         target = grad if self.stage == self.num_stages - 1 else None
-        self.call = call
-        try:
+        if call.kept_by is not None and call.kept_by.kept_for is call:
             with torch.enable_grad():
-                schedule.step(*self._stage_args(x), target=target, micro_batch=indices, return_outputs=False)
-        finally:
-            self.call = None
+                call.kept_by.backward_phase(target)
+            call.kept_by = None
+        else:
+            # No kept activations: a non-GPipe schedule, a second backward through the same forward
+            # (``retain_graph=True``), or the trunk ran again since. Recompute: the seeds and extras replay it.
+            schedule = self._schedule(call, x, "training")
+            indices = torch.arange(call.micro_batches)
+            call.input_leaves = {} if input_grad and self.stage == 0 else None
+            self.call = call
+            try:
+                with torch.enable_grad():
+                    schedule.step(*self._stage_args(x), target=target, micro_batch=indices, return_outputs=False)
+            finally:
+                self.call = None
         if not input_grad:
             return None
         if self.stage == 0:
@@ -301,7 +333,7 @@ class _TrunkFunction(torch.autograd.Function):
     def forward(ctx: Any, trunk: PipelinedTrunk, call: _Call, x: Tensor, anchor: Tensor | None) -> Tensor:
         ctx.trunk, ctx.call = trunk, call
         ctx.save_for_backward(x)
-        return trunk.forward_only(call, x)
+        return trunk.forward(call, x, input_grad=x.requires_grad)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, None, Tensor | None, None]:
