@@ -303,11 +303,27 @@ def test_pipeline_candidates_only_with_enough_blocks() -> None:
     assert (2, 1) in degrees and (4, 1) not in degrees
     tiny = _model_parallel_degrees(candidate_plans(profile_model(Tiny(), torch.zeros(4, 16)), 4, 4))
     assert {p for p, _ in tiny} == {1, 2}  # Tiny's two Linears in a Sequential: at most 2 stages
+    schedules: dict[tuple, set[str]] = {}
     for plan in candidate_plans(two_blocks, 4, 4):
         plan.check_implemented()  # nothing parti refuses is proposed
         if plan.pipeline > 1:
             assert 8 % plan.micro_batches == 0
-            assert plan.schedule == ("gpipe" if plan.storage in ("gradients", "parameters") else "1f1b")
+            key = (plan.pipeline, plan.tensor, plan.storage, plan.activation_checkpointing)
+            schedules.setdefault(key, set()).add(plan.schedule)
+    assert schedules
+    for (_, _, storage, _), found in schedules.items():
+        assert found == ({"gpipe"} if storage in ("gradients", "parameters") else {"gpipe", "1f1b"})
+
+
+def test_gpipe_predicted_faster_and_larger_than_1f1b() -> None:
+    # GPipe keeps every micro-batch's activations and recomputes nothing; 1F1B the opposite.
+    profile = profile_model(gpt(layers=4, width=64), gpt_batch(16))
+    gpipe, one_f_one_b = (
+        estimate(profile, hardware(), PartitionPlan(pipeline=2, data=1, micro_batches=8, schedule=s).resolve(2), 2)
+        for s in ("gpipe", "1f1b")
+    )
+    assert gpipe.seconds < one_f_one_b.seconds
+    assert gpipe.memory["activations"] > one_f_one_b.memory["activations"]
 
 
 def test_model_parallel_plans_predicted_in_their_terms() -> None:

@@ -107,9 +107,10 @@ def _pipeline(
 ) -> None:
     """The trunk in ``p`` stages: a rank holds one stage's blocks; the rest of the model runs on every rank.
 
-    Time follows parti's pipelined trunk: one forward-only pass, then a training pass that recomputes the
-    stage's forward, each stretched by the schedule's bubble ``(p-1)/(m+p-1)``; two broadcasts of the
-    trunk's boundary tensor over the pipeline ranks and one send per micro-batch and direction.
+    Time follows parti's pipelined trunk: the stage's forward and backward, each stretched by the
+    schedule's bubble ``(p-1)/(m+p-1)``, plus under 1F1B the forward recomputed in the backward; two
+    broadcasts of the trunk's boundary tensor over the pipeline ranks and one send per micro-batch and
+    direction. Memory: GPipe keeps all ``m`` micro-batches' activations of the stage, 1F1B at most ``p``.
     """
     p, m = plan.pipeline, plan.micro_batches
     if p == 1 or not profile.blocks:
@@ -133,7 +134,8 @@ def _pipeline(
     bubble = (p - 1) / (m + p - 1)
     stretch = 1 / (1 - bubble)
     rate = hardware.flops_per_s
-    cost.time["compute"] += ((trunk_step + trunk_forward) * share * stretch - trunk_step) / rate
+    recomputed = trunk_forward if plan.schedule == "1f1b" else 0.0
+    cost.time["compute"] += ((trunk_step + recomputed) * share * stretch - trunk_step) / rate
     bandwidth = _bandwidth(hardware, p, ranks_per_node)
     broadcasts = 2 * _one_way(boundary, p, bandwidth)  # trunk output and input gradient, to every stage
     sends = 2 * boundary / bandwidth + 2 * m * hardware.collective_latency_s
@@ -164,8 +166,8 @@ def _tensor(
     cost.time["compute"] -= block_step * blocks_held * (1 - 1 / t) / hardware.flops_per_s
     bandwidth = _bandwidth(hardware, t, ranks_per_node)
     per_block = 4 * (_all_reduce(profile.blocks[0].input_bytes, t, bandwidth) + hardware.collective_latency_s)
-    # A pipelined trunk runs its stage's blocks twice (forward-only, then recomputed): two more all-reduces.
-    passes = 1.5 if plan.pipeline > 1 else 1.0
+    # A trunk pipelined under 1F1B runs its stage's blocks forward twice (then recomputed): two more all-reduces.
+    passes = 1.5 if plan.pipeline > 1 and plan.schedule == "1f1b" else 1.0
     cost.time["communication"] += per_block * cost.trunk_blocks_held * passes
 
 

@@ -124,13 +124,14 @@ def candidate_plans(profile: ModelProfile, world_size: int, ranks_per_node: int)
         for storage in STORAGE_ORDER if data_parallel > 1 else ("replicated",):
             for data, shard in _storage_degrees(storage, data_parallel, ranks_per_node):
                 for ac in checkpointing:
-                    plan = ResolvedPlan(pipeline=pipeline, tensor=tensor, data=data, shard=shard, storage=storage,
-                                        activation_checkpointing=ac, **_pipeline_settings(profile, pipeline, storage))
-                    try:
-                        plan.check_implemented()
-                    except NotImplementedError:
-                        continue  # a combination parti refuses is never proposed
-                    plans.append(plan)
+                    for settings in _pipeline_settings(profile, pipeline, storage):
+                        plan = ResolvedPlan(pipeline=pipeline, tensor=tensor, data=data, shard=shard,
+                                            storage=storage, activation_checkpointing=ac, **settings)
+                        try:
+                            plan.check_implemented()
+                        except NotImplementedError:
+                            continue  # a combination parti refuses is never proposed
+                        plans.append(plan)
     return plans
 
 
@@ -154,15 +155,18 @@ def _tensor_fits(profile: ModelProfile, degree: int) -> bool:
     return bool(matrices) and all(dim % degree == 0 for shape in matrices for dim in shape)
 
 
-def _pipeline_settings(profile: ModelProfile, pipeline: int, storage: str) -> dict[str, Any]:
-    """Micro-batches and schedule for a pipeline degree: the most micro-batches (up to 8) that divide the batch,
-    1F1B where it can run (at least as many micro-batches as stages, storage not sharded), else GPipe."""
+def _pipeline_settings(profile: ModelProfile, pipeline: int, storage: str) -> list[dict[str, Any]]:
+    """Micro-batches and schedules for a pipeline degree: the most micro-batches (up to 8) that divide the batch;
+    GPipe (no recompute: faster), then 1F1B where it can run (at least as many micro-batches as stages, storage
+    not sharded), which recomputes the trunk to hold fewer activations."""
     if pipeline == 1:
-        return {}
+        return [{}]
     batch = profile.batch_size or 1
     micro = max(m for m in (1, 2, 4, 8) if batch % m == 0)
-    one_f_one_b = micro >= pipeline and storage in ("replicated", "optimizer")
-    return {"micro_batches": micro, "schedule": "1f1b" if one_f_one_b else "gpipe"}
+    settings = [{"micro_batches": micro, "schedule": "gpipe"}]
+    if micro >= pipeline and storage in ("replicated", "optimizer"):
+        settings.append({"micro_batches": micro, "schedule": "1f1b"})
+    return settings
 
 
 def _storage_degrees(storage: str, data_parallel: int, ranks_per_node: int) -> list[tuple[int, int]]:
