@@ -3,7 +3,8 @@
 The planner itself (``parti_lightning.planner``) is pure: a profile, a hardware profile, a choice. Here
 is the Lightning side: one example batch from whatever the Trainer will train on, the choice made
 once on global rank 0 and sent to every rank (each rank's own measurements could differ and split
-the mesh), and the measured step time and memory logged beside the prediction after a few steps.
+the mesh), and the measured step time and memory logged beside the prediction after a few steps,
+and kept for the next plan on this machine (:mod:`~parti_lightning.planner.calibration`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -22,13 +24,16 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 
 from parti_lightning.accelerator import usable_cores
 from parti_lightning.mesh import ParallelMesh
 from parti_lightning.plan import PartitionPlan
 from parti_lightning.planner import HardwareProfile, PlanReport, choose_plan, example_batch, profile_model
+from parti_lightning.planner import calibration as calibration_module
+from parti_lightning.planner.calibration import MEMORY_MARGIN, TIME_MARGIN, Correction
+from parti_lightning.planner.cost import Estimate
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +88,19 @@ def plan_for(
     world_size: int,
     ranks_per_node: int,
     headroom: float,
+    calibrated: bool = True,
 ) -> PlanReport:
-    """The planner's report for training ``module`` on batches like ``batch`` on this machine."""
+    """The planner's report for training ``module`` on batches like ``batch`` on this machine.
+
+    ``calibrated``: predictions corrected by what earlier runs on this machine measured.
+    """
     profile = profile_model(module, batch)
     hardware = _hardware(device_type, ranks_per_node)
     hardware = dataclasses.replace(hardware, memory_bytes=memory_budget)
-    return choose_plan(profile, hardware, world_size=world_size, ranks_per_node=ranks_per_node, headroom=headroom)
+    machine = calibration_module.machine_key(device_type, ranks_per_node)
+    corrections = calibration_module.load(machine) if calibrated else None
+    return choose_plan(profile, hardware, world_size=world_size, ranks_per_node=ranks_per_node, headroom=headroom,
+                       corrections=corrections)
 
 
 def choose_in_run(
@@ -100,10 +112,15 @@ def choose_in_run(
     budget: int,
     ranks_per_node: int,
     headroom: float,
+    calibration: bool = True,
     startup_timeout: timedelta,
     timeout: timedelta,
 ) -> tuple[PartitionPlan, PlanReport | None, StepMeter]:
     """The plan for this run, chosen on global rank 0 from the first training batch. Collective.
+
+    Args:
+        calibration: correct the predictions by earlier runs' measurements on this machine, and keep
+            this run's (see :mod:`~parti_lightning.planner.calibration`).
 
     Returns:
         the chosen plan (every rank), the planner's report (rank 0 only, else ``None``), and the meter
@@ -116,18 +133,26 @@ def choose_in_run(
     try:
         chosen, report = choose_on_rank0(
             lambda: plan_for(
-                module, training_batch(trainer, module), device.type, budget, world_size, ranks_per_node, headroom
+                module, training_batch(trainer, module), device.type, budget, world_size, ranks_per_node, headroom,
+                calibrated=calibration,
             )
         )
     finally:
         mesh.set_timeout(timeout)
+    prediction = None
     if report is not None:
         rank_zero_info(f"parti: plan='auto' chose {report.chosen.describe()}\n{report.render()}")
-    estimate = next((c.estimate for c in report.candidates if c.chosen), None) if report is not None else None
-    meter = StepMeter(
-        "plan='auto'", estimate.peak_bytes if estimate else 0, estimate.seconds if estimate else 0.0, device
-    )
-    return chosen, report, meter
+        kind = calibration_module.plan_kind(report.chosen)
+        prediction = Prediction(
+            estimate=report.chosen_candidate.estimate,
+            applied=report.corrections.get(kind),
+            kind=kind,
+            machine=calibration_module.machine_key(device.type, ranks_per_node),
+            model=report.profile.name,
+            record=calibration,
+            headroom=headroom,
+        )
+    return chosen, report, StepMeter("plan='auto'", prediction, device)
 
 
 def _hardware(device_type: str, ranks_per_node: int) -> HardwareProfile:
@@ -145,23 +170,49 @@ def _hardware(device_type: str, ranks_per_node: int) -> HardwareProfile:
         torch.set_num_threads(threads)
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """What the planner predicted for the chosen plan, and where a measured correction is kept.
+
+    Attributes:
+        estimate: the prediction shown, with ``applied`` in it.
+        applied: the correction from earlier runs already in ``estimate`` (``None``: the cost model alone).
+        kind: the plan's kind (:func:`~parti_lightning.planner.calibration.plan_kind`).
+        machine: the machine shape's key.
+        model: the model's name.
+        record: whether to keep this run's measurement.
+        headroom: the planner's headroom (for the advice when memory is under-predicted).
+    """
+
+    estimate: Estimate
+    applied: Correction | None
+    kind: str
+    machine: str
+    model: str
+    record: bool = True
+    headroom: float = 0.1
+
+
 class StepMeter:
-    """Measures step time and peak memory over the first steps and logs them beside the prediction.
+    """Measures step time and peak memory over the first steps; logs them beside the prediction and keeps the ratio.
 
     Step time is the median interval between optimizer steps ``warmup`` to ``warmup + steps``; memory
     is the largest peak over the ranks: the CUDA allocator's peak on GPU, the process's peak resident
-    set on CPU (what the prediction's ``overhead`` part stands for is included in both).
+    set on CPU (what the prediction's ``overhead`` part stands for is included in both). When either is
+    off the prediction by more than the planner's aims (memory ±15%, time ±25%), a warning says so and
+    what to do; with ``prediction.record``, global rank 0 keeps measured over uncorrected predicted in
+    the calibration cache, which the next plan on this machine applies.
     """
 
-    def __init__(self, report_line: str, predicted_bytes: int, predicted_seconds: float, device: torch.device,
+    def __init__(self, report_line: str, prediction: Prediction | None, device: torch.device,
                  warmup: int = 2, steps: int = 5) -> None:
         self.report_line = report_line
-        self.predicted_bytes = predicted_bytes
-        self.predicted_seconds = predicted_seconds
+        self.prediction = prediction  # global rank 0 only
         self.device = device
         self.warmup, self.steps = warmup, steps
         self.times: list[float] = []
         self.measured: dict[str, float] | None = None
+        self.recorded: Correction | None = None
 
     def step(self) -> None:
         """Call after every optimizer step, on every rank (the last call is a collective)."""
@@ -178,14 +229,48 @@ class StepMeter:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         peak_bytes, seconds = float(peak[0]), float(peak[1])
         self.measured = {"peak_bytes": peak_bytes, "step_seconds": seconds}
-        predicted = self.predicted_seconds
-        time_line = f"{seconds:.3f} s/step (predicted {predicted:.3f}, {_ratio(seconds, predicted)})"
+        if self.prediction is not None:
+            self._report(peak_bytes, seconds, self.prediction)
+
+    def _report(self, peak_bytes: float, seconds: float, prediction: Prediction) -> None:
+        predicted_bytes, predicted_seconds = prediction.estimate.peak_bytes, prediction.estimate.seconds
+        time_line = f"{seconds:.3f} s/step (predicted {predicted_seconds:.3f}, {_ratio(seconds, predicted_seconds)})"
         memory_line = (
-            f"peak memory per rank {peak_bytes / GIB:.2f} GiB (predicted {self.predicted_bytes / GIB:.2f},"
-            f" {_ratio(peak_bytes, self.predicted_bytes)})"
+            f"peak memory per rank {peak_bytes / GIB:.2f} GiB (predicted {predicted_bytes / GIB:.2f},"
+            f" {_ratio(peak_bytes, predicted_bytes)})"
         )
         steps = f"{self.warmup + 1}-{self.warmup + self.steps}"
         rank_zero_info(f"parti: {self.report_line} measured over steps {steps}: {time_line}, {memory_line}")
+        if predicted_bytes <= 0 or predicted_seconds <= 0:
+            return
+        memory_ratio, time_ratio = peak_bytes / predicted_bytes, seconds / predicted_seconds
+        applied = prediction.applied or Correction()
+        where = ""
+        if prediction.record:
+            # Against the uncorrected prediction: the correction replaces, not compounds, the last one.
+            self.recorded = Correction(memory_ratio * applied.memory, time_ratio * applied.time, prediction.model)
+            path = calibration_module.record(prediction.machine, prediction.kind, self.recorded)
+            where = f"; later plans of this kind on this machine are corrected by it ({path})"
+        advice = []
+        if memory_ratio > 1 + MEMORY_MARGIN:
+            headroom = 1 - (1 - prediction.headroom) / memory_ratio
+            advice.append(
+                f"peak memory is {memory_ratio:.2f}× the prediction (aim: within {MEMORY_MARGIN:.0%}): a plan chosen"
+                f" close to the budget could run out of memory; raise planner_headroom to {headroom:.2f} or lower"
+                " memory_budget"
+            )
+        elif memory_ratio < 1 - MEMORY_MARGIN:
+            advice.append(
+                f"peak memory is {memory_ratio:.2f}× the prediction (aim: within {MEMORY_MARGIN:.0%}): the planner"
+                " was cautious, and may have chosen a slower plan than one that fits"
+            )
+        if abs(time_ratio - 1) > TIME_MARGIN:
+            advice.append(
+                f"step time is {time_ratio:.2f}× the prediction (aim: within {TIME_MARGIN:.0%}): plans predicted"
+                " close in time may be ranked wrongly; `parti-lightning plan` shows the candidates"
+            )
+        if advice:
+            rank_zero_warn(f"parti: {self.report_line} ({prediction.kind}): " + "; ".join(advice) + where)
 
     def _peak_bytes(self) -> int:
         if self.device.type == "cuda":

@@ -94,7 +94,8 @@ def plan(args: list[str]) -> int:
         module.configure_model()
     try:
         batch = example_batch(module, datamodule if datamodule is not None else _module_loader(module))
-        report = plan_for(module, batch, device.type, budget, world_size, ranks_per_node, strategy.planner_headroom)
+        report = plan_for(module, batch, device.type, budget, world_size, ranks_per_node, strategy.planner_headroom,
+                          calibrated=strategy.planner_calibration)
     except (PlanError, ValueError) as err:
         print(f"parti-lightning plan: {type(err).__name__}: {err}", file=sys.stderr)
         return 2

@@ -82,6 +82,10 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
             or on CPU the machine's memory over the ranks of a node.
         planner_headroom: fraction of ``memory_budget`` that ``plan="auto"`` keeps free for what its
             prediction does not see (allocator slack, data loading, logging).
+        planner_calibration: under ``plan="auto"``, keep the measured over predicted step time and peak
+            memory of the first steps in the hardware cache, and multiply later predictions on this
+            machine by them (per kind of plan; see :mod:`parti_lightning.planner.calibration`). ``False``
+            plans from the cost model alone and records nothing.
         state_dict_type: how checkpoints are written. ``"auto"``: ``"full"`` where one rank holds the
             whole model anyway (ddp, zero1), ``"sharded"`` where the parameters are sharded or split (zero2,
             zero3, hybrid, tensor, pipeline). ``"sharded"``: a directory written by every rank through
@@ -108,6 +112,7 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
         state_dict_type: StateDictType = "auto",
         memory_budget: int | None = None,
         planner_headroom: float = 0.1,
+        planner_calibration: bool = True,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -135,6 +140,7 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
         check_arguments(memory_budget, planner_headroom, process_group_backend, state_dict_type)
         self._memory_budget = memory_budget
         self._planner_headroom = planner_headroom
+        self._planner_calibration = planner_calibration
         self.plan_report: PlanReport | None = None  # the planner's choice and reasons (global rank 0, plan="auto")
         self._step_meter: StepMeter | None = None
         self._process_group_backend = process_group_backend
@@ -205,6 +211,10 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
     @property
     def planner_headroom(self) -> float:
         return self._planner_headroom
+
+    @property
+    def planner_calibration(self) -> bool:
+        return self._planner_calibration
 
     @property
     def resolved_plan(self) -> ResolvedPlan:
@@ -354,7 +364,7 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
         chosen, report, self._step_meter = choose_in_run(
             trainer, self.lightning_module, self.mesh, self.root_device, budget=budget,
             ranks_per_node=self.num_processes, headroom=self._planner_headroom,
-            startup_timeout=self._startup_timeout, timeout=self._timeout,
+            calibration=self._planner_calibration, startup_timeout=self._startup_timeout, timeout=self._timeout,
         )
         self.plan_report = report
         previous = self.resolved_plan

@@ -6,7 +6,9 @@ parity-tested in test_parity.py (scenarios ``auto`` and ``auto_tight_budget``).
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +83,13 @@ def test_auto_logs_its_choice_and_then_measured_against_predicted(cache: dict[st
     assert "chosen: the fastest that fits" in out  # the table, logged at fit start
     assert "parti: plan='auto' measured over steps 3-7:" in out and "peak memory per rank" in out
     assert "rank 1: trained under data=2 × shard=1" in out
+    # The measured ratio is kept for this machine, and the next plan here is corrected by it.
+    calibration = json.loads((Path(cache["XDG_CACHE_HOME"]) / "parti-lightning" / "calibration.json").read_text())
+    (entries,) = calibration.values()
+    assert set(entries) == {"replicated"} and entries["replicated"]["model"] == "BlockRegressor"
+    assert entries["replicated"]["memory"] > 0 and entries["replicated"]["time"] > 0
+    replanned = check(_plan_command(env=cache))
+    assert "corrected by earlier runs on this machine (measured / predicted, by kind of plan): replicated" in replanned
 
 
 @pytest.mark.timeout(200)

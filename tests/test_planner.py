@@ -426,3 +426,47 @@ def test_hardware_is_measured_once_then_cached(tmp_path: Path, monkeypatch: pyte
     HardwareProfile.measure("cpu", 3, refresh=True)
     assert len(calls) == 2
     assert math.isclose(first.memory_bytes, GIB)
+
+
+def test_measured_corrections_change_predictions_and_the_choice() -> None:
+    from parti_lightning.planner.calibration import Correction, corrected, plan_kind
+
+    profile = profile_model(gpt(layers=4, width=64), gpt_batch(16))
+    ddp = PartitionPlan().resolve(2)
+    raw = estimate(profile, hardware(), ddp, 2)
+    twice = corrected(raw, Correction(memory=2.0, time=1.5))
+    assert twice.peak_bytes == pytest.approx(2 * raw.peak_bytes, rel=1e-6)
+    assert twice.seconds == pytest.approx(1.5 * raw.seconds)
+    assert plan_kind(ddp) == "replicated"
+    assert plan_kind(PartitionPlan(pipeline=2, data=1, schedule="gpipe").resolve(2)) == "replicated+pipeline-gpipe"
+    # A budget that ddp meets by the cost model, but not once its measured memory (×3) is counted.
+    budget = int(raw.peak_bytes * 1.5 / 0.9)
+    plain = choose_plan(profile, hardware(budget / 2**30), world_size=2)
+    assert plain.chosen.storage == "replicated" and not plain.corrections
+    measured = choose_plan(profile, hardware(budget / 2**30), world_size=2,
+                           corrections={"replicated": Correction(memory=3.0, time=1.0, model="x")})
+    assert measured.chosen.storage != "replicated"
+    assert set(measured.corrections) == {"replicated"}
+    assert "corrected by earlier runs on this machine" in measured.render()
+
+
+def test_step_meter_keeps_measured_over_uncorrected_and_advises(tmp_path, monkeypatch) -> None:
+    from parti_lightning.autoplan import Prediction, StepMeter
+    from parti_lightning.planner import calibration
+    from parti_lightning.planner.calibration import Correction
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    raw = estimate(profile_model(gpt(), gpt_batch(4)), hardware(), PartitionPlan().resolve(2), 2)
+    shown = calibration.corrected(raw, Correction(memory=2.0, time=1.0))
+    prediction = Prediction(shown, Correction(memory=2.0, time=1.0), "replicated", "machine", "CharGPT", headroom=0.1)
+    meter = StepMeter("plan='auto'", prediction, torch.device("cpu"))
+    with pytest.warns(UserWarning, match=r"peak memory is 1\.50× the prediction.*raise planner_headroom to 0\.40"):
+        meter._report(1.5 * shown.peak_bytes, shown.seconds, prediction)
+    # Against the cost model alone, memory was 2 × 1.5 = 3 times the prediction; time as predicted.
+    kept = calibration.load("machine")["replicated"]
+    assert kept.memory == pytest.approx(3.0) and kept.time == pytest.approx(1.0) and kept.model == "CharGPT"
+    assert meter.recorded == kept
+    quiet = StepMeter("plan='auto'", dataclasses.replace(prediction, record=False, kind="parameters"),
+                      torch.device("cpu"))
+    quiet._report(shown.peak_bytes, shown.seconds, quiet.prediction)  # on target: no warning, nothing kept
+    assert set(calibration.load("machine")) == {"replicated"} and quiet.recorded is None

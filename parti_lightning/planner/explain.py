@@ -48,6 +48,11 @@ def footnotes(report: PlanReport) -> list[str]:
         "step time = compute + recompute + optimizer + communication (no overlap assumed); plans are compared"
         " per sample (step time over the data-parallel ranks: a tensor or pipeline step trains fewer samples)",
     ]
+    if report.corrections:
+        measured = "; ".join(
+            f"{kind} memory ×{c.memory:.2f}, time ×{c.time:.2f}" for kind, c in report.corrections.items()
+        )
+        lines.append(f"corrected by earlier runs on this machine (measured / predicted, by kind of plan): {measured}")
     chosen = report.chosen
     if chosen.pipeline > 1 and report.profile.blocks:
         lines.append(f"pipeline stages of the chosen plan (balanced by parameters): {_stages(report)}")

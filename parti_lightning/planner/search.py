@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
@@ -11,6 +12,9 @@ from parti_lightning.plan import ActivationCheckpointing, PartitionPlan, PlanErr
 from parti_lightning.planner.cost import Estimate, estimate
 from parti_lightning.planner.hardware import HardwareProfile
 from parti_lightning.planner.profile import ModelProfile
+
+if TYPE_CHECKING:
+    from parti_lightning.planner.calibration import Correction
 
 GIB = 1024**3
 # Simpler first: on a tie the earlier storage level wins.
@@ -79,6 +83,8 @@ class PlanReport:
         headroom: the fraction of the budget kept free.
         profile: the model profile the predictions came from.
         hardware: the hardware profile they came from.
+        corrections: measured corrections applied to the predictions, by plan kind (see
+            :mod:`~parti_lightning.planner.calibration`); only those of kinds among the candidates.
     """
 
     chosen: ResolvedPlan
@@ -89,6 +95,11 @@ class PlanReport:
     hardware: HardwareProfile
     world_size: int = 1
     notes: tuple[str, ...] = field(default=())
+    corrections: Mapping[str, Correction] = field(default_factory=dict)
+
+    @property
+    def chosen_candidate(self) -> Candidate:
+        return next(c for c in self.candidates if c.chosen)
 
     @property
     def usable_bytes(self) -> int:
@@ -186,6 +197,7 @@ def choose_plan(
     ranks_per_node: int | None = None,
     headroom: float = 0.1,
     tie_tolerance: float = 0.05,
+    corrections: Mapping[str, Correction] | None = None,
 ) -> PlanReport:
     """The fastest plan whose predicted peak fits one rank's memory, with every other candidate's reason.
 
@@ -198,6 +210,9 @@ def choose_plan(
             allocator's slack, the dataloader, logging).
         tie_tolerance: plans within this fraction of the fastest time count as tied; the simplest
             of them (lower ZeRO stage, then no checkpointing) wins, since it has less to go wrong.
+        corrections: measured over predicted memory and time by plan kind, from earlier runs on this
+            machine (:func:`~parti_lightning.planner.calibration.load`); each candidate's prediction is
+            multiplied by its kind's.
 
     Returns:
         the report; ``report.chosen`` is resolved for ``world_size``.
@@ -211,9 +226,14 @@ def choose_plan(
         raise PlanError(f"headroom={headroom!r} is invalid: give the fraction of memory kept free, in [0, 1).")
     if world_size < 1 or ranks_per_node < 1 or world_size % ranks_per_node and world_size > ranks_per_node:
         raise PlanError(f"world size {world_size} is not a multiple of {ranks_per_node} ranks per node.")
+    from parti_lightning.planner.calibration import corrected, plan_kind
+
     usable = int(hardware.memory_bytes * (1 - headroom))
-    predicted = [(plan, estimate(profile, hardware, plan, ranks_per_node))
-                 for plan in candidate_plans(profile, world_size, ranks_per_node)]
+    corrections = corrections or {}
+    plans = candidate_plans(profile, world_size, ranks_per_node)
+    predicted = [(plan, corrected(estimate(profile, hardware, plan, ranks_per_node), corrections.get(plan_kind(plan))))
+                 for plan in plans]
+    used = {kind: corrections[kind] for kind in dict.fromkeys(plan_kind(plan) for plan in plans) if kind in corrections}
     fitting = [(plan, est) for plan, est in predicted if est.peak_bytes <= usable]
     if not fitting:
         raise NoPlanFits(_no_fit_message(profile, hardware, predicted, usable, world_size, ranks_per_node, headroom))
@@ -235,7 +255,7 @@ def choose_plan(
         for plan, est in predicted
     )
     return PlanReport(chosen, candidates, hardware.memory_bytes, headroom, profile, hardware, world_size,
-                      profile.notes)
+                      profile.notes, used)
 
 
 def _model_parallel(plan: ResolvedPlan) -> bool:
