@@ -98,7 +98,7 @@ def plan_for(
     hardware = _hardware(device_type, ranks_per_node)
     hardware = dataclasses.replace(hardware, memory_bytes=memory_budget)
     machine = calibration_module.machine_key(device_type, ranks_per_node)
-    corrections = calibration_module.load(machine) if calibrated else None
+    corrections = calibration_module.load(machine, calibration_module.model_key(profile)) if calibrated else None
     return choose_plan(profile, hardware, world_size=world_size, ranks_per_node=ranks_per_node, headroom=headroom,
                        corrections=corrections)
 
@@ -148,7 +148,7 @@ def choose_in_run(
             applied=report.corrections.get(kind),
             kind=kind,
             machine=calibration_module.machine_key(device.type, ranks_per_node),
-            model=report.profile.name,
+            model=calibration_module.model_key(report.profile),
             record=calibration,
             headroom=headroom,
         )
@@ -179,7 +179,7 @@ class Prediction:
         applied: the correction from earlier runs already in ``estimate`` (``None``: the cost model alone).
         kind: the plan's kind (:func:`~parti_lightning.planner.calibration.plan_kind`).
         machine: the machine shape's key.
-        model: the model's name.
+        model: the model's key (:func:`~parti_lightning.planner.calibration.model_key`).
         record: whether to keep this run's measurement.
         headroom: the planner's headroom (for the advice when memory is under-predicted).
     """
@@ -248,9 +248,9 @@ class StepMeter:
         where = ""
         if prediction.record:
             # Against the uncorrected prediction: the correction replaces, not compounds, the last one.
-            self.recorded = Correction(memory_ratio * applied.memory, time_ratio * applied.time, prediction.model)
-            path = calibration_module.record(prediction.machine, prediction.kind, self.recorded)
-            where = f"; later plans of this kind on this machine are corrected by it ({path})"
+            self.recorded = Correction(memory_ratio * applied.memory, time_ratio * applied.time)
+            path = calibration_module.record(prediction.machine, prediction.model, prediction.kind, self.recorded)
+            where = f"; later plans of this kind for this model on this machine are corrected by it ({path})"
         advice = []
         if memory_ratio > 1 + MEMORY_MARGIN:
             headroom = 1 - (1 - prediction.headroom) / memory_ratio

@@ -444,10 +444,10 @@ def test_measured_corrections_change_predictions_and_the_choice() -> None:
     plain = choose_plan(profile, hardware(budget / 2**30), world_size=2)
     assert plain.chosen.storage == "replicated" and not plain.corrections
     measured = choose_plan(profile, hardware(budget / 2**30), world_size=2,
-                           corrections={"replicated": Correction(memory=3.0, time=1.0, model="x")})
+                           corrections={"replicated": Correction(memory=3.0, time=1.0)})
     assert measured.chosen.storage != "replicated"
     assert set(measured.corrections) == {"replicated"}
-    assert "corrected by earlier runs on this machine" in measured.render()
+    assert "corrected by earlier runs of this model on this machine" in measured.render()
 
 
 def test_step_meter_keeps_measured_over_uncorrected_and_advises(tmp_path, monkeypatch) -> None:
@@ -463,10 +463,11 @@ def test_step_meter_keeps_measured_over_uncorrected_and_advises(tmp_path, monkey
     with pytest.warns(UserWarning, match=r"peak memory is 1\.50× the prediction.*raise planner_headroom to 0\.40"):
         meter._report(1.5 * shown.peak_bytes, shown.seconds, prediction)
     # Against the cost model alone, memory was 2 × 1.5 = 3 times the prediction; time as predicted.
-    kept = calibration.load("machine")["replicated"]
-    assert kept.memory == pytest.approx(3.0) and kept.time == pytest.approx(1.0) and kept.model == "CharGPT"
+    kept = calibration.load("machine", "CharGPT")["replicated"]
+    assert kept.memory == pytest.approx(3.0) and kept.time == pytest.approx(1.0)
+    assert not calibration.load("machine", "another model")
     assert meter.recorded == kept
     quiet = StepMeter("plan='auto'", dataclasses.replace(prediction, record=False, kind="parameters"),
                       torch.device("cpu"))
     quiet._report(shown.peak_bytes, shown.seconds, quiet.prediction)  # on target: no warning, nothing kept
-    assert set(calibration.load("machine")) == {"replicated"} and quiet.recorded is None
+    assert set(calibration.load("machine", "CharGPT")) == {"replicated"} and quiet.recorded is None

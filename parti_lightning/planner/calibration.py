@@ -3,12 +3,14 @@
 After the first steps of a ``plan="auto"`` run, the strategy's step meter compares the measured step
 time and peak memory with what the planner predicted. Their ratio to the uncorrected prediction is
 kept in ``calibration.json`` beside the hardware cache, under the machine shape's key (as for the
-hardware profile) and the plan's kind (:func:`plan_kind`); the next plan on this machine multiplies
-that kind's predictions by it (:func:`corrected`), and its table says so.
+hardware profile), the model (:func:`model_key`: its name, size and batch) and the plan's kind
+(:func:`plan_kind`). The next plan of that model on this machine multiplies each kind's predictions
+by its ratio (:func:`corrected`), and its table says so; the last measurement replaces the previous.
 
-What the cost model leaves out (the allocator's slack, DTensor's per-operation overhead, Lightning's
-per-step work, thread contention) differs between kinds of plan far more than between models on one
-machine, so one ratio per kind corrects most of it; the last measurement replaces the previous one.
+Why per model and not per machine alone: what the cost model leaves out (the allocator's slack,
+DTensor's per-operation overhead, the strategy's per-step collectives) is a fixed cost as much as a
+proportional one, so a ratio measured on a small model would mis-correct a large one (a tiny model's
+step measured here at 23× its prediction, most of it fixed).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from parti_lightning.plan import ResolvedPlan
 from parti_lightning.planner.cost import Estimate
 from parti_lightning.planner.hardware import _read_cache, cache_key, default_cache_dir
+from parti_lightning.planner.profile import ModelProfile
 
 CACHE_FILE = "calibration.json"
 # Beyond these, a measurement is reported as off from the prediction (the planner's accuracy aims).
@@ -36,12 +39,10 @@ class Correction:
     Attributes:
         memory: peak memory per rank, measured over the uncorrected prediction.
         time: step time, measured over the uncorrected prediction.
-        model: the model it was measured on (for the table's note).
     """
 
     memory: float = 1.0
     time: float = 1.0
-    model: str = ""
 
 
 def plan_kind(plan: ResolvedPlan) -> str:
@@ -73,9 +74,14 @@ def machine_key(device_type: str, ranks_per_node: int) -> str:
     return cache_key(device_type, ranks_per_node)
 
 
-def load(key: str, cache_dir: str | Path | None = None) -> dict[str, Correction]:
-    """The corrections measured on the machine shape ``key``, by plan kind; empty if none."""
-    entries = _read_cache(_path(cache_dir)).get(key, {})
+def model_key(profile: ModelProfile) -> str:
+    """Which model a correction was measured on: its name, parameter count and batch size."""
+    return f"{profile.name}|{profile.parameter_count} parameters|batch {profile.batch_size}"
+
+
+def load(machine: str, model: str, cache_dir: str | Path | None = None) -> dict[str, Correction]:
+    """The corrections measured for ``model`` on the machine shape ``machine``, by plan kind; empty if none."""
+    entries = _read_cache(_path(cache_dir)).get(machine, {}).get(model, {})
     corrections = {}
     for kind, value in entries.items():
         try:
@@ -85,11 +91,11 @@ def load(key: str, cache_dir: str | Path | None = None) -> dict[str, Correction]
     return corrections
 
 
-def record(key: str, kind: str, correction: Correction, cache_dir: str | Path | None = None) -> Path:
-    """Keep ``correction`` for plans of ``kind`` on machine shape ``key``; returns the file written."""
+def record(machine: str, model: str, kind: str, correction: Correction, cache_dir: str | Path | None = None) -> Path:
+    """Keep ``correction`` for ``model``'s plans of ``kind`` on machine shape ``machine``; returns the file written."""
     path = _path(cache_dir)
     entries = _read_cache(path)
-    entries.setdefault(key, {})[kind] = asdict(correction)
+    entries.setdefault(machine, {}).setdefault(model, {})[kind] = asdict(correction)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written whole to a temporary file, then renamed: two runs finishing at once leave one valid file.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calibration", suffix=".json")

@@ -35,7 +35,8 @@ class Estimate:
         memory: bytes per part at the step's peak (``parameters``, ``gradients``, ``optimizer``,
             ``activations``, ``in_flight``, ``overhead``).
         setup_bytes: the setup peak (whole model plus its first shard), 0 when the model is never whole.
-        time: seconds per part of one step (``compute``, ``recompute``, ``optimizer``, ``communication``).
+        time: seconds per part of one step (``compute``, ``recompute``, ``optimizer``, ``communication``,
+            ``framework``: Lightning's loop).
     """
 
     memory: dict[str, int]
@@ -96,7 +97,8 @@ def _single_process(profile: ModelProfile, hardware: HardwareProfile) -> _Cost:
     # Adam-like step: reads parameter, gradient and state, writes parameter and state.
     step = 2 * profile.parameter_bytes + profile.gradient_bytes + 2 * profile.optimizer_state_bytes
     time = {"compute": profile.step_flops / hardware.flops_per_s, "recompute": 0.0,
-            "optimizer": step / hardware.memory_bandwidth_bytes_per_s, "communication": 0.0}
+            "optimizer": step / hardware.memory_bandwidth_bytes_per_s, "communication": 0.0,
+            "framework": hardware.step_overhead_s}
     trunk = sum(b.activation_bytes for b in profile.blocks)
     return _Cost(memory, time, held_parameter_bytes=profile.parameter_bytes, trunk_activation_bytes=trunk,
                  trunk_blocks_held=float(len(profile.blocks)))

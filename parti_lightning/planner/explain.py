@@ -45,14 +45,16 @@ def footnotes(report: PlanReport) -> list[str]:
         f" per-process overhead {hw.process_overhead_bytes / GIB:.2f} GiB (in every peak)",
         f"model: {report.profile.step_flops / 1e9:,.2f} GFLOP per step at batch {report.profile.batch_size},"
         f" profiled via {report.profile.source}; dtype as built (mixed precision is not modelled)",
-        "step time = compute + recompute + optimizer + communication (no overlap assumed); plans are compared"
+        "step time = compute + recompute + optimizer + communication (no overlap assumed) + Lightning's loop"
+        f" ({hw.step_overhead_s * 1e3:.1f} ms measured); plans are compared"
         " per sample (step time over the data-parallel ranks: a tensor or pipeline step trains fewer samples)",
     ]
     if report.corrections:
         measured = "; ".join(
             f"{kind} memory ×{c.memory:.2f}, time ×{c.time:.2f}" for kind, c in report.corrections.items()
         )
-        lines.append(f"corrected by earlier runs on this machine (measured / predicted, by kind of plan): {measured}")
+        lines.append(f"corrected by earlier runs of this model on this machine (measured / predicted, by kind of plan):"
+                     f" {measured}")
     chosen = report.chosen
     if chosen.pipeline > 1 and report.profile.blocks:
         lines.append(f"pipeline stages of the chosen plan (balanced by parameters): {_stages(report)}")

@@ -47,6 +47,8 @@ class HardwareProfile:
         internode_bandwidth_bytes_per_s: the same across nodes; ``None``: assumed equal to ``bandwidth_bytes_per_s``.
         process_overhead_bytes: memory a rank uses before the model exists (interpreter, torch, process group).
         collective_latency_s: time of a one-element all-reduce (paid once per collective call).
+        step_overhead_s: what Lightning's training loop adds to every step whatever the model (hooks,
+            batch transfer, logging, the optimizer call), measured on a one-parameter model.
         device_type: ``"cpu"`` or ``"cuda"``.
         device_name: e.g. the CPU model or the GPU name.
         bandwidth_source: how ``bandwidth_bytes_per_s`` was found.
@@ -60,6 +62,7 @@ class HardwareProfile:
     internode_bandwidth_bytes_per_s: float | None = None
     process_overhead_bytes: int = 0
     collective_latency_s: float = 0.0
+    step_overhead_s: float = 0.0
     device_type: str = "cpu"
     device_name: str = "given"
     bandwidth_source: str = "given"
@@ -110,7 +113,7 @@ def default_cache_dir() -> Path:
 
 def cache_key(device_type: str, ranks_per_node: int) -> str:
     """Key of a machine shape: device type and name, usable cores, ranks per node (and what is measured)."""
-    return f"v2|{device_type}|{_device_name(device_type)}|{len(usable_cores())} cores|{ranks_per_node} ranks"
+    return f"v3|{device_type}|{_device_name(device_type)}|{len(usable_cores())} cores|{ranks_per_node} ranks"
 
 
 def _read_cache(path: Path) -> dict[str, dict]:
@@ -152,12 +155,12 @@ def _measure(device_type: str, ranks_per_node: int) -> HardwareProfile:
         fresh = _fresh_copy_rate()
     finally:
         torch.set_num_threads(threads)
-    bandwidth, latency, overhead = _gloo_allreduce(max(2, ranks_per_node))
+    bandwidth, latency, overhead, step_overhead = _gloo_allreduce(max(2, ranks_per_node))
     return HardwareProfile(
         memory_bytes=psutil.virtual_memory().total // ranks_per_node, flops_per_s=flops,
         bandwidth_bytes_per_s=bandwidth, memory_bandwidth_bytes_per_s=copy,
         fresh_memory_bandwidth_bytes_per_s=fresh, process_overhead_bytes=overhead,
-        collective_latency_s=latency,
+        collective_latency_s=latency, step_overhead_s=step_overhead,
         device_type="cpu", device_name=_device_name("cpu"),
         bandwidth_source=f"gloo all-reduce of {_ALLREDUCE_BYTES >> 20} MiB, {max(2, ranks_per_node)} local processes",
     )
@@ -197,8 +200,9 @@ def _fresh_copy_rate() -> float:
     return 2 * _COPY_BYTES / seconds
 
 
-def _gloo_allreduce(world_size: int) -> tuple[float, float, int]:
-    """Bus bandwidth and latency of gloo all-reduces between local processes, and a rank's RSS after joining."""
+def _gloo_allreduce(world_size: int) -> tuple[float, float, int, float]:
+    """Bus bandwidth and latency of gloo all-reduces between local processes, a rank's RSS after joining, and
+    Lightning's per-step overhead (measured in rank 0's process, after the collectives)."""
     with tempfile.TemporaryDirectory() as tmp:
         # Why fresh interpreters and not multiprocessing's spawn: spawn re-runs the caller's __main__,
         # which in a training script without a main guard would start the training again.
@@ -208,7 +212,7 @@ def _gloo_allreduce(world_size: int) -> tuple[float, float, int]:
         if any(proc.wait() for proc in procs):
             raise RuntimeError("measuring the gloo all-reduce bandwidth failed (see the output above).")
         result = json.loads(Path(tmp, "result.json").read_text())
-    return result["bandwidth"], result["latency"], result["rss"]
+    return result["bandwidth"], result["latency"], result["rss"], result["step_overhead"]
 
 
 def _allreduce_worker(rank_arg: str, world_arg: str, tmp: str) -> None:
@@ -225,6 +229,43 @@ def _allreduce_worker(rank_arg: str, world_arg: str, tmp: str) -> None:
         if rank == 0:
             bus = 2 * (world_size - 1) / world_size * _ALLREDUCE_BYTES / seconds
             rss = psutil.Process().memory_info().rss - _ALLREDUCE_BYTES
-            Path(tmp, "result.json").write_text(json.dumps({"bandwidth": bus, "latency": latency, "rss": rss}))
+            step = _lightning_step_seconds()
+            result = {"bandwidth": bus, "latency": latency, "rss": rss, "step_overhead": step}
+            Path(tmp, "result.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
+
+
+def _lightning_step_seconds(steps: int = 40, warmup: int = 10) -> float:
+    """Median seconds per training step of a one-parameter model under Lightning: the loop's own cost."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    class _Clock(Callback):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def on_train_batch_end(self, *args: object) -> None:
+            self.stamps.append(time.perf_counter())
+
+    class _OneParameter(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            loss = (self.weight * batch).sum()
+            self.log("loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters())
+
+    clock = _Clock()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, callbacks=[clock],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    loader = torch.utils.data.DataLoader(torch.zeros(steps, 1), batch_size=1)
+    trainer.fit(_OneParameter(), loader)
+    stamps = clock.stamps[warmup:]
+    intervals = sorted(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+    return intervals[len(intervals) // 2]
