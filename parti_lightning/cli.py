@@ -38,7 +38,8 @@ def main(args: list[str] | None = None) -> None:
     """Run ``parti-lightning {fit,validate,test,predict} [--config cfg.yaml] [--trainer.* ...]``.
 
     ``parti-lightning convert SRC DST`` converts checkpoints (see :mod:`parti_lightning.convert`);
-    ``parti-lightning plan [the arguments of fit]`` explains the plan ``plan="auto"`` would choose.
+    ``parti-lightning plan [--plot FILE.png] [the arguments of fit]`` explains the plan ``plan="auto"``
+    would choose (and draws it).
     """
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] == "convert":
@@ -63,8 +64,11 @@ def plan(args: list[str]) -> int:
 
     The model, data and Trainer are built from the same arguments as ``fit`` (``LightningCLI(run=False)``);
     the model's ``configure_model`` runs on the meta device, so a model larger than memory is planned
-    without being built.
+    without being built. ``--plot FILE.png`` also draws the report (:mod:`parti_lightning.planner.plot`;
+    needs the ``plot`` extra).
     """
+    import argparse
+
     import torch
 
     from parti_lightning import PartiStrategy
@@ -73,6 +77,16 @@ def plan(args: list[str]) -> int:
     from parti_lightning.plan import PlanError
     from parti_lightning.planner import example_batch
 
+    own = argparse.ArgumentParser(prog="parti-lightning plan", add_help=False)
+    own.add_argument("--plot", metavar="FILE")
+    options, args = own.parse_known_args(args)
+    if options.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ModuleNotFoundError:
+            print("parti-lightning plan: error: --plot needs matplotlib: pip install 'parti-lightning[plot]'",
+                  file=sys.stderr)
+            return 2
     sys.argv = sys.argv[:1]  # the arguments come through `args`; LightningCLI warns when sys.argv has more
     cli = LightningCLI(
         subclass_mode_model=True,
@@ -101,6 +115,11 @@ def plan(args: list[str]) -> int:
         return 2
     print(report.render())
     print(f"plan='auto' would choose: {report.chosen.describe()}")
+    if options.plot is not None:
+        from parti_lightning.planner.plot import plot_report
+
+        plot_report(report, options.plot)
+        print(f"drawn to {options.plot}")
     if not strategy.plans_automatically:
         fixed = strategy.plan.resolve(world_size, ranks_per_node=ranks_per_node)
         row = next((c for c in report.candidates if c.plan == fixed), None)

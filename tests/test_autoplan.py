@@ -68,6 +68,14 @@ def test_plan_command_explains_the_choice_without_launching(cache: dict[str, str
 
 
 @pytest.mark.timeout(200)
+def test_plan_command_draws_the_plan(cache: dict[str, str], tmp_path: Path) -> None:
+    picture = tmp_path / "plan.png"
+    out = check(_plan_command(f"--plot={picture}", env=cache))
+    assert f"drawn to {picture}" in out
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 20_000
+
+
+@pytest.mark.timeout(200)
 def test_plan_command_fails_clearly_when_nothing_fits(cache: dict[str, str]) -> None:
     budget = f"--trainer.strategy.memory_budget={TIGHT}"
     result = _plan_command("--trainer.strategy=parti_lightning.PartiStrategy", budget, env=cache)

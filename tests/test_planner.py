@@ -471,3 +471,38 @@ def test_step_meter_keeps_measured_over_uncorrected_and_advises(tmp_path, monkey
                       torch.device("cpu"))
     quiet._report(shown.peak_bytes, shown.seconds, quiet.prediction)  # on target: no warning, nothing kept
     assert set(calibration.load("machine", "CharGPT")) == {"replicated"} and quiet.recorded is None
+
+
+def test_plot_draws_the_chosen_plan_and_every_candidate(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from parti_lightning.planner.plot import plot_report
+
+    profile = profile_model(gpt(layers=4, width=64), gpt_batch(16))
+    everything = choose_plan(profile, hardware(), world_size=4)
+    split = min(c.peak_bytes for c in everything.candidates if c.plan.pipeline > 1 and c.plan.tensor > 1)
+    fits_only_split = max(split, min(c.peak_bytes for c in everything.candidates if c.plan.pipeline > 1)) / 0.9
+    report = choose_plan(profile, hardware(fits_only_split / 2**30 * 1.0001), world_size=4)
+    assert report.chosen.pipeline > 1 or report.chosen.tensor > 1
+    figure = plot_report(report, tmp_path / "plan.png")
+    assert (tmp_path / "plan.png").stat().st_size > 20_000
+    texts = [t.get_text() for ax in figure.axes for t in [*ax.texts, *ax.get_yticklabels()]]
+    texts += [ax.get_title(loc="left") for ax in figure.axes]
+    ranks = [t for t in texts if t.startswith("rank ")]
+    assert len(ranks) == 4  # every rank of the mesh drawn
+    memory_axis, time_axis = figure.axes[1], figure.axes[2]
+    assert len(memory_axis.get_yticklabels()) == len(report.candidates) == len(time_axis.patches)
+    assert any(t.startswith("→ ") for t in texts)  # the chosen candidate is marked
+    if report.chosen.pipeline > 1:
+        assert any(t.startswith("stage 1: blocks.") for t in texts)
+    if report.chosen.tensor > 1:
+        assert any("tensor-split layers of each block: attn." in t for t in texts)
+
+
+def test_plot_without_matplotlib_says_how_to_install(monkeypatch) -> None:
+    from parti_lightning.planner.plot import plot_report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    report = choose_plan(profile_model(gpt(), gpt_batch(4)), hardware(), world_size=2)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'parti-lightning\[plot\]'"):
+        plot_report(report)
