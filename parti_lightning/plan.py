@@ -68,8 +68,11 @@ class PartitionPlan:
             in the backward pass instead of storing them.
         micro_batches: with ``pipeline > 1``, how many micro-batches the trunk splits each batch into; must
             divide the batch each data-parallel rank gets.
-        schedule: with ``pipeline > 1``, the training schedule: ``"1f1b"`` (needs ``micro_batches >= pipeline``)
-            or ``"gpipe"``.
+        schedule: with ``pipeline > 1``, the training schedule. ``"gpipe"``: every micro-batch forward, then
+            every backward, the forward's activations kept between them (no recompute: the faster).
+            ``"1f1b"`` (needs ``micro_batches >= pipeline``): the backward re-runs the trunk's forward
+            under 1F1B, so that no activations are kept between forward and backward and at most
+            ``pipeline`` micro-batches' are in flight (the smaller; one extra trunk forward per step).
         pipeline_cuts: with ``pipeline > 1``, the block names (as in ``named_modules``) where stages 2, 3,
             ... start; ``None`` balances the stages by parameter count.
         sharding_units: module names (as in ``named_modules``) to shard as units; ``None`` finds
@@ -89,7 +92,7 @@ class PartitionPlan:
     offload: Offload = "none"
     activation_checkpointing: ActivationCheckpointing = "none"
     micro_batches: int = 1
-    schedule: Schedule = "1f1b"
+    schedule: Schedule = "gpipe"
     pipeline_cuts: tuple[str, ...] | None = field(default=None)
     sharding_units: tuple[str, ...] | None = field(default=None)
     tensor_rules: tuple[tuple[str, TensorStyle], ...] | None = field(default=None)

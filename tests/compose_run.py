@@ -34,14 +34,14 @@ WORLD_SIZE = 4
 COMPOSED = [
     Scenario("tp_x_data", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP, plan={"preset": "tp", "data": 2},
              data_parallel=2),
-    # GPipe here (forward kept, no recompute); pp_x_tp and the two-rank parity scenario run 1F1B.
+    # GPipe, the preset's schedule (forward kept, no recompute); pp_x_tp and the two-rank parity scenario run 1F1B.
     Scenario("pp_x_data", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP,
-             plan={"preset": "pp", "data": 2, "schedule": "gpipe"}, data_parallel=2),
+             plan={"preset": "pp", "data": 2}, data_parallel=2),
     Scenario("tp_x_shard", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP,
              plan={"preset": "zero3", "tensor": 2}, data_parallel=2),
     # Two 2-stage pipelines whose stages split their blocks over tensor pairs; one data-parallel rank.
     Scenario("pp_x_tp", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP,
-             plan={"preset": "pp", "tensor": 2}, data_parallel=1),
+             plan={"preset": "pp", "tensor": 2, "schedule": "1f1b"}, data_parallel=1),
     # Two 2-stage pipelines whose stages ZeRO-3 shards over the 2 data-parallel ranks (GPipe: see the plan check).
     Scenario("pp_x_shard", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP,
              plan={"preset": "zero3", "pipeline": 2, "micro_batches": 4, "schedule": "gpipe"}, data_parallel=2),

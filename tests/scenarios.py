@@ -266,12 +266,13 @@ SCENARIOS = [
              plan={"preset": "tp", "activation_checkpointing": "blocks"}, data_parallel=1),
     # Tensor parallel under manual optimization: two optimizers, two backward passes and clipping in one step.
     Scenario("tp_manual_two_optimizers", TwoOptimizerBlockRegressor, plan="tp", data_parallel=1),
-    # Pipeline over both ranks (2 stages of the 3 blocks, 4 micro-batches, 1F1B): one data-parallel rank.
+    # Pipeline over both ranks (2 stages of the 3 blocks, 4 micro-batches, 1F1B: the backward recomputes the
+    # trunk; GPipe, the preset's, runs in the compose scenarios): one data-parallel rank.
     Scenario(
         "pp_accumulate_clip_schedule",
         TensorBlockRegressor,
         trainer_kwargs=ACCUMULATE_CLIP,
-        plan="pp",
+        plan={"preset": "pp", "schedule": "1f1b"},
         data_parallel=1,
     ),
     # The planner chooses: replicated for a model that easily fits; then, with a budget between the

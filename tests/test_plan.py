@@ -90,7 +90,7 @@ BAD_PLANS = [
     ({"preset": "tp", "data": "auto"}, 4, PlanError, "plan.tensor='auto' takes the ranks the other axes leave"),
     ({"tensor": 3}, 4, PlanError, "does not divide world size 4"),
     ({"micro_batches": 4}, None, PlanError, "plan.micro_batches=4 only applies to pipeline parallelism"),
-    ({"preset": "zero3", "pipeline": 2}, None, NotImplementedError, "runs schedule='gpipe' only"),
+    ({"preset": "zero3", "pipeline": 2, "schedule": "1f1b"}, None, NotImplementedError, "runs schedule='gpipe' only"),
     ({"preset": "zero1", "pipeline": 2}, None, NotImplementedError, "ZeRO-1 inside pipeline stages"),
     ({"preset": "zero3", "pipeline": 2, "tensor": 2, "schedule": "gpipe"}, None, NotImplementedError,
      "all three together"),
@@ -126,6 +126,6 @@ def test_tp_preset_splits_every_rank_and_combines_with_data() -> None:
 def test_pp_preset_puts_one_stage_on_every_rank() -> None:
     plan = preset("pp").resolve(2)
     assert plan.mesh_shape == {"data": 1, "shard": 1, "tensor": 1, "pipeline": 2}
-    assert (plan.micro_batches, plan.schedule) == (4, "1f1b")
+    assert (plan.micro_batches, plan.schedule) == (4, "gpipe")
     cut = PartitionPlan.from_value({"preset": "pp", "pipeline_cuts": ["blocks.3"]})
     assert PartitionPlan.from_value(cut.to_dict()) == cut

@@ -30,7 +30,7 @@ __all__ = ["SCHEDULES", "PipelineParallel", "apply_pipeline", "check_pipeline_se
 
 
 def check_pipeline_settings(
-    num_blocks: int, num_stages: int, *, micro_batches: int, batch_size: int | None = None, schedule: str = "1f1b"
+    num_blocks: int, num_stages: int, *, micro_batches: int, batch_size: int | None = None, schedule: str = "gpipe"
 ) -> None:
     """Refuse, before anything is launched, pipeline settings that cannot run.
 
@@ -71,7 +71,7 @@ def apply_pipeline(
     group: ProcessGroup,
     *,
     micro_batches: int,
-    schedule: str = "1f1b",
+    schedule: str = "gpipe",
     cuts: Sequence[str] | None = None,
     costs: Sequence[float] | None = None,
     device: torch.device,
@@ -86,7 +86,8 @@ def apply_pipeline(
         module: the model, modified in place.
         group: the pipeline-axis process group, its ranks in stage order.
         micro_batches: how many micro-batches each trunk call is split into; must divide the batch.
-        schedule: ``"1f1b"`` or ``"gpipe"`` (the training schedule; forward passes use a forward-only one).
+        schedule: ``"gpipe"`` (the forward's activations kept for the backward) or ``"1f1b"`` (the backward
+            recomputes the trunk under 1F1B); passes without autograd use a forward-only schedule.
         cuts: the block names where stages ``1 .. N-1`` start; ``None`` to balance ``costs``.
         costs: a cost per block to balance; ``None`` for parameter counts.
         device: where this rank's stage runs.
