@@ -42,7 +42,7 @@ PLANS: dict[str, dict[str, str]] = {
     "zero2": {"preset": "zero2"}, "zero2+ac": {"preset": "zero2", "activation_checkpointing": "blocks"},
     "zero3": {"preset": "zero3"}, "zero3+ac": {"preset": "zero3", "activation_checkpointing": "blocks"},
     # Model parallel over both ranks (each rank gets the batch a data-parallel rank gets).
-    "tp": {"preset": "tp"}, "pp": {"preset": "pp"},
+    "tp": {"preset": "tp"}, "pp": {"preset": "pp"}, "pp1f1b": {"preset": "pp", "schedule": "1f1b"},
 }
 QUICK_PLANS = ("ddp", "ddp+ac", "zero1", "zero2", "zero3", "zero3+ac")
 

@@ -266,6 +266,9 @@ SCENARIOS = [
              plan={"preset": "tp", "activation_checkpointing": "blocks"}, data_parallel=1),
     # Tensor parallel under manual optimization: two optimizers, two backward passes and clipping in one step.
     Scenario("tp_manual_two_optimizers", TwoOptimizerBlockRegressor, plan="tp", data_parallel=1),
+    # The same under pipeline parallel: three trunk passes per step (two of them under autograd), two backward
+    # passes, clipping by the norm over both stages inside the step.
+    Scenario("pp_manual_two_optimizers", TwoOptimizerBlockRegressor, plan="pp", data_parallel=1),
     # Pipeline over both ranks (2 stages of the 3 blocks, 4 micro-batches, 1F1B: the backward recomputes the
     # trunk; GPipe, the preset's, runs in the compose scenarios): one data-parallel rank.
     Scenario(

@@ -118,11 +118,20 @@ class _Chain(nn.Module):
         elif mode == "learned_extra":
             for block in h:
                 x = block(x, bias=self.bias)
+        elif mode in ("two_passes", "partial_second_pass"):
+            # Manual optimization's pattern: the trunk run twice in one step, each pass a whole chain
+            # with its own extras.
+            first, ones, zeros = x, torch.ones_like(x[0]), torch.zeros_like(x[0])
+            for block in h:
+                first = block(first, mask=ones)
+            for block in h if mode == "two_passes" else h[:-1]:
+                x = block(x, mask=zeros)
+            x = x + first
         return x
 
 
 BREAKAGES = {
-    "indexed": "called 2 times",
+    "indexed": "is called again after 'h.0', before the trunk's last block 'h.2'",
     "reversed": "called right after",
     "skipped": "never called",
     "per_layer_args": "'mask' different from block 'h.0'",
@@ -131,7 +140,15 @@ BREAKAGES = {
     "intermediate_used": "the output of block 'h.0' (not the last block) is used outside the blocks",
     "cache": "is passed a cache (cache)",
     "learned_extra": "requires grad",
+    "partial_second_pass": "the last pass stops at block 'h.1', before 'h.2'",
 }
+
+
+def test_contract_accepts_whole_passes_repeated() -> None:
+    with torch.device("meta"):
+        model = _Chain("two_passes")
+        x = torch.randn(2, 4)
+    assert [name for name, _ in check_trunk_contract(model, lambda: model(x))] == ["h.0", "h.1", "h.2"]
 
 
 @pytest.mark.parametrize("mode", sorted(BREAKAGES))

@@ -196,11 +196,11 @@ def check_module(module: nn.Module, plan: ResolvedPlan, *, automatic_optimizatio
     if plan.pipeline > 1:
         blocks = find_blocks(module)
         check_pipeline_settings(len(blocks), plan.pipeline, micro_batches=plan.micro_batches, schedule=plan.schedule)
-        if not automatic_optimization:
+        if not automatic_optimization and plan.storage != "replicated":
             raise NotImplementedError(
-                "manual optimization with pipeline parallelism is not supported yet: the trunk's backward is one"
-                " pipelined operation per forward, which manual_backward calls cannot drive; use automatic"
-                " optimization, or a plan without pipeline."
+                f"manual optimization with pipeline parallelism and storage={plan.storage!r} is not supported yet"
+                " (never run: FSDP's gradient reduction inside stages under several backward passes per step);"
+                " use storage='replicated' with pipeline, or automatic optimization."
             )
     if plan.tensor > 1 and plan.tensor_rules is not None:
         validate_tensor_rules(module, dict(plan.tensor_rules), plan.tensor)

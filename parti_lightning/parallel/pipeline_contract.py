@@ -5,7 +5,8 @@ forward calls its first block, and lets the calls of the later blocks pass that 
 is exact only if the forward treats the trunk as a chain: every block called once, in order, fed the
 previous block's output (its first element when blocks return tuples), with the same extra
 arguments (masks, rotary tables, position ids) for every block, no cache, and nothing between or
-after the blocks reading an intermediate block output. :func:`check_trunk_contract` runs the
+after the blocks reading an intermediate block output. A training step may run the trunk several
+times (manual optimization's separate losses), each time as a whole chain. :func:`check_trunk_contract` runs the
 forward once (on meta tensors where the caller can) with hooks on the blocks and a
 ``TorchFunctionMode`` that sees every tensor operation outside the blocks, and names what breaks.
 """
@@ -161,10 +162,14 @@ class _Recorder:
     def verify(self) -> None:
         order = [call.index for call in self.calls]
         _check_order(order, self.names)
-        first = self.calls[0]
-        self._check_call(first, None, first)
-        for previous, call in zip(self.calls, self.calls[1:], strict=False):
-            self._check_call(first, previous, call)
+        n = len(self.names)
+        # Each pass of the trunk is a chain of its own: fed by its own first block, with its own extras.
+        for start in range(0, len(self.calls), n):
+            chain = self.calls[start : start + n]
+            first = chain[0]
+            self._check_call(first, None, first)
+            for previous, call in zip(chain, chain[1:], strict=False):
+                self._check_call(first, previous, call)
         if self.violations:
             raise ValueError(
                 f"trunk contract broken: {self.violations[0]}. A pipelined trunk hands on only the last block's"
@@ -228,25 +233,38 @@ def _check_order(order: list[int], names: list[str]) -> None:
             f"trunk contract broken: the example ran none of the {len(names)} blocks ({names[0]!r}, ...); the"
             " forward must call the trunk's blocks."
         )
-    counts = [order.count(i) for i in range(len(names))]
-    repeated = [names[i] for i, c in enumerate(counts) if c > 1]
-    if repeated:
+    # Whole passes only: 0, 1, ..., n-1, then again from 0 (a step may run the trunk more than once).
+    last = len(names) - 1
+    in_pass = {order[0]}
+    for previous, index in zip(order, order[1:], strict=False):
+        if index == 0 and previous == last:
+            in_pass = {0}
+            continue
+        if index == previous + 1:
+            in_pass.add(index)
+            continue
+        if index in in_pass:
+            raise ValueError(
+                f"trunk contract broken: block {names[index]!r} is called again after {names[previous]!r}, before"
+                f" the trunk's last block {names[last]!r} ran (blocks indexed inside the loop, or a block reused);"
+                " each pass must call every block exactly once, in order."
+            )
         raise ValueError(
-            f"trunk contract broken: block {repeated[0]!r} is called {counts[names.index(repeated[0])]} times in one"
-            " forward (blocks indexed inside the loop, or a block reused); each block must be called exactly once."
+            f"trunk contract broken: block {names[index]!r} is called right after {names[previous]!r}; the"
+            " blocks must be called in their module order."
         )
+    counts = [order.count(i) for i in range(len(names))]
     skipped = [names[i] for i, c in enumerate(counts) if c == 0]
     if skipped:
         raise ValueError(
             f"trunk contract broken: block(s) {', '.join(map(repr, skipped[:4]))} are never called; the pipelined"
             " trunk runs every block, so the forward must too."
         )
-    for previous, index in zip(order, order[1:], strict=False):
-        if index != previous + 1:
-            raise ValueError(
-                f"trunk contract broken: block {names[index]!r} is called right after {names[previous]!r}; the"
-                " blocks must be called in their module order."
-            )
+    if order[-1] != last:
+        raise ValueError(
+            f"trunk contract broken: the last pass stops at block {names[order[-1]]!r}, before {names[last]!r};"
+            " the pipelined trunk runs every block, so each pass of the forward must too."
+        )
 
 
 def _extra_pairs(call: _Call, first: _Call) -> list[tuple[tuple[Any, ...], Any, Any]]:
