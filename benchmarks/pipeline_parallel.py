@@ -7,7 +7,9 @@ The example's character GPT, scaled deep, trains on 2 CPU ranks at the same glob
 - ``gpipe M=m``: 2 stages of half the blocks each (``apply_pipeline``), every rank gets the whole
   batch, split into ``m`` micro-batches; the forward's activations are kept for the backward;
 - ``1f1b M=m``: the same under 1F1B (``m >= 2``), which recomputes the trunk's forward in the
-  backward to hold at most 2 micro-batches' activations (see ``parallel/pipeline_runtime.py``).
+  backward to hold at most 2 micro-batches' activations (see ``parallel/pipeline_runtime.py``);
+- ``interleaved-1f1b M=m``: 1F1B with 2 stages per rank (4 stages of 6 blocks; rank 0 holds the
+  first and third), which shortens the bubble to (p-1)/(2m+p-1) for twice the sends.
 
 All train with AdamW at the tier of plain functions (no Trainer), one process group per variant
 family (peak RSS is a high-water mark, so ``ddp``, GPipe and 1F1B are separate launches).
@@ -38,7 +40,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO_BATCHES = (1, 2, 4, 8)
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 
 
 def _rss_bytes() -> int:
@@ -89,7 +91,8 @@ def _worker(args: argparse.Namespace, rank: int, out: Path) -> None:
         else:
             m = int(variant.split("=")[1])
             pp = apply_pipeline(
-                model, dist.group.WORLD, micro_batches=m, schedule=args.family, device=torch.device("cpu")
+                model, dist.group.WORLD, micro_batches=m, schedule=args.family, device=torch.device("cpu"),
+                stages_per_rank=_stages_per_rank(args.family),
             )
             per_rank = args.batch
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -186,13 +189,17 @@ def main() -> None:
             print(
                 f"| {family} M={m} | {trunk / 2**20:.2f} MiB ({trunk / base['trunk_state']:.2f}) | {total / 2**20:.2f}"
                 f" MiB ({total / base['total_state']:.2f}) | {rate:.1f} ({rate / base['samples_per_s']:.2f}) |"
-                f" {1 / (m + 1):.2f} |"
+                f" {1 / (_stages_per_rank(family) * m + 1):.2f} |"
             )
     print(f"peak RSS above imports, max over ranks (and over M): ddp {base_rss / 2**20:.1f} MiB", end="")
     for family in SCHEDULES:
         rss = max(r["peak_rss_above_imports"] for r in runs[family])
         print(f", {family} {rss / 2**20:.1f} MiB ({rss / base_rss:.2f})", end="")
     print()
+
+
+def _stages_per_rank(schedule: str) -> int:
+    return 2 if schedule.startswith("interleaved") else 1
 
 
 def _micro_batches(schedule: str) -> list[int]:

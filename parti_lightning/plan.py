@@ -15,7 +15,9 @@ from typing import Any, Literal, Union, get_args
 Storage = Literal["replicated", "optimizer", "gradients", "parameters"]
 Offload = Literal["none", "cpu"]
 ActivationCheckpointing = Literal["none", "blocks", "auto"]
-Schedule = Literal["1f1b", "gpipe"]
+Schedule = Literal["gpipe", "1f1b", "interleaved-1f1b"]
+# Schedules under which a rank holds several stages (torch's PipelineScheduleMulti).
+INTERLEAVED_SCHEDULES = ("interleaved-1f1b",)
 Degree = Union[int, Literal["auto"]]
 ShardDegree = Union[int, Literal["auto", "node"]]
 TensorStyle = Literal["colwise", "rowwise", "replicate"]
@@ -73,6 +75,10 @@ class PartitionPlan:
             ``"1f1b"`` (needs ``micro_batches >= pipeline``): the backward re-runs the trunk's forward
             under 1F1B, so that no activations are kept between forward and backward and at most
             ``pipeline`` micro-batches' are in flight (the smaller; one extra trunk forward per step).
+            ``"interleaved-1f1b"``: 1F1B with ``stages_per_rank`` stages per rank (rank ``r`` holds stages
+            ``r, r + pipeline, ...``), which divides the bubble by about ``stages_per_rank`` for more
+            point-to-point sends; recomputes like ``"1f1b"``.
+        stages_per_rank: with an interleaved schedule, the stages each rank holds (default 2).
         pipeline_cuts: with ``pipeline > 1``, the block names (as in ``named_modules``) where stages 2, 3,
             ... start; ``None`` balances the stages by parameter count.
         sharding_units: module names (as in ``named_modules``) to shard as units; ``None`` finds
@@ -93,6 +99,7 @@ class PartitionPlan:
     activation_checkpointing: ActivationCheckpointing = "none"
     micro_batches: int = 1
     schedule: Schedule = "gpipe"
+    stages_per_rank: int | None = None
     pipeline_cuts: tuple[str, ...] | None = field(default=None)
     sharding_units: tuple[str, ...] | None = field(default=None)
     tensor_rules: tuple[tuple[str, TensorStyle], ...] | None = field(default=None)
@@ -132,6 +139,15 @@ class PartitionPlan:
                 f"plan.{field_name}={getattr(self, field_name)!r} only applies to pipeline parallelism, but"
                 " plan.pipeline=1: set pipeline > 1, or drop the field."
             )
+        interleaved = self.schedule in INTERLEAVED_SCHEDULES
+        if self.stages_per_rank is not None:
+            if not _is_int(self.stages_per_rank) or self.stages_per_rank < 1:
+                raise PlanError(f"plan.stages_per_rank={self.stages_per_rank!r} is invalid: use a positive integer.")
+            if interleaved and self.stages_per_rank < 2 or not interleaved and self.stages_per_rank != 1:
+                raise PlanError(
+                    f"plan.stages_per_rank={self.stages_per_rank} with schedule={self.schedule!r}: an interleaved"
+                    " schedule holds 2 or more stages per rank, the others 1."
+                )
         if self.pipeline_cuts is not None:
             if isinstance(self.pipeline_cuts, str) or not all(isinstance(c, str) and c for c in self.pipeline_cuts):
                 raise PlanError(f"plan.pipeline_cuts={self.pipeline_cuts!r} is invalid: give a list of block names.")
@@ -209,12 +225,17 @@ class PartitionPlan:
                 " implemented yet; use storage='gradients' (ZeRO-2) or 'parameters' (ZeRO-3), which shard the"
                 " optimizer state too."
             )
-        if self.pipeline != 1 and self.storage != "replicated" and self.schedule == "1f1b":
+        if self.pipeline != 1 and self.storage != "replicated" and self.schedule != "gpipe":
             raise NotImplementedError(
                 f"plan.pipeline={self.pipeline} with storage={self.storage!r} runs schedule='gpipe' only: under 1F1B a"
                 " stage's forward passes come between its backward passes, which FSDP (torch 2.13) takes for"
                 " activation-checkpointing recomputation and then skips a micro-batch's gradient reduction; set"
                 " schedule='gpipe'."
+            )
+        if self.pipeline != 1 and self.tensor != 1 and self.schedule in INTERLEAVED_SCHEDULES:
+            raise NotImplementedError(
+                f"plan.pipeline={self.pipeline} × tensor={self.tensor} under schedule={self.schedule!r} is not"
+                " implemented yet (never run); use schedule='gpipe' or '1f1b' with tensor parallelism."
             )
         if self.pipeline != 1 and self.tensor != 1 and self.storage != "replicated":
             raise NotImplementedError(
@@ -307,6 +328,13 @@ class PartitionPlan:
     def mesh_description(self) -> str:
         return " × ".join(f"{a.value}={getattr(self, a.value)}" for a in MeshAxis)
 
+    @property
+    def virtual_stages(self) -> int:
+        """Stages per pipeline rank: ``stages_per_rank``, by default 2 under an interleaved schedule, else 1."""
+        if self.stages_per_rank is not None:
+            return self.stages_per_rank
+        return 2 if self.schedule in INTERLEAVED_SCHEDULES else 1
+
     def describe(self) -> str:
         """One line for logs: mesh, storage and the options that are on."""
         parts = [self.mesh_description(), f"storage={self.storage} (ZeRO-{self.zero_stage})"]
@@ -318,6 +346,8 @@ class PartitionPlan:
             parts.append(f"activation_checkpointing={self.activation_checkpointing}")
         if self.pipeline != 1:
             parts.append(f"micro_batches={self.micro_batches}, schedule={self.schedule}")
+            if self.schedule in INTERLEAVED_SCHEDULES:
+                parts.append(f"stages_per_rank={self.virtual_stages}")
             if self.pipeline_cuts is not None:
                 parts.append(f"pipeline_cuts={list(self.pipeline_cuts)}")
         return ", ".join(parts)

@@ -169,6 +169,14 @@ class TensorBlockRegressor(BlockRegressor):
         return super().training_step(batch, batch_idx)
 
 
+class DeepBlockRegressor(TensorBlockRegressor):
+    """Four blocks: enough for 2 ranks × 2 stages of an interleaved pipeline schedule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks.append(ResidualBlock(32))
+
+
 class TwoOptimizerBlockRegressor(BlockRegressor):
     """Manual optimization over repeated blocks: one optimizer for the trunk, clipped by norm, one for the head,
     each stepped after its own backward pass; what tensor parallelism splits is in the first."""
@@ -269,6 +277,9 @@ SCENARIOS = [
     # The same under pipeline parallel: three trunk passes per step (two of them under autograd), two backward
     # passes, clipping by the norm over both stages inside the step.
     Scenario("pp_manual_two_optimizers", TwoOptimizerBlockRegressor, plan="pp", data_parallel=1),
+    # Interleaved 1F1B: 4 stages of one block on 2 ranks (stages 0 and 2 on rank 0).
+    Scenario("pp_interleaved_accumulate_clip_schedule", DeepBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP,
+             plan={"preset": "pp", "schedule": "interleaved-1f1b"}, data_parallel=1),
     # Pipeline over both ranks (2 stages of the 3 blocks, 4 micro-batches, 1F1B: the backward recomputes the
     # trunk; GPipe, the preset's, runs in the compose scenarios): one data-parallel rank.
     Scenario(
@@ -401,6 +412,7 @@ RESUMES = [
     ("ddp_blocks_activation_checkpointing", "tp"),
     ("pp_accumulate_clip_schedule", "ddp"),
     ("ddp_blocks_activation_checkpointing", "pp"),
+    ("pp_interleaved_accumulate_clip_schedule", "ddp"),  # every other stage per rank: all blocks restored
 ]
 
 

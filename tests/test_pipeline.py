@@ -40,7 +40,8 @@ MICRO_BATCHES, BATCH, STEPS, ACCUMULATE, LR, MAX_NORM = 4, 8, 2, 2, 1e-2, 0.5
 # noise at its own scale and leaves real gradients (>= 1e-5 here) untouched. A real error shows
 # at the scale of the update (lr=1e-2).
 RTOL, ATOL, ADAM_EPS = 1e-5, 1e-5, 1e-6
-SCENARIOS = [("gpt", "gpipe"), ("gpt", "1f1b"), ("vit", "gpipe"), ("vit", "1f1b"), ("hf", "gpipe"), ("hf", "1f1b")]
+SCENARIOS = [("gpt", "gpipe"), ("gpt", "1f1b"), ("vit", "gpipe"), ("vit", "1f1b"), ("hf", "gpipe"), ("hf", "1f1b"),
+             ("gpt", "interleaved-1f1b"), ("hf", "interleaved-1f1b")]
 
 
 # ----------------------------------------------------------------------------------- tier 1: contract
@@ -236,7 +237,8 @@ def _parity(kind: str, schedule: str) -> dict[str, Any]:
     reference = build(kind)
     model = copy.deepcopy(reference)
     pp = apply_pipeline(
-        model, dist.group.WORLD, micro_batches=MICRO_BATCHES, schedule=schedule, device=torch.device("cpu")
+        model, dist.group.WORLD, micro_batches=MICRO_BATCHES, schedule=schedule, device=torch.device("cpu"),
+        stages_per_rank=2 if schedule == "interleaved-1f1b" else 1,
     )
     expected = _train(reference, kind, torch.nn.utils.clip_grad_norm_)
     got = _train(model, kind, pp.clip_grad_norm_)
@@ -428,6 +430,15 @@ def test_forward_only_matches_one_process(kind: str, schedule: str) -> None:
         got, expected, inference = result[f"{kind}-{schedule}"]["eval"]
         torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
         torch.testing.assert_close(inference, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_interleaved_ranks_hold_every_other_stage() -> None:
+    ranks = [result["gpt-interleaved-1f1b"] for result in _results()]
+    # 4 stages of one block on 2 ranks: rank 0 holds stages 0 and 2, rank 1 stages 1 and 3.
+    held = [[f"transformer.h.{i}" for i in stages] for stages in ((0, 2), (1, 3))]
+    assert [r["owned"] for r in ranks] == held
+    for r in ranks:
+        assert not any(key.startswith(tuple(f"{name}." for name in r["freed"])) for key in r["state_dict_keys"])
 
 
 def test_each_rank_holds_only_its_stage() -> None:

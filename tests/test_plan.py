@@ -95,6 +95,13 @@ BAD_PLANS = [
     ({"preset": "zero3", "pipeline": 2, "tensor": 2, "schedule": "gpipe"}, None, NotImplementedError,
      "all three together"),
     ({"pipeline": 2, "schedule": "zigzag"}, None, PlanError, "plan.schedule='zigzag' is invalid"),
+    ({"pipeline": 2, "stages_per_rank": 2}, None, PlanError, "an interleaved schedule holds 2 or more stages"),
+    ({"pipeline": 2, "schedule": "interleaved-1f1b", "stages_per_rank": 1}, None, PlanError,
+     "an interleaved schedule holds 2 or more stages"),
+    ({"preset": "zero3", "pipeline": 2, "schedule": "interleaved-1f1b"}, None, NotImplementedError,
+     "runs schedule='gpipe' only"),
+    ({"preset": "pp", "tensor": 2, "schedule": "interleaved-1f1b"}, 4, NotImplementedError,
+     "under schedule='interleaved-1f1b' is not implemented yet"),
     ({"pipeline": "auto", "tensor": "auto"}, None, PlanError, "cannot both be 'auto'"),
 ]
 
@@ -127,5 +134,8 @@ def test_pp_preset_puts_one_stage_on_every_rank() -> None:
     plan = preset("pp").resolve(2)
     assert plan.mesh_shape == {"data": 1, "shard": 1, "tensor": 1, "pipeline": 2}
     assert (plan.micro_batches, plan.schedule) == (4, "gpipe")
+    interleaved = PartitionPlan.from_value({"preset": "pp", "schedule": "interleaved-1f1b"})
+    assert interleaved.virtual_stages == 2 and "stages_per_rank=2" in interleaved.resolve(2).describe()
+    assert PartitionPlan.from_value(interleaved.to_dict()) == interleaved
     cut = PartitionPlan.from_value({"preset": "pp", "pipeline_cuts": ["blocks.3"]})
     assert PartitionPlan.from_value(cut.to_dict()) == cut

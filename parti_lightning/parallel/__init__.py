@@ -115,9 +115,10 @@ class Parallelized:
             lines.append(self.tensor_report.describe())
         if self.pipeline is not None:
             stages = "; ".join(f"stage {i}: {', '.join(names)}" for i, names in enumerate(self.pipeline.stages))
-            bubble = (self.pipeline.num_stages - 1) / (self.plan.micro_batches + self.pipeline.num_stages - 1)
+            p, v, m = self.pipeline.num_ranks, self.plan.virtual_stages, self.plan.micro_batches
+            bubble = (p - 1) / (v * m + p - 1)
             lines.append(
-                f"pipeline: {self.pipeline.num_stages} stages, {self.plan.micro_batches} micro-batches,"
+                f"pipeline: {self.pipeline.num_stages} stages on {p} ranks, {m} micro-batches,"
                 f" {self.plan.schedule} (predicted bubble {bubble:.0%} of each pass): {stages}"
             )
         return lines
@@ -193,9 +194,12 @@ def check_module(module: nn.Module, plan: ResolvedPlan, *, automatic_optimizatio
     units = []
     if plan.sharding_units is not None or plan.activation_checkpointing == "blocks":
         units = resolve_units(module, plan.sharding_units)  # names an unknown unit clearly
-    if plan.pipeline > 1:
+    # A module split by an earlier fit (validate or test after fit) holds only its stages' blocks; it was
+    # checked when it was split.
+    if plan.pipeline > 1 and not getattr(module, _APPLIED, False):
         blocks = find_blocks(module)
-        check_pipeline_settings(len(blocks), plan.pipeline, micro_batches=plan.micro_batches, schedule=plan.schedule)
+        check_pipeline_settings(len(blocks), plan.pipeline, micro_batches=plan.micro_batches, schedule=plan.schedule,
+                                stages_per_rank=plan.virtual_stages)
         if not automatic_optimization and plan.storage != "replicated":
             raise NotImplementedError(
                 f"manual optimization with pipeline parallelism and storage={plan.storage!r} is not supported yet"
@@ -254,13 +258,15 @@ def parallelize(
     if mesh.pipeline_enabled:
         blocks = len(find_blocks(module))
         check_pipeline_settings(
-            blocks, plan.pipeline, micro_batches=plan.micro_batches, batch_size=batch_size, schedule=plan.schedule
+            blocks, plan.pipeline, micro_batches=plan.micro_batches, batch_size=batch_size, schedule=plan.schedule,
+            stages_per_rank=plan.virtual_stages,
         )
         if run_example is not None:
             check_trunk_contract(module, run_example)  # on the real batch: the same verdict on every rank
         device = next(module.parameters()).device
         result.pipeline = apply_pipeline(
             module, mesh.pipeline_group, micro_batches=plan.micro_batches, schedule=plan.schedule,
+            stages_per_rank=plan.virtual_stages,
             cuts=plan.pipeline_cuts, device=device,
         )
     # Under pipeline parallelism, the blocks this stage holds: once the other stages' blocks are freed,

@@ -23,37 +23,59 @@ from torch.distributed import ProcessGroup
 
 from parti_lightning.parallel.blocks import find_blocks
 from parti_lightning.parallel.norm import clip_grads_with_norm_, total_norm
-from parti_lightning.parallel.pipeline_runtime import SCHEDULES, PipelinedTrunk
+from parti_lightning.parallel.pipeline_runtime import INTERLEAVED, SCHEDULES, PipelinedTrunk
 from parti_lightning.parallel.pipeline_split import stage_starts
 
-__all__ = ["SCHEDULES", "PipelineParallel", "apply_pipeline", "check_pipeline_settings"]
+__all__ = ["INTERLEAVED", "SCHEDULES", "PipelineParallel", "apply_pipeline", "check_pipeline_settings"]
 
 
 def check_pipeline_settings(
-    num_blocks: int, num_stages: int, *, micro_batches: int, batch_size: int | None = None, schedule: str = "gpipe"
+    num_blocks: int,
+    num_stages: int,
+    *,
+    micro_batches: int,
+    batch_size: int | None = None,
+    schedule: str = "gpipe",
+    stages_per_rank: int = 1,
 ) -> None:
     """Refuse, before anything is launched, pipeline settings that cannot run.
 
     Args:
         num_blocks: the trunk's block count.
-        num_stages: the pipeline degree.
+        num_stages: the pipeline degree (ranks).
         micro_batches: micro-batches per trunk call.
         batch_size: the batch each data-parallel rank's ``training_step`` gets, if known.
         schedule: the training schedule's name.
+        stages_per_rank: stages each rank holds (more than one only under an interleaved schedule).
 
     Raises:
         ValueError: an unknown schedule, more stages than blocks, ``micro_batches < 1``, fewer
-            micro-batches than stages under 1F1B, or ``micro_batches`` not dividing ``batch_size``.
+            micro-batches than stages under 1F1B, ``micro_batches`` not dividing ``batch_size``, or
+            ``stages_per_rank`` other than 1 for a non-interleaved schedule (below 2 for an interleaved one).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
-    if num_stages > num_blocks:
+    interleaved = schedule in INTERLEAVED
+    if interleaved and stages_per_rank < 2 or not interleaved and stages_per_rank != 1:
         raise ValueError(
-            f"pipeline={num_stages} stages but the trunk has only {num_blocks} blocks: every stage needs at least one"
-            " block; use at most as many stages as blocks."
+            f"stages_per_rank={stages_per_rank} with schedule {schedule!r}: an interleaved schedule holds at least 2"
+            " stages per rank, the others exactly 1."
         )
+    if num_stages * stages_per_rank > num_blocks:
+        stages = f"{num_stages} × {stages_per_rank} stages" if interleaved else f"{num_stages} stages"
+        raise ValueError(
+            f"pipeline={num_stages}: {stages} but the trunk has only {num_blocks} blocks: every stage needs at least"
+            " one block; use fewer stages."
+        )
+    if interleaved:
+        rounds = max(1, micro_batches // num_stages)
+        if micro_batches % rounds:
+            raise ValueError(
+                f"schedule {schedule!r} runs micro-batches in rounds of {num_stages} (the ranks): micro_batches="
+                f"{micro_batches} is not a multiple of its {rounds} rounds; use a multiple of {num_stages}."
+            )
     if schedule == "1f1b" and micro_batches < num_stages:
         raise ValueError(
             f"schedule '1f1b' needs at least as many micro-batches as stages, got micro_batches={micro_batches} for"
@@ -72,6 +94,7 @@ def apply_pipeline(
     *,
     micro_batches: int,
     schedule: str = "gpipe",
+    stages_per_rank: int = 1,
     cuts: Sequence[str] | None = None,
     costs: Sequence[float] | None = None,
     device: torch.device,
@@ -86,9 +109,12 @@ def apply_pipeline(
         module: the model, modified in place.
         group: the pipeline-axis process group, its ranks in stage order.
         micro_batches: how many micro-batches each trunk call is split into; must divide the batch.
-        schedule: ``"gpipe"`` (the forward's activations kept for the backward) or ``"1f1b"`` (the backward
-            recomputes the trunk under 1F1B); passes without autograd use a forward-only schedule.
-        cuts: the block names where stages ``1 .. N-1`` start; ``None`` to balance ``costs``.
+        schedule: ``"gpipe"`` (the forward's activations kept for the backward), ``"1f1b"`` (the backward
+            recomputes the trunk under 1F1B) or ``"interleaved-1f1b"`` (the same with ``stages_per_rank``
+            stages per rank: rank ``r`` holds stages ``r, r + N, ...``, which shortens the bubble);
+            passes without autograd use a forward-only schedule.
+        stages_per_rank: stages per rank, for an interleaved schedule.
+        cuts: the block names where stages ``1 .. N·stages_per_rank - 1`` start; ``None`` to balance ``costs``.
         costs: a cost per block to balance; ``None`` for parameter counts.
         device: where this rank's stage runs.
 
@@ -102,12 +128,14 @@ def apply_pipeline(
     blocks = find_blocks(module)
     if len(blocks) < 2:
         raise ValueError(f"no repeated trunk to pipeline in {type(module).__name__} (found {len(blocks)} block)")
-    num_stages = dist.get_world_size(group)
-    check_pipeline_settings(len(blocks), num_stages, micro_batches=micro_batches, schedule=schedule)
+    ranks = dist.get_world_size(group)
+    check_pipeline_settings(
+        len(blocks), ranks, micro_batches=micro_batches, schedule=schedule, stages_per_rank=stages_per_rank
+    )
     _check_no_shared_parameters(module, blocks)
     if costs is None:
         costs = [sum(p.numel() for p in block.parameters()) for _, block in blocks]
-    starts = stage_starts([name for name, _ in blocks], num_stages, cuts=cuts, costs=costs)
+    starts = stage_starts([name for name, _ in blocks], ranks * stages_per_rank, cuts=cuts, costs=costs)
     trunk = PipelinedTrunk(blocks, starts, group, micro_batches, schedule, device)
     return PipelineParallel(trunk)
 
@@ -132,13 +160,23 @@ class PipelineParallel:
 
     @property
     def stage_index(self) -> int:
-        """This rank's stage."""
-        return self._trunk.stage
+        """This rank's place in the pipeline group (its first stage's index)."""
+        return self._trunk.rank
+
+    @property
+    def stage_indices(self) -> list[int]:
+        """The stages this rank holds: one, or several under an interleaved schedule."""
+        return self._trunk.stage_indices
 
     @property
     def num_stages(self) -> int:
-        """How many stages the trunk is split into."""
+        """How many stages the trunk is split into (ranks × stages per rank)."""
         return self._trunk.num_stages
+
+    @property
+    def num_ranks(self) -> int:
+        """How many ranks the stages are spread over."""
+        return self._trunk.ranks
 
     @property
     def stages(self) -> list[list[str]]:
@@ -148,12 +186,13 @@ class PipelineParallel:
     @property
     def owned_blocks(self) -> list[str]:
         """The names of the blocks this rank holds (as in ``module.named_modules()``)."""
-        return self.stages[self.stage_index]
+        return [name for s in self.stage_indices for name in self.stages[s]]
 
     @property
     def freed_blocks(self) -> list[str]:
         """The blocks whose parameters live on other ranks; a checkpoint must take them from their stage."""
-        return [name for s, names in enumerate(self.stages) if s != self.stage_index for name in names]
+        held = set(self.stage_indices)
+        return [name for s, names in enumerate(self.stages) if s not in held for name in names]
 
     def is_stage_parameter(self, param: Tensor) -> bool:
         """Whether ``param`` belongs to this rank's stage (rather than to the replicated rest of the model)."""

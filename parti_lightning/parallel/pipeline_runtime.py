@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining.schedules import _PipelineSchedule
 
 from parti_lightning.parallel.pipeline_contract import (
     argument_name,
@@ -49,7 +49,13 @@ from parti_lightning.parallel.pipeline_contract import (
 )
 from parti_lightning.parallel.pipeline_phases import PhasedGPipe
 
-SCHEDULES: dict[str, type[PipelineScheduleSingle]] = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+SCHEDULES: dict[str, type[_PipelineSchedule]] = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved-1f1b": ScheduleInterleaved1F1B,
+}
+# Schedules that run several stages per rank (torch's PipelineScheduleMulti).
+INTERLEAVED = ("interleaved-1f1b",)
 
 # block -> (trunk, index): how a block's call finds the pipelined trunk it belongs to. Weak, and not
 # an attribute, so the user's modules carry no reference to process groups (deepcopy, pickling).
@@ -95,16 +101,20 @@ class PipelinedTrunk:
         self.schedule = schedule
         self.device = torch.device(device)
         self.num_stages = len(starts)
-        self.stage = dist.get_rank(group)
+        # Pipeline rank r holds stages r, r + p, r + 2p, ... (one per rank unless interleaved): rank 0
+        # holds the first stage, rank p - 1 the last.
+        self.rank, self.ranks = dist.get_rank(group), dist.get_world_size(group)
+        self.stage_indices = list(range(self.rank, self.num_stages, self.ranks))
         ends = [*starts[1:], len(blocks)]
-        lo, hi = starts[self.stage], ends[self.stage]
-        owned = [block for _, block in blocks[lo:hi]]
+        held = {i for s in self.stage_indices for i in range(starts[s], ends[s])}
         for index, (_, block) in enumerate(blocks):
-            if not lo <= index < hi:
+            if index not in held:
                 _free(block)
             _intercept(block)
             _ROUTES[block] = (self, index)
-        self.stage_module = _StageModule(self, owned)
+        self.stage_modules = [
+            _StageModule(self, [block for _, block in blocks[starts[s] : ends[s]]], s) for s in self.stage_indices
+        ]
         # Why: a custom autograd Function is only backpropagated through if an input requires grad;
         # when the trunk's input does not (frozen embeddings), this empty leaf still routes the backward.
         self.anchor = torch.zeros(0, device=self.device, requires_grad=True)
@@ -114,12 +124,20 @@ class PipelinedTrunk:
         self._carry: Tensor | None = None
         self._extras: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._templates: dict[str, Any] = {}
-        self._schedules: dict[tuple, PipelineScheduleSingle] = {}
+        self._schedules: dict[tuple, _PipelineSchedule] = {}
 
     @property
     def stage_param_ids(self) -> set[int]:
         """The ids of this stage's parameters, read now: tensor parallelism and FSDP replace parameter objects."""
-        return {id(p) for p in self.stage_module.parameters()}
+        return {id(p) for module in self.stage_modules for p in module.parameters()}
+
+    @property
+    def holds_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def holds_last(self) -> bool:
+        return self.rank == self.ranks - 1
 
     def stage_names(self) -> list[list[str]]:
         ends = [*self.starts[1:], len(self.names)]
@@ -194,7 +212,7 @@ class PipelinedTrunk:
 
     # --- schedules
 
-    def _schedule(self, call: _Call, x: Tensor, kind: str) -> PipelineScheduleSingle:
+    def _schedule(self, call: _Call, x: Tensor, kind: str) -> _PipelineSchedule:
         """The schedule of ``kind``: ``"forward"`` (forward only), ``"kept"`` (phased GPipe), ``"training"``."""
         micro = (x.shape[0] // call.micro_batches, *x.shape[1:])
         key = (kind, call.micro_batches, micro, x.dtype, torch.is_inference_mode_enabled())
@@ -205,24 +223,31 @@ class PipelinedTrunk:
         # Static shapes (every block keeps the hidden state's shape): no metadata exchange at start.
         # requires_grad tells the stage to allocate gradient buffers.
         example = torch.empty(micro, dtype=x.dtype, device="meta", requires_grad=backward)
-        stage = PipelineStage(
-            self.stage_module,
-            self.stage,
-            self.num_stages,
-            self.device,
-            input_args=(example,),
-            output_args=(example,),
-            group=self.group,
-        )
-        if backward:
-            # A sum, not a mean: the surrogate loss must not be rescaled per micro-batch.
-            cls = PhasedGPipe if kind == "kept" else SCHEDULES[self.schedule]
-            schedule = cls(stage, call.micro_batches, loss_fn=_surrogate_loss, scale_grads=False)
+        stages = [
+            PipelineStage(
+                module,
+                module.stage_index,
+                self.num_stages,
+                self.device,
+                input_args=(example,),
+                output_args=(example,),
+                group=self.group,
+            )
+            for module in self.stage_modules
+        ]
+        by_kind = {"kept": PhasedGPipe, "training": SCHEDULES[self.schedule], "forward": ScheduleGPipe}
+        cls = by_kind[kind]
+        # A sum, not a mean: the surrogate loss must not be rescaled per micro-batch. No loss_fn: forward
+        # only, where scale_grads=False matters too: a schedule divides the stage's existing gradients by
+        # the micro-batch count at the end of every step, backward or not, which would shrink gradients
+        # accumulated by earlier backward passes.
+        loss_fn = _surrogate_loss if backward else None
+        if self.schedule in INTERLEAVED:
+            # Forward-only too: its order fills the pipeline stage by stage, as the training schedule does.
+            cls = SCHEDULES[self.schedule]
+            schedule = cls(stages, call.micro_batches, loss_fn=loss_fn, scale_grads=False)
         else:
-            # No loss_fn: forward only. scale_grads=False matters here too: a schedule divides the stage's
-            # existing gradients by the micro-batch count at the end of every step, backward or not,
-            # which would shrink gradients accumulated by earlier backward passes.
-            schedule = ScheduleGPipe(stage, call.micro_batches, scale_grads=False)
+            schedule = cls(stages[0], call.micro_batches, loss_fn=loss_fn, scale_grads=False)
         self._schedules[key] = schedule
         return schedule
 
@@ -235,7 +260,7 @@ class PipelinedTrunk:
                 schedule = self._schedule(call, x, "kept")
                 assert isinstance(schedule, PhasedGPipe)  # noqa: S101
                 call.kept_by = schedule
-                call.input_leaves = {} if input_grad and self.stage == 0 else None
+                call.input_leaves = {} if input_grad and self.holds_first else None
                 with torch.enable_grad():
                     out = schedule.forward_phase(call, *self._stage_args(x), micro_batch=indices)
             else:
@@ -244,15 +269,15 @@ class PipelinedTrunk:
                     out = schedule.step(*self._stage_args(x), micro_batch=indices)
         finally:
             self.call = None
-        last = self.num_stages - 1
-        out = out.detach().contiguous() if self.stage == last else torch.empty_like(x)
+        last = self.ranks - 1
+        out = out.detach().contiguous() if self.holds_last else torch.empty_like(x)
         dist.broadcast(out, group=self.group, group_src=last)
         self._share_template(call)
         return out
 
     def backward(self, call: _Call, x: Tensor, grad: Tensor, input_grad: bool) -> Tensor | None:
         """The trunk's input gradient on every pipeline rank (``None`` if not needed); stage gradients accumulate."""
-        target = grad if self.stage == self.num_stages - 1 else None
+        target = grad if self.holds_last else None
         if call.kept_by is not None and call.kept_by.kept_for is call:
             with torch.enable_grad():
                 call.kept_by.backward_phase(target)
@@ -262,7 +287,7 @@ class PipelinedTrunk:
             # (``retain_graph=True``), or the trunk ran again since. Recompute: the seeds and extras replay it.
             schedule = self._schedule(call, x, "training")
             indices = torch.arange(call.micro_batches)
-            call.input_leaves = {} if input_grad and self.stage == 0 else None
+            call.input_leaves = {} if input_grad and self.holds_first else None
             self.call = call
             try:
                 with torch.enable_grad():
@@ -271,7 +296,7 @@ class PipelinedTrunk:
                 self.call = None
         if not input_grad:
             return None
-        if self.stage == 0:
+        if self.holds_first:
             leaves = [call.input_leaves[i] for i in range(call.micro_batches)]
             grad_x = torch.cat([leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves])
         else:
@@ -281,7 +306,7 @@ class PipelinedTrunk:
         return grad_x
 
     def _stage_args(self, x: Tensor) -> tuple[Tensor, ...]:
-        return (x.detach(),) if self.stage == 0 else ()
+        return (x.detach(),) if self.holds_first else ()
 
     def _share_template(self, call: _Call) -> None:
         # Which structure (tensor, or tuple of what length) the blocks return, so every rank can hand
@@ -289,17 +314,18 @@ class PipelinedTrunk:
         key = _template_key(call.extras[0])
         if key in self._templates:
             return
-        box = [self.stage_module.template]
-        dist.broadcast_object_list(box, group=self.group, group_src=self.num_stages - 1, device=self.device)
+        box = [self.stage_modules[-1].template]
+        dist.broadcast_object_list(box, group=self.group, group_src=self.ranks - 1, device=self.device)
         self._templates[key] = box[0]
 
 
 class _StageModule(nn.Module):
     """This rank's blocks, run in order on one micro-batch; the submodule of the ``PipelineStage``."""
 
-    def __init__(self, trunk: PipelinedTrunk, blocks: list[nn.Module]) -> None:
+    def __init__(self, trunk: PipelinedTrunk, blocks: list[nn.Module], stage_index: int) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
+        self.stage_index = stage_index
         self.template: Any = None
         # A plain attribute (object.__setattr__): the trunk is not a submodule.
         object.__setattr__(self, "trunk", trunk)
@@ -310,12 +336,12 @@ class _StageModule(nn.Module):
         assert call is not None, "the stage runs only inside a trunk call"  # noqa: S101
         index = int(micro_batch)
         args, kwargs = call.extras[index]
-        if call.input_leaves is not None:
+        if call.input_leaves is not None and self.stage_index == 0:
             # A leaf per micro-batch collects the gradient of stage 0's input, which the stage does not return.
             x = x.detach().requires_grad_()
             call.input_leaves[index] = x
         shape, dtype = x.shape, x.dtype
-        with _seeded(call.seed, trunk.stage, index, call.micro_batches, trunk.device), _running(trunk):
+        with _seeded(call.seed, self.stage_index, index, call.micro_batches, trunk.device), _running(trunk):
             for block in self.blocks:
                 out = block(x, *args, **kwargs)
                 x = first_output(out)

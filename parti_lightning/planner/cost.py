@@ -133,10 +133,10 @@ def _pipeline(
     cost.trunk_activation_bytes = stage_activations
     trunk_forward = sum(b.forward_flops for b in profile.blocks)
     trunk_step = trunk_forward + sum(b.backward_flops for b in profile.blocks)
-    bubble = (p - 1) / (m + p - 1)
+    bubble = (p - 1) / (plan.virtual_stages * m + p - 1)  # interleaving v stages per rank divides it by ~v
     stretch = 1 / (1 - bubble)
     rate = hardware.flops_per_s
-    recomputed = trunk_forward if plan.schedule == "1f1b" else 0.0
+    recomputed = trunk_forward if plan.schedule != "gpipe" else 0.0
     cost.time["compute"] += ((trunk_step + recomputed) * share * stretch - trunk_step) / rate
     bandwidth = _bandwidth(hardware, p, ranks_per_node)
     broadcasts = 2 * _one_way(boundary, p, bandwidth)  # trunk output and input gradient, to every stage
@@ -169,7 +169,7 @@ def _tensor(
     bandwidth = _bandwidth(hardware, t, ranks_per_node)
     per_block = 4 * (_all_reduce(profile.blocks[0].input_bytes, t, bandwidth) + hardware.collective_latency_s)
     # A trunk pipelined under 1F1B runs its stage's blocks forward twice (then recomputed): two more all-reduces.
-    passes = 1.5 if plan.pipeline > 1 and plan.schedule == "1f1b" else 1.0
+    passes = 1.5 if plan.pipeline > 1 and plan.schedule != "gpipe" else 1.0
     cost.time["communication"] += per_block * cost.trunk_blocks_held * passes
 
 
