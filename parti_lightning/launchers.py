@@ -36,8 +36,9 @@ _last_run = _LastRun()
 class PartiSubprocessScriptLauncher(_SubprocessScriptLauncher):
     """Lightning's script launcher (``python train.py`` re-run per rank), checking the module first.
 
-    ``before_launch(trainer)`` runs once the user's module is known (``trainer.fit(model)``) and before any
-    process is started, so a plan the module cannot follow fails with nothing launched.
+    ``before_launch(trainer, args)`` runs once the user's module is known (``trainer.fit(model)``; ``args``
+    are what the Trainer launches its function with) and before any process is started, so a plan the
+    module cannot follow fails with nothing launched.
 
     No orphans: Lightning ends the other ranks when one of its children fails, but not when the launching
     process (local rank 0) goes away, and a rank that is not waiting in a collective (computing, loading
@@ -52,13 +53,13 @@ class PartiSubprocessScriptLauncher(_SubprocessScriptLauncher):
     EXIT_GRACE_S = 5.0
 
     def __init__(self, cluster_environment: ClusterEnvironment, num_processes: int, num_nodes: int,
-                 before_launch: Callable[[Any], None]) -> None:
+                 before_launch: Callable[[Any, tuple[Any, ...]], None]) -> None:
         super().__init__(cluster_environment, num_processes, num_nodes)
         self._before_launch = before_launch
 
     @override
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
-        self._before_launch(trainer)
+        self._before_launch(trainer, args)
         _last_run.failed = False  # a new run in the same processes: whatever failed before, the caller went on
         return super().launch(function, *args, trainer=trainer, **kwargs)
 
@@ -98,13 +99,13 @@ class PartiMultiProcessingLauncher(_MultiProcessingLauncher):
     guard by device type. Without it every rank would train the same shared tensors.
     """
 
-    def __init__(self, strategy: Any, start_method: str, before_launch: Callable[[Any], None]) -> None:
+    def __init__(self, strategy: Any, start_method: str, before_launch: Callable[[Any, tuple[Any, ...]], None]) -> None:
         super().__init__(strategy, start_method=start_method)  # type: ignore[arg-type]
         self._before_launch = before_launch
 
     @override
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
-        self._before_launch(trainer)
+        self._before_launch(trainer, args)
         return super().launch(function, *args, trainer=trainer, **kwargs)
 
     @override

@@ -56,6 +56,7 @@ from parti_lightning.precision_clip import clip_by_model_norm
 from parti_lightning.prelaunch import check_arguments, check_backend, check_plan, positive_timedelta
 from parti_lightning.sample_step import SampleStep
 from parti_lightning.step_routing import StepRouting
+from parti_lightning.trunk_precheck import check_trunk_before_launch
 
 log = logging.getLogger(__name__)
 
@@ -262,12 +263,16 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
                 self, start_method=self._start_method, before_launch=self._validate_model
             )
 
-    def _validate_model(self, trainer: Trainer | None = None) -> None:
+    def _validate_model(self, trainer: Trainer | None = None, args: tuple[Any, ...] = ()) -> None:
         """Checks that need the user's module, run by the launcher before it starts any process."""
         module = self.lightning_module
         if module is not None:
-            check_callbacks(trainer.callbacks if trainer is not None else [], self.resolved_plan)
-            check_module(module, self.resolved_plan, automatic_optimization=module.automatic_optimization)
+            plan = self.resolved_plan
+            check_callbacks(trainer.callbacks if trainer is not None else [], plan)
+            check_module(module, plan, automatic_optimization=module.automatic_optimization)
+            fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+            if fitting and plan.pipeline > 1 and not holds_part_of_the_model(module):
+                rank_zero_info(f"parti: pipeline trunk contract {check_trunk_before_launch(module, args)}")
 
     # ------------------------------------------------------------------ process group and mesh
 

@@ -18,6 +18,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
@@ -160,6 +161,54 @@ def test_contract_refuses_each_kind_of_breakage(mode: str) -> None:
     with pytest.raises(ValueError, match="trunk contract broken") as error:
         check_trunk_contract(model, lambda: model(x))
     assert BREAKAGES[mode] in str(error.value)
+
+
+class _LightningChain(L.LightningModule):
+    """A LightningModule over :class:`_Chain`, trained through the Trainer's ``fit``."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.chain = _Chain(mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.chain(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self(batch[0]).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _loader() -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=4, shuffle=True)
+
+
+def test_a_broken_contract_is_refused_before_launch() -> None:
+    from parti_lightning import PartiStrategy
+
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=PartiStrategy(plan="pp"), max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    module, loader = _LightningChain("reversed"), _loader()
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match="trunk contract broken: block 'chain.h.1' is called right after 'chain.h.2'"):
+        trainer.fit(module, loader)
+    assert torch.equal(torch.get_rng_state(), rng), "drawing the example batch moved the caller's RNG"
+    assert not dist.is_initialized(), "a process group was started"
+
+
+def test_the_contract_check_before_launch_says_what_it_ran() -> None:
+    from parti_lightning.trunk_precheck import check_trunk_before_launch
+
+    good = _LightningChain("two_passes")
+    assert check_trunk_before_launch(good, (good, _loader())).startswith("checked before launch (training_step")
+    good.example_input_array = torch.randn(2, 4)
+    assert check_trunk_before_launch(good, (good,)).startswith("checked before launch (forward on example_input_array")
+    good.example_input_array = None
+    assert check_trunk_before_launch(good, (good, None, None, object())).startswith("checked at setup (no DataLoader")
+    manual = _LightningChain("two_passes")
+    manual.training_step = lambda batch, batch_idx: manual.optimizers()  # reads the Trainer: not on a meta copy
+    assert "cannot run on meta tensors" in check_trunk_before_launch(manual, (manual, _loader()))
 
 
 def test_contract_refuses_a_model_without_repeated_trunk_and_names_the_containers() -> None:

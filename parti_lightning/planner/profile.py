@@ -158,7 +158,7 @@ def profile_model(module: nn.Module, batch: Any) -> ModelProfile:
         the profile.
     """
     notes: list[str] = []
-    meta_module = _meta_copy(module)
+    meta_module = meta_copy(module)
     meta_batch = tree_map_only(Tensor, lambda t: torch.empty_like(t, device=META), batch)
     optimizers = _optimizer_states(meta_module, notes)
     blocks = find_blocks(meta_module)
@@ -227,7 +227,7 @@ def _head_counts(module: nn.Module) -> tuple[int, ...]:
 # ------------------------------------------------------------------------------------------- copy
 
 
-def _meta_copy(module: nn.Module) -> nn.Module:
+def meta_copy(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` whose parameters and buffers are fresh meta tensors (no data copied)."""
     memo: dict[int, Any] = {}
     for param in module.parameters():
