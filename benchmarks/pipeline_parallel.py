@@ -118,6 +118,8 @@ def _worker(args: argparse.Namespace, rank: int, out: Path) -> None:
             "trunk_state": state["trunk"],
             "total_state": state["total"],
         }
+        if pp is None:
+            sync.remove()  # its own twin process group, released before the default group goes
         del model, optimizer, pp
     results["peak_rss_above_imports"] = _rss_bytes() - baseline
     gathered: list[Any] = [None] * world
