@@ -536,3 +536,42 @@ def test_a_peer_waiting_in_a_receive_fails_after_the_group_timeout() -> None:
     assert absent == "absent"
     assert waiting.startswith("raised after") and "Timed out" in waiting, waiting
     assert float(waiting.split()[2].rstrip("s:")) < 7.0
+
+
+class _UnevenTrunk(nn.Module):
+    """Four blocks of equal parameter count whose first two also mix the sequence (parameter-free, costly)."""
+
+    class Block(nn.Module):
+        def __init__(self, mixes: bool) -> None:
+            super().__init__()
+            self.lin = nn.Linear(16, 16)
+            self.mixes = mixes
+
+        def forward(self, x: Tensor) -> Tensor:
+            if self.mixes:
+                x = x + (x @ x.transpose(-1, -2)).softmax(-1) @ x
+            return x + self.lin(x)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(self.Block(mixes=i < 2) for i in range(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_stages_balance_the_blocks_flops_counted_on_the_example() -> None:
+    from parti_lightning.parallel.pipeline_split import BlockFlops
+
+    model = _UnevenTrunk()
+    blocks = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+    flops = BlockFlops(blocks)
+    flops.wrap(lambda: model(torch.randn(2, 64, 16)))()
+    costs = flops.costs()
+    assert costs is not None and costs[0] == costs[1] > 4 * costs[2] and costs[2] == costs[3]
+    names = [name for name, _ in blocks]
+    assert stage_starts(names, 2) == [0, 2]  # equal parameters: two blocks a stage
+    assert stage_starts(names, 2, costs=costs) == [0, 1]  # by FLOPs the first block alone is half the work
+    assert BlockFlops(blocks).costs() is None  # nothing ran: parameter counts decide

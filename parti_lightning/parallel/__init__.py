@@ -35,6 +35,7 @@ from parti_lightning.parallel.data import GradientSynchronizer
 from parti_lightning.parallel.norm import clip_grad_norm_
 from parti_lightning.parallel.pipeline import PipelineParallel, apply_pipeline, check_pipeline_settings
 from parti_lightning.parallel.pipeline_contract import check_trunk_contract
+from parti_lightning.parallel.pipeline_split import BlockFlops
 from parti_lightning.parallel.storage import (
     apply_storage,
     root_free_units,
@@ -261,13 +262,16 @@ def parallelize(
             blocks, plan.pipeline, micro_batches=plan.micro_batches, batch_size=batch_size, schedule=plan.schedule,
             stages_per_rank=plan.virtual_stages,
         )
-        if run_example is not None:
-            check_trunk_contract(module, run_example)  # on the real batch: the same verdict on every rank
+        costs = None
         device = next(module.parameters()).device
+        if run_example is not None:
+            # On the real batch, the same verdict (and FLOPs per block: the stages' balance) on every rank.
+            flops = BlockFlops(find_blocks(module))
+            check_trunk_contract(module, flops.wrap(run_example))
+            costs = flops.costs(device)
         result.pipeline = apply_pipeline(
             module, mesh.pipeline_group, micro_batches=plan.micro_batches, schedule=plan.schedule,
-            stages_per_rank=plan.virtual_stages,
-            cuts=plan.pipeline_cuts, device=device,
+            stages_per_rank=plan.virtual_stages, cuts=plan.pipeline_cuts, costs=costs, device=device,
         )
     # Under pipeline parallelism, the blocks this stage holds: once the other stages' blocks are freed,
     # `find_blocks` would read another structure (one held block is not a repeated trunk).

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def stage_starts(
@@ -85,3 +91,65 @@ def _balanced_starts(weights: list[float], num_stages: int) -> list[int]:
         i = start[s][i]
         starts.append(i)
     return starts[::-1]
+
+
+class BlockFlops:
+    """Counts each block's forward FLOPs while an example runs (the stage balance's cost per block).
+
+    Parameter counts stand for compute only when the blocks are alike; a block whose work grows with the
+    sequence (attention) or that has no parameters (a pooling, a parameter-free mixer) is weighed by what
+    it computes. Counted by torch's ``FlopCounterMode`` (matmuls, convolutions, attention).
+    """
+
+    def __init__(self, blocks: Sequence[tuple[str, nn.Module]]) -> None:
+        self._blocks = list(blocks)
+        self._flops = [0] * len(self._blocks)
+        self._start = [0] * len(self._blocks)
+        self._counter: FlopCounterMode | None = None
+
+    def wrap(self, run: Callable[[], Any]) -> Callable[[], Any]:
+        """``run``, counting each block's FLOPs while it runs."""
+
+        def counted() -> Any:
+            handles = []
+            for i, (_, block) in enumerate(self._blocks):
+                handles.append(block.register_forward_pre_hook(self._enter(i)))
+                handles.append(block.register_forward_hook(self._leave(i), always_call=True))
+            self._counter = FlopCounterMode(display=False)
+            try:
+                with self._counter:
+                    return run()
+            finally:
+                for handle in handles:
+                    handle.remove()
+                self._counter = None
+
+        return counted
+
+    def costs(self, device: torch.device | None = None) -> list[float] | None:
+        """FLOPs per block, summed over every rank of the job (collective once a process group exists);
+        ``None`` when nothing was counted (then parameter counts balance the stages).
+
+        Every rank must cut the trunk alike, and ranks that saw batches of other shapes (padding to each
+        batch's longest sequence) counted other FLOPs: the sum over the ranks is the same on all of them.
+        """
+        flops = [float(f) for f in self._flops]
+        if dist.is_initialized():
+            total = torch.tensor(flops, dtype=torch.float64, device=device)
+            dist.all_reduce(total)
+            flops = total.tolist()
+        return flops if any(flops) else None
+
+    def _enter(self, i: int) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            if self._counter is not None:
+                self._start[i] = self._counter.get_total_flops()
+
+        return hook
+
+    def _leave(self, i: int) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            if self._counter is not None:
+                self._flops[i] += self._counter.get_total_flops() - self._start[i]
+
+        return hook
