@@ -219,18 +219,17 @@ class PartitionPlan:
                 " implemented yet (its optimizer broadcasts whole parameters, which tensor-parallel ones are not);"
                 " use storage='gradients' (ZeRO-2) or 'parameters' (ZeRO-3), which shard the optimizer state too."
             )
-        if self.pipeline != 1 and self.storage == "optimizer":
-            raise NotImplementedError(
-                f"plan.pipeline={self.pipeline} with storage='optimizer': ZeRO-1 inside pipeline stages is not"
-                " implemented yet; use storage='gradients' (ZeRO-2) or 'parameters' (ZeRO-3), which shard the"
-                " optimizer state too."
-            )
-        if self.pipeline != 1 and self.storage != "replicated" and self.schedule != "gpipe":
+        if self.pipeline != 1 and self.storage in ("gradients", "parameters") and self.schedule != "gpipe":
             raise NotImplementedError(
                 f"plan.pipeline={self.pipeline} with storage={self.storage!r} runs schedule='gpipe' only: under 1F1B a"
                 " stage's forward passes come between its backward passes, which FSDP (torch 2.13) takes for"
                 " activation-checkpointing recomputation and then skips a micro-batch's gradient reduction; set"
                 " schedule='gpipe'."
+            )
+        if self.pipeline != 1 and self.storage == "optimizer" and self.schedule in INTERLEAVED_SCHEDULES:
+            raise NotImplementedError(
+                f"plan.pipeline={self.pipeline} with storage='optimizer' under schedule={self.schedule!r} is not"
+                " implemented yet (never run); use schedule='gpipe' or '1f1b' with ZeRO-1."
             )
         if self.pipeline != 1 and self.tensor != 1 and self.schedule in INTERLEAVED_SCHEDULES:
             raise NotImplementedError(

@@ -45,9 +45,13 @@ COMPOSED = [
     # Two 2-stage pipelines whose stages ZeRO-3 shards over the 2 data-parallel ranks (GPipe: see the plan check).
     Scenario("pp_x_shard", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP,
              plan={"preset": "zero3", "pipeline": 2, "micro_batches": 4, "schedule": "gpipe"}, data_parallel=2),
+    # ZeRO-1 inside each stage: the stage's ranks split its optimizer step (1F1B: no FSDP, so it may).
+    Scenario("pp_x_zero1", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP,
+             plan={"preset": "zero1", "pipeline": 2, "micro_batches": 4, "schedule": "1f1b"}, data_parallel=2),
 ]
 TWO_D = COMPOSED[2]
 PP_SHARD = COMPOSED[4]
+PP_ZERO1 = COMPOSED[5]
 
 
 def main(out: str, *only: str) -> None:
@@ -80,9 +84,11 @@ def main(out: str, *only: str) -> None:
         return
     # Checkpoints across the 2-D plan: its single file resumed under tensor × shard, which writes its shards;
     # those resumed under ZeRO-3 over all 4 ranks, which writes its own; those resumed under tensor × shard.
-    # Then the 2-D shards once more, under pipeline × shard.
+    # Then the 2-D shards once more, under pipeline × shard, and under pipeline × ZeRO-1, whose shards (each
+    # stage's ZeRO-1 owners write the optimizer state) resume under tensor × shard.
     chain = [(TWO_D.plan, "2d.ckpt", "2d_sharded"), ("zero3", "2d_sharded", "zero3_sharded"),
-             (TWO_D.plan, "zero3_sharded", None), (PP_SHARD.plan, "2d_sharded", None)]
+             (TWO_D.plan, "zero3_sharded", None), (PP_SHARD.plan, "2d_sharded", None),
+             (PP_ZERO1.plan, "2d_sharded", "pp_zero1_sharded"), (TWO_D.plan, "pp_zero1_sharded", None)]
     for step, (plan, source, target) in enumerate(chain, start=1):
         record = os.path.join(out, f"resumed_{source}_as_{step}.pt")
         trainer = _resume(plan, os.path.join(out, source), record, steps=2 * step)

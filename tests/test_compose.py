@@ -1,7 +1,7 @@
-"""Tier 3 at 4 ranks: tensor × data, pipeline × data, tensor × shard (2-D), pipeline × tensor and pipeline × shard
-through the Trainer compute what one process computes, and checkpoints cross these plans.
+"""Tier 3 at 4 ranks: tensor × data, pipeline × data, tensor × shard (2-D), pipeline × tensor, pipeline × shard and
+pipeline × ZeRO-1 through the Trainer compute what one process computes, and checkpoints cross these plans.
 
-One launch of 4 processes trains all three (see compose_run.py); each test compares one of them with a single
+One launch of 4 processes trains them all (see compose_run.py); each test compares one of them with a single
 process over the same global batches (two data-parallel replicas' worth) from the same weights.
 """
 
@@ -83,8 +83,10 @@ def test_single_file_resumes_under_tensor_times_shard(composed: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("source", "hop", "steps"), [("2d_sharded", 2, 2), ("zero3_sharded", 3, 4), ("2d_sharded", 4, 2)],
-    ids=["2d-as-zero3", "zero3-as-2d", "2d-as-pp_x_shard"],
+    ("source", "hop", "steps"),
+    [("2d_sharded", 2, 2), ("zero3_sharded", 3, 4), ("2d_sharded", 4, 2), ("2d_sharded", 5, 2),
+     ("pp_zero1_sharded", 6, 10)],
+    ids=["2d-as-zero3", "zero3-as-2d", "2d-as-pp_x_shard", "2d-as-pp_x_zero1", "pp_x_zero1-as-2d"],
 )
 def test_sharded_directories_convert_and_resume_across_model_parallel_plans(
     composed: Path, tmp_path: Path, source: str, hop: int, steps: int
