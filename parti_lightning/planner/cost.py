@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from parti_lightning.parallel.data import DEFAULT_BUCKET_BYTES
 from parti_lightning.plan import ResolvedPlan
 from parti_lightning.planner.hardware import HardwareProfile
-from parti_lightning.planner.profile import ModelProfile
+from parti_lightning.planner.profile import ModelProfile, stage_costs
 
 # FSDP2 holds one unit's parameters gathered while prefetching the next (ZeRO-3).
 _UNITS_IN_FLIGHT = 2
@@ -118,7 +118,7 @@ def _pipeline(
     if p == 1 or not profile.blocks:
         return
     block_params = [b.parameter_bytes for b in profile.blocks]
-    stage = _largest_stage(block_params, p)
+    stage = _largest_stage(block_params, p, stage_costs(profile))
     share = stage / max(sum(block_params), 1)
     trunk_params = sum(block_params)
     held = profile.parameter_bytes - int(trunk_params * (1 - share))
@@ -242,11 +242,11 @@ def _scale_state(cost: _Cost, profile: ModelProfile, held: int) -> None:
     cost.time["optimizer"] *= ratio
 
 
-def _largest_stage(block_bytes: list[int], stages: int) -> int:
-    """Bytes of the largest stage when ``stage_starts`` balances the blocks by parameter count."""
+def _largest_stage(block_bytes: list[int], stages: int, costs: list[float] | None) -> int:
+    """Bytes of the largest stage when the blocks are cut as a run cuts them (by ``costs``, else parameters)."""
     from parti_lightning.parallel.pipeline_split import stage_starts
 
-    starts = stage_starts([str(i) for i in range(len(block_bytes))], stages, costs=block_bytes)
+    starts = stage_starts([str(i) for i in range(len(block_bytes))], stages, costs=costs or block_bytes)
     ends = [*starts[1:], len(block_bytes)]
     return max(sum(block_bytes[a:b]) for a, b in zip(starts, ends, strict=True))
 

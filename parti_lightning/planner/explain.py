@@ -57,16 +57,17 @@ def footnotes(report: PlanReport) -> list[str]:
                      f" {measured}")
     chosen = report.chosen
     if chosen.pipeline > 1 and report.profile.blocks:
-        lines.append(f"pipeline stages of the chosen plan (balanced by parameters): {_stages(report)}")
+        lines.append(f"pipeline stages of the chosen plan (balanced by forward FLOPs): {_stages(report)}")
     return lines + [f"note: {note}" for note in report.notes]
 
 
 def _stages(report: PlanReport) -> str:
     from parti_lightning.parallel.pipeline_split import stage_starts
+    from parti_lightning.planner.profile import stage_costs
 
     blocks = report.profile.blocks
     names = [b.name for b in blocks]
-    starts = stage_starts(names, report.chosen.pipeline, costs=[b.parameter_bytes for b in blocks])
+    starts = stage_starts(names, report.chosen.pipeline, costs=stage_costs(report.profile))
     ends = [*starts[1:], len(names)]
     return "; ".join(
         f"{i}: {names[a]}" + (f" .. {names[b - 1]}" if b - a > 1 else "")

@@ -94,8 +94,9 @@ def _stage_names(report: PlanReport) -> list[str]:
     if p == 1:
         return [f"all {len(blocks)} blocks" if blocks else "whole model"]
     from parti_lightning.parallel.pipeline_split import stage_starts
+    from parti_lightning.planner.profile import stage_costs
 
-    starts = stage_starts(blocks, p, costs=[b.parameter_bytes for b in report.profile.blocks])
+    starts = stage_starts(blocks, p, costs=stage_costs(report.profile))
     ends = [*starts[1:], len(blocks)]
     return [
         f"stage {i}: {blocks[a]}" + (f" .. {blocks[b - 1]}" if b - a > 1 else "")

@@ -379,3 +379,9 @@ def _product(shape: tuple[int, ...]) -> int:
     for size in shape:
         out *= size
     return out
+
+
+def stage_costs(profile: ModelProfile) -> list[float] | None:
+    """What a run balances pipeline stages by: each block's forward FLOPs (``None``: parameter counts)."""
+    flops = [float(b.forward_flops) for b in profile.blocks]
+    return flops if any(flops) else None
