@@ -506,3 +506,20 @@ def test_plot_without_matplotlib_says_how_to_install(monkeypatch) -> None:
     report = choose_plan(profile_model(gpt(), gpt_batch(4)), hardware(), world_size=2)
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'parti-lightning\[plot\]'"):
         plot_report(report)
+
+
+def test_small_messages_move_at_their_measured_rate() -> None:
+    hw = hardware(bandwidth_bytes_per_s=2e9, small_message_bandwidth_bytes_per_s=5e8)
+    assert hw.bandwidth_at(2**20) == hw.bandwidth_at(1024) == 5e8
+    assert hw.bandwidth_at(32 * 2**20) == hw.bandwidth_at(2**30) == 2e9
+    assert 5e8 < hw.bandwidth_at(4 * 2**20) < 1e9 < hw.bandwidth_at(16 * 2**20) < 2e9  # log-log between
+    assert hardware(bandwidth_bytes_per_s=2e9).bandwidth_at(1024) == 2e9  # not measured: the large rate
+    # Tensor parallelism's per-block all-reduces are small messages: slower where they are measured slower.
+    profile = profile_model(gpt(layers=4, width=64), gpt_batch(16))
+    tp = PartitionPlan(tensor=2, data=1).resolve(2)
+    fast = estimate(profile, hardware(bandwidth_bytes_per_s=2e9), tp, 2)
+    slow = estimate(profile, hw, tp, 2)
+    assert slow.time["communication"] > fast.time["communication"]
+    ddp = PartitionPlan().resolve(2)  # data parallel's buckets: unchanged
+    plain = hardware(bandwidth_bytes_per_s=2e9)
+    assert estimate(profile, hw, ddp, 2).seconds == estimate(profile, plain, ddp, 2).seconds

@@ -166,8 +166,11 @@ def _tensor(
     blocks_held = cost.trunk_blocks_held / len(profile.blocks)
     block_step = sum(b.forward_flops + b.backward_flops for b in profile.blocks)
     cost.time["compute"] -= block_step * blocks_held * (1 - 1 / t) / hardware.flops_per_s
-    bandwidth = _bandwidth(hardware, t, ranks_per_node)
-    per_block = 4 * (_all_reduce(profile.blocks[0].input_bytes, t, bandwidth) + hardware.collective_latency_s)
+    # A block's activations are small messages, which move slower than the gradient buckets the bandwidth
+    # was measured with.
+    size = profile.blocks[0].input_bytes
+    bandwidth = hardware.bandwidth_at(size) if t <= ranks_per_node else hardware.internode_bandwidth
+    per_block = 4 * (_all_reduce(size, t, bandwidth) + hardware.collective_latency_s)
     # A trunk pipelined under 1F1B runs its stage's blocks forward twice (then recomputed): two more all-reduces.
     passes = 1.5 if plan.pipeline > 1 and plan.schedule != "gpipe" else 1.0
     cost.time["communication"] += per_block * cost.trunk_blocks_held * passes

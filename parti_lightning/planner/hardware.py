@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -29,6 +30,7 @@ CACHE_FILE = "hardware.json"
 _MATMUL_SIZE = 1024
 _COPY_BYTES = 64 * 1024**2
 _ALLREDUCE_BYTES = 32 * 1024**2
+_SMALL_ALLREDUCE_BYTES = 1024**2  # a block's activations at moderate sizes: what tensor parallelism all-reduces
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class HardwareProfile:
             ZeRO-2/3 pays on CPU, where parti returns freed memory to the OS at once (so every gathered unit
             and gradient buffer is fresh memory); ``None``: as ``memory_bandwidth_bytes_per_s``.
         internode_bandwidth_bytes_per_s: the same across nodes; ``None``: assumed equal to ``bandwidth_bytes_per_s``.
+        small_message_bandwidth_bytes_per_s: the bus bandwidth of a 1 MiB all-reduce between the ranks of a node,
+            its latency taken out (small messages move slower); ``None``: as ``bandwidth_bytes_per_s``.
         process_overhead_bytes: memory a rank uses before the model exists (interpreter, torch, process group).
         collective_latency_s: time of a one-element all-reduce (paid once per collective call).
         step_overhead_s: what Lightning's training loop adds to every step whatever the model (hooks,
@@ -60,6 +64,7 @@ class HardwareProfile:
     memory_bandwidth_bytes_per_s: float = 10e9
     fresh_memory_bandwidth_bytes_per_s: float | None = None
     internode_bandwidth_bytes_per_s: float | None = None
+    small_message_bandwidth_bytes_per_s: float | None = None
     process_overhead_bytes: int = 0
     collective_latency_s: float = 0.0
     step_overhead_s: float = 0.0
@@ -70,6 +75,17 @@ class HardwareProfile:
     @property
     def internode_bandwidth(self) -> float:
         return self.internode_bandwidth_bytes_per_s or self.bandwidth_bytes_per_s
+
+    def bandwidth_at(self, size: float) -> float:
+        """Bus bandwidth of an all-reduce of ``size`` bytes within a node: interpolated (log-log) between the
+        1 MiB and the 32 MiB measurements, held at either end beyond them."""
+        small = self.small_message_bandwidth_bytes_per_s
+        if small is None or size >= _ALLREDUCE_BYTES:
+            return self.bandwidth_bytes_per_s
+        if size <= _SMALL_ALLREDUCE_BYTES:
+            return small
+        where = math.log(size / _SMALL_ALLREDUCE_BYTES) / math.log(_ALLREDUCE_BYTES / _SMALL_ALLREDUCE_BYTES)
+        return math.exp(math.log(small) + where * (math.log(self.bandwidth_bytes_per_s) - math.log(small)))
 
     @classmethod
     def measure(
@@ -113,7 +129,7 @@ def default_cache_dir() -> Path:
 
 def cache_key(device_type: str, ranks_per_node: int) -> str:
     """Key of a machine shape: device type and name, usable cores, ranks per node (and what is measured)."""
-    return f"v3|{device_type}|{_device_name(device_type)}|{len(usable_cores())} cores|{ranks_per_node} ranks"
+    return f"v4|{device_type}|{_device_name(device_type)}|{len(usable_cores())} cores|{ranks_per_node} ranks"
 
 
 def _read_cache(path: Path) -> dict[str, dict]:
@@ -155,10 +171,10 @@ def _measure(device_type: str, ranks_per_node: int) -> HardwareProfile:
         fresh = _fresh_copy_rate()
     finally:
         torch.set_num_threads(threads)
-    bandwidth, latency, overhead, step_overhead = _gloo_allreduce(max(2, ranks_per_node))
+    bandwidth, small, latency, overhead, step_overhead = _gloo_allreduce(max(2, ranks_per_node))
     return HardwareProfile(
         memory_bytes=psutil.virtual_memory().total // ranks_per_node, flops_per_s=flops,
-        bandwidth_bytes_per_s=bandwidth, memory_bandwidth_bytes_per_s=copy,
+        bandwidth_bytes_per_s=bandwidth, small_message_bandwidth_bytes_per_s=small, memory_bandwidth_bytes_per_s=copy,
         fresh_memory_bandwidth_bytes_per_s=fresh, process_overhead_bytes=overhead,
         collective_latency_s=latency, step_overhead_s=step_overhead,
         device_type="cpu", device_name=_device_name("cpu"),
@@ -200,9 +216,9 @@ def _fresh_copy_rate() -> float:
     return 2 * _COPY_BYTES / seconds
 
 
-def _gloo_allreduce(world_size: int) -> tuple[float, float, int, float]:
-    """Bus bandwidth and latency of gloo all-reduces between local processes, a rank's RSS after joining, and
-    Lightning's per-step overhead (measured in rank 0's process, after the collectives)."""
+def _gloo_allreduce(world_size: int) -> tuple[float, float, float, int, float]:
+    """Bus bandwidth (32 MiB and 1 MiB messages) and latency of gloo all-reduces between local processes, a rank's
+    RSS after joining, and Lightning's per-step overhead (measured in rank 0's process, after the collectives)."""
     with tempfile.TemporaryDirectory() as tmp:
         # Why fresh interpreters and not multiprocessing's spawn: spawn re-runs the caller's __main__,
         # which in a training script without a main guard would start the training again.
@@ -212,7 +228,7 @@ def _gloo_allreduce(world_size: int) -> tuple[float, float, int, float]:
         if any(proc.wait() for proc in procs):
             raise RuntimeError("measuring the gloo all-reduce bandwidth failed (see the output above).")
         result = json.loads(Path(tmp, "result.json").read_text())
-    return result["bandwidth"], result["latency"], result["rss"], result["step_overhead"]
+    return result["bandwidth"], result["small"], result["latency"], result["rss"], result["step_overhead"]
 
 
 def _allreduce_worker(rank_arg: str, world_arg: str, tmp: str) -> None:
@@ -226,11 +242,15 @@ def _allreduce_worker(rank_arg: str, world_arg: str, tmp: str) -> None:
         seconds = _timed(lambda: dist.all_reduce(tensor), 3, False)
         one = torch.ones(1)
         latency = _timed(lambda: dist.all_reduce(one), 20, False)
+        small = torch.ones(_SMALL_ALLREDUCE_BYTES // 4)
+        small_seconds = _timed(lambda: dist.all_reduce(small), 10, False)
         if rank == 0:
             bus = 2 * (world_size - 1) / world_size * _ALLREDUCE_BYTES / seconds
+            moved = 2 * (world_size - 1) / world_size * _SMALL_ALLREDUCE_BYTES
+            small_bus = moved / max(small_seconds - latency, moved / bus)  # never above the large messages' rate
             rss = psutil.Process().memory_info().rss - _ALLREDUCE_BYTES
             step = _lightning_step_seconds()
-            result = {"bandwidth": bus, "latency": latency, "rss": rss, "step_overhead": step}
+            result = {"bandwidth": bus, "small": small_bus, "latency": latency, "rss": rss, "step_overhead": step}
             Path(tmp, "result.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
