@@ -17,10 +17,11 @@ must see that loss on every rank. Two ways around that, by schedule:
 - ``"gpipe"``: the schedule's forward and backward phases run apart
   (:class:`~parti_lightning.parallel.pipeline_phases.PhasedGPipe`); each stage keeps its
   micro-batches' activations between them, as GPipe does. No recompute.
-- ``"1f1b"``: 1F1B interleaves forward and backward passes, which cannot be separated, so the
-  forward is a forward-only pass and the backward re-runs the trunk under 1F1B. One extra trunk
-  forward per step buys 1F1B's memory: at most ``pipeline`` micro-batches' activations in flight,
-  and none held between forward and backward.
+- ``"1f1b"`` and ``"interleaved-1f1b"``: 1F1B interleaves forward and backward passes, which cannot
+  be separated, so the forward is a forward-only pass and the backward re-runs the trunk under the
+  schedule. One extra trunk forward per step buys 1F1B's memory: at most ``pipeline`` micro-batches'
+  activations in flight, and none held between forward and backward. Interleaved, a rank holds
+  several stages (``r, r + p, ...``), which shortens the bubble.
 
 Dropout masks are the same in a recompute: each (stage, micro-batch) runs under a seed drawn once per
 call from the global generator, which advances identically on every rank.
@@ -39,7 +40,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
-from torch.distributed.pipelining.schedules import _PipelineSchedule
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 
 from parti_lightning.parallel.pipeline_contract import (
     argument_name,
@@ -49,7 +50,8 @@ from parti_lightning.parallel.pipeline_contract import (
 )
 from parti_lightning.parallel.pipeline_phases import PhasedGPipe
 
-SCHEDULES: dict[str, type[_PipelineSchedule]] = {
+_Schedule = PipelineScheduleSingle | PipelineScheduleMulti
+SCHEDULES: dict[str, type[_Schedule]] = {
     "gpipe": ScheduleGPipe,
     "1f1b": Schedule1F1B,
     "interleaved-1f1b": ScheduleInterleaved1F1B,
@@ -124,7 +126,7 @@ class PipelinedTrunk:
         self._carry: Tensor | None = None
         self._extras: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._templates: dict[str, Any] = {}
-        self._schedules: dict[tuple, _PipelineSchedule] = {}
+        self._schedules: dict[tuple, _Schedule] = {}
 
     @property
     def stage_param_ids(self) -> set[int]:
@@ -212,7 +214,7 @@ class PipelinedTrunk:
 
     # --- schedules
 
-    def _schedule(self, call: _Call, x: Tensor, kind: str) -> _PipelineSchedule:
+    def _schedule(self, call: _Call, x: Tensor, kind: str) -> _Schedule:
         """The schedule of ``kind``: ``"forward"`` (forward only), ``"kept"`` (phased GPipe), ``"training"``."""
         micro = (x.shape[0] // call.micro_batches, *x.shape[1:])
         key = (kind, call.micro_batches, micro, x.dtype, torch.is_inference_mode_enabled())
