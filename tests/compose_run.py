@@ -45,9 +45,12 @@ COMPOSED = [
     # Two 2-stage pipelines whose stages ZeRO-3 shards over the 2 data-parallel ranks (GPipe: see the plan check).
     Scenario("pp_x_shard", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP,
              plan={"preset": "zero3", "pipeline": 2, "micro_batches": 4, "schedule": "gpipe"}, data_parallel=2),
-    # ZeRO-1 inside each stage: the stage's ranks split its optimizer step (1F1B: no FSDP, so it may).
+    # ZeRO-1 inside each stage: the stage's ranks split its optimizer step, under 1F1B (no FSDP, so it may)
+    # and under GPipe.
     Scenario("pp_x_zero1", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP,
              plan={"preset": "zero1", "pipeline": 2, "micro_batches": 4, "schedule": "1f1b"}, data_parallel=2),
+    Scenario("pp_x_zero1_gpipe", TensorBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP,
+             plan={"preset": "zero1", "pipeline": 2, "micro_batches": 4}, data_parallel=2),
 ]
 TWO_D = COMPOSED[2]
 PP_SHARD = COMPOSED[4]
