@@ -35,7 +35,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[str]]:
 
 
 def _env(lines: list[str], stage: str) -> set[str]:
-    return {line.split()[-1] for line in lines if line.startswith(f"ENV {stage} ")}
+    # Searched anywhere in the output, the value by its shape (a repr: None or a quoted name): both ranks write
+    # to one pipe, so another rank's text can run on from the end of a line, or begin in the middle of one.
+    return set(re.findall(rf"ENV {re.escape(stage)} rank\d+ (None|'[^']*')", "\n".join(lines)))
 
 
 @pytest.mark.timeout(450)
