@@ -23,7 +23,7 @@ from pathlib import Path
 
 from parti_lightning.plan import ResolvedPlan
 from parti_lightning.planner.cost import Estimate
-from parti_lightning.planner.hardware import _read_cache, cache_key, default_cache_dir
+from parti_lightning.planner.hardware import cache_key, default_cache_dir, read_cache
 from parti_lightning.planner.profile import ModelProfile
 
 CACHE_FILE = "calibration.json"
@@ -81,7 +81,7 @@ def model_key(profile: ModelProfile) -> str:
 
 def load(machine: str, model: str, cache_dir: str | Path | None = None) -> dict[str, Correction]:
     """The corrections measured for ``model`` on the machine shape ``machine``, by plan kind; empty if none."""
-    entries = _read_cache(_path(cache_dir)).get(machine, {}).get(model, {})
+    entries = read_cache(_path(cache_dir)).get(machine, {}).get(model, {})
     corrections = {}
     for kind, value in entries.items():
         try:
@@ -94,7 +94,7 @@ def load(machine: str, model: str, cache_dir: str | Path | None = None) -> dict[
 def record(machine: str, model: str, kind: str, correction: Correction, cache_dir: str | Path | None = None) -> Path:
     """Keep ``correction`` for ``model``'s plans of ``kind`` on machine shape ``machine``; returns the file written."""
     path = _path(cache_dir)
-    entries = _read_cache(path)
+    entries = read_cache(path)
     entries.setdefault(machine, {}).setdefault(model, {})[kind] = asdict(correction)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written whole to a temporary file, then renamed: two runs finishing at once leave one valid file.

@@ -57,22 +57,20 @@ def footnotes(report: PlanReport) -> list[str]:
                      f" {measured}")
     chosen = report.chosen
     if chosen.pipeline > 1 and report.profile.blocks:
-        lines.append(f"pipeline stages of the chosen plan (balanced by forward FLOPs): {_stages(report)}")
+        stages = "; ".join(f"{i}: {blocks}" for i, blocks in enumerate(stage_blocks(report)))
+        lines.append(f"pipeline stages of the chosen plan (balanced by forward FLOPs): {stages}")
     return lines + [f"note: {note}" for note in report.notes]
 
 
-def _stages(report: PlanReport) -> str:
+def stage_blocks(report: PlanReport) -> list[str]:
+    """The blocks of each predicted stage of the chosen plan (``"blocks.0 .. blocks.3"``), cut as a run cuts them."""
     from parti_lightning.parallel.pipeline_split import stage_starts
     from parti_lightning.planner.profile import stage_costs
 
-    blocks = report.profile.blocks
-    names = [b.name for b in blocks]
+    names = [b.name for b in report.profile.blocks]
     starts = stage_starts(names, report.chosen.pipeline, costs=stage_costs(report.profile))
     ends = [*starts[1:], len(names)]
-    return "; ".join(
-        f"{i}: {names[a]}" + (f" .. {names[b - 1]}" if b - a > 1 else "")
-        for i, (a, b) in enumerate(zip(starts, ends, strict=True))
-    )
+    return [names[a] + (f" .. {names[b - 1]}" if b - a > 1 else "") for a, b in zip(starts, ends, strict=True)]
 
 
 def render_text(report: PlanReport, width: int = 170) -> str:

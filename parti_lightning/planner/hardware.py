@@ -112,7 +112,7 @@ class HardwareProfile:
             raise ValueError(f"ranks_per_node={ranks_per_node} is invalid: use a positive integer.")
         path = Path(cache_dir or default_cache_dir()) / CACHE_FILE
         key = cache_key(device_type, ranks_per_node)
-        cached = _read_cache(path)
+        cached = read_cache(path)
         if key in cached and not refresh:
             return cls(**cached[key])
         profile = _measure(device_type, ranks_per_node)
@@ -132,7 +132,7 @@ def cache_key(device_type: str, ranks_per_node: int) -> str:
     return f"v4|{device_type}|{_device_name(device_type)}|{len(usable_cores())} cores|{ranks_per_node} ranks"
 
 
-def _read_cache(path: Path) -> dict[str, dict]:
+def read_cache(path: Path) -> dict[str, dict]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

@@ -89,19 +89,12 @@ def _box(x: float, y: float, color: str) -> object:
 
 
 def _stage_names(report: PlanReport) -> list[str]:
-    blocks = [b.name for b in report.profile.blocks]
-    p = report.chosen.pipeline
-    if p == 1:
-        return [f"all {len(blocks)} blocks" if blocks else "whole model"]
-    from parti_lightning.parallel.pipeline_split import stage_starts
-    from parti_lightning.planner.profile import stage_costs
+    from parti_lightning.planner.explain import stage_blocks
 
-    starts = stage_starts(blocks, p, costs=stage_costs(report.profile))
-    ends = [*starts[1:], len(blocks)]
-    return [
-        f"stage {i}: {blocks[a]}" + (f" .. {blocks[b - 1]}" if b - a > 1 else "")
-        for i, (a, b) in enumerate(zip(starts, ends, strict=True))
-    ]
+    blocks = report.profile.blocks
+    if report.chosen.pipeline == 1:
+        return [f"all {len(blocks)} blocks" if blocks else "whole model"]
+    return [f"stage {i}: {names}" for i, names in enumerate(stage_blocks(report))]
 
 
 def _tensor_layers(report: PlanReport) -> str:
