@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from parti_lightning.parallel.blocks import find_blocks
 from parti_lightning.parallel.tensor_rules import hf_tensor_rules, validate_tensor_rules
@@ -108,6 +109,14 @@ class GptBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+
+class OneHeadBlock(GptBlock):
+    """One attention head, which two tensor ranks cannot split: the attention's layout falls back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn.n_head = 1
 
 
 class InlineMaskAttention(FusedAttention):
@@ -286,6 +295,7 @@ def _transposed_block() -> nn.Module:
 
 MODELS = {
     "nanogpt": lambda: LanguageModel(GptBlock),
+    "one_head": lambda: LanguageModel(OneHeadBlock),
     "inline_mask": lambda: LanguageModel(InlineMaskBlock),
     "mlp": lambda: LanguageModel(MlpBlock, layers=3),
     "gqa_rotary": lambda: LanguageModel(LlamaLikeBlock),
@@ -355,7 +365,7 @@ def _train_parity(name: str, rules: dict | None, data: int = 1, shard: int = 1) 
     else:
         report = apply_tensor_parallel(model, mesh["tensor"], rules, run_example=lambda: _loss(model, own[0]))
         clip, step_context = torch.nn.utils.clip_grad_norm_, tensor_parallel_step
-    losses, norms = [], []
+    losses, norms, mismatched = [], [], set()
     for net, net_batches in ((reference, batches), (model, own)):
         torch.manual_seed(1)  # the same random stream for both runs (dropout)
         optimizer = torch.optim.AdamW(net.parameters(), lr=LR, eps=EPS, foreach=True)
@@ -364,6 +374,12 @@ def _train_parity(name: str, rules: dict | None, data: int = 1, shard: int = 1) 
             loss = _loss(net, batch)
             with step_context() if net is model else contextlib.nullcontext():
                 loss.backward()  # as the strategy runs it (see Parallelized.step_context)
+            # A gradient placed unlike its parameter (Partial after a fall-back) would be reduced again by every
+            # optimizer kernel that reads it.
+            mismatched.update(
+                n for n, p in net.named_parameters()
+                if isinstance(p.grad, DTensor) and p.grad.placements != p.placements
+            )
             if net is model and replicas > 1:
                 if shard > 1:
                     parallel.sync_gradients()
@@ -393,6 +409,7 @@ def _train_parity(name: str, rules: dict | None, data: int = 1, shard: int = 1) 
         "rows": [(row.name, row.layout) for row in report.rows],
         "fallbacks": report.fallbacks,
         "describe": report.describe(),
+        "mismatched_gradients": sorted(mismatched),
     }
 
 
@@ -418,6 +435,7 @@ CASES = {
     "hf_llama": None,
     "biased_qkv": None,
     "mlp_dropout": None,
+    "one_head": None,
     "wrong_rule": ("unwrapping", {"h.*.fc": "colwise", "h.*.proj": "rowwise"}),
 }
 MODELS["unwrapping"] = lambda: LanguageModel(UnwrappingBlock)
@@ -596,6 +614,7 @@ def test_tensor2_matches_one_process(tensor2: dict, case: str) -> None:
     assert result["param_error"] < 1e-5
     split = [name for name, layout in result["rows"] if layout != "replicate"]
     assert split, f"nothing was split:\n{result['describe']}"
+    assert not result["mismatched_gradients"], result["describe"]
 
 
 # tensor=2 x data=2 on 4 ranks: one group start for both models (process start dominates).

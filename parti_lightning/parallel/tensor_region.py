@@ -31,6 +31,8 @@ def shard_unit(unit: nn.Module, rules: Mapping[str, str], mesh: DeviceMesh) -> N
             if id(param) not in converted:
                 data = distribute_tensor(param.detach(), mesh, [placements[param_name]])
                 converted[id(param)] = nn.Parameter(data, requires_grad=param.requires_grad)
+                if param.requires_grad:
+                    converted[id(param)].register_post_accumulate_grad_hook(_grad_as_parameter)
             layer.register_parameter(param_name, converted[id(param)])
         for buffer_name, buffer in list(layer.named_buffers(recurse=False)):
             if not isinstance(buffer, DTensor):
@@ -130,6 +132,19 @@ def standard_layout(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     plain = [Shard(p.dim) if isinstance(p, _StridedShard) else p for p in placements]
     return tensor.redistribute(tensor.device_mesh, plain)
+
+
+def _grad_as_parameter(param: torch.Tensor) -> None:
+    """Give a gradient its parameter's placement once, as soon as backward has accumulated it.
+
+    Where the layout fell back (heads the degree does not divide, a block DTensor could not keep split),
+    autograd leaves gradients ``Partial``. Left so, every optimizer kernel that reads one reduces it
+    again: measured on a 2-block model, about 100 collectives a step inside AdamW. One reduction here
+    gives the same values.
+    """
+    grad = param.grad
+    if isinstance(param, DTensor) and isinstance(grad, DTensor) and grad.placements != param.placements:
+        param.grad = grad.redistribute(param.device_mesh, param.placements)
 
 
 def _replicate_output(module: nn.Module, args: tuple, output: Any) -> Any:
