@@ -111,11 +111,12 @@ def _predict(args: argparse.Namespace, layers: int, width: int, plans: list[str]
 
     from parti_lightning.plan import PartitionPlan
     from parti_lightning.planner import HardwareProfile, choose_plan, estimate, profile_model
+    from parti_lightning.planner.timing import time_blocks
 
     batch = torch.zeros(args.batch_size, args.block_size, dtype=torch.long)
     with torch.device("meta"):
         model = _model(layers, width, args.block_size)
-    profile = profile_model(model, (batch, batch))
+    profile = time_blocks(model, (batch, batch), profile_model(model, (batch, batch)), ranks_per_node=2)
     hardware = HardwareProfile.measure("cpu", ranks_per_node=2)
     predictions = {}
     for name in plans:

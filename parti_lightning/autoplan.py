@@ -34,6 +34,7 @@ from parti_lightning.planner import HardwareProfile, PlanReport, choose_plan, ex
 from parti_lightning.planner import calibration as calibration_module
 from parti_lightning.planner.calibration import MEMORY_MARGIN, TIME_MARGIN, Correction
 from parti_lightning.planner.cost import Estimate
+from parti_lightning.planner.timing import time_blocks
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ def plan_for(
     profile = profile_model(module, batch)
     hardware = _hardware(device_type, ranks_per_node)
     hardware = dataclasses.replace(hardware, memory_bytes=memory_budget)
+    if device_type == "cpu":  # on a GPU, blocks are not timed yet: FLOPs over the matmul rate
+        profile = time_blocks(module, batch, profile, ranks_per_node)
     machine = calibration_module.machine_key(device_type, ranks_per_node)
     corrections = calibration_module.load(machine, calibration_module.model_key(profile)) if calibrated else None
     return choose_plan(profile, hardware, world_size=world_size, ranks_per_node=ranks_per_node, headroom=headroom,

@@ -26,7 +26,9 @@ from parti_lightning.planner import (
     profile_model,
 )
 from parti_lightning.planner import hardware as hardware_module
+from parti_lightning.planner.profile import BlockTiming
 from parti_lightning.planner.search import candidate_plans
+from parti_lightning.planner.timing import time_blocks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from char_gpt import CharGPT  # noqa: E402
@@ -231,6 +233,20 @@ def test_fsdp_copies_on_cpu_pay_the_first_touch_rate() -> None:
         before = estimate(profile, warm, plan, 2).time["communication"]
         after = estimate(profile, fresh, plan, 2).time["communication"]
         assert (after > before) if slower else (after == before), storage
+
+
+def test_zero23_cpu_ranks_fault_in_every_large_tensor_of_the_step() -> None:
+    profile = profile_model(gpt(layers=2, width=128), gpt_batch(8))
+    # Forward and backward allocate more than they keep: every large activation, temporary and gradient counts.
+    assert profile.large_allocation_bytes > profile.activation_bytes + profile.gradient_bytes
+    assert profile_model(Tiny(), torch.zeros(4, 16)).large_allocation_bytes == 0  # nothing reaches 128 KiB
+    hw = hardware(fresh_memory_bandwidth_bytes_per_s=4e9)  # copies at 20e9 into used memory
+    for storage, faults in (("parameters", True), ("gradients", True), ("optimizer", False), ("replicated", False)):
+        seconds = estimate(profile, hw, PartitionPlan(storage=storage).resolve(2), 2).time.get("page_faults", 0.0)
+        expected = profile.large_allocation_bytes * (2 / 4e9 - 2 / 20e9) if faults else 0.0
+        assert seconds == pytest.approx(expected), storage
+    on_gpu = dataclasses.replace(hw, device_type="cuda")
+    assert estimate(profile, on_gpu, PartitionPlan(storage="parameters").resolve(2), 2).time["page_faults"] == 0.0
 
 
 def test_sharding_shrinks_state_in_zero_order() -> None:
@@ -523,3 +539,75 @@ def test_small_messages_move_at_their_measured_rate() -> None:
     ddp = PartitionPlan().resolve(2)  # data parallel's buckets: unchanged
     plain = hardware(bandwidth_bytes_per_s=2e9)
     assert estimate(profile, hw, ddp, 2).seconds == estimate(profile, plain, ddp, 2).seconds
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+
+def test_a_timed_block_gives_the_compute_rate_at_each_micro_batch_size() -> None:
+    model, batch = gpt(layers=2, width=64), gpt_batch(8)
+    profile = profile_model(model, batch)
+    timing = time_blocks(model, batch, profile, ranks_per_node=2).block_timing
+    assert timing is not None and timing.threads >= 1
+    assert [samples for samples, _ in timing.seconds] == [8, 4, 2, 1]
+    assert all(seconds > 0 for _, seconds in timing.seconds)
+    assert timing.operations > 20  # a GPT block's forward and backward
+    # The cost model scales the measured block to the model's FLOPs: compute = block seconds × step / block FLOPs.
+    block = profile.blocks[0]
+    ratio = profile.step_flops / (block.forward_flops + block.backward_flops)
+    injected = dataclasses.replace(profile, block_timing=BlockTiming(((8, 0.5), (4, 0.4), (2, 0.3)), 100, 1))
+    ddp = estimate(injected, hardware(), PartitionPlan().resolve(1), 1)
+    assert ddp.time["compute"] == pytest.approx(0.5 * ratio)
+    # A pipeline stage runs the trunk on micro-batches of 2 at their own (here slower) rate.
+    plan = PartitionPlan(pipeline=2, data=1, micro_batches=4, schedule="gpipe").resolve(2)
+    slow = estimate(injected, hardware(), plan, 2)
+    linear = dataclasses.replace(injected, block_timing=BlockTiming(((8, 0.5), (4, 0.25), (2, 0.125)), 100, 1))
+    assert slow.time["compute"] > estimate(linear, hardware(), plan, 2).time["compute"]
+
+
+def test_timing_a_meta_model_and_what_cannot_be_timed() -> None:
+    batch = gpt_batch(4)
+    with torch.device("meta"):
+        model = gpt(layers=2, width=32)
+    assert time_blocks(model, batch, profile_model(model, batch), 1).block_timing is not None  # random weights
+
+    plain = nn.Linear(4, 4)  # no repeated blocks: nothing to time
+    profile = profile_model(plain, torch.zeros(2, 4))
+    assert time_blocks(plain, torch.zeros(2, 4), profile, 1) == profile
+
+    class NeedsItsParent(nn.Module):  # reads what its model's forward sets: cannot run alone
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x) * self.scale
+
+    class Parent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([NeedsItsParent(), NeedsItsParent()])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                block.scale = 2.0
+                x = block(x)
+            return x
+
+    parent = Parent()
+    timed = time_blocks(parent, torch.zeros(2, 4), profile_model(parent, torch.zeros(2, 4)), 1)
+    assert timed.block_timing is None
+    assert "timing a block failed" in timed.notes[-1]
+
+
+def test_tensor_parallel_pays_dtensor_dispatch_per_call_and_per_parameter() -> None:
+    profile = dataclasses.replace(profile_model(gpt(layers=4, width=64), gpt_batch(8)),
+                                  block_timing=BlockTiming(((8, 0.01),), 100, 1))
+    plan = PartitionPlan(tensor=2, data=1).resolve(2)
+    free = estimate(profile, hardware(), plan, 2)
+    paid = estimate(profile, hardware(dtensor_call_s=1e-3, dtensor_optimizer_parameter_s=2e-3), plan, 2)
+    block_parameters = sum(1 for p in profile.parameters if p.name.startswith("blocks."))
+    assert paid.time["framework"] - free.time["framework"] == pytest.approx(4 * 100 * 1e-3 + block_parameters * 2e-3)
+    ddp = PartitionPlan().resolve(2)  # no DTensor outside tensor parallelism
+    paid_ddp = estimate(profile, hardware(dtensor_call_s=1e-3), ddp, 2)
+    assert paid_ddp.seconds == estimate(profile, hardware(), ddp, 2).seconds

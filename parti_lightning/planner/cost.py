@@ -6,10 +6,13 @@ and temporaries (the profile's MemTracker peak), plus what sharding adds in flig
 reduce-scatter and bucket buffers). On CPU the strategy builds the whole model on every rank before
 sharding it, so a sharded plan also peaks once at setup, with the whole model and its first shard.
 
-Time is compute (FLOPs over the measured matmul rate, plus the recomputed forward of checkpointed
-blocks), the optimizer step (memory-bound: bytes it reads and writes over the copy rate) and the
-collectives (bus-bandwidth formulas), summed: parti averages gradients after backward and gloo
-does not overlap, so nothing hides behind compute.
+Time is compute (FLOPs over a rate, plus the recomputed forward of checkpointed blocks), the
+optimizer step (memory-bound: bytes it reads and writes over the copy rate), the collectives
+(bus-bandwidth formulas), page faults (ZeRO-2/3 on CPU) and framework costs (Lightning's loop;
+DTensor's dispatch under tensor parallelism), summed: parti averages gradients after backward and
+gloo does not overlap, so nothing hides behind compute. The rate is the one a block of this model
+reached when timed on this machine at the same samples per call (:mod:`~parti_lightning.planner.timing`),
+else the measured matmul rate.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ class Estimate:
             ``activations``, ``in_flight``, ``overhead``).
         setup_bytes: the setup peak (whole model plus its first shard), 0 when the model is never whole.
         time: seconds per part of one step (``compute``, ``recompute``, ``optimizer``, ``communication``,
-            ``framework``: Lightning's loop).
+            ``framework``: Lightning's loop and DTensor's dispatch; ``page_faults``: ZeRO-2/3 on CPU).
     """
 
     memory: dict[str, int]
@@ -96,7 +99,7 @@ def _single_process(profile: ModelProfile, hardware: HardwareProfile) -> _Cost:
     }
     # Adam-like step: reads parameter, gradient and state, writes parameter and state.
     step = 2 * profile.parameter_bytes + profile.gradient_bytes + 2 * profile.optimizer_state_bytes
-    time = {"compute": profile.step_flops / hardware.flops_per_s, "recompute": 0.0,
+    time = {"compute": profile.step_flops / _rate(profile, hardware), "recompute": 0.0,
             "optimizer": step / hardware.memory_bandwidth_bytes_per_s, "communication": 0.0,
             "framework": hardware.step_overhead_s}
     trunk = sum(b.activation_bytes for b in profile.blocks)
@@ -135,9 +138,11 @@ def _pipeline(
     trunk_step = trunk_forward + sum(b.backward_flops for b in profile.blocks)
     bubble = (p - 1) / (plan.virtual_stages * m + p - 1)  # interleaving v stages per rank divides it by ~v
     stretch = 1 / (1 - bubble)
-    rate = hardware.flops_per_s
     recomputed = trunk_forward if plan.schedule != "gpipe" else 0.0
-    cost.time["compute"] += ((trunk_step + recomputed) * share * stretch - trunk_step) / rate
+    # The stage runs its blocks on micro-batches, which CPU kernels run at a lower rate than the whole batch.
+    micro_rate = _rate(profile, hardware, (profile.batch_size or m) / m)
+    cost.time["compute"] += ((trunk_step + recomputed) * share * stretch / micro_rate
+                             - trunk_step / _rate(profile, hardware))
     bandwidth = _bandwidth(hardware, p, ranks_per_node)
     broadcasts = 2 * _one_way(boundary, p, bandwidth)  # trunk output and input gradient, to every stage
     sends = 2 * boundary / bandwidth + 2 * m * hardware.collective_latency_s
@@ -165,7 +170,7 @@ def _tensor(
     cost.trunk_activation_bytes = trunk // t
     blocks_held = cost.trunk_blocks_held / len(profile.blocks)
     block_step = sum(b.forward_flops + b.backward_flops for b in profile.blocks)
-    cost.time["compute"] -= block_step * blocks_held * (1 - 1 / t) / hardware.flops_per_s
+    cost.time["compute"] -= block_step * blocks_held * (1 - 1 / t) / _rate(profile, hardware)
     # A block's activations are small messages, which move slower than the gradient buckets the bandwidth
     # was measured with.
     size = profile.blocks[0].input_bytes
@@ -174,6 +179,12 @@ def _tensor(
     # A trunk pipelined under 1F1B runs its stage's blocks forward twice (then recomputed): two more all-reduces.
     passes = 1.5 if plan.pipeline > 1 and plan.schedule != "gpipe" else 1.0
     cost.time["communication"] += per_block * cost.trunk_blocks_held * passes
+    # Every operator call in a split block goes through DTensor's dispatch, and the optimizer steps each DTensor
+    # parameter on its own.
+    timing = profile.block_timing
+    calls = timing.operations if timing is not None else profile.blocks[0].operations
+    cost.time["framework"] += (calls * cost.trunk_blocks_held * passes * hardware.dtensor_call_s
+                               + _block_parameter_count(profile) * blocks_held * hardware.dtensor_optimizer_parameter_s)
 
 
 def _activation_checkpointing(
@@ -193,7 +204,7 @@ def _activation_checkpointing(
         cost.memory["activations"] += kept - trunk
         cost.trunk_activation_bytes = kept
     forward = sum(b.forward_flops for b in profile.blocks) * held / plan.tensor
-    cost.time["recompute"] = forward / hardware.flops_per_s
+    cost.time["recompute"] = forward / _rate(profile, hardware)
 
 
 def _storage(
@@ -211,6 +222,7 @@ def _storage(
         owned = _zero1_largest_share(profile, n)
         cost.memory["optimizer"] = owned * profile.optimizer_tensors_per_parameter + profile.optimizer_scalar_bytes // n
         return
+    cost.time["page_faults"] = _page_fault_seconds(profile, hardware) * share
     shard = int(_fsdp_shard_bytes(profile, n) * share)
     params, unit = cost.held_parameter_bytes, int(_largest_unit_bytes(profile) * share)
     trainable_share = profile.gradient_bytes / max(params, 1)
@@ -243,6 +255,23 @@ def _scale_state(cost: _Cost, profile: ModelProfile, held: int) -> None:
     scalars = profile.optimizer_scalar_bytes
     cost.memory["optimizer"] = int((cost.memory["optimizer"] - scalars) * ratio) + scalars
     cost.time["optimizer"] *= ratio
+
+
+def _rate(profile: ModelProfile, hardware: HardwareProfile, samples: float | None = None) -> float:
+    """FLOP/s of this model's compute at ``samples`` per call (default: the batch): its timed block's when the
+    profile has one, else the matmul rate."""
+    timing = profile.block_timing
+    block = profile.blocks[0] if profile.blocks else None
+    if timing is None or block is None or not block.forward_flops:
+        return hardware.flops_per_s
+    batch = profile.batch_size or 1
+    samples = samples or batch
+    return (block.forward_flops + block.backward_flops) * samples / batch / timing.seconds_at(samples)
+
+
+def _block_parameter_count(profile: ModelProfile) -> int:
+    prefixes = tuple(f"{b.name}." for b in profile.blocks)
+    return sum(1 for p in profile.parameters if p.name.startswith(prefixes))
 
 
 def _largest_stage(block_bytes: list[int], stages: int, costs: list[float] | None) -> int:
@@ -352,6 +381,17 @@ def _volume_seconds(
     if plan.data > 1:  # hybrid: replicas average their gradient shards across nodes
         seconds += _all_reduce(grads / plan.shard, plan.data, hardware.internode_bandwidth)
     return seconds
+
+
+def _page_fault_seconds(profile: ModelProfile, hardware: HardwareProfile) -> float:
+    """What a ZeRO-2/3 CPU rank pays to fault in its step's large tensors: parti returns freed memory to the OS
+    there (accelerator.release_freed_memory), so each is new memory; per byte, the measured difference between
+    copying into new and into used memory."""
+    fresh = hardware.fresh_memory_bandwidth_bytes_per_s
+    if hardware.device_type != "cpu" or not fresh:
+        return 0.0
+    per_byte = max(0.0, 2 / fresh - 2 / hardware.memory_bandwidth_bytes_per_s)  # rates count read + write
+    return profile.large_allocation_bytes * per_byte
 
 
 def _bandwidth(hardware: HardwareProfile, ranks: int, ranks_per_node: int) -> float:

@@ -46,9 +46,15 @@ def footnotes(report: PlanReport) -> list[str]:
         f"model: {report.profile.step_flops / 1e9:,.2f} GFLOP per step at batch {report.profile.batch_size},"
         f" profiled via {report.profile.source}; dtype as built (mixed precision is not modelled)",
         "step time = compute + recompute + optimizer + communication (no overlap assumed) + Lightning's loop"
-        f" ({hw.step_overhead_s * 1e3:.1f} ms measured); plans are compared"
+        f" ({hw.step_overhead_s * 1e3:.1f} ms measured) + DTensor's dispatch under tensor parallelism"
+        f" ({hw.dtensor_call_s * 1e6:.0f} µs a call measured); plans are compared"
         " per sample (step time over the data-parallel ranks: a tensor or pipeline step trains fewer samples)",
     ]
+    timing = report.profile.block_timing
+    if timing is not None:
+        sizes = ", ".join(f"{seconds * 1e3:.1f} ms at {samples}" for samples, seconds in timing.seconds)
+        lines.append(f"compute rate from {report.profile.blocks[0].name} timed on {timing.threads} thread(s), forward"
+                     f" and backward: {sizes} samples per call ({timing.operations} operator calls)")
     if report.corrections:
         measured = "; ".join(
             f"{kind} memory ×{c.memory:.2f}, time ×{c.time:.2f}" for kind, c in report.corrections.items()

@@ -53,6 +53,10 @@ class HardwareProfile:
         collective_latency_s: time of a one-element all-reduce (paid once per collective call).
         step_overhead_s: what Lightning's training loop adds to every step whatever the model (hooks,
             batch transfer, logging, the optimizer call), measured on a one-parameter model.
+        dtensor_call_s: what DTensor's dispatch adds to one operator call on a tensor-parallel weight or
+            activation (sharding propagation and unwrapping, in Python), measured on tiny tensors.
+        dtensor_optimizer_parameter_s: what one DTensor parameter adds to an AdamW step (its foreach kernels
+            run once per DTensor).
         device_type: ``"cpu"`` or ``"cuda"``.
         device_name: e.g. the CPU model or the GPU name.
         bandwidth_source: how ``bandwidth_bytes_per_s`` was found.
@@ -68,6 +72,8 @@ class HardwareProfile:
     process_overhead_bytes: int = 0
     collective_latency_s: float = 0.0
     step_overhead_s: float = 0.0
+    dtensor_call_s: float = 0.0
+    dtensor_optimizer_parameter_s: float = 0.0
     device_type: str = "cpu"
     device_name: str = "given"
     bandwidth_source: str = "given"
@@ -129,7 +135,7 @@ def default_cache_dir() -> Path:
 
 def cache_key(device_type: str, ranks_per_node: int) -> str:
     """Key of a machine shape: device type and name, usable cores, ranks per node (and what is measured)."""
-    return f"v4|{device_type}|{_device_name(device_type)}|{len(usable_cores())} cores|{ranks_per_node} ranks"
+    return f"v5|{device_type}|{_device_name(device_type)}|{len(usable_cores())} cores|{ranks_per_node} ranks"
 
 
 def read_cache(path: Path) -> dict[str, dict]:
@@ -171,12 +177,13 @@ def _measure(device_type: str, ranks_per_node: int) -> HardwareProfile:
         fresh = _fresh_copy_rate()
     finally:
         torch.set_num_threads(threads)
-    bandwidth, small, latency, overhead, step_overhead = _gloo_allreduce(max(2, ranks_per_node))
+    gloo = _gloo_allreduce(max(2, ranks_per_node))
     return HardwareProfile(
         memory_bytes=psutil.virtual_memory().total // ranks_per_node, flops_per_s=flops,
-        bandwidth_bytes_per_s=bandwidth, small_message_bandwidth_bytes_per_s=small, memory_bandwidth_bytes_per_s=copy,
-        fresh_memory_bandwidth_bytes_per_s=fresh, process_overhead_bytes=overhead,
-        collective_latency_s=latency, step_overhead_s=step_overhead,
+        bandwidth_bytes_per_s=gloo["bandwidth"], small_message_bandwidth_bytes_per_s=gloo["small"],
+        memory_bandwidth_bytes_per_s=copy, fresh_memory_bandwidth_bytes_per_s=fresh, process_overhead_bytes=gloo["rss"],
+        collective_latency_s=gloo["latency"], step_overhead_s=gloo["step_overhead"],
+        dtensor_call_s=gloo["dtensor_call"], dtensor_optimizer_parameter_s=gloo["dtensor_optimizer"],
         device_type="cpu", device_name=_device_name("cpu"),
         bandwidth_source=f"gloo all-reduce of {_ALLREDUCE_BYTES >> 20} MiB, {max(2, ranks_per_node)} local processes",
     )
@@ -216,9 +223,10 @@ def _fresh_copy_rate() -> float:
     return 2 * _COPY_BYTES / seconds
 
 
-def _gloo_allreduce(world_size: int) -> tuple[float, float, float, int, float]:
+def _gloo_allreduce(world_size: int) -> dict[str, float]:
     """Bus bandwidth (32 MiB and 1 MiB messages) and latency of gloo all-reduces between local processes, a rank's
-    RSS after joining, and Lightning's per-step overhead (measured in rank 0's process, after the collectives)."""
+    RSS after joining, DTensor's cost per call and per optimizer parameter on a mesh of them, and Lightning's
+    per-step overhead (measured in rank 0's process, after the collectives)."""
     with tempfile.TemporaryDirectory() as tmp:
         # Why fresh interpreters and not multiprocessing's spawn: spawn re-runs the caller's __main__,
         # which in a training script without a main guard would start the training again.
@@ -227,8 +235,7 @@ def _gloo_allreduce(world_size: int) -> tuple[float, float, float, int, float]:
                  for rank in range(world_size)]
         if any(proc.wait() for proc in procs):
             raise RuntimeError("measuring the gloo all-reduce bandwidth failed (see the output above).")
-        result = json.loads(Path(tmp, "result.json").read_text())
-    return result["bandwidth"], result["small"], result["latency"], result["rss"], result["step_overhead"]
+        return json.loads(Path(tmp, "result.json").read_text())
 
 
 def _allreduce_worker(rank_arg: str, world_arg: str, tmp: str) -> None:
@@ -244,16 +251,51 @@ def _allreduce_worker(rank_arg: str, world_arg: str, tmp: str) -> None:
         latency = _timed(lambda: dist.all_reduce(one), 20, False)
         small = torch.ones(_SMALL_ALLREDUCE_BYTES // 4)
         small_seconds = _timed(lambda: dist.all_reduce(small), 10, False)
+        rss = psutil.Process().memory_info().rss - _ALLREDUCE_BYTES  # before DTensor's own imports
+        dtensor_call, dtensor_optimizer = _dtensor_costs(world_size)
         if rank == 0:
             bus = 2 * (world_size - 1) / world_size * _ALLREDUCE_BYTES / seconds
             moved = 2 * (world_size - 1) / world_size * _SMALL_ALLREDUCE_BYTES
             small_bus = moved / max(small_seconds - latency, moved / bus)  # never above the large messages' rate
-            rss = psutil.Process().memory_info().rss - _ALLREDUCE_BYTES
             step = _lightning_step_seconds()
-            result = {"bandwidth": bus, "small": small_bus, "latency": latency, "rss": rss, "step_overhead": step}
+            result = {"bandwidth": bus, "small": small_bus, "latency": latency, "rss": rss, "step_overhead": step,
+                      "dtensor_call": dtensor_call, "dtensor_optimizer": dtensor_optimizer}
             Path(tmp, "result.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
+
+
+def _dtensor_costs(world_size: int) -> tuple[float, float]:
+    """Seconds DTensor adds per operator call and per parameter of an AdamW step, on tiny tensors (so that the
+    kernels cost next to nothing): a column-split linear layer's forward and backward, as tensor parallelism
+    runs it, over the number of DTensor calls it makes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.nn import functional as F  # noqa: N812
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001,ANN204
+            self.count += any(issubclass(t, DTensor) for t in types)
+            return func(*args, **(kwargs or {}))
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    weights = [distribute_tensor(torch.randn(8 * world_size, 8), mesh, [Shard(0)]).requires_grad_() for _ in range(4)]
+    inputs = distribute_tensor(torch.randn(4, 8), mesh, [Replicate()])
+
+    def layer() -> None:
+        for weight in weights:
+            out = F.gelu(F.linear(inputs, weight))
+            out.backward(torch.ones_like(out))
+
+    with Calls() as calls:
+        layer()
+    per_call = _timed(layer, 20, False) / max(calls.count, 1)
+    optimizer = torch.optim.AdamW(weights)
+    per_parameter = _timed(optimizer.step, 20, False) / len(weights)
+    return per_call, per_parameter
 
 
 def _lightning_step_seconds(steps: int = 40, warmup: int = 10) -> float:

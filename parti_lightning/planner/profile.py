@@ -21,13 +21,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.module_tracker import ModuleTracker
 
 from parti_lightning.parallel.blocks import find_blocks
 from parti_lightning.planner.optimizer_state import UNKNOWN_STATE_TENSORS, OptimizerState, optimizer_state
 
 META = torch.device("meta")
+# glibc's mmap threshold as parti sets it in ZeRO-2/3 CPU ranks (see accelerator.release_freed_memory): every
+# tensor at least this large is then new, page-faulted memory.
+LARGE_ALLOCATION_BYTES = 128 * 1024
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ class BlockProfile:
         input_bytes: bytes of the block's tensor inputs: what activation checkpointing keeps instead.
         forward_flops: FLOPs of the block's forward (recomputed once more under checkpointing).
         backward_flops: FLOPs of the block's backward.
+        operations: aten operator calls of the block's forward and backward: under tensor parallelism
+            each goes through DTensor's dispatch, whose cost per call is about that of a small matmul.
     """
 
     name: str
@@ -67,6 +74,28 @@ class BlockProfile:
     input_bytes: int
     forward_flops: int
     backward_flops: int
+    operations: int = 0
+
+
+@dataclass(frozen=True)
+class BlockTiming:
+    """One block's forward and backward, measured.
+
+    Attributes:
+        seconds: ``(samples per call, seconds)`` pairs, largest first: the median time of one block's forward and
+            backward at that many samples.
+        operations: aten calls of one forward and backward of the block.
+        threads: the torch threads it ran on (one rank's share of the cores).
+    """
+
+    seconds: tuple[tuple[int, float], ...]
+    operations: int
+    threads: int
+
+    def seconds_at(self, samples: float) -> float:
+        """Seconds of one block's forward and backward at ``samples``: the nearest measured size, scaled linearly."""
+        size, seconds = min(self.seconds, key=lambda pair: abs(pair[0] - samples))
+        return seconds * samples / size if size else seconds
 
 
 @dataclass(frozen=True)
@@ -89,6 +118,10 @@ class ModelProfile:
         notes: assumptions the numbers rest on.
         heads: the attention head counts the module's layers or configs declare (``n_head``, ``num_heads``,
             ``num_attention_heads``, ``num_key_value_heads``, ...): tensor parallelism splits whole heads.
+        large_allocation_bytes: bytes of the new tensors of at least ``LARGE_ALLOCATION_BYTES`` the step
+            allocates (forward and backward), freed or not.
+        block_timing: the first block's forward and backward measured on this machine
+            (:func:`~parti_lightning.planner.timing.time_blocks`); ``None``: predicted from FLOPs alone.
     """
 
     name: str
@@ -105,6 +138,8 @@ class ModelProfile:
     source: str
     notes: tuple[str, ...] = ()
     heads: tuple[int, ...] = ()
+    large_allocation_bytes: int = 0
+    block_timing: BlockTiming | None = None
 
     @property
     def parameter_count(self) -> int:
@@ -167,10 +202,12 @@ def profile_model(module: nn.Module, batch: Any) -> ModelProfile:
     # set during forward); the inner one tells the forward's share apart.
     step_counter, forward_counter = FlopCounterMode(display=False), FlopCounterMode(display=False)
     tracker = MemTracker()
+    prefix = type(meta_module).__name__
+    operations = _OperationCounter({f"{prefix}.{name}" for name, _ in blocks})
     with warnings.catch_warnings(), recorder:
         warnings.simplefilter("ignore")  # self.log without a Trainer, MemTracker's own notices
         tracker.track_external(meta_module)
-        with tracker, step_counter:
+        with tracker, step_counter, operations:
             with forward_counter:
                 loss, source = _run_step(meta_module, meta_batch, notes)
             recorder.stop()
@@ -178,7 +215,6 @@ def profile_model(module: nn.Module, batch: Any) -> ModelProfile:
     peak = tracker.get_tracker_snapshot("peak").get(META, {})
     params = _parameter_infos(module)
     fwd, step = forward_counter.get_flop_counts(), step_counter.get_flop_counts()
-    prefix = type(meta_module).__name__
     return ModelProfile(
         name=type(module).__name__,
         parameters=params,
@@ -192,6 +228,7 @@ def profile_model(module: nn.Module, batch: Any) -> ModelProfile:
                 input_bytes=recorder.input_bytes.get(name, 0),
                 forward_flops=_flops(fwd, f"{prefix}.{name}"),
                 backward_flops=_flops(step, f"{prefix}.{name}") - _flops(fwd, f"{prefix}.{name}"),
+                operations=operations.counts.get(f"{prefix}.{name}", 0),
             )
             for name, block in blocks
         ),
@@ -204,6 +241,7 @@ def profile_model(module: nn.Module, batch: Any) -> ModelProfile:
         source=source,
         notes=tuple(notes),
         heads=_head_counts(module),
+        large_allocation_bytes=operations.large_allocation_bytes,
     )
 
 
@@ -363,6 +401,43 @@ class _SavedTensors:
             if self._current:
                 self.block_bytes[self._current[0]] = self.block_bytes.get(self._current[0], 0) + size
         return tensor
+
+
+class _OperationCounter(TorchDispatchMode):
+    """Counts the aten calls made inside each block, in its forward and in its backward, and the bytes of the
+    step's large new tensors.
+
+    Why a mode of our own: FlopCounterMode counts only the operators that have a FLOP formula, and
+    tensor parallelism's overhead is per call, whatever the operator.
+    """
+
+    def __init__(self, blocks: set[str]) -> None:
+        super().__init__()
+        self._blocks = blocks
+        self._modules = ModuleTracker()
+        self.counts: dict[str, int] = {}
+        self.large_allocation_bytes = 0
+
+    def __enter__(self) -> _OperationCounter:
+        self._modules.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self._modules.__exit__(*exc)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        for name in self._blocks.intersection(self._modules.parents):
+            self.counts[name] = self.counts.get(name, 0) + 1
+        out = func(*args, **(kwargs or {}))
+        # A return without alias information is a new tensor, not a view or an input written in place.
+        values = out if isinstance(out, (tuple, list)) else (out,)
+        for returned, value in zip(func._schema.returns, values, strict=False):
+            if returned.alias_info is None and isinstance(value, Tensor):
+                size = value.numel() * value.element_size()
+                if size >= LARGE_ALLOCATION_BYTES:
+                    self.large_allocation_bytes += size
+        return out
 
 
 def _flops(counts: dict[str, dict[Any, int]], name: str) -> int:

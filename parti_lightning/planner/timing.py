@@ -1,0 +1,181 @@
+"""One repeated block's real forward and backward, timed on this machine's CPU at the sizes a plan would run it.
+
+FLOPs over one measured matmul rate miss what a transformer block spends outside its matmuls (GELU,
+softmax, layer norms: a third of a CPU step of the example) and how much slower small micro-batches
+run. The blocks are most of a model's step and all alike, so timing one of them for real, on one
+rank's share of the cores, gives the cost model a rate that holds for this model on this machine.
+The rest of the profile stays on the meta device: only one block is ever materialized.
+
+The same run counts the block's aten calls: under tensor parallelism each of them goes through
+DTensor's dispatch, which on CPU costs about as much as the small matmuls themselves. (The meta
+profile counts more: there, attention falls back to its unfused form.)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map_only
+
+from parti_lightning.accelerator import cores_for_rank, usable_cores
+from parti_lightning.parallel.blocks import find_blocks
+from parti_lightning.planner.profile import META, BlockTiming, ModelProfile, meta_copy
+
+# Micro-batch counts a pipeline candidate may use (as the search proposes them).
+_MICRO_BATCHES = (1, 2, 4, 8)
+# Time spent on one size at most, after its first (warm-up) run; and a block slower than this at the full batch
+# is timed at the full batch only.
+_SECONDS_PER_SIZE = 0.3
+_SLOW_BLOCK_S = 1.0
+
+
+class _Captured(Exception):  # noqa: N818 - a control-flow signal, not an error
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.args_, self.kwargs = args, kwargs
+
+
+def time_blocks(module: nn.Module, batch: Any, profile: ModelProfile, ranks_per_node: int) -> ModelProfile:
+    """``profile`` with its first block timed for real on one rank's share of this machine's CPU cores.
+
+    The block's inputs are those it gets in a forward of ``module`` on ``batch`` (shapes found on the meta
+    device, then filled with random values). It is timed at the batch's size and at each micro-batch size a
+    pipeline candidate would use. When anything stops it (no blocks, a block that cannot run apart from its
+    model), the profile is returned as it was, with a note: the cost model then uses the matmul rate.
+    """
+    if not profile.blocks:
+        return profile
+    try:
+        timing = _measure(module, batch, profile, ranks_per_node)
+    except Exception as err:  # noqa: BLE001 - the planner must not fail on what it only estimates
+        note = f"timing a block failed ({type(err).__name__}: {err}): compute predicted from the matmul rate"
+        return dataclasses.replace(profile, notes=(*profile.notes, note))
+    return dataclasses.replace(profile, block_timing=timing)
+
+
+def _measure(module: nn.Module, batch: Any, profile: ModelProfile, ranks_per_node: int) -> BlockTiming:
+    name = profile.blocks[0].name
+    args, kwargs = _block_inputs(module, batch, name)
+    block = _real_block(module, name)
+    samples = profile.batch_size
+    sizes = [samples // m for m in _MICRO_BATCHES if samples and samples % m == 0] or [0]
+    with _threads(len(cores_for_rank(0, ranks_per_node, usable_cores()))) as threads:
+        operations = _count_operations(block, *_sliced(args, kwargs, samples, sizes[0]))
+        measured: list[tuple[int, float]] = []
+        for size in sizes:
+            seconds = _median_seconds(block, *_sliced(args, kwargs, samples, size))
+            measured.append((size, seconds))
+            if seconds > _SLOW_BLOCK_S:
+                break
+    return BlockTiming(seconds=tuple(measured), operations=operations, threads=threads)
+
+
+def _block_inputs(module: nn.Module, batch: Any, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """What the block named ``name`` is called with, as meta tensors: its first call in a meta forward."""
+    meta_module = meta_copy(module)
+    block = dict(find_blocks(meta_module))[name]
+
+    def capture(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise _Captured(args, kwargs)
+
+    handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+    meta_batch = tree_map_only(Tensor, lambda t: torch.empty_like(t, device=META), batch)
+    try:
+        step = getattr(meta_module, "training_step", None)
+        try:
+            step(meta_batch, 0) if step is not None else meta_module(meta_batch)
+        except _Captured as found:
+            return found.args_, found.kwargs
+        except Exception:  # noqa: BLE001,S110 - as the profile: a step that cannot run on meta falls back to forward
+            pass
+        try:
+            meta_module(*meta_batch) if isinstance(meta_batch, (tuple, list)) else meta_module(meta_batch)
+        except _Captured as found:
+            return found.args_, found.kwargs
+    finally:
+        handle.remove()
+    raise RuntimeError(f"the model's forward never called its block {name!r}")
+
+
+def _real_block(module: nn.Module, name: str) -> nn.Module:
+    """A CPU copy of the block: the module's own weights when it has them, else random ones."""
+    block = dict(find_blocks(module))[name]
+    tensors = [*block.parameters(), *block.buffers()]
+    if all(t.device.type == "cpu" for t in tensors):
+        return copy.deepcopy(block).train()
+    real = copy.deepcopy(meta_copy(block)).to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in [*real.parameters(), *real.buffers()]:
+            _fill(tensor)
+    return real.train()
+
+
+def _fill(tensor: Tensor) -> Tensor:
+    # Values only have to be ordinary numbers (no denormals, which are slow on CPU); masks all "keep".
+    if tensor.is_floating_point():
+        return tensor.normal_(0.0, 0.02)
+    return tensor.fill_(1 if tensor.dtype == torch.bool else 0)
+
+
+def _sliced(args: tuple[Any, ...], kwargs: dict[str, Any], samples: int, size: int) -> tuple[Any, Any]:
+    """Real CPU tensors for the meta ``args``/``kwargs``, cut from ``samples`` to ``size`` along the batch dimension."""
+
+    def real(t: Tensor) -> Tensor:
+        shape = (size, *t.shape[1:]) if size and t.dim() and t.shape[0] == samples else t.shape
+        out = _fill(torch.empty(shape, dtype=t.dtype))
+        if t.is_floating_point():
+            out = (out * 50).requires_grad_(t.requires_grad)  # unit scale, as activations are
+        return out
+
+    return tree_map_only(Tensor, real, args), tree_map_only(Tensor, real, kwargs)
+
+
+def _run(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    block.zero_grad(set_to_none=True)  # as Lightning leaves a step: its gradients are new memory each time
+    outputs = [t for t in tree_flatten(block(*args, **kwargs))[0] if isinstance(t, Tensor) and t.requires_grad]
+    torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+
+
+def _median_seconds(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+    _run(block, args, kwargs)  # warm-up: first-call allocations and kernel selection
+    times: list[float] = []
+    while not times or (sum(times) < _SECONDS_PER_SIZE and len(times) < 5):
+        start = time.perf_counter()
+        _run(block, args, kwargs)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class _Calls(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_operations(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    with _Calls() as calls:
+        _run(block, args, kwargs)
+    return calls.count
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[int]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield count
+    finally:
+        torch.set_num_threads(before)
