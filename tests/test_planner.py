@@ -191,6 +191,19 @@ def test_replicated_prediction_matches_rank_state_bytes_after_a_real_step() -> N
     assert profile.gradient_bytes == measured["gradients"]
 
 
+def test_cpu_ranks_with_glibcs_own_threshold_keep_a_freed_copy_of_the_activations(monkeypatch) -> None:
+    profile = profile_model(gpt(layers=2, width=64), gpt_batch(8))
+    for storage, kept in (("replicated", True), ("optimizer", True), ("gradients", False), ("parameters", False)):
+        memory = estimate(profile, hardware(), PartitionPlan(storage=storage).resolve(2), 2).memory
+        assert memory["allocator"] == (memory["activations"] if kept else 0), storage
+    tensor = estimate(profile, hardware(), PartitionPlan(tensor=2, data=1).resolve(2), 2).memory
+    assert tensor["allocator"] == tensor["activations"] > 0
+    on_gpu = estimate(profile, hardware(device_type="cuda"), PartitionPlan().resolve(2), 2)
+    assert on_gpu.memory["allocator"] == 0
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the user fixed the threshold: freed memory goes back
+    assert estimate(profile, hardware(), PartitionPlan().resolve(2), 2).memory["allocator"] == 0
+
+
 def _toy_profile(sizes: list[tuple[int, ...]]):  # noqa: ANN202 - a ModelProfile
     module = nn.Sequential(*[nn.Module() for _ in sizes])
     for sub, shape in zip(module, sizes, strict=True):
@@ -356,7 +369,9 @@ def test_model_parallel_plans_predicted_in_their_terms() -> None:
     assert tp.time["compute"] < ddp.time["compute"]  # each rank computes half of every block
 
 
-def test_a_budget_only_tensor_or_pipeline_meets_gets_that_plan() -> None:
+def test_a_budget_only_tensor_or_pipeline_meets_gets_that_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    # glibc's threshold fixed, as in ZeRO-2/3 ranks: no plan keeps freed activations, so memory is tensors alone.
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     profile = profile_model(gpt(layers=4, width=64), gpt_batch(16))
     everything = choose_plan(profile, hardware(), world_size=2)
     split = min(c.peak_bytes for c in everything.candidates if c.plan.tensor > 1 or c.plan.pipeline > 1)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 GIB = 1024**3
 # Memory parts in the order they stack; "measured" is the correction from earlier runs (may be negative).
-PARTS = ("parameters", "gradients", "optimizer", "activations", "in_flight", "overhead", "measured")
+PARTS = ("parameters", "gradients", "optimizer", "activations", "in_flight", "allocator", "overhead", "measured")
 _AXES = ("pipeline", "data", "shard", "tensor")
 
 
