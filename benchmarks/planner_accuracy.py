@@ -1,4 +1,4 @@
-"""How well the planner predicts: its per-rank peak memory and step time against real 2-rank CPU runs.
+"""How well the planner predicts and chooses: per-rank peak memory and step time against real CPU runs.
 
 For each model (the example's character GPT at a few sizes) and each plan (ddp, zero1, zero2, zero3,
 each with and without activation checkpointing of the blocks; tensor and pipeline parallel over both ranks),
@@ -6,7 +6,14 @@ the planner's prediction
 (``parti_lightning.planner.estimate`` on a meta-device profile and this machine's cached hardware
 profile) is set against a real run: ``Trainer(accelerator="cpu", devices=2, strategy=PartiStrategy(plan))``
 in a subprocess, as ``benchmarks/storage_memory.py`` runs them (Lightning's launcher re-runs this
-script for rank 1). Then whether the plan the planner would choose is the one measured fastest.
+script for the other ranks). ``--ranks 4`` runs every plan on 4 ranks instead (tensor and pipeline degree
+2 with data parallelism 2; more ranks than cores are shared, and slow).
+
+Then the choice, over a grid of cells: each model, with no memory limit and with each plan's measured
+peak as the budget (so that only the plans measured at or below it fit). In each cell the planner chooses
+among the plans of the grid from its predictions (``choose_plan(..., plans=...)``, no headroom), and the
+choice is right when it fits (measured) and its measured time per sample is within the planner's tie
+tolerance (5%) of the fastest plan that fits.
 
 - measured memory: the larger rank's peak RSS (``ru_maxrss``) minus its RSS just before the model is
   built (interpreter, torch, Lightning and parti already imported). Predicted: the planner's peak less
@@ -17,12 +24,13 @@ script for rank 1). Then whether the plan the planner would choose is the one me
   ``--warmup`` steps.
 
     python benchmarks/planner_accuracy.py --quick   # one 3M-parameter model, 6 plans: about 3 minutes on 2 cores
-    python benchmarks/planner_accuracy.py           # two models (3M, 19M), 8 plans: about 10 minutes
+    python benchmarks/planner_accuracy.py           # two models (3M, 19M), 11 plans: about 15 minutes
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -41,9 +49,11 @@ PLANS: dict[str, dict[str, str]] = {
     "zero1": {"preset": "zero1"}, "zero1+ac": {"preset": "zero1", "activation_checkpointing": "blocks"},
     "zero2": {"preset": "zero2"}, "zero2+ac": {"preset": "zero2", "activation_checkpointing": "blocks"},
     "zero3": {"preset": "zero3"}, "zero3+ac": {"preset": "zero3", "activation_checkpointing": "blocks"},
-    # Model parallel over both ranks (each rank gets the batch a data-parallel rank gets).
-    "tp": {"preset": "tp"}, "pp": {"preset": "pp"}, "pp1f1b": {"preset": "pp", "schedule": "1f1b"},
+    # Model parallel over two ranks (each tensor or pipeline group gets the batch a data-parallel rank gets).
+    "tp": {"preset": "tp", "tensor": 2}, "pp": {"preset": "pp", "pipeline": 2},
+    "pp1f1b": {"preset": "pp", "pipeline": 2, "schedule": "1f1b"},
 }
+TIE_TOLERANCE = 0.05  # the planner's default
 QUICK_PLANS = ("ddp", "ddp+ac", "zero1", "zero2", "zero3", "zero3+ac")
 
 
@@ -61,7 +71,7 @@ def _worker(args: argparse.Namespace) -> None:
     import lightning as L
     import psutil
 
-    from parti_lightning import PartiStrategy
+    from parti_lightning import PartiAccelerator, PartiStrategy
 
     sys.path.insert(0, str(REPO / "examples"))
     from char_gpt import CharDataModule
@@ -76,7 +86,8 @@ def _worker(args: argparse.Namespace) -> None:
     L.seed_everything(0, verbose=False)
     model = _model(args.layers, args.width, args.block_size)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy=PartiStrategy(plan=json.loads(args.plan)), max_steps=args.steps,
+        accelerator=PartiAccelerator("cpu", oversubscribe=True), devices=args.ranks,
+        strategy=PartiStrategy(plan=json.loads(args.plan)), max_steps=args.steps,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, callbacks=[Stamp()],
     )
@@ -89,14 +100,16 @@ def _worker(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace, layers: int, width: int, plan: str, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True)
-    command = [sys.executable, __file__, "--worker", "--out", str(out), "--plan", json.dumps(PLANS[plan]),
+    value = json.dumps(_plan_value(plan, args.ranks))
+    command = [sys.executable, __file__, "--worker", "--out", str(out), "--plan", value,
                "--layers", str(layers), "--width", str(width), "--batch-size", str(args.batch_size),
-               "--block-size", str(args.block_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+               "--block-size", str(args.block_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--ranks", str(args.ranks)]
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     done = subprocess.run(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
-    if len(ranks) != 2:
+    if len(ranks) != args.ranks:
         raise SystemExit(f"{plan} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     if done.returncode:  # both ranks finished and wrote their results; the crash came at shutdown
         print(f"{plan}: exit code {done.returncode} after both ranks wrote their results", flush=True)
@@ -106,32 +119,66 @@ def _run(args: argparse.Namespace, layers: int, width: int, plan: str, out: Path
 # --------------------------------------------------------------------------------------------- main
 
 
-def _predict(args: argparse.Namespace, layers: int, width: int, plans: list[str]) -> tuple[dict, str, Any]:
+def _plan_value(plan: str, ranks: int) -> dict[str, Any]:
+    """The plan as given to the strategy: model-parallel plans keep degree 2 and add data parallelism beyond 2 ranks."""
+    value: dict[str, Any] = dict(PLANS[plan])
+    if ("tensor" in value or "pipeline" in value) and ranks > 2:
+        value["data"] = ranks // 2
+    return value
+
+
+def _resolved(plan: str, ranks: int) -> Any:
+    from parti_lightning.plan import PartitionPlan
+
+    return PartitionPlan.from_value(_plan_value(plan, ranks)).resolve(ranks, ranks)
+
+
+def _predict(args: argparse.Namespace, layers: int, width: int, plans: list[str]) -> tuple[dict, Any, Any]:
     import torch
 
-    from parti_lightning.plan import PartitionPlan
-    from parti_lightning.planner import HardwareProfile, choose_plan, estimate, profile_model
+    from parti_lightning.planner import HardwareProfile, estimate, profile_model
     from parti_lightning.planner.timing import time_blocks
 
     batch = torch.zeros(args.batch_size, args.block_size, dtype=torch.long)
     with torch.device("meta"):
         model = _model(layers, width, args.block_size)
-    profile = time_blocks(model, (batch, batch), profile_model(model, (batch, batch)), ranks_per_node=2)
-    hardware = HardwareProfile.measure("cpu", ranks_per_node=2)
+    profile = time_blocks(model, (batch, batch), profile_model(model, (batch, batch)), ranks_per_node=args.ranks)
+    hardware = HardwareProfile.measure("cpu", ranks_per_node=args.ranks)
     predictions = {}
     for name in plans:
-        est = estimate(profile, hardware, PartitionPlan.from_value(PLANS[name]).resolve(2, 2), 2)
+        est = estimate(profile, hardware, _resolved(name, args.ranks), args.ranks)
         predictions[name] = {"memory": est.peak_bytes - hardware.process_overhead_bytes, "step_s": est.seconds}
-    report = choose_plan(profile, hardware, world_size=2, ranks_per_node=2)
-    chosen = report.chosen
-    label = next((n for n, p in PLANS.items() if PartitionPlan.from_value(p).resolve(2, 2) == chosen), str(chosen))
-    return predictions, label, profile
+    return predictions, profile, hardware
 
 
-def _data_parallel_size(plan: str) -> int:
-    from parti_lightning.plan import PartitionPlan
+def _choice(profile: Any, hardware: Any, plans: list[str], ranks: int, budget: float | None) -> str | None:
+    """The planner's choice among ``plans`` with ``budget`` bytes per rank above the process's own (None: no limit)."""
+    from parti_lightning.planner import NoPlanFits, choose_plan
 
-    return PartitionPlan.from_value(PLANS[plan]).resolve(2, 2).data_parallel_size
+    if budget is not None:
+        hardware = dataclasses.replace(hardware, memory_bytes=int(budget) + hardware.process_overhead_bytes)
+    resolved = [_resolved(p, ranks) for p in plans]
+    try:
+        chosen = choose_plan(profile, hardware, world_size=ranks, ranks_per_node=ranks, headroom=0.0,
+                             tie_tolerance=TIE_TOLERANCE, plans=resolved).chosen
+    except NoPlanFits:
+        return None
+    return plans[resolved.index(chosen)]
+
+
+def _cells(model: str, profile: Any, hardware: Any, plans: list[str], measured: dict, ranks: int) -> list[dict]:
+    """One cell per budget: none, then each plan's measured peak (the plans measured at or below it fit)."""
+    per_sample = {p: measured[p]["step_s"] / _resolved(p, ranks).data_parallel_size for p in plans}
+    cells = []
+    for budget in [None, *sorted({measured[p]["memory"] for p in plans}, reverse=True)]:
+        fits = [p for p in plans if budget is None or measured[p]["memory"] <= budget]
+        fastest = min(fits, key=per_sample.__getitem__)
+        chosen = _choice(profile, hardware, plans, ranks, budget)
+        right = chosen in fits and per_sample[chosen] <= per_sample[fastest] * (1 + TIE_TOLERANCE)
+        cells.append({"model": model, "budget_mib": None if budget is None else budget / MIB, "fits": fits,
+                      "chosen": chosen, "measured_fastest": fastest, "right": right,
+                      "chosen_vs_fastest": per_sample[chosen] / per_sample[fastest] if chosen in fits else None})
+    return cells
 
 
 def main() -> None:
@@ -148,7 +195,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one 3M-parameter model, 6 plans, 6 steps")
-    parser.add_argument("--json", default="", help="also write the rows to this file")
+    parser.add_argument("--ranks", type=int, default=2, help="processes per run (one node)")
+    parser.add_argument("--json", default="", help="also write the rows and cells to this file")
     args = parser.parse_args()
     if args.worker:
         _worker(args)
@@ -160,30 +208,31 @@ def main() -> None:
     from rich.table import Table
 
     console = Console(width=170)
-    rows = []
+    rows, cells = [], []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             layers, width = (int(v) for v in model.split("x"))
-            predicted, chosen, profile = _predict(args, layers, width, args.plans)
+            predicted, profile, hardware = _predict(args, layers, width, args.plans)
             measured = {}
             for plan in args.plans:
                 measured[plan] = _run(args, layers, width, plan, Path(tmp, f"{model}-{plan}"))
                 print(f"{model} {plan}: {measured[plan]['memory'] / MIB:.0f} MiB, {measured[plan]['step_s']:.3f} s",
                       flush=True)
-            # As the planner compares plans: per sample (a tensor or pipeline step trains one data-parallel
-            # rank's batch, a ddp step two).
-            fastest = min(measured, key=lambda p: measured[p]["step_s"] / _data_parallel_size(p))
+            label = f"{model} ({profile.parameter_count / 1e6:.1f}M)"
+            model_cells = _cells(label, profile, hardware, args.plans, measured, args.ranks)
+            cells.extend(model_cells)
+            chosen, fastest = model_cells[0]["chosen"], model_cells[0]["measured_fastest"]  # the unlimited budget
             for plan in args.plans:
                 p, m = predicted[plan], measured[plan]
-                rows.append({"model": f"{model} ({profile.parameter_count / 1e6:.1f}M)", "plan": plan,
+                rows.append({"model": label, "plan": plan,
                              "predicted_mib": p["memory"] / MIB, "measured_mib": m["memory"] / MIB,
                              "memory_error_pct": 100 * (p["memory"] - m["memory"]) / m["memory"],
                              "predicted_s": p["step_s"], "measured_s": m["step_s"],
                              "time_error_pct": 100 * (p["step_s"] - m["step_s"]) / m["step_s"],
                              "chosen": plan == chosen, "measured_fastest": plan == fastest})
-    table = Table(title=f"Planner predictions vs 2-rank CPU runs (batch {args.batch_size}×{args.block_size} per rank,"
-                        " fp32 AdamW); memory = peak RSS − RSS before the model")
+    table = Table(title=f"Planner predictions vs {args.ranks}-rank CPU runs (batch {args.batch_size}×{args.block_size}"
+                        " per data-parallel rank, fp32 AdamW); memory = peak RSS − RSS before the model")
     for column in ("model", "plan", "pred MiB", "meas MiB", "mem err %", "pred s", "meas s", "time err %",
                    "planner's choice", "measured fastest per sample"):
         table.add_column(column, justify="right")
@@ -193,9 +242,22 @@ def main() -> None:
                       f"{row['time_error_pct']:+.0f}", "→" if row["chosen"] else "",
                       "✓" if row["measured_fastest"] else "")
     console.print(table)
+    choices = Table(title="The planner's choice per budget (right: it fits, and is within 5% of the measured fastest"
+                          " per sample)")
+    for column in ("model", "budget MiB", "plans that fit (measured)", "planner's choice", "measured fastest",
+                   "choice / fastest", "right"):
+        choices.add_column(column, justify="right")
+    for cell in cells:
+        ratio = cell["chosen_vs_fastest"]
+        choices.add_row(cell["model"], "none" if cell["budget_mib"] is None else f"{cell['budget_mib']:.0f}",
+                        str(len(cell["fits"])), str(cell["chosen"]), cell["measured_fastest"],
+                        "-" if ratio is None else f"{ratio:.2f}", "✓" if cell["right"] else "✗")
+    console.print(choices)
+    right = sum(cell["right"] for cell in cells)
+    console.print(f"chosen right in {right} of {len(cells)} cells ({100 * right / len(cells):.0f}%)")
     console.print(f"wall time {(time.perf_counter() - started) / 60:.1f} min")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "cells": cells}, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -198,6 +198,7 @@ def choose_plan(
     headroom: float = 0.1,
     tie_tolerance: float = 0.05,
     corrections: Mapping[str, Correction] | None = None,
+    plans: Sequence[ResolvedPlan] | None = None,
 ) -> PlanReport:
     """The fastest plan whose predicted peak fits one rank's memory, with every other candidate's reason.
 
@@ -213,6 +214,8 @@ def choose_plan(
         corrections: measured over predicted memory and time by plan kind, from earlier runs on this
             machine (:func:`~parti_lightning.planner.calibration.load`); each candidate's prediction is
             multiplied by its kind's.
+        plans: the resolved plans to weigh, simplest first (ties go to the earliest); default: every plan the
+            model and the world allow (:func:`candidate_plans`).
 
     Returns:
         the report; ``report.chosen`` is resolved for ``world_size``.
@@ -230,7 +233,7 @@ def choose_plan(
 
     usable = int(hardware.memory_bytes * (1 - headroom))
     corrections = corrections or {}
-    plans = candidate_plans(profile, world_size, ranks_per_node)
+    plans = list(plans) if plans is not None else candidate_plans(profile, world_size, ranks_per_node)
     predicted = [(plan, corrected(estimate(profile, hardware, plan, ranks_per_node), corrections.get(plan_kind(plan))))
                  for plan in plans]
     used = {kind: corrections[kind] for kind in dict.fromkeys(plan_kind(plan) for plan in plans) if kind in corrections}
