@@ -397,6 +397,14 @@ def test_nothing_fits_names_the_model_parallel_plan_more_ranks_would_fit() -> No
     assert "would fit, with pp" in str(info.value) or "would fit, with tp" in str(info.value), str(info.value)
 
 
+def test_choose_among_given_plans_only() -> None:
+    profile = profile_model(gpt(layers=4, width=64), gpt_batch(16))
+    given = [PartitionPlan(storage=s).resolve(2) for s in ("parameters", "gradients")]
+    report = choose_plan(profile, hardware(), world_size=2, plans=given)
+    assert [c.plan for c in report.candidates] == given
+    assert report.chosen in given
+
+
 def test_ties_go_to_the_simpler_plan() -> None:
     profile = profile_model(gpt(), gpt_batch())
     free = hardware(8.0, bandwidth_bytes_per_s=1e15, collective_latency_s=0.0, memory_bandwidth_bytes_per_s=1e15)
