@@ -76,6 +76,8 @@ class _Cost:
     held_parameter_bytes: int = 0
     trunk_activation_bytes: int = 0
     trunk_blocks_held: float = 0.0
+    # The rank's activations before checkpointing: what glibc's heap grows to hold (see _heap_retained).
+    uncheckpointed_activation_bytes: int = 0
 
 
 def estimate(profile: ModelProfile, hardware: HardwareProfile, plan: ResolvedPlan, ranks_per_node: int) -> Estimate:
@@ -195,6 +197,7 @@ def _activation_checkpointing(
     cost: _Cost, profile: ModelProfile, hardware: HardwareProfile, plan: ResolvedPlan, ranks_per_node: int
 ) -> None:
     """Blocks keep only their inputs; their forward runs again in backward."""
+    cost.uncheckpointed_activation_bytes = cost.memory["activations"]
     if plan.activation_checkpointing != "blocks" or not profile.blocks:
         return
     held = cost.trunk_blocks_held / len(profile.blocks)
@@ -266,14 +269,18 @@ def _heap_retained(cost: _Cost, hardware: HardwareProfile, plan: ResolvedPlan) -
 
     glibc raises its mmap threshold to each large block freed, so after the first step a step's activations
     and temporaries come from the heap, and the next step's allocations, in another order, reuse its freed
-    chunks only in part. Measured on the example (benchmarks/planner_accuracy.py, ddp on 2 CPU ranks): 217
-    MiB against 149 MiB with ``MALLOC_MMAP_THRESHOLD_`` fixed, the difference 0.8-0.9 times the step's
-    activations, in each of two model sizes and under ZeRO-1. Counted as one more copy of them; nothing
-    where the threshold is fixed (ZeRO-2/3 ranks, or the user's ``MALLOC_MMAP_THRESHOLD_``).
+    chunks only in part: resident memory creeps up over the first steps (ddp on the example, 2 CPU ranks:
+    148, 197, 210, 216 MiB after steps 1-4; 149 MiB throughout with ``MALLOC_MMAP_THRESHOLD_`` fixed). The
+    growth follows what the step allocates, not what it keeps: over 6 steps about 0.8-0.9 times the step's
+    activations under ddp and ZeRO-1, and as much with checkpointing, which allocates the same activations
+    but frees them sooner (benchmarks/planner_accuracy.py, two model sizes). Counted as one copy of the
+    rank's activations before checkpointing; nothing where the threshold is fixed (ZeRO-2/3 ranks, or the
+    user's ``MALLOC_MMAP_THRESHOLD_``). Pipeline ranks, whose micro-batches allocate less at a time, hold
+    less (0.4-0.6 times): counted whole, on the safe side.
     """
     if hardware.device_type != "cpu" or shards_module(plan) or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return 0
-    return cost.memory["activations"]
+    return cost.uncheckpointed_activation_bytes
 
 
 def _rate(profile: ModelProfile, hardware: HardwareProfile, samples: float | None = None) -> float:

@@ -240,20 +240,16 @@ def choose_plan(
     fitting = [(plan, est) for plan, est in predicted if est.peak_bytes <= usable]
     if not fitting:
         raise NoPlanFits(_no_fit_message(profile, hardware, predicted, usable, world_size, ranks_per_node, headroom))
-    # Tensor and pipeline plans only where no data-parallel plan fits: their step time leaves out what
-    # distributed tensors and schedules cost per operation (large on CPU), so "faster" is not yet to be trusted;
-    # their memory is what they are for.
-    data_parallel_fits = any(not _model_parallel(plan) for plan, _ in fitting)
-    eligible = [(plan, est) for plan, est in fitting if not (data_parallel_fits and _model_parallel(plan))]
     # Seconds per sample: a step of a plan with fewer data-parallel ranks (tensor, pipeline) trains fewer samples.
-    fastest = min(_per_sample(p, e) for p, e in eligible)
-    chosen, chosen_est = next((p, e) for p, e in eligible if _per_sample(p, e) <= fastest * (1 + tie_tolerance))
+    # Every plan competes on it (tensor plans pay DTensor's dispatch, measured); the candidates come simplest
+    # first, data-parallel before model-parallel, so a tie goes to the simpler.
+    fastest = min(_per_sample(p, e) for p, e in fitting)
+    chosen, chosen_est = next((p, e) for p, e in fitting if _per_sample(p, e) <= fastest * (1 + tie_tolerance))
     chosen_rate = _per_sample(chosen, chosen_est)
     candidates = tuple(
         Candidate(plan, est, est.peak_bytes <= usable,
                   _reason(plan is chosen, _per_sample(plan, est) / chosen_rate if chosen_rate else 1.0,
-                          est.peak_bytes, usable, tie_tolerance,
-                          model_parallel_held_back=data_parallel_fits and _model_parallel(plan)),
+                          est.peak_bytes, usable, tie_tolerance),
                   plan is chosen)
         for plan, est in predicted
     )
@@ -269,15 +265,12 @@ def _per_sample(plan: ResolvedPlan, est: Estimate) -> float:
     return est.seconds / plan.data_parallel_size
 
 
-def _reason(is_chosen: bool, ratio: float, peak_bytes: int, usable: int, tolerance: float,
-            model_parallel_held_back: bool = False) -> str:
+def _reason(is_chosen: bool, ratio: float, peak_bytes: int, usable: int, tolerance: float) -> str:
     """Why a candidate was or was not chosen; ``ratio``: its time per sample over the chosen plan's."""
     if is_chosen:
         return "chosen: the fastest that fits"
     if peak_bytes > usable:
         return f"needs {peak_bytes / GIB:.2f} GiB > usable {usable / GIB:.2f} GiB"
-    if model_parallel_held_back:
-        return "fits, but a data-parallel plan fits too (tensor/pipeline: only when none does)"
     if ratio <= 1 + tolerance:
         return f"as fast ({ratio:.2f}×), less simple"
     return f"slower: {ratio:.2f}× the chosen per sample"

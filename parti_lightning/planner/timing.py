@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import psutil
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -32,10 +33,14 @@ from parti_lightning.planner.profile import META, BlockTiming, ModelProfile, met
 
 # Micro-batch counts a pipeline candidate may use (as the search proposes them).
 _MICRO_BATCHES = (1, 2, 4, 8)
-# Time spent on one size at most, after its first (warm-up) run; and a block slower than this at the full batch
-# is timed at the full batch only.
+# Time spent on one size at most, after its first (warm-up) run; a block slower than _SLOW_BLOCK_S is not timed at
+# smaller sizes, and a size above _MAX_FLOPS (a few seconds on a CPU core) not at all: the cost model scales the
+# nearest size timed.
 _SECONDS_PER_SIZE = 0.3
 _SLOW_BLOCK_S = 1.0
+_MAX_FLOPS = 2e11
+# The block runs beside the caller's own memory: at most this share of what is available.
+_MEMORY_SHARE = 0.25
 
 
 class _Captured(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -63,11 +68,17 @@ def time_blocks(module: nn.Module, batch: Any, profile: ModelProfile, ranks_per_
 
 
 def _measure(module: nn.Module, batch: Any, profile: ModelProfile, ranks_per_node: int) -> BlockTiming:
-    name = profile.blocks[0].name
-    args, kwargs = _block_inputs(module, batch, name)
-    block = _real_block(module, name)
+    first = profile.blocks[0]
     samples = profile.batch_size
     sizes = [samples // m for m in _MICRO_BATCHES if samples and samples % m == 0] or [0]
+    flops = first.forward_flops + first.backward_flops
+    sizes = [size for size in sizes if not samples or flops * size / samples <= _MAX_FLOPS]
+    needed = 4 * first.parameter_bytes + first.activation_bytes
+    if not sizes or needed > _MEMORY_SHARE * psutil.virtual_memory().available:
+        raise RuntimeError(f"{first.name} is too large to time here ({flops / 1e9:,.0f} GFLOP,"
+                           f" {needed / 2**30:.1f} GiB)")
+    args, kwargs = _block_inputs(module, batch, first.name)
+    block = _real_block(module, first.name)
     with _threads(len(cores_for_rank(0, ranks_per_node, usable_cores()))) as threads:
         operations = _count_operations(block, *_sliced(args, kwargs, samples, sizes[0]))
         measured: list[tuple[int, float]] = []
