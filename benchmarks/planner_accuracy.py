@@ -11,9 +11,9 @@ script for the other ranks). ``--ranks 4`` runs every plan on 4 ranks instead (t
 
 Then the choice, over a grid of cells: each model, with no memory limit and with each plan's measured
 peak as the budget (so that only the plans measured at or below it fit). In each cell the planner chooses
-among the plans of the grid from its predictions (``choose_plan(..., plans=...)``, no headroom), and the
-choice is right when it fits (measured) and its measured time per sample is within the planner's tie
-tolerance (5%) of the fastest plan that fits.
+among the plans of the grid from its predictions (``choose_plan(..., plans=...)``, with ``--headroom``: the
+planner's default 10% unless given), and the choice is right when it fits (measured) and its measured
+time per sample is within the planner's tie tolerance (5%) of the fastest plan that fits.
 
 - measured memory: the larger rank's peak RSS (``ru_maxrss``) minus its RSS just before the model is
   built (interpreter, torch, Lightning and parti already imported). Predicted: the planner's peak less
@@ -151,29 +151,32 @@ def _predict(args: argparse.Namespace, layers: int, width: int, plans: list[str]
     return predictions, profile, hardware
 
 
-def _choice(profile: Any, hardware: Any, plans: list[str], ranks: int, budget: float | None) -> str | None:
+def _choice(profile: Any, hardware: Any, plans: list[str], ranks: int, budget: float | None, headroom: float,
+            ) -> str | None:
     """The planner's choice among ``plans`` with ``budget`` bytes per rank above the process's own (None: no limit)."""
     from parti_lightning.planner import NoPlanFits, choose_plan
 
     if budget is not None:
+        # The budget as a user gives it (the whole rank's memory), so that the headroom applies to it all.
         hardware = dataclasses.replace(hardware, memory_bytes=int(budget) + hardware.process_overhead_bytes)
     resolved = [_resolved(p, ranks) for p in plans]
     try:
-        chosen = choose_plan(profile, hardware, world_size=ranks, ranks_per_node=ranks, headroom=0.0,
+        chosen = choose_plan(profile, hardware, world_size=ranks, ranks_per_node=ranks, headroom=headroom,
                              tie_tolerance=TIE_TOLERANCE, plans=resolved).chosen
     except NoPlanFits:
         return None
     return plans[resolved.index(chosen)]
 
 
-def _cells(model: str, profile: Any, hardware: Any, plans: list[str], measured: dict, ranks: int) -> list[dict]:
+def _cells(model: str, profile: Any, hardware: Any, plans: list[str], measured: dict, ranks: int,
+           headroom: float) -> list[dict]:
     """One cell per budget: none, then each plan's measured peak (the plans measured at or below it fit)."""
     per_sample = {p: measured[p]["step_s"] / _resolved(p, ranks).data_parallel_size for p in plans}
     cells = []
     for budget in [None, *sorted({measured[p]["memory"] for p in plans}, reverse=True)]:
         fits = [p for p in plans if budget is None or measured[p]["memory"] <= budget]
         fastest = min(fits, key=per_sample.__getitem__)
-        chosen = _choice(profile, hardware, plans, ranks, budget)
+        chosen = _choice(profile, hardware, plans, ranks, budget, headroom)
         right = chosen in fits and per_sample[chosen] <= per_sample[fastest] * (1 + TIE_TOLERANCE)
         cells.append({"model": model, "budget_mib": None if budget is None else budget / MIB, "fits": fits,
                       "chosen": chosen, "measured_fastest": fastest, "right": right,
@@ -197,6 +200,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one 3M-parameter model, 6 plans, 6 steps")
     parser.add_argument("--ranks", type=int, default=2, help="processes per run (one node)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per plan, round-robin; the fastest is kept")
+    parser.add_argument("--headroom", type=float, default=0.1, help="the planner's headroom in the choice cells")
     parser.add_argument("--json", default="", help="also write the rows and cells to this file")
     args = parser.parse_args()
     if args.worker:
@@ -224,7 +228,7 @@ def main() -> None:
                     if plan not in measured or run["step_s"] < measured[plan]["step_s"]:
                         measured[plan] = {"memory": run["memory"], "step_s": run["step_s"]}
             label = f"{model} ({profile.parameter_count / 1e6:.1f}M)"
-            model_cells = _cells(label, profile, hardware, args.plans, measured, args.ranks)
+            model_cells = _cells(label, profile, hardware, args.plans, measured, args.ranks, args.headroom)
             cells.extend(model_cells)
             chosen, fastest = model_cells[0]["chosen"], model_cells[0]["measured_fastest"]  # the unlimited budget
             for plan in args.plans:
@@ -246,8 +250,8 @@ def main() -> None:
                       f"{row['time_error_pct']:+.0f}", "→" if row["chosen"] else "",
                       "✓" if row["measured_fastest"] else "")
     console.print(table)
-    choices = Table(title="The planner's choice per budget (right: it fits, and is within 5% of the measured fastest"
-                          " per sample)")
+    choices = Table(title=f"The planner's choice per budget, {args.headroom:.0%} headroom (right: it fits, and is"
+                          " within 5% of the measured fastest per sample)")
     for column in ("model", "budget MiB", "plans that fit (measured)", "planner's choice", "measured fastest",
                    "choice / fastest", "right"):
         choices.add_column(column, justify="right")
