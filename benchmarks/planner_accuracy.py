@@ -11,9 +11,12 @@ script for the other ranks). ``--ranks 4`` runs every plan on 4 ranks instead (t
 
 Then the choice, over a grid of cells: each model, with no memory limit and with each plan's measured
 peak as the budget (so that only the plans measured at or below it fit). In each cell the planner chooses
-among the plans of the grid from its predictions (``choose_plan(..., plans=...)``, with ``--headroom``: the
-planner's default 10% unless given), and the choice is right when it fits (measured) and its measured
-time per sample is within the planner's tie tolerance (5%) of the fastest plan that fits.
+among the plans of the grid from its predictions (``choose_plan(..., plans=...)``), and the choice is right
+when it fits (measured) and its measured time per sample is within the planner's tie tolerance (5%) of the
+fastest plan that fits. The budget is the usable memory, the planner's headroom already taken off: with
+exact predictions every cell would be right. (``--headroom 0.1`` puts the planner's default headroom on
+top of it: the planner then passes over every plan within 10% of the budget, which is what headroom is
+for, and is judged wrong for it.)
 
 - measured memory: the larger rank's peak RSS (``ru_maxrss``) minus its RSS just before the model is
   built (interpreter, torch, Lightning and parti already imported). Predicted: the planner's peak less
@@ -200,7 +203,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one 3M-parameter model, 6 plans, 6 steps")
     parser.add_argument("--ranks", type=int, default=2, help="processes per run (one node)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per plan, round-robin; the fastest is kept")
-    parser.add_argument("--headroom", type=float, default=0.1, help="the planner's headroom in the choice cells")
+    parser.add_argument("--headroom", type=float, default=0.0, help="headroom on top of each cell's usable budget")
     parser.add_argument("--json", default="", help="also write the rows and cells to this file")
     args = parser.parse_args()
     if args.worker:
