@@ -190,7 +190,7 @@ def _tensor(
     timing = profile.block_timing
     calls = timing.operations if timing is not None else profile.blocks[0].operations
     cost.time["framework"] += (calls * cost.trunk_blocks_held * passes * hardware.dtensor_call_s
-                               + _block_parameter_count(profile) * blocks_held * hardware.dtensor_optimizer_parameter_s)
+                               + len(profile.block_parameters) * blocks_held * hardware.dtensor_optimizer_parameter_s)
 
 
 def _activation_checkpointing(
@@ -295,11 +295,6 @@ def _rate(profile: ModelProfile, hardware: HardwareProfile, samples: float | Non
     return (block.forward_flops + block.backward_flops) * samples / batch / timing.seconds_at(samples)
 
 
-def _block_parameter_count(profile: ModelProfile) -> int:
-    prefixes = tuple(f"{b.name}." for b in profile.blocks)
-    return sum(1 for p in profile.parameters if p.name.startswith(prefixes))
-
-
 def _largest_stage(block_bytes: list[int], stages: int, costs: list[float] | None) -> int:
     """Bytes of the largest stage when the blocks are cut as a run cuts them (by ``costs``, else parameters)."""
     from parti_lightning.parallel.pipeline_split import stage_starts
@@ -312,12 +307,12 @@ def _largest_stage(block_bytes: list[int], stages: int, costs: list[float] | Non
 def _tensor_split_bytes(profile: ModelProfile) -> int:
     """Parameter bytes tensor parallelism splits: the blocks' matrices, and matrices outside the blocks at
     least a block's size (embeddings, output head), as its automatic rules do. Vectors stay replicated."""
-    prefixes = tuple(f"{b.name}." for b in profile.blocks)
+    inside = {p.name for p in profile.block_parameters}
     block_numel = max((b.parameter_bytes for b in profile.blocks), default=0)
     return sum(
         p.bytes
         for p in profile.parameters
-        if len(p.shape) >= 2 and (p.name.startswith(prefixes) or p.bytes >= block_numel)
+        if len(p.shape) >= 2 and (p.name in inside or p.bytes >= block_numel)
     )
 
 

@@ -272,14 +272,8 @@ def _dtensor_costs(world_size: int) -> tuple[float, float]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
     from torch.nn import functional as F  # noqa: N812
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Calls(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001,ANN204
-            self.count += any(issubclass(t, DTensor) for t in types)
-            return func(*args, **(kwargs or {}))
+    from parti_lightning.planner.profile import CallCounter
 
     mesh = init_device_mesh("cpu", (world_size,))
     weights = [distribute_tensor(torch.randn(8 * world_size, 8), mesh, [Shard(0)]).requires_grad_() for _ in range(4)]
@@ -290,7 +284,7 @@ def _dtensor_costs(world_size: int) -> tuple[float, float]:
             out = F.gelu(F.linear(inputs, weight))
             out.backward(torch.ones_like(out))
 
-    with Calls() as calls:
+    with CallCounter(DTensor) as calls:
         layer()
     per_call = _timed(layer, 20, False) / max(calls.count, 1)
     optimizer = torch.optim.AdamW(weights)

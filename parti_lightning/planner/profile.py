@@ -167,6 +167,12 @@ class ModelProfile:
         return max((o.tensors_per_parameter for o in self.optimizers), default=UNKNOWN_STATE_TENSORS)
 
     @property
+    def block_parameters(self) -> tuple[ParameterInfo, ...]:
+        """The parameters inside the repeated blocks."""
+        prefixes = tuple(f"{b.name}." for b in self.blocks)
+        return tuple(p for p in self.parameters if p.name.startswith(prefixes))
+
+    @property
     def step_flops(self) -> int:
         return self.forward_flops + self.backward_flops
 
@@ -401,6 +407,20 @@ class _SavedTensors:
             if self._current:
                 self.block_bytes[self._current[0]] = self.block_bytes.get(self._current[0], 0) + size
         return tensor
+
+
+class CallCounter(TorchDispatchMode):
+    """Counts the aten calls made under it; with ``subclass``, only those dispatched on that tensor subclass."""
+
+    def __init__(self, subclass: type | None = None) -> None:
+        super().__init__()
+        self._subclass = subclass
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        if self._subclass is None or any(issubclass(t, self._subclass) for t in types):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 class _OperationCounter(TorchDispatchMode):

@@ -161,8 +161,7 @@ def _model_parallel_degrees(profile: ModelProfile, world_size: int) -> list[tupl
 def _tensor_fits(profile: ModelProfile, degree: int) -> bool:
     if not profile.blocks or any(heads % degree for heads in profile.heads):
         return False
-    prefixes = tuple(f"{b.name}." for b in profile.blocks)
-    matrices = [p.shape for p in profile.parameters if p.name.startswith(prefixes) and len(p.shape) == 2]
+    matrices = [p.shape for p in profile.block_parameters if len(p.shape) == 2]
     return bool(matrices) and all(dim % degree == 0 for shape in matrices for dim in shape)
 
 

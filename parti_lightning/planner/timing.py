@@ -24,12 +24,11 @@ from typing import Any
 import psutil
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from parti_lightning.accelerator import cores_for_rank, usable_cores
 from parti_lightning.parallel.blocks import find_blocks
-from parti_lightning.planner.profile import META, BlockTiming, ModelProfile, meta_copy
+from parti_lightning.planner.profile import META, BlockTiming, CallCounter, ModelProfile, meta_copy
 
 # Micro-batch counts a pipeline candidate may use (as the search proposes them).
 _MICRO_BATCHES = (1, 2, 4, 8)
@@ -166,18 +165,8 @@ def _median_seconds(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
     return statistics.median(times)
 
 
-class _Calls(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _count_operations(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-    with _Calls() as calls:
+    with CallCounter() as calls:
         _run(block, args, kwargs)
     return calls.count
 
