@@ -591,7 +591,25 @@ def _run_all(cases: list[str], checkpoint_dir: str) -> dict:
     results["dropout_agreement"] = _dropout_agreement("gqa_dropout")
     results["dropout_masks"] = _dropout_masks()
     results["checkpoint"] = _checkpoint_round_trip(checkpoint_dir)
+    results["dtensor_costs"] = _dtensor_costs()
     return results
+
+
+def _dtensor_costs() -> dict:
+    """The planner's DTensor measurement, and how parti splits its reference blocks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from parti_lightning.parallel.tensor import apply_tensor_parallel
+    from parti_lightning.planner import hardware
+
+    torch.manual_seed(0)
+    blocks = nn.Sequential(hardware._ReferenceBlock(), hardware._ReferenceBlock())
+    inputs = torch.randn(2, 8, 16)
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tensor",))
+    report = apply_tensor_parallel(blocks, mesh, run_example=lambda: blocks(inputs))
+    per_call, per_parameter = hardware._dtensor_costs(2)
+    return {"layouts": {row.name: row.layout for row in report.rows}, "fallbacks": report.fallbacks,
+            "per_call": per_call, "per_parameter": per_parameter}
 
 
 @pytest.fixture(scope="module")
@@ -705,6 +723,17 @@ def test_megatron_count_two_all_reduces_each_way_per_block(tensor2: dict) -> Non
     assert not tensor2["biased_qkv"]["fallbacks"], tensor2["biased_qkv"]["describe"]
     # An MLP block has one split pair: one all-reduce each way.
     assert tensor2["collectives"]["mlp"] == {"forward": {"all_reduce": 1}, "backward": {"all_reduce": 1}}
+
+
+def test_planner_measures_dtensor_on_fully_split_reference_blocks(tensor2: dict) -> None:
+    # The hardware profile's DTensor cost per call is measured on these blocks: it stands for a model's blocks
+    # only if every projection is split as a transformer block's are (Megatron's pairs), none replicated.
+    costs = tensor2["dtensor_costs"]
+    expected = {f"{i}.{name}": layout for i in (0, 1) for name, layout in (
+        ("query", "colwise"), ("key", "colwise"), ("value", "colwise"), ("out", "rowwise"),
+        ("fc", "colwise"), ("proj", "rowwise"))}
+    assert costs["layouts"] == expected and not costs["fallbacks"]
+    assert 0 < costs["per_call"] < 0.01 and 0 < costs["per_parameter"] < 0.1
 
 
 def test_fused_qkv_is_packed_by_whole_heads(tensor2: dict) -> None:

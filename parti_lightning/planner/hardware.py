@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,6 +24,8 @@ from typing import Literal
 import psutil
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
 from parti_lightning.accelerator import cores_for_rank, usable_cores
 
@@ -54,7 +57,8 @@ class HardwareProfile:
         step_overhead_s: what Lightning's training loop adds to every step whatever the model (hooks,
             batch transfer, logging, the optimizer call), measured on a one-parameter model.
         dtensor_call_s: what DTensor's dispatch adds to one operator call on a tensor-parallel weight or
-            activation (sharding propagation and unwrapping, in Python), measured on tiny tensors.
+            activation (sharding propagation and unwrapping, in Python), measured on two tiny transformer blocks
+            split by parti's tensor parallelism.
         dtensor_optimizer_parameter_s: what one DTensor parameter adds to an AdamW step (its foreach kernels
             run once per DTensor).
         device_type: ``"cpu"`` or ``"cuda"``.
@@ -135,7 +139,7 @@ def default_cache_dir() -> Path:
 
 def cache_key(device_type: str, ranks_per_node: int) -> str:
     """Key of a machine shape: device type and name, usable cores, ranks per node (and what is measured)."""
-    return f"v5|{device_type}|{_device_name(device_type)}|{len(usable_cores())} cores|{ranks_per_node} ranks"
+    return f"v6|{device_type}|{_device_name(device_type)}|{len(usable_cores())} cores|{ranks_per_node} ranks"
 
 
 def read_cache(path: Path) -> dict[str, dict]:
@@ -265,30 +269,59 @@ def _allreduce_worker(rank_arg: str, world_arg: str, tmp: str) -> None:
         dist.destroy_process_group()
 
 
+class _ReferenceBlock(nn.Module):
+    """A tiny pre-norm transformer block written as most models write one (separate query, key and value
+    projections, heads from ``view`` and ``transpose``, fused attention, a GELU MLP): the operator mix whose
+    DTensor dispatch ``_dtensor_costs`` measures. Why a block and not one layer: DTensor's cost per call
+    depends on the operator (views and attention propagate shardings at about twice the cost of a linear
+    layer's), and a single column-split layer measured 43 µs a call where the example's blocks pay about 100."""
+
+    def __init__(self, width: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.query, self.key, self.value = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+        self.fc, self.proj = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        h = self.norm1(x)
+        q, k, v = (layer(h).view(b, t, self.heads, -1).transpose(1, 2) for layer in (self.query, self.key, self.value))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
+        x = x + self.out(y)
+        return x + self.proj(F.gelu(self.fc(self.norm2(x))))
+
+
 def _dtensor_costs(world_size: int) -> tuple[float, float]:
     """Seconds DTensor adds per operator call and per parameter of an AdamW step, on tiny tensors (so that the
-    kernels cost next to nothing): a column-split linear layer's forward and backward, as tensor parallelism
-    runs it, over the number of DTensor calls it makes."""
+    kernels cost next to nothing): two reference blocks split by parti's own tensor parallelism, forward and
+    backward, less the same blocks unsplit, over the number of DTensor calls the split ones make."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-    from torch.nn import functional as F  # noqa: N812
+    from torch.distributed.tensor import DTensor
 
+    from parti_lightning.parallel.tensor import apply_tensor_parallel, tensor_parallel_step
     from parti_lightning.planner.profile import CallCounter
 
-    mesh = init_device_mesh("cpu", (world_size,))
-    weights = [distribute_tensor(torch.randn(8 * world_size, 8), mesh, [Shard(0)]).requires_grad_() for _ in range(4)]
-    inputs = distribute_tensor(torch.randn(4, 8), mesh, [Replicate()])
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tensor",))
+    torch.manual_seed(0)  # every rank builds the same weights, as tensor parallelism requires
+    split, plain = (nn.Sequential(_ReferenceBlock(), _ReferenceBlock()) for _ in range(2))
+    inputs = torch.randn(2, 8, 16)
+    apply_tensor_parallel(split, mesh, run_example=lambda: split(inputs))
 
-    def layer() -> None:
-        for weight in weights:
-            out = F.gelu(F.linear(inputs, weight))
-            out.backward(torch.ones_like(out))
+    def step(model: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            with tensor_parallel_step():
+                model(inputs).sum().backward()
+        return run
 
     with CallCounter(DTensor) as calls:
-        layer()
-    per_call = _timed(layer, 20, False) / max(calls.count, 1)
-    optimizer = torch.optim.AdamW(weights)
-    per_parameter = _timed(optimizer.step, 20, False) / len(weights)
+        step(split)()
+    per_call = max(_timed(step(split), 20, False) - _timed(step(plain), 20, False), 0.0) / max(calls.count, 1)
+    dtensors = [p for p in split.parameters() if isinstance(p, DTensor)]
+    optimizer = torch.optim.AdamW(dtensors)
+    with tensor_parallel_step():
+        per_parameter = _timed(optimizer.step, 20, False) / max(len(dtensors), 1)
     return per_call, per_parameter
 
 
