@@ -114,6 +114,16 @@ def test_profile_flops_match_the_matmuls() -> None:
     assert forward < profile.backward_flops <= 2 * forward
 
 
+def test_profile_counts_the_residual_streams_activations_tensor_parallel_leaves_whole() -> None:
+    profile = profile_model(gpt(), gpt_batch())
+    block = profile.blocks[0]
+    # Saved in the shape of the block's input (B, T, C): ln1's input and output, the output projection's input,
+    # ln2's input and output. All but the projection's are whole on every tensor rank; the output projection's input
+    # is split, and counted whole (on the safe side).
+    assert block.replicated_activation_bytes == 5 * block.input_bytes
+    assert block.replicated_activation_bytes < block.activation_bytes / 2
+
+
 def test_unknown_optimizer_is_assumed_adam_and_said() -> None:
     module = Tiny("mystery")
     profile = profile_model(module, module.example_input_array)
@@ -534,9 +544,10 @@ def test_plot_draws_the_chosen_plan_and_every_candidate(tmp_path) -> None:
 
     profile = profile_model(gpt(layers=4, width=64), gpt_batch(16))
     everything = choose_plan(profile, hardware(), world_size=4)
-    split = min(c.peak_bytes for c in everything.candidates if c.plan.pipeline > 1 and c.plan.tensor > 1)
-    fits_only_split = max(split, min(c.peak_bytes for c in everything.candidates if c.plan.pipeline > 1)) / 0.9
-    report = choose_plan(profile, hardware(fits_only_split / 2**30 * 1.0001), world_size=4)
+    split = min(c.peak_bytes for c in everything.candidates if c.plan.pipeline > 1 or c.plan.tensor > 1)
+    whole = min(c.peak_bytes for c in everything.candidates if c.plan.pipeline == c.plan.tensor == 1)
+    assert split < whole
+    report = choose_plan(profile, hardware((split + whole) / 2 / 0.9 / 2**30), world_size=4)
     assert report.chosen.pipeline > 1 or report.chosen.tensor > 1
     figure = plot_report(report, tmp_path / "plan.png")
     assert (tmp_path / "plan.png").stat().st_size > 20_000
@@ -655,3 +666,12 @@ def test_tensor_parallel_pays_dtensor_dispatch_per_call_and_per_parameter() -> N
     ddp = PartitionPlan().resolve(2)  # no DTensor outside tensor parallelism
     paid_ddp = estimate(profile, hardware(dtensor_call_s=1e-3), ddp, 2)
     assert paid_ddp.seconds == estimate(profile, hardware(), ddp, 2).seconds
+
+
+def test_tensor_parallel_divides_the_split_layers_activations_and_keeps_the_residual_streams() -> None:
+    profile = profile_model(gpt(layers=4, width=64), gpt_batch(8))
+    ddp = estimate(profile, hardware(), PartitionPlan().resolve(2), 2)
+    tp = estimate(profile, hardware(), PartitionPlan(tensor=2, data=1).resolve(2), 2)
+    trunk = sum(b.activation_bytes for b in profile.blocks)
+    replicated = sum(b.replicated_activation_bytes for b in profile.blocks)
+    assert ddp.memory["activations"] - tp.memory["activations"] == pytest.approx((trunk - replicated) / 2, abs=1)

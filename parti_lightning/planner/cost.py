@@ -160,7 +160,8 @@ def _tensor(
 ) -> None:
     """Each block's matrices (and embeddings or heads at least a block's size) split over ``t`` ranks.
 
-    Megatron's layout: a block's compute and its activations inside the split layers are divided by ``t``;
+    Megatron's layout: a block's compute and its activations inside the split layers are divided by ``t``
+    (those shaped like the block's input, the residual stream's, stay whole);
     four all-reduces of the block's input per block and step (two forward, two backward) over the tensor ranks.
     """
     t = plan.tensor
@@ -171,9 +172,13 @@ def _tensor(
     held = cost.held_parameter_bytes - int(split * held_fraction * (1 - 1 / t))
     _scale_state(cost, profile, held)
     cost.setup_bytes = profile.parameter_bytes + profile.buffer_bytes  # built whole, then split
+    # The split layers' activations are divided by t; the residual stream's (norms, dropout masks) stay whole.
+    replicated = sum(b.replicated_activation_bytes for b in profile.blocks) / max(
+        sum(b.activation_bytes for b in profile.blocks), 1)
     trunk = cost.trunk_activation_bytes
-    cost.memory["activations"] -= trunk - trunk // t
-    cost.trunk_activation_bytes = trunk // t
+    kept = int(trunk * (replicated + (1 - replicated) / t))
+    cost.memory["activations"] -= trunk - kept
+    cost.trunk_activation_bytes = kept
     blocks_held = cost.trunk_blocks_held / len(profile.blocks)
     block_step = sum(b.forward_flops + b.backward_flops for b in profile.blocks)
     cost.time["compute"] -= block_step * blocks_held * (1 - 1 / t) / _rate(profile, hardware)

@@ -62,6 +62,10 @@ class BlockProfile:
         parameter_bytes: bytes of the block's parameters.
         activation_bytes: bytes of the tensors saved for backward while the block's forward ran.
         input_bytes: bytes of the block's tensor inputs: what activation checkpointing keeps instead.
+        replicated_activation_bytes: the part of ``activation_bytes`` in tensors shaped like the block's first
+            input (the residual stream: norms' inputs and outputs, dropout masks), which tensor parallelism
+            leaves whole on every rank. A split layer's input of that shape (an output projection's) is
+            counted here too: this errs towards more memory.
         forward_flops: FLOPs of the block's forward (recomputed once more under checkpointing).
         backward_flops: FLOPs of the block's backward.
         operations: aten operator calls of the block's forward and backward: under tensor parallelism
@@ -75,6 +79,7 @@ class BlockProfile:
     forward_flops: int
     backward_flops: int
     operations: int = 0
+    replicated_activation_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -235,6 +240,7 @@ def profile_model(module: nn.Module, batch: Any) -> ModelProfile:
                 forward_flops=_flops(fwd, f"{prefix}.{name}"),
                 backward_flops=_flops(step, f"{prefix}.{name}") - _flops(fwd, f"{prefix}.{name}"),
                 operations=operations.counts.get(f"{prefix}.{name}", 0),
+                replicated_activation_bytes=recorder.replicated_bytes.get(name, 0),
             )
             for name, block in blocks
         ),
@@ -368,6 +374,8 @@ class _SavedTensors:
         self._recording = True
         self.block_bytes: dict[str, int] = {}
         self.input_bytes: dict[str, int] = {}
+        self.replicated_bytes: dict[str, int] = {}
+        self._input_shapes: dict[str, torch.Size] = {}
         self.total_bytes = 0
 
     def __enter__(self) -> _SavedTensors:
@@ -391,6 +399,8 @@ class _SavedTensors:
                 self._current.append(name)
                 tensors = [t for t in tree_flatten(args)[0] if isinstance(t, Tensor)]
                 self.input_bytes[name] = sum(t.numel() * t.element_size() for t in tensors)
+                if tensors:
+                    self._input_shapes[name] = tensors[0].shape
 
         return hook
 
@@ -405,7 +415,10 @@ class _SavedTensors:
             size = base.untyped_storage().nbytes()
             self.total_bytes += size
             if self._current:
-                self.block_bytes[self._current[0]] = self.block_bytes.get(self._current[0], 0) + size
+                block = self._current[0]
+                self.block_bytes[block] = self.block_bytes.get(block, 0) + size
+                if base.shape == self._input_shapes.get(block):
+                    self.replicated_bytes[block] = self.replicated_bytes.get(block, 0) + size
         return tensor
 
 
