@@ -613,6 +613,14 @@ def test_a_timed_block_gives_the_compute_rate_at_each_micro_batch_size() -> None
     slow = estimate(injected, hardware(), plan, 2)
     linear = dataclasses.replace(injected, block_timing=BlockTiming(((8, 0.5), (4, 0.25), (2, 0.125)), 100, 1))
     assert slow.time["compute"] > estimate(linear, hardware(), plan, 2).time["compute"]
+    # Checkpointing recomputes the blocks' forward at the forward's own measured share of the block's time.
+    assert 0 < timing.forward_share < 1
+    checkpointed = PartitionPlan(activation_checkpointing="blocks").resolve(1)
+    blocks = len(profile.blocks)
+    for share in (0.2, 0.5):
+        timing = dataclasses.replace(injected.block_timing, forward_share=share)
+        timed = dataclasses.replace(injected, block_timing=timing)
+        assert estimate(timed, hardware(), checkpointed, 1).time["recompute"] == pytest.approx(blocks * 0.5 * share)
 
 
 def test_timing_a_meta_model_and_what_cannot_be_timed(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -147,7 +147,8 @@ def _pipeline(
     recomputed = trunk_forward if plan.schedule != "gpipe" else 0.0
     # The stage runs its blocks on micro-batches, which CPU kernels run at a lower rate than the whole batch.
     micro_rate = _rate(profile, hardware, (profile.batch_size or m) / m)
-    cost.time["compute"] += ((trunk_step + recomputed) * share * stretch / micro_rate
+    micro_forward_rate = _rate(profile, hardware, (profile.batch_size or m) / m, forward=True)
+    cost.time["compute"] += ((trunk_step / micro_rate + recomputed / micro_forward_rate) * share * stretch
                              - trunk_step / _rate(profile, hardware))
     bandwidth = _bandwidth(hardware, p, ranks_per_node)
     broadcasts = 2 * _one_way(boundary, p, bandwidth)  # trunk output and input gradient, to every stage
@@ -216,7 +217,7 @@ def _activation_checkpointing(
         cost.memory["activations"] += kept - trunk
         cost.trunk_activation_bytes = kept
     forward = sum(b.forward_flops for b in profile.blocks) * held / plan.tensor
-    cost.time["recompute"] = forward / _rate(profile, hardware)
+    cost.time["recompute"] = forward / _rate(profile, hardware, forward=True)
 
 
 def _storage(
@@ -288,16 +289,22 @@ def _heap_retained(cost: _Cost, hardware: HardwareProfile, plan: ResolvedPlan) -
     return cost.uncheckpointed_activation_bytes
 
 
-def _rate(profile: ModelProfile, hardware: HardwareProfile, samples: float | None = None) -> float:
+def _rate(
+    profile: ModelProfile, hardware: HardwareProfile, samples: float | None = None, forward: bool = False
+) -> float:
     """FLOP/s of this model's compute at ``samples`` per call (default: the batch): its timed block's when the
-    profile has one, else the matmul rate."""
+    profile has one, else the matmul rate. ``forward``: of a forward alone (what checkpointing recomputes), where
+    the block's forward was timed apart."""
     timing = profile.block_timing
     block = profile.blocks[0] if profile.blocks else None
     if timing is None or block is None or not block.forward_flops:
         return hardware.flops_per_s
     batch = profile.batch_size or 1
     samples = samples or batch
-    return (block.forward_flops + block.backward_flops) * samples / batch / timing.seconds_at(samples)
+    seconds = timing.seconds_at(samples)
+    if forward and timing.forward_share is not None:
+        return block.forward_flops * samples / batch / (seconds * timing.forward_share)
+    return (block.forward_flops + block.backward_flops) * samples / batch / seconds
 
 
 def _largest_stage(block_bytes: list[int], stages: int, costs: list[float] | None) -> int:

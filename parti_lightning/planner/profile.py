@@ -91,11 +91,14 @@ class BlockTiming:
             backward at that many samples.
         operations: aten calls of one forward and backward of the block.
         threads: the torch threads it ran on (one rank's share of the cores).
+        forward_share: the forward's part of ``seconds`` (at the largest size): a forward runs at a higher rate
+            than its backward, so its share of the time is below its share of the FLOPs. ``None``: not measured.
     """
 
     seconds: tuple[tuple[int, float], ...]
     operations: int
     threads: int
+    forward_share: float | None = None
 
     def seconds_at(self, samples: float) -> float:
         """Seconds of one block's forward and backward at ``samples``: the nearest measured size, scaled linearly."""

@@ -53,8 +53,9 @@ def time_blocks(module: nn.Module, batch: Any, profile: ModelProfile, ranks_per_
 
     The block's inputs are those it gets in a forward of ``module`` on ``batch`` (shapes found on the meta
     device, then filled with random values). It is timed at the batch's size and at each micro-batch size a
-    pipeline candidate would use. When anything stops it (no blocks, a block that cannot run apart from its
-    model), the profile is returned as it was, with a note: the cost model then uses the matmul rate.
+    pipeline candidate would use, and its forward alone at the batch's size (what checkpointing recomputes).
+    When anything stops it (no blocks, a block that cannot run apart from its model), the profile is returned
+    as it was, with a note: the cost model then uses the matmul rate.
     """
     if not profile.blocks:
         return profile
@@ -86,7 +87,10 @@ def _measure(module: nn.Module, batch: Any, profile: ModelProfile, ranks_per_nod
             measured.append((size, seconds))
             if seconds > _SLOW_BLOCK_S:
                 break
-    return BlockTiming(seconds=tuple(measured), operations=operations, threads=threads)
+        # What activation checkpointing pays again: the forward alone, as recomputed (building its graph).
+        forward = _median_seconds(block, *_sliced(args, kwargs, samples, sizes[0]), backward=False)
+    return BlockTiming(seconds=tuple(measured), operations=operations, threads=threads,
+                       forward_share=min(forward / measured[0][1], 1.0))
 
 
 def _block_inputs(module: nn.Module, batch: Any, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -149,18 +153,19 @@ def _sliced(args: tuple[Any, ...], kwargs: dict[str, Any], samples: int, size: i
     return tree_map_only(Tensor, real, args), tree_map_only(Tensor, real, kwargs)
 
 
-def _run(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _run(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], backward: bool = True) -> None:
     block.zero_grad(set_to_none=True)  # as Lightning leaves a step: its gradients are new memory each time
     outputs = [t for t in tree_flatten(block(*args, **kwargs))[0] if isinstance(t, Tensor) and t.requires_grad]
-    torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+    if backward:
+        torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
 
 
-def _median_seconds(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
-    _run(block, args, kwargs)  # warm-up: first-call allocations and kernel selection
+def _median_seconds(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], backward: bool = True) -> float:
+    _run(block, args, kwargs, backward)  # warm-up: first-call allocations and kernel selection
     times: list[float] = []
     while not times or (sum(times) < _SECONDS_PER_SIZE and len(times) < 5):
         start = time.perf_counter()
-        _run(block, args, kwargs)
+        _run(block, args, kwargs, backward)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
