@@ -9,8 +9,10 @@ in a subprocess, as ``benchmarks/storage_memory.py`` runs them (Lightning's laun
 script for the other ranks). ``--ranks 4`` runs every plan on 4 ranks instead (tensor and pipeline degree
 2 with data parallelism 2; more ranks than cores are shared, and slow).
 
-Then the choice, over a grid of cells: each model, with no memory limit and with each plan's measured
-peak as the budget (so that only the plans measured at or below it fit). In each cell the planner chooses
+Then the choice, over a grid of cells: each model, with no memory limit and with a budget in the middle of
+each gap between two consecutive plans' measured peaks (so that only the plans measured below it fit, each
+with half the gap as margin; ``--cells peaks`` puts the budgets at the peaks themselves, where a plan fits
+only if its prediction is exact or over). In each cell the planner chooses
 among the plans of the grid from its predictions (``choose_plan(..., plans=...)``), and the choice is right
 when it fits (measured) and its measured time per sample is within the planner's tie tolerance (5%) of the
 fastest plan that fits. The budget is the usable memory, the planner's headroom already taken off: with
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import resource
 import statistics
@@ -171,12 +174,22 @@ def _choice(profile: Any, hardware: Any, plans: list[str], ranks: int, budget: f
     return plans[resolved.index(chosen)]
 
 
+def _budgets(peaks: list[float], at: str) -> list[float]:
+    """Each cell's budget, largest first: each measured peak (``"peaks"``), or the middle (geometric) of each gap
+    between consecutive peaks (``"gaps"``): there the plans on either side have half the gap as margin, where
+    a budget equal to a plan's peak asks its prediction to be exact to the byte."""
+    ordered = sorted(set(peaks), reverse=True)
+    if at == "peaks":
+        return ordered
+    return [math.sqrt(high * low) for high, low in zip(ordered, ordered[1:], strict=False)]
+
+
 def _cells(model: str, profile: Any, hardware: Any, plans: list[str], measured: dict, ranks: int,
-           headroom: float) -> list[dict]:
-    """One cell per budget: none, then each plan's measured peak (the plans measured at or below it fit)."""
+           headroom: float, at: str) -> list[dict]:
+    """One cell per budget: none, then one per measured peak or per gap between them (see ``_budgets``)."""
     per_sample = {p: measured[p]["step_s"] / _resolved(p, ranks).data_parallel_size for p in plans}
     cells = []
-    for budget in [None, *sorted({measured[p]["memory"] for p in plans}, reverse=True)]:
+    for budget in [None, *_budgets([measured[p]["memory"] for p in plans], at)]:
         fits = [p for p in plans if budget is None or measured[p]["memory"] <= budget]
         fastest = min(fits, key=per_sample.__getitem__)
         chosen = _choice(profile, hardware, plans, ranks, budget, headroom)
@@ -204,6 +217,8 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2, help="processes per run (one node)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per plan, round-robin; the fastest is kept")
     parser.add_argument("--headroom", type=float, default=0.0, help="headroom on top of each cell's usable budget")
+    parser.add_argument("--cells", choices=("gaps", "peaks"), default="gaps",
+                        help="budgets between consecutive measured peaks, or at each peak")
     parser.add_argument("--json", default="", help="also write the rows and cells to this file")
     args = parser.parse_args()
     if args.worker:
@@ -231,7 +246,8 @@ def main() -> None:
                     if plan not in measured or run["step_s"] < measured[plan]["step_s"]:
                         measured[plan] = {"memory": run["memory"], "step_s": run["step_s"]}
             label = f"{model} ({profile.parameter_count / 1e6:.1f}M)"
-            model_cells = _cells(label, profile, hardware, args.plans, measured, args.ranks, args.headroom)
+            model_cells = _cells(label, profile, hardware, args.plans, measured, args.ranks, args.headroom,
+                                 args.cells)
             cells.extend(model_cells)
             chosen, fastest = model_cells[0]["chosen"], model_cells[0]["measured_fastest"]  # the unlimited budget
             for plan in args.plans:
