@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -38,13 +37,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from parti_lightning.rss import peak_rss_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 MICRO_BATCHES = (1, 2, 4, 8)
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 
 
 def _rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return peak_rss_bytes()
 
 
 def _state_bytes(tensors: list[Any]) -> int:

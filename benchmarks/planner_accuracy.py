@@ -20,7 +20,8 @@ exact predictions every cell would be right. (``--headroom 0.1`` puts the planne
 top of it: the planner then passes over every plan within 10% of the budget, which is what headroom is
 for, and is judged wrong for it.)
 
-- measured memory: the larger rank's peak RSS (``ru_maxrss``) minus its RSS just before the model is
+- measured memory: the larger rank's peak RSS (``VmHWM``; ``ru_maxrss`` would carry this driver's over exec)
+  minus its RSS just before the model is
   built (interpreter, torch, Lightning and parti already imported). Predicted: the planner's peak less
   its per-process overhead (the measured RSS of a bare rank), so both count what the model and its
   training add. Process-group buffers, the dataloader and allocator slack are in the measurement and
@@ -39,7 +40,6 @@ import dataclasses
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,6 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from parti_lightning.rss import peak_rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1024**2
@@ -99,7 +101,7 @@ def _worker(args: argparse.Namespace) -> None:
     )
     trainer.fit(model, datamodule=CharDataModule(block_size=args.block_size, batch_size=args.batch_size))
     intervals = [b - a for a, b in zip(stamps[args.warmup - 1 : -1], stamps[args.warmup :], strict=True)]
-    result = {"baseline": baseline, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    result = {"baseline": baseline, "peak": peak_rss_bytes(),
               "step_s": statistics.median(intervals)}
     Path(args.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 

@@ -9,7 +9,7 @@ subprocess per plan (Lightning's launcher re-runs the script for rank 1), and re
   when the gradients of that step and the AdamW state of the first both exist; with its ratio to ddp's
   and to the ideal: a single process's total (16 bytes per parameter for fp32 AdamW) divided by the
   number of ranks;
-- the process's peak resident memory (``getrusage(RUSAGE_SELF).ru_maxrss`` at the end of the run) and
+- the process's peak resident memory (``VmHWM``, read at the end of the run) and
   its resident memory when the bytes were counted (psutil), with the ratio to ddp's;
 - throughput: samples/s over windows of steps after a warm-up, timed on rank 0; the median window.
 
@@ -28,7 +28,7 @@ Then, for ``--budget-plans`` (ddp and zero3) under each allocator setting, the l
 blocks (width fixed) whose run completes ``--budget-steps`` steps with every rank's peak RSS within
 ``--budget-gib``. The budget is enforced by measurement, not by ``RLIMIT_AS``: the parent polls the
 ranks' RSS and stops a run that goes over, and a run that finishes counts only if both ranks'
-``ru_maxrss`` are within the budget. An address-space limit would count virtual reservations (thread
+peak RSS are within the budget. An address-space limit would count virtual reservations (thread
 stacks, glibc's per-thread malloc arenas, gloo's buffers: the table's VSZ column) that are never
 resident, so it would refuse runs whose resident memory is well inside the budget. The search fits
 peak RSS against the number of blocks from two runs (half the table's size, and the table's run),
@@ -49,7 +49,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import signal
 import statistics
 import subprocess
@@ -58,6 +57,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from parti_lightning.rss import peak_rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -125,8 +126,7 @@ def _worker(args: argparse.Namespace) -> None:
         "rank": trainer.global_rank,
         "num_params": num_params,
         "baseline_rss": baseline_rss,
-        # Linux reports ru_maxrss in KiB.
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss": peak_rss_bytes(),  # this process's own peak: ru_maxrss would carry the launcher's over exec
         "rss_at_count": probe.rss_at_count,
         "vms_at_count": probe.vms_at_count,
         "state_bytes": probe.state_bytes,
@@ -180,7 +180,7 @@ def _watch(proc: subprocess.Popen, budget: float | None) -> int:
             members = [parent, *parent.children(recursive=True)]
             worst = max(member.memory_info().rss for member in members)
         except psutil.Error:
-            worst = 0  # a rank just ended; its ru_maxrss is still checked afterwards
+            worst = 0  # a rank just ended; its peak is still checked afterwards
         if worst > budget:
             os.killpg(proc.pid, signal.SIGKILL)  # the session this script started for the run
             proc.wait()
@@ -421,7 +421,7 @@ def _budget_table(console: Any, args: argparse.Namespace, search: list[dict[str,
                       end_section=result["plan"] == args.budget_plans[-1])
     console.print(table)
     console.print("runs: verdicts the search used, the table's own run at the table size included; the budget is"
-                  " checked against the larger rank's ru_maxrss, and a run is stopped once a rank's RSS passes it.")
+                  " checked against the larger rank's peak RSS, and a run is stopped once a rank's RSS passes it.")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ is per mode:
 
 Per rank it reports the bytes of parameters + gradients + AdamW state the rank holds (a DTensor
 counted by its local shard), for the blocks' weights and for the whole model, taken after the second
-step's optimizer step; peak resident memory (``ru_maxrss``); throughput (global samples/s, timed on
+step's optimizer step; peak resident memory (``VmHWM``); throughput (global samples/s, timed on
 rank 0 between barriers after warm-up steps); and the collectives of one step: for ``tensor``, counted
 by torch's ``CommDebugMode``; for ``ddp``, whose all-reduces run inside DDP's C++ reducer (which
 ``CommDebugMode`` does not see), the number of DDP's gradient buckets after its first step (one
@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -38,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from parti_lightning.rss import peak_rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("ddp", "tensor")
@@ -115,7 +116,7 @@ def _worker(args: argparse.Namespace) -> None:
         "rank": rank,
         "samples_per_s": args.batch_size * args.steps / seconds,
         "held": held,
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss": peak_rss_bytes(),
         "params": params,
         "collectives": collectives,
         "layout": layout,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from parti_lightning.planner import calibration as calibration_module
 from parti_lightning.planner.calibration import MEMORY_MARGIN, TIME_MARGIN, Correction
 from parti_lightning.planner.cost import Estimate
 from parti_lightning.planner.timing import time_blocks
+from parti_lightning.rss import peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -278,8 +278,7 @@ class StepMeter:
     def _peak_bytes(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        # The process's peak resident set (kilobytes on Linux); psutil has no field for the peak.
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak_rss_bytes()
 
 
 def _ratio(measured: float, predicted: float) -> str:

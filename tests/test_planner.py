@@ -683,3 +683,16 @@ def test_tensor_parallel_divides_the_split_layers_activations_and_keeps_the_resi
     trunk = sum(b.activation_bytes for b in profile.blocks)
     replicated = sum(b.replicated_activation_bytes for b in profile.blocks)
     assert ddp.memory["activations"] - tp.memory["activations"] == pytest.approx((trunk - replicated) / 2, abs=1)
+
+
+def test_tensor_parallel_waits_for_the_slowest_rank_at_every_all_reduce() -> None:
+    profile = dataclasses.replace(profile_model(gpt(layers=4, width=64), gpt_batch(8)),
+                                  block_timing=BlockTiming(((8, 0.01),), 100, 1))
+    plan = PartitionPlan(tensor=2, data=1).resolve(2)
+    steady = estimate(profile, hardware(), plan, 2)
+    skewed = estimate(profile, hardware(collective_skew=0.1), plan, 2)
+    # A tenth of each rank's share of the blocks' compute (4 blocks of 10 ms, split in two).
+    assert skewed.time["communication"] - steady.time["communication"] == pytest.approx(0.1 * 4 * 0.01 / 2)
+    ddp = PartitionPlan().resolve(2)  # one gradient all-reduce after backward: not paid per block
+    skewed_ddp = estimate(profile, hardware(collective_skew=0.1), ddp, 2)
+    assert skewed_ddp.seconds == estimate(profile, hardware(), ddp, 2).seconds

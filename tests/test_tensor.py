@@ -609,7 +609,7 @@ def _dtensor_costs() -> dict:
     report = apply_tensor_parallel(blocks, mesh, run_example=lambda: blocks(inputs))
     per_call, per_parameter = hardware._dtensor_costs(2)
     return {"layouts": {row.name: row.layout for row in report.rows}, "fallbacks": report.fallbacks,
-            "per_call": per_call, "per_parameter": per_parameter}
+            "per_call": per_call, "per_parameter": per_parameter, "skew": hardware._collective_skew(2, 5, 1)}
 
 
 @pytest.fixture(scope="module")
@@ -725,7 +725,7 @@ def test_megatron_count_two_all_reduces_each_way_per_block(tensor2: dict) -> Non
     assert tensor2["collectives"]["mlp"] == {"forward": {"all_reduce": 1}, "backward": {"all_reduce": 1}}
 
 
-def test_planner_measures_dtensor_on_fully_split_reference_blocks(tensor2: dict) -> None:
+def test_planner_measures_dtensor_and_skew_on_fully_split_reference_blocks(tensor2: dict) -> None:
     # The hardware profile's DTensor cost per call is measured on these blocks: it stands for a model's blocks
     # only if every projection is split as a transformer block's are (Megatron's pairs), none replicated.
     costs = tensor2["dtensor_costs"]
@@ -734,6 +734,7 @@ def test_planner_measures_dtensor_on_fully_split_reference_blocks(tensor2: dict)
         ("fc", "colwise"), ("proj", "rowwise"))}
     assert costs["layouts"] == expected and not costs["fallbacks"]
     assert 0 < costs["per_call"] < 0.01 and 0 < costs["per_parameter"] < 0.1
+    assert 0 <= costs["skew"] < 1  # every rank returned (the collectives matched) a wait shorter than the work
 
 
 def test_fused_qkv_is_packed_by_whole_heads(tensor2: dict) -> None:

@@ -163,7 +163,8 @@ def _tensor(
 
     Megatron's layout: a block's compute and its activations inside the split layers are divided by ``t``
     (those shaped like the block's input, the residual stream's, stay whole);
-    four all-reduces of the block's input per block and step (two forward, two backward) over the tensor ranks.
+    four all-reduces of the block's input per block and step (two forward, two backward) over the tensor ranks,
+    each also waiting for the slowest rank (the hardware's measured skew, a share of the compute before it).
     """
     t = plan.tensor
     if t == 1 or not profile.blocks:
@@ -183,6 +184,8 @@ def _tensor(
     blocks_held = cost.trunk_blocks_held / len(profile.blocks)
     block_step = sum(b.forward_flops + b.backward_flops for b in profile.blocks)
     cost.time["compute"] -= block_step * blocks_held * (1 - 1 / t) / _rate(profile, hardware)
+    # Every all-reduce also waits for the slowest tensor rank: a share of the split compute before it.
+    split_compute = block_step * blocks_held / t / _rate(profile, hardware)
     # A block's activations are small messages, which move slower than the gradient buckets the bandwidth
     # was measured with.
     size = profile.blocks[0].input_bytes
@@ -190,7 +193,7 @@ def _tensor(
     per_block = 4 * (_all_reduce(size, t, bandwidth) + hardware.collective_latency_s)
     # A trunk pipelined under 1F1B runs its stage's blocks forward twice (then recomputed): two more all-reduces.
     passes = 1.5 if plan.pipeline > 1 and plan.schedule != "gpipe" else 1.0
-    cost.time["communication"] += per_block * cost.trunk_blocks_held * passes
+    cost.time["communication"] += per_block * cost.trunk_blocks_held * passes + hardware.collective_skew * split_compute
     # Every operator call in a split block goes through DTensor's dispatch, and the optimizer steps each DTensor
     # parameter on its own.
     timing = profile.block_timing

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,9 @@ class HardwareProfile:
             split by parti's tensor parallelism.
         dtensor_optimizer_parameter_s: what one DTensor parameter adds to an AdamW step (its foreach kernels
             run once per DTensor).
+        collective_skew: what a collective between ranks that computed the same work waits for the slowest of
+            them, as a fraction of that work's time (CPU ranks sharing a machine are preempted at different
+            times; tensor parallelism pays it at every all-reduce). 0 where not measured (CUDA).
         device_type: ``"cpu"`` or ``"cuda"``.
         device_name: e.g. the CPU model or the GPU name.
         bandwidth_source: how ``bandwidth_bytes_per_s`` was found.
@@ -78,6 +82,7 @@ class HardwareProfile:
     step_overhead_s: float = 0.0
     dtensor_call_s: float = 0.0
     dtensor_optimizer_parameter_s: float = 0.0
+    collective_skew: float = 0.0
     device_type: str = "cpu"
     device_name: str = "given"
     bandwidth_source: str = "given"
@@ -139,7 +144,7 @@ def default_cache_dir() -> Path:
 
 def cache_key(device_type: str, ranks_per_node: int) -> str:
     """Key of a machine shape: device type and name, usable cores, ranks per node (and what is measured)."""
-    return f"v6|{device_type}|{_device_name(device_type)}|{len(usable_cores())} cores|{ranks_per_node} ranks"
+    return f"v7|{device_type}|{_device_name(device_type)}|{len(usable_cores())} cores|{ranks_per_node} ranks"
 
 
 def read_cache(path: Path) -> dict[str, dict]:
@@ -188,6 +193,7 @@ def _measure(device_type: str, ranks_per_node: int) -> HardwareProfile:
         memory_bandwidth_bytes_per_s=copy, fresh_memory_bandwidth_bytes_per_s=fresh, process_overhead_bytes=gloo["rss"],
         collective_latency_s=gloo["latency"], step_overhead_s=gloo["step_overhead"],
         dtensor_call_s=gloo["dtensor_call"], dtensor_optimizer_parameter_s=gloo["dtensor_optimizer"],
+        collective_skew=gloo["skew"],
         device_type="cpu", device_name=_device_name("cpu"),
         bandwidth_source=f"gloo all-reduce of {_ALLREDUCE_BYTES >> 20} MiB, {max(2, ranks_per_node)} local processes",
     )
@@ -256,6 +262,7 @@ def _allreduce_worker(rank_arg: str, world_arg: str, tmp: str) -> None:
         small = torch.ones(_SMALL_ALLREDUCE_BYTES // 4)
         small_seconds = _timed(lambda: dist.all_reduce(small), 10, False)
         rss = psutil.Process().memory_info().rss - _ALLREDUCE_BYTES  # before DTensor's own imports
+        skew = _collective_skew(world_size)
         dtensor_call, dtensor_optimizer = _dtensor_costs(world_size)
         if rank == 0:
             bus = 2 * (world_size - 1) / world_size * _ALLREDUCE_BYTES / seconds
@@ -263,10 +270,36 @@ def _allreduce_worker(rank_arg: str, world_arg: str, tmp: str) -> None:
             small_bus = moved / max(small_seconds - latency, moved / bus)  # never above the large messages' rate
             step = _lightning_step_seconds()
             result = {"bandwidth": bus, "small": small_bus, "latency": latency, "rss": rss, "step_overhead": step,
-                      "dtensor_call": dtensor_call, "dtensor_optimizer": dtensor_optimizer}
+                      "dtensor_call": dtensor_call, "dtensor_optimizer": dtensor_optimizer, "skew": skew}
             Path(tmp, "result.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
+
+
+def _collective_skew(world_size: int, segments: int = 25, rounds: int = 5) -> float:
+    """The ranks' wait at a collective for the slowest of them, over the compute before it: every rank runs the
+    same matmuls (a few ms, as a tensor-parallel block's compute between two all-reduces) with no collective,
+    then with a one-element all-reduce after each, then the all-reduces alone. The second's time beyond the
+    other two is the skew. The median of a few rounds (one round varies by 3x on a shared VM), averaged over
+    the ranks."""
+    matrix = torch.randn(384, 384)
+    one = torch.ones(1)
+
+    def segment() -> None:
+        for _ in range(4):
+            matrix @ matrix
+
+    skews = []
+    for _ in range(rounds):
+        dist.barrier()
+        alone = _timed(segment, segments, False)
+        dist.barrier()
+        synced = _timed(lambda: (segment(), dist.all_reduce(one)), segments, False)
+        bare = _timed(lambda: dist.all_reduce(one), segments, False)
+        skews.append(max(synced - alone - bare, 0.0) / alone)
+    skew = torch.tensor([statistics.median(skews)])
+    dist.all_reduce(skew)
+    return skew.item() / world_size
 
 
 class _ReferenceBlock(nn.Module):
