@@ -11,8 +11,9 @@ script for the other ranks). ``--ranks 4`` runs every plan on 4 ranks instead (t
 
 Then the choice, over a grid of cells: each model, with no memory limit and with a budget in the middle of
 each gap between two consecutive plans' measured peaks (so that only the plans measured below it fit, each
-with half the gap as margin; ``--cells peaks`` puts the budgets at the peaks themselves, where a plan fits
-only if its prediction is exact or over). In each cell the planner chooses
+with half the gap as margin; gaps under 3%, the spread of one plan's peak between runs, get none;
+``--cells peaks`` puts the budgets at the peaks themselves, where a plan fits only if its prediction is
+exact or over). In each cell the planner chooses
 among the plans of the grid from its predictions (``choose_plan(..., plans=...)``), and the choice is right
 when it fits (measured) and its measured time per sample is within the planner's tie tolerance (5%) of the
 fastest plan that fits. The budget is the usable memory, the planner's headroom already taken off: with
@@ -31,6 +32,7 @@ for, and is judged wrong for it.)
 
     python benchmarks/planner_accuracy.py --quick   # one 3M-parameter model, 6 plans: about 3 minutes on 2 cores
     python benchmarks/planner_accuracy.py           # two models (3M, 19M), 11 plans: about 15 minutes
+    python benchmarks/planner_accuracy.py --measured earlier.json   # predictions again, same runs: seconds
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ PLANS: dict[str, dict[str, str]] = {
     "pp1f1b": {"preset": "pp", "pipeline": 2, "schedule": "1f1b"},
 }
 TIE_TOLERANCE = 0.05  # the planner's default
+# The spread of one plan's measured peak between runs here (tensor parallel on 4x256: 153 and 158 MiB).
+MIN_GAP = 0.03
 QUICK_PLANS = ("ddp", "ddp+ac", "zero1", "zero2", "zero3", "zero3+ac")
 
 
@@ -179,11 +183,13 @@ def _choice(profile: Any, hardware: Any, plans: list[str], ranks: int, budget: f
 def _budgets(peaks: list[float], at: str) -> list[float]:
     """Each cell's budget, largest first: each measured peak (``"peaks"``), or the middle (geometric) of each gap
     between consecutive peaks (``"gaps"``): there the plans on either side have half the gap as margin, where
-    a budget equal to a plan's peak asks its prediction to be exact to the byte."""
+    a budget equal to a plan's peak asks its prediction to be exact to the byte. Gaps narrower than a run's
+    own spread (``MIN_GAP``) get no cell: which side of one a plan falls on is the measurement's noise."""
     ordered = sorted(set(peaks), reverse=True)
     if at == "peaks":
         return ordered
-    return [math.sqrt(high * low) for high, low in zip(ordered, ordered[1:], strict=False)]
+    gaps = zip(ordered, ordered[1:], strict=False)
+    return [math.sqrt(high * low) for high, low in gaps if high > low * (1 + MIN_GAP)]
 
 
 def _cells(model: str, profile: Any, hardware: Any, plans: list[str], measured: dict, ranks: int,
@@ -200,6 +206,16 @@ def _cells(model: str, profile: Any, hardware: Any, plans: list[str], measured: 
                       "chosen": chosen, "measured_fastest": fastest, "right": right,
                       "chosen_vs_fastest": per_sample[chosen] / per_sample[fastest] if chosen in fits else None})
     return cells
+
+
+def _earlier_runs(path: str, model: str, plans: list[str]) -> dict[str, dict[str, Any]]:
+    """The measured memory and step time of each of ``plans`` on ``model`` in an earlier ``--json`` file."""
+    rows = {row["plan"]: row for row in json.loads(Path(path).read_text())["rows"]
+            if row["model"].split()[0] == model}
+    missing = [plan for plan in plans if plan not in rows]
+    if missing:
+        raise SystemExit(f"{path} has no run of {model} under {', '.join(missing)}")
+    return {plan: {"memory": rows[plan]["measured_mib"] * MIB, "step_s": rows[plan]["measured_s"]} for plan in plans}
 
 
 def main() -> None:
@@ -222,6 +238,8 @@ def main() -> None:
     parser.add_argument("--cells", choices=("gaps", "peaks"), default="gaps",
                         help="budgets between consecutive measured peaks, or at each peak")
     parser.add_argument("--json", default="", help="also write the rows and cells to this file")
+    parser.add_argument("--measured", default="", help="predict again against the runs of an earlier --json file "
+                        "(no new runs): a cost-model change judged on the same measurements")
     args = parser.parse_args()
     if args.worker:
         _worker(args)
@@ -239,9 +257,9 @@ def main() -> None:
         for model in args.models:
             layers, width = (int(v) for v in model.split("x"))
             predicted, profile, hardware = _predict(args, layers, width, args.plans)
-            measured: dict[str, dict[str, Any]] = {}
+            measured = _earlier_runs(args.measured, model, args.plans) if args.measured else {}
             # Round-robin repeats, the fastest kept: this machine's neighbours slow whole runs down, not steps.
-            for repeat in range(args.repeats):
+            for repeat in range(0 if args.measured else args.repeats):
                 for plan in args.plans:
                     run = _run(args, layers, width, plan, Path(tmp, f"{model}-{plan}-{repeat}"))
                     print(f"{model} {plan}: {run['memory'] / MIB:.0f} MiB, {run['step_s']:.3f} s", flush=True)

@@ -31,6 +31,8 @@ from parti_lightning.planner.profile import ModelProfile, stage_costs
 
 # FSDP2 holds one unit's parameters gathered while prefetching the next (ZeRO-3).
 _UNITS_IN_FLIGHT = 2
+# The share of a step's activations glibc's heap keeps freed in a data-parallel CPU rank (see _heap_retained).
+_HEAP_KEPT = 0.85
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ def estimate(profile: ModelProfile, hardware: HardwareProfile, plan: ResolvedPla
     for term in _TERMS:
         term(cost, profile, hardware, plan, ranks_per_node)
     cost.memory["allocator"] = _heap_retained(cost, hardware, plan)
-    cost.memory["overhead"] = hardware.process_overhead_bytes
+    cost.memory["overhead"] = hardware.process_overhead_bytes + hardware.step_fixed_bytes
     return Estimate(cost.memory, cost.setup_bytes, cost.time)
 
 
@@ -280,16 +282,19 @@ def _heap_retained(cost: _Cost, hardware: HardwareProfile, plan: ResolvedPlan) -
     and temporaries come from the heap, and the next step's allocations, in another order, reuse its freed
     chunks only in part: resident memory creeps up over the first steps (ddp on the example, 2 CPU ranks:
     148, 197, 210, 216 MiB after steps 1-4; 149 MiB throughout with ``MALLOC_MMAP_THRESHOLD_`` fixed). The
-    growth follows what the step allocates, not what it keeps: over 6 steps about 0.8-0.9 times the step's
-    activations under ddp and ZeRO-1, and as much with checkpointing, which allocates the same activations
-    but frees them sooner (benchmarks/planner_accuracy.py, two model sizes). Counted as one copy of the
-    rank's activations before checkpointing; nothing where the threshold is fixed (ZeRO-2/3 ranks, or the
-    user's ``MALLOC_MMAP_THRESHOLD_``). Pipeline ranks, whose micro-batches allocate less at a time, hold
-    less (0.4-0.6 times): counted whole, on the safe side.
+    growth follows what the step allocates, not what it keeps: over 8 steps 0.61-0.94 (mean 0.85) times the
+    step's activations before checkpointing under ddp, ZeRO-1 and tensor parallelism, with or without
+    checkpointing, which allocates the same activations but frees them sooner; a pipeline rank, whose
+    micro-batches allocate a slice at a time, keeps about one micro-batch's activations (0.9-1.2 times; both
+    from benchmarks/planner_accuracy.py, two model sizes, the step's fixed memory taken out). Nothing where
+    the threshold is fixed (ZeRO-2/3 ranks, or the user's ``MALLOC_MMAP_THRESHOLD_``).
     """
     if hardware.device_type != "cpu" or shards_module(plan) or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return 0
-    return cost.uncheckpointed_activation_bytes
+    if plan.pipeline > 1:
+        in_flight = plan.micro_batches if plan.schedule == "gpipe" else min(plan.pipeline, plan.micro_batches)
+        return cost.uncheckpointed_activation_bytes // max(in_flight, 1)
+    return int(_HEAP_KEPT * cost.uncheckpointed_activation_bytes)
 
 
 def _rate(

@@ -42,7 +42,8 @@ def footnotes(report: PlanReport) -> list[str]:
     lines = [
         f"hardware: {hw.device_type} {hw.device_name}, {hw.flops_per_s / 1e9:,.0f} GFLOP/s per rank,"
         f" collectives {hw.bandwidth_bytes_per_s / 1e9:.2f} GB/s ({hw.bandwidth_source}),"
-        f" per-process overhead {hw.process_overhead_bytes / GIB:.2f} GiB (in every peak)",
+        f" per-process overhead {(hw.process_overhead_bytes + hw.step_fixed_bytes) / GIB:.2f} GiB (in every peak:"
+        f" the bare rank, and {hw.step_fixed_bytes / 2**20:.0f} MiB its first step adds whatever the model)",
         f"model: {report.profile.step_flops / 1e9:,.2f} GFLOP per step at batch {report.profile.batch_size},"
         f" profiled via {report.profile.source}; dtype as built (mixed precision is not modelled)",
         "step time = compute + recompute + optimizer + communication (no overlap assumed) + Lightning's loop"

@@ -54,6 +54,9 @@ class HardwareProfile:
         small_message_bandwidth_bytes_per_s: the bus bandwidth of a 1 MiB all-reduce between the ranks of a node,
             its latency taken out (small messages move slower); ``None``: as ``bandwidth_bytes_per_s``.
         process_overhead_bytes: memory a rank uses before the model exists (interpreter, torch, process group).
+        step_fixed_bytes: memory a rank adds on its first training step whatever the model's size: the code of
+            the kernels it runs, paged in, and Lightning's loop (measured: two tiny transformer blocks' step,
+            then a one-parameter model's fit).
         collective_latency_s: time of a one-element all-reduce (paid once per collective call).
         step_overhead_s: what Lightning's training loop adds to every step whatever the model (hooks,
             batch transfer, logging, the optimizer call), measured on a one-parameter model.
@@ -78,6 +81,7 @@ class HardwareProfile:
     internode_bandwidth_bytes_per_s: float | None = None
     small_message_bandwidth_bytes_per_s: float | None = None
     process_overhead_bytes: int = 0
+    step_fixed_bytes: int = 0
     collective_latency_s: float = 0.0
     step_overhead_s: float = 0.0
     dtensor_call_s: float = 0.0
@@ -144,7 +148,7 @@ def default_cache_dir() -> Path:
 
 def cache_key(device_type: str, ranks_per_node: int) -> str:
     """Key of a machine shape: device type and name, usable cores, ranks per node (and what is measured)."""
-    return f"v7|{device_type}|{_device_name(device_type)}|{len(usable_cores())} cores|{ranks_per_node} ranks"
+    return f"v8|{device_type}|{_device_name(device_type)}|{len(usable_cores())} cores|{ranks_per_node} ranks"
 
 
 def read_cache(path: Path) -> dict[str, dict]:
@@ -191,6 +195,7 @@ def _measure(device_type: str, ranks_per_node: int) -> HardwareProfile:
         memory_bytes=psutil.virtual_memory().total // ranks_per_node, flops_per_s=flops,
         bandwidth_bytes_per_s=gloo["bandwidth"], small_message_bandwidth_bytes_per_s=gloo["small"],
         memory_bandwidth_bytes_per_s=copy, fresh_memory_bandwidth_bytes_per_s=fresh, process_overhead_bytes=gloo["rss"],
+        step_fixed_bytes=gloo["step_fixed"],
         collective_latency_s=gloo["latency"], step_overhead_s=gloo["step_overhead"],
         dtensor_call_s=gloo["dtensor_call"], dtensor_optimizer_parameter_s=gloo["dtensor_optimizer"],
         collective_skew=gloo["skew"],
@@ -261,15 +266,21 @@ def _allreduce_worker(rank_arg: str, world_arg: str, tmp: str) -> None:
         latency = _timed(lambda: dist.all_reduce(one), 20, False)
         small = torch.ones(_SMALL_ALLREDUCE_BYTES // 4)
         small_seconds = _timed(lambda: dist.all_reduce(small), 10, False)
-        rss = psutil.Process().memory_info().rss - _ALLREDUCE_BYTES  # before DTensor's own imports
+        before = psutil.Process().memory_info().rss
+        rss = before - _ALLREDUCE_BYTES  # before DTensor's own imports
+        if rank == 0:
+            # What a first training step adds whatever the model: kernels' code paged in, Lightning's loop.
+            _reference_step()
+            step = _lightning_step_seconds()
+            step_fixed = psutil.Process().memory_info().rss - before
         skew = _collective_skew(world_size)
         dtensor_call, dtensor_optimizer = _dtensor_costs(world_size)
         if rank == 0:
             bus = 2 * (world_size - 1) / world_size * _ALLREDUCE_BYTES / seconds
             moved = 2 * (world_size - 1) / world_size * _SMALL_ALLREDUCE_BYTES
             small_bus = moved / max(small_seconds - latency, moved / bus)  # never above the large messages' rate
-            step = _lightning_step_seconds()
             result = {"bandwidth": bus, "small": small_bus, "latency": latency, "rss": rss, "step_overhead": step,
+                      "step_fixed": step_fixed,
                       "dtensor_call": dtensor_call, "dtensor_optimizer": dtensor_optimizer, "skew": skew}
             Path(tmp, "result.json").write_text(json.dumps(result))
     finally:
@@ -324,6 +335,15 @@ class _ReferenceBlock(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
         x = x + self.out(y)
         return x + self.proj(F.gelu(self.fc(self.norm2(x))))
+
+
+def _reference_step() -> None:
+    """One training step of two tiny reference blocks (forward, backward, AdamW), unsplit."""
+    torch.manual_seed(0)
+    blocks = nn.Sequential(_ReferenceBlock(), _ReferenceBlock())
+    optimizer = torch.optim.AdamW(blocks.parameters())
+    blocks(torch.randn(2, 8, 16)).sum().backward()
+    optimizer.step()
 
 
 def _dtensor_costs(world_size: int) -> tuple[float, float]:
