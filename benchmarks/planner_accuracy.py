@@ -32,7 +32,7 @@ for, and is judged wrong for it.)
 
     python benchmarks/planner_accuracy.py --quick   # one 3M-parameter model, 6 plans: about 3 minutes on 2 cores
     python benchmarks/planner_accuracy.py           # two models (3M, 19M), 11 plans: about 15 minutes
-    python benchmarks/planner_accuracy.py --measured earlier.json   # predictions again, same runs: seconds
+    python benchmarks/planner_accuracy.py --measured a.json b.json   # predictions again, runs pooled: seconds
 """
 
 from __future__ import annotations
@@ -208,14 +208,19 @@ def _cells(model: str, profile: Any, hardware: Any, plans: list[str], measured: 
     return cells
 
 
-def _earlier_runs(path: str, model: str, plans: list[str]) -> dict[str, dict[str, Any]]:
-    """The measured memory and step time of each of ``plans`` on ``model`` in an earlier ``--json`` file."""
-    rows = {row["plan"]: row for row in json.loads(Path(path).read_text())["rows"]
-            if row["model"].split()[0] == model}
-    missing = [plan for plan in plans if plan not in rows]
+def _earlier_runs(paths: list[str], model: str, plans: list[str]) -> dict[str, dict[str, Any]]:
+    """The measured memory and step time of each of ``plans`` on ``model`` in earlier ``--json`` files: of each
+    plan, its fastest run in any of them (as ``--repeats`` keeps the fastest)."""
+    runs: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for row in json.loads(Path(path).read_text())["rows"]:
+            plan = row["plan"]
+            if row["model"].split()[0] == model and (plan not in runs or row["measured_s"] < runs[plan]["step_s"]):
+                runs[plan] = {"memory": row["measured_mib"] * MIB, "step_s": row["measured_s"]}
+    missing = [plan for plan in plans if plan not in runs]
     if missing:
-        raise SystemExit(f"{path} has no run of {model} under {', '.join(missing)}")
-    return {plan: {"memory": rows[plan]["measured_mib"] * MIB, "step_s": rows[plan]["measured_s"]} for plan in plans}
+        raise SystemExit(f"{', '.join(paths)}: no run of {model} under {', '.join(missing)}")
+    return {plan: runs[plan] for plan in plans}
 
 
 def main() -> None:
@@ -238,8 +243,9 @@ def main() -> None:
     parser.add_argument("--cells", choices=("gaps", "peaks"), default="gaps",
                         help="budgets between consecutive measured peaks, or at each peak")
     parser.add_argument("--json", default="", help="also write the rows and cells to this file")
-    parser.add_argument("--measured", default="", help="predict again against the runs of an earlier --json file "
-                        "(no new runs): a cost-model change judged on the same measurements")
+    parser.add_argument("--measured", nargs="*", default=[], help="predict again against the runs of earlier --json "
+                        "files (no new runs; the fastest run of each plan across them): a cost-model change judged "
+                        "on the same measurements, or more repeats pooled")
     args = parser.parse_args()
     if args.worker:
         _worker(args)

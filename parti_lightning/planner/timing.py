@@ -32,10 +32,13 @@ from parti_lightning.planner.profile import META, BlockTiming, CallCounter, Mode
 
 # Micro-batch counts a pipeline candidate may use (as the search proposes them).
 _MICRO_BATCHES = (1, 2, 4, 8)
-# Time spent on one size at most, after its first (warm-up) run; a block slower than _SLOW_BLOCK_S is not timed at
-# smaller sizes, and a size above _MAX_FLOPS (a few seconds on a CPU core) not at all: the cost model scales the
-# nearest size timed.
-_SECONDS_PER_SIZE = 0.3
+# Each size runs _MIN_RUNS times after a warm-up, then on while under _SECONDS_PER_SIZE (at most _MAX_RUNS): the
+# median of 2 runs, as a 0.3 s budget gave a large block, moved the plans' predicted ratios by 10% between two
+# plannings on a shared VM. A block slower than _SLOW_BLOCK_S is not timed at smaller sizes, and a size above
+# _MAX_FLOPS (a few seconds on a CPU core) not at all: the cost model scales the nearest size timed.
+_MIN_RUNS = 5
+_MAX_RUNS = 15
+_SECONDS_PER_SIZE = 0.5
 _SLOW_BLOCK_S = 1.0
 _MAX_FLOPS = 2e11
 # The block runs beside the caller's own memory: at most this share of what is available.
@@ -163,7 +166,7 @@ def _run(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], backwa
 def _median_seconds(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], backward: bool = True) -> float:
     _run(block, args, kwargs, backward)  # warm-up: first-call allocations and kernel selection
     times: list[float] = []
-    while not times or (sum(times) < _SECONDS_PER_SIZE and len(times) < 5):
+    while len(times) < _MIN_RUNS or (sum(times) < _SECONDS_PER_SIZE and len(times) < _MAX_RUNS):
         start = time.perf_counter()
         _run(block, args, kwargs, backward)
         times.append(time.perf_counter() - start)
