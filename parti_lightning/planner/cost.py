@@ -5,7 +5,8 @@ Memory is what the rank holds at its peak, in the order the step allocates it: t
 and temporaries (the profile's MemTracker peak), plus what sharding adds in flight (gathered units,
 reduce-scatter and bucket buffers). On CPU the strategy builds the whole model on every rank before
 sharding it, so a sharded plan also peaks once at setup, with the whole model and its first shard; and
-where parti leaves glibc's allocator alone, the freed memory it keeps is counted too.
+where parti leaves glibc's allocator alone, the freed memory it keeps is counted too. Every rank also holds
+the process's own memory and what its first step adds whatever the model (kernels' code, Lightning's loop).
 
 Time is compute (FLOPs over a rate, plus the recomputed forward of checkpointed blocks), the
 optimizer step (memory-bound: bytes it reads and writes over the copy rate), the collectives
@@ -136,8 +137,7 @@ def _pipeline(
     _scale_state(cost, profile, held)
     cost.setup_bytes = profile.parameter_bytes + profile.buffer_bytes  # built whole, then split
     cost.trunk_blocks_held = len(profile.blocks) * share
-    # Training pass: 1F1B keeps at most p micro-batches' activations of the stage, GPipe all m.
-    in_flight = m if plan.schedule == "gpipe" else min(p, m)
+    in_flight = _micro_batches_in_flight(plan)
     stage_activations = int(cost.trunk_activation_bytes * share * in_flight / m)
     boundary = profile.blocks[0].input_bytes
     cost.memory["activations"] += stage_activations - cost.trunk_activation_bytes + 2 * boundary
@@ -292,9 +292,13 @@ def _heap_retained(cost: _Cost, hardware: HardwareProfile, plan: ResolvedPlan) -
     if hardware.device_type != "cpu" or shards_module(plan) or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return 0
     if plan.pipeline > 1:
-        in_flight = plan.micro_batches if plan.schedule == "gpipe" else min(plan.pipeline, plan.micro_batches)
-        return cost.uncheckpointed_activation_bytes // max(in_flight, 1)
+        return cost.uncheckpointed_activation_bytes // _micro_batches_in_flight(plan)
     return int(_HEAP_KEPT * cost.uncheckpointed_activation_bytes)
+
+
+def _micro_batches_in_flight(plan: ResolvedPlan) -> int:
+    """Micro-batches whose stage activations a pipeline rank holds at once: GPipe all, 1F1B at most ``pipeline``."""
+    return plan.micro_batches if plan.schedule == "gpipe" else max(min(plan.pipeline, plan.micro_batches), 1)
 
 
 def _rate(
