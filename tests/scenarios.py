@@ -277,6 +277,9 @@ SCENARIOS = [
     # The same under pipeline parallel: three trunk passes per step (two of them under autograd), two backward
     # passes, clipping by the norm over both stages inside the step.
     Scenario("pp_manual_two_optimizers", TwoOptimizerBlockRegressor, plan="pp", data_parallel=1),
+    # GPipe with each block's activations recomputed in the trunk's backward (a plan the planner may choose).
+    Scenario("pp_blocks_activation_checkpointing", BlockRegressor,
+             plan={"preset": "pp", "activation_checkpointing": "blocks"}, data_parallel=1),
     # Interleaved 1F1B: 4 stages of one block on 2 ranks (stages 0 and 2 on rank 0).
     Scenario("pp_interleaved_accumulate_clip_schedule", DeepBlockRegressor, trainer_kwargs=ACCUMULATE_CLIP,
              plan={"preset": "pp", "schedule": "interleaved-1f1b"}, data_parallel=1),

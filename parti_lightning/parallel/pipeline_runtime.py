@@ -366,7 +366,9 @@ class _TrunkFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, None, Tensor | None, None]:
         (x,) = ctx.saved_tensors
-        grad_x = ctx.trunk.backward(ctx.call, x, grad, input_grad=ctx.needs_input_grad[2])
+        # Running: a checkpointed block recomputed in this backward calls the block itself, not the trunk.
+        with _running(ctx.trunk):
+            grad_x = ctx.trunk.backward(ctx.call, x, grad, input_grad=ctx.needs_input_grad[2])
         return None, None, grad_x, None
 
 
