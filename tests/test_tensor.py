@@ -603,8 +603,8 @@ def _dtensor_costs() -> dict:
     from parti_lightning.planner import hardware
 
     torch.manual_seed(0)
-    blocks = nn.Sequential(hardware._ReferenceBlock(), hardware._ReferenceBlock())
-    inputs = torch.randn(2, 8, 16)
+    blocks = hardware._reference_blocks()
+    inputs = torch.randn(hardware._REFERENCE_INPUT_SHAPE)
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tensor",))
     report = apply_tensor_parallel(blocks, mesh, run_example=lambda: blocks(inputs))
     per_call, per_parameter = hardware._dtensor_costs(2)

@@ -337,12 +337,19 @@ class _ReferenceBlock(nn.Module):
         return x + self.proj(F.gelu(self.fc(self.norm2(x))))
 
 
+def _reference_blocks() -> nn.Sequential:
+    """Two reference blocks: repeated, so that parti finds them as blocks."""
+    return nn.Sequential(_ReferenceBlock(), _ReferenceBlock())
+
+
+_REFERENCE_INPUT_SHAPE = (2, 8, 16)
+
+
 def _reference_step() -> None:
-    """One training step of two tiny reference blocks (forward, backward, AdamW), unsplit."""
-    torch.manual_seed(0)
-    blocks = nn.Sequential(_ReferenceBlock(), _ReferenceBlock())
+    """One training step of the reference blocks (forward, backward, AdamW), unsplit."""
+    blocks = _reference_blocks()
     optimizer = torch.optim.AdamW(blocks.parameters())
-    blocks(torch.randn(2, 8, 16)).sum().backward()
+    blocks(torch.randn(_REFERENCE_INPUT_SHAPE)).sum().backward()
     optimizer.step()
 
 
@@ -358,8 +365,8 @@ def _dtensor_costs(world_size: int) -> tuple[float, float]:
 
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tensor",))
     torch.manual_seed(0)  # every rank builds the same weights, as tensor parallelism requires
-    split, plain = (nn.Sequential(_ReferenceBlock(), _ReferenceBlock()) for _ in range(2))
-    inputs = torch.randn(2, 8, 16)
+    split, plain = _reference_blocks(), _reference_blocks()
+    inputs = torch.randn(_REFERENCE_INPUT_SHAPE)
     apply_tensor_parallel(split, mesh, run_example=lambda: split(inputs))
 
     def step(model: nn.Module) -> Callable[[], None]:
