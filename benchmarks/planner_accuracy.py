@@ -208,15 +208,20 @@ def _cells(model: str, profile: Any, hardware: Any, plans: list[str], measured: 
     return cells
 
 
+def _keep_fastest(runs: dict[str, dict[str, Any]], plan: str, run: dict[str, Any]) -> None:
+    """Keep ``run`` as ``plan``'s if it is the plan's first or fastest: this machine's neighbours slow whole runs."""
+    if plan not in runs or run["step_s"] < runs[plan]["step_s"]:
+        runs[plan] = run
+
+
 def _earlier_runs(paths: list[str], model: str, plans: list[str]) -> dict[str, dict[str, Any]]:
     """The measured memory and step time of each of ``plans`` on ``model`` in earlier ``--json`` files: of each
     plan, its fastest run in any of them (as ``--repeats`` keeps the fastest)."""
     runs: dict[str, dict[str, Any]] = {}
     for path in paths:
         for row in json.loads(Path(path).read_text())["rows"]:
-            plan = row["plan"]
-            if row["model"].split()[0] == model and (plan not in runs or row["measured_s"] < runs[plan]["step_s"]):
-                runs[plan] = {"memory": row["measured_mib"] * MIB, "step_s": row["measured_s"]}
+            if row["model"].split()[0] == model:
+                _keep_fastest(runs, row["plan"], {"memory": row["measured_mib"] * MIB, "step_s": row["measured_s"]})
     missing = [plan for plan in plans if plan not in runs]
     if missing:
         raise SystemExit(f"{', '.join(paths)}: no run of {model} under {', '.join(missing)}")
@@ -269,8 +274,7 @@ def main() -> None:
                 for plan in args.plans:
                     run = _run(args, layers, width, plan, Path(tmp, f"{model}-{plan}-{repeat}"))
                     print(f"{model} {plan}: {run['memory'] / MIB:.0f} MiB, {run['step_s']:.3f} s", flush=True)
-                    if plan not in measured or run["step_s"] < measured[plan]["step_s"]:
-                        measured[plan] = {"memory": run["memory"], "step_s": run["step_s"]}
+                    _keep_fastest(measured, plan, {"memory": run["memory"], "step_s": run["step_s"]})
             label = f"{model} ({profile.parameter_count / 1e6:.1f}M)"
             model_cells = _cells(label, profile, hardware, args.plans, measured, args.ranks, args.headroom,
                                  args.cells)

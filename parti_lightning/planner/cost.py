@@ -185,9 +185,10 @@ def _tensor(
     cost.trunk_activation_bytes = kept
     blocks_held = cost.trunk_blocks_held / len(profile.blocks)
     block_step = sum(b.forward_flops + b.backward_flops for b in profile.blocks)
-    cost.time["compute"] -= block_step * blocks_held * (1 - 1 / t) / _rate(profile, hardware)
+    whole_compute = block_step * blocks_held / _rate(profile, hardware)
+    cost.time["compute"] -= whole_compute * (1 - 1 / t)
     # Every all-reduce also waits for the slowest tensor rank: a share of the split compute before it.
-    split_compute = block_step * blocks_held / t / _rate(profile, hardware)
+    split_compute = whole_compute / t
     # A block's activations are small messages, which move slower than the gradient buckets the bandwidth
     # was measured with.
     size = profile.blocks[0].input_bytes
