@@ -43,7 +43,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from parti_lightning.parallel.names import optimizer_parameter_names, parameter_names
-from parti_lightning.parallel.tensor_region import standard_layout
+from parti_lightning.parallel.tensor.region import standard_layout
 
 META_FILE = "meta.pt"
 FORMAT = "parti-sharded/1"

@@ -1,7 +1,7 @@
 """The pipeline trunk's contract, checked in the launching process before any rank starts.
 
 A pipelined plan needs the user's forward to treat the trunk of repeated blocks as a chain
-(:func:`~parti_lightning.parallel.pipeline_contract.check_trunk_contract`). That check needs one
+(:func:`~parti_lightning.parallel.pipeline.contract.check_trunk_contract`). That check needs one
 batch and one run of ``training_step``; here it runs on a meta copy of the module (no memory, no
 compute) on the first batch of a ``DataLoader`` passed to ``fit`` (no worker processes, the caller's
 RNG left as it was), else on ``example_input_array`` through ``forward``. A datamodule is not set up
@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map_only
 from torch.utils.data import DataLoader
 
-from parti_lightning.parallel.pipeline_contract import check_trunk_contract
+from parti_lightning.parallel.pipeline.contract import check_trunk_contract
 from parti_lightning.planner.profile import meta_copy
 
 

@@ -27,8 +27,8 @@ from pipeline_models import build, make_batch
 from torch import Tensor, nn
 
 from parti_lightning.parallel.pipeline import apply_pipeline, check_pipeline_settings
-from parti_lightning.parallel.pipeline_contract import check_trunk_contract
-from parti_lightning.parallel.pipeline_split import stage_starts
+from parti_lightning.parallel.pipeline.contract import check_trunk_contract
+from parti_lightning.parallel.pipeline.cuts import stage_starts
 
 from dist_utils import run_distributed
 
@@ -563,7 +563,7 @@ class _UnevenTrunk(nn.Module):
 
 
 def test_stages_balance_the_blocks_flops_counted_on_the_example() -> None:
-    from parti_lightning.parallel.pipeline_split import BlockFlops
+    from parti_lightning.parallel.pipeline.cuts import BlockFlops
 
     model = _UnevenTrunk()
     blocks = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]

@@ -25,8 +25,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map_only
 
+from parti_lightning.parallel.activation_checkpoint import apply_activation_checkpointing
 from parti_lightning.parallel.blocks import find_blocks, resolve_units
-from parti_lightning.parallel.checkpointing import apply_activation_checkpointing
 from parti_lightning.parallel.storage import (
     MESH_DIMS,
     apply_storage,

@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from parti_lightning.parallel.blocks import find_blocks
-from parti_lightning.parallel.tensor_rules import hf_tensor_rules, validate_tensor_rules
+from parti_lightning.parallel.tensor.rules import hf_tensor_rules, validate_tensor_rules
 from tests.dist_utils import run_distributed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -516,7 +516,7 @@ def _dropout_masks() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    from parti_lightning.parallel.tensor_random import install_cpu_random_tracker, sync_tensor_random_state
+    from parti_lightning.parallel.tensor.random import install_cpu_random_tracker, sync_tensor_random_state
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     torch.manual_seed(7 + dist.get_rank())

@@ -29,13 +29,13 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from parti_lightning.mesh import ParallelMesh
+from parti_lightning.parallel.activation_checkpoint import apply_activation_checkpointing
 from parti_lightning.parallel.blocks import find_blocks, resolve_units
-from parti_lightning.parallel.checkpointing import apply_activation_checkpointing
 from parti_lightning.parallel.data import GradientSynchronizer
 from parti_lightning.parallel.norm import clip_grad_norm_
 from parti_lightning.parallel.pipeline import PipelineParallel, apply_pipeline, check_pipeline_settings
-from parti_lightning.parallel.pipeline_contract import check_trunk_contract
-from parti_lightning.parallel.pipeline_split import BlockFlops
+from parti_lightning.parallel.pipeline.contract import check_trunk_contract
+from parti_lightning.parallel.pipeline.cuts import BlockFlops
 from parti_lightning.parallel.storage import (
     apply_storage,
     root_free_units,

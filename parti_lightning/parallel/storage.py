@@ -153,7 +153,7 @@ def storage_exempt_parameters(module: nn.Module) -> list[nn.Parameter]:
     averaged over those ranks like replicated ones.
 
     These are tensor-parallel parameters in a packed layout (a strided shard, see
-    :mod:`~parti_lightning.parallel.tensor_region`) with no other dimension FSDP could shard: the biases
+    :mod:`~parti_lightning.parallel.tensor.region`) with no other dimension FSDP could shard: the biases
     of packed q/k/v layers. Why: FSDP describes its shard of a tensor-parallel shard of the same dimension
     as a nested strided shard, and torch 2.13 reads that wrongly when the tensor-parallel shard is itself
     strided (``full_tensor()`` and distributed checkpoints reorder its rows; the training step is right).

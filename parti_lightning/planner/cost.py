@@ -322,7 +322,7 @@ def _rate(
 
 def _largest_stage(block_bytes: list[int], stages: int, costs: list[float] | None) -> int:
     """Bytes of the largest stage when the blocks are cut as a run cuts them (by ``costs``, else parameters)."""
-    from parti_lightning.parallel.pipeline_split import stage_starts
+    from parti_lightning.parallel.pipeline.cuts import stage_starts
 
     starts = stage_starts([str(i) for i in range(len(block_bytes))], stages, costs=costs or block_bytes)
     ends = [*starts[1:], len(block_bytes)]

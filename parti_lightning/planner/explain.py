@@ -71,7 +71,7 @@ def footnotes(report: PlanReport) -> list[str]:
 
 def stage_blocks(report: PlanReport) -> list[str]:
     """The blocks of each predicted stage of the chosen plan (``"blocks.0 .. blocks.3"``), cut as a run cuts them."""
-    from parti_lightning.parallel.pipeline_split import stage_starts
+    from parti_lightning.parallel.pipeline.cuts import stage_starts
     from parti_lightning.planner.profile import stage_costs
 
     names = [b.name for b in report.profile.blocks]

@@ -15,7 +15,7 @@ Lightning ``training_step`` computes its loss itself, after the trunk, and its `
 must see that loss on every rank. Two ways around that, by schedule:
 
 - ``"gpipe"``: the schedule's forward and backward phases run apart
-  (:class:`~parti_lightning.parallel.pipeline_phases.PhasedGPipe`); each stage keeps its
+  (:class:`~parti_lightning.parallel.pipeline.phases.PhasedGPipe`); each stage keeps its
   micro-batches' activations between them, as GPipe does. No recompute.
 - ``"1f1b"`` and ``"interleaved-1f1b"``: 1F1B interleaves forward and backward passes, which cannot
   be separated, so the forward is a forward-only pass and the backward re-runs the trunk under the
@@ -42,13 +42,13 @@ from torch.distributed import ProcessGroup
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 
-from parti_lightning.parallel.pipeline_contract import (
+from parti_lightning.parallel.pipeline.contract import (
     argument_name,
     cache_argument,
     first_output,
     same_arguments,
 )
-from parti_lightning.parallel.pipeline_phases import PhasedGPipe
+from parti_lightning.parallel.pipeline.phases import PhasedGPipe
 
 _Schedule = PipelineScheduleSingle | PipelineScheduleMulti
 SCHEDULES: dict[str, type[_Schedule]] = {
@@ -82,8 +82,8 @@ class _Call:
 class PipelinedTrunk:
     """The pipelined trunk of one module on one rank: stage construction, call interception, schedules.
 
-    Built by :func:`~parti_lightning.parallel.pipeline.apply_pipeline`; frees the blocks of other
-    stages and routes the user's block calls here.
+    Built by :func:`~parti_lightning.parallel.pipeline.apply_pipeline`, which then frees the blocks of
+    other stages (:func:`free_block`) and routes the user's block calls here (:func:`route_block_calls`).
     """
 
     def __init__(
@@ -108,12 +108,7 @@ class PipelinedTrunk:
         self.rank, self.ranks = dist.get_rank(group), dist.get_world_size(group)
         self.stage_indices = list(range(self.rank, self.num_stages, self.ranks))
         ends = [*starts[1:], len(blocks)]
-        held = {i for s in self.stage_indices for i in range(starts[s], ends[s])}
-        for index, (_, block) in enumerate(blocks):
-            if index not in held:
-                _free(block)
-            _intercept(block)
-            _ROUTES[block] = (self, index)
+        self.held_indices = [i for s in self.stage_indices for i in range(starts[s], ends[s])]
         self.stage_modules = [
             _StageModule(self, [block for _, block in blocks[starts[s] : ends[s]]], s) for s in self.stage_indices
         ]
@@ -456,7 +451,8 @@ def _shaped_like(template: Any, hidden: Tensor) -> Any:
     return kind([hidden, *([None] * (length - 1))])
 
 
-def _free(block: nn.Module) -> None:
+def free_block(block: nn.Module) -> None:
+    """Release ``block``'s parameters and buffers: another pipeline rank holds them."""
     # Parameters and buffers set to None stay declared (attribute access keeps working for code that
     # reads e.g. a block's config) but hold no memory and vanish from parameters() and state_dict().
     for sub in block.modules():
@@ -464,6 +460,13 @@ def _free(block: nn.Module) -> None:
             sub._parameters[name] = None
         for name in list(sub._buffers):
             sub._buffers[name] = None
+
+
+def route_block_calls(trunk: PipelinedTrunk) -> None:
+    """Make every call of a trunk block from the user's forward go to ``trunk`` (the stage runs the blocks itself)."""
+    for index, block in enumerate(trunk.blocks):
+        _intercept(block)
+        _ROUTES[block] = (trunk, index)
 
 
 def _intercept(block: nn.Module) -> None:

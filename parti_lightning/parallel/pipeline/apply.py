@@ -3,8 +3,8 @@
 Each rank of the pipeline group keeps the parameters of one contiguous run of blocks (its stage)
 and frees the others. Everything else (embeddings, head, loss, logging) stays replicated and runs
 on every pipeline rank, unchanged; the trunk runs as one pipelined operation when the forward calls
-it (see :mod:`~parti_lightning.parallel.pipeline_runtime`), after its contract was checked by
-:func:`~parti_lightning.parallel.pipeline_contract.check_trunk_contract`.
+it (see :mod:`~parti_lightning.parallel.pipeline.runtime`), after its contract was checked by
+:func:`~parti_lightning.parallel.pipeline.contract.check_trunk_contract`.
 
 Order with the other techniques: ``apply_pipeline`` first (it frees the blocks other stages own, so
 nothing after sees them), then tensor parallel and storage sharding inside the stage, then the
@@ -23,8 +23,14 @@ from torch.distributed import ProcessGroup
 
 from parti_lightning.parallel.blocks import find_blocks
 from parti_lightning.parallel.norm import clip_grads_with_norm_, total_norm
-from parti_lightning.parallel.pipeline_runtime import INTERLEAVED, SCHEDULES, PipelinedTrunk
-from parti_lightning.parallel.pipeline_split import stage_starts
+from parti_lightning.parallel.pipeline.cuts import stage_starts
+from parti_lightning.parallel.pipeline.runtime import (
+    INTERLEAVED,
+    SCHEDULES,
+    PipelinedTrunk,
+    free_block,
+    route_block_calls,
+)
 
 __all__ = ["INTERLEAVED", "SCHEDULES", "PipelineParallel", "apply_pipeline", "check_pipeline_settings"]
 
@@ -101,7 +107,7 @@ def apply_pipeline(
 ) -> PipelineParallel:
     """Split ``module``'s trunk into one stage per rank of ``group`` and pipeline it when the forward runs.
 
-    Call after the trunk contract was checked (:func:`~parti_lightning.parallel.pipeline_contract.check_trunk_contract`)
+    Call after the trunk contract was checked (:func:`~parti_lightning.parallel.pipeline.contract.check_trunk_contract`)
     and the module moved to ``device``, before tensor parallel, storage sharding and the optimizers: the
     blocks this rank does not own lose their parameters and buffers here, so nothing after sees them.
 
@@ -133,10 +139,18 @@ def apply_pipeline(
         len(blocks), ranks, micro_batches=micro_batches, schedule=schedule, stages_per_rank=stages_per_rank
     )
     _check_no_shared_parameters(module, blocks)
+    # 1. Cut: where each stage starts (the user's cuts, or balanced costs).
     if costs is None:
         costs = [sum(p.numel() for p in block.parameters()) for _, block in blocks]
     starts = stage_starts([name for name, _ in blocks], ranks * stages_per_rank, cuts=cuts, costs=costs)
     trunk = PipelinedTrunk(blocks, starts, group, micro_batches, schedule, device)
+    # 2. Free: the blocks other ranks hold lose their parameters and buffers, so nothing after this sees them.
+    held = set(trunk.held_indices)
+    for index, (_, block) in enumerate(blocks):
+        if index not in held:
+            free_block(block)
+    # 3. Intercept: the user's calls of every block now reach the pipelined trunk.
+    route_block_calls(trunk)
     return PipelineParallel(trunk)
 
 

@@ -1,12 +1,13 @@
 """Tensor-parallel regions: a block whose layers hold DTensor parameters, with plain tensors in and out.
 
-Inside a region every intermediate is a DTensor with global semantics (see ``tensor.py``); the hooks
-here make the boundary and fix Megatron's collectives (one all-reduce per split pair each way).
+Inside a region every intermediate is a DTensor with global semantics (see the package's docstring); the
+hooks here make the boundary and fix Megatron's collectives (one all-reduce per split pair each way).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -16,8 +17,31 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils._pytree import tree_map
 
-from parti_lightning.parallel.tensor_ops import PackedSplit
-from parti_lightning.parallel.tensor_rules import REPLICATE, ROWWISE, packed_parts, parameter_placements
+from parti_lightning.parallel.tensor.ops import PackedSplit
+from parti_lightning.parallel.tensor.rules import REPLICATE, ROWWISE, packed_parts, parameter_placements
+
+
+@contextlib.contextmanager
+def implicit_replication() -> Iterator[None]:
+    """DTensor ops take plain tensors as replicated on the op's mesh, until exit; nests, and restores the outer state.
+
+    Why the flag itself rather than torch's ``implicit_replication()``: that one resets the flag to False on
+    exit, which would end an enclosing implicit replication early (a region inside a backward pass's step).
+    """
+    dispatcher = DTensor._op_dispatcher
+    before = dispatcher._allow_implicit_replication
+    dispatcher._allow_implicit_replication = True
+    try:
+        yield
+    finally:
+        dispatcher._allow_implicit_replication = before
+
+
+def mesh_device(mesh: DeviceMesh) -> torch.device:
+    """The device a collective over ``mesh``'s group moves tensors on (NCCL moves device tensors only)."""
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device())
 
 
 def shard_unit(unit: nn.Module, rules: Mapping[str, str], mesh: DeviceMesh) -> None:
@@ -67,14 +91,14 @@ class _Region:
     def __init__(self, mesh: DeviceMesh, packed: bool = False) -> None:
         self.mesh = mesh
         self.packed = packed
-        self._saved_flags: list[bool] = []
+        self._replication: list[contextlib.AbstractContextManager[None]] = []
         self._modes: list[PackedSplit] = []
         self._grad_reduced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        dispatcher = DTensor._op_dispatcher
-        self._saved_flags.append(dispatcher._allow_implicit_replication)
-        dispatcher._allow_implicit_replication = True
+        # Entered in the pre-hook and left in the forward hook: the forward runs between two hooks, not in a block.
+        self._replication.append(implicit_replication())
+        self._replication[-1].__enter__()
         self._grad_reduced.clear()
         if self.packed:
             self._modes.append(PackedSplit())
@@ -85,8 +109,8 @@ class _Region:
         self._grad_reduced.clear()
         if self._modes:
             self._modes.pop().__exit__(None, None, None)
-        if self._saved_flags:
-            DTensor._op_dispatcher._allow_implicit_replication = self._saved_flags.pop()
+        if self._replication:
+            self._replication.pop().__exit__(None, None, None)
         return tree_map(lambda value: value.full_tensor() if isinstance(value, DTensor) else value, output)
 
     def reduce_input_grad(self, module: nn.Module, args: tuple) -> tuple | None:

@@ -20,7 +20,7 @@ from torch.distributed.tensor import Placement, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.overrides import TorchFunctionMode
 
-from parti_lightning.parallel.tensor_ops import equal_parts
+from parti_lightning.parallel.tensor.ops import equal_parts
 
 COLWISE, ROWWISE, REPLICATE = "colwise", "rowwise", "replicate"
 STYLES = (COLWISE, ROWWISE, REPLICATE)
@@ -97,7 +97,7 @@ def parameter_placements(module: nn.Module, style: str) -> dict[str, Placement]:
 
     Plain ``Shard``/``Replicate``, except a :func:`packed_colwise` layer's weight and bias: a strided shard (each
     rank holds its share of each packed part), which distributed checkpoints refuse; the region saves those
-    in the plain ``Shard`` layout (:func:`~parti_lightning.parallel.tensor_region.shard_unit`).
+    in the plain ``Shard`` layout (:func:`~parti_lightning.parallel.tensor.region.shard_unit`).
     """
     dim = split_dim(module, style)
     placements: dict[str, Placement] = {name: Replicate() for name, _ in module.named_parameters(recurse=False)}

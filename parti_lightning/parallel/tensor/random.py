@@ -41,6 +41,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import _random as dtensor_random
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
+from parti_lightning.parallel.tensor.region import mesh_device
+
 # An odd 64-bit constant (2^64 / golden ratio): seeds of neighbouring shards land far apart.
 _SHARD_SEED_STRIDE = 0x9E3779B97F4A7C15
 _SEED_RANGE = 2**62  # drawn with torch.randint, whose bounds are int64
@@ -51,7 +53,7 @@ def sync_tensor_random_state(mesh: DeviceMesh) -> None:
 
     Copies the CPU default generator's state, and on an accelerator mesh that device's generator state too.
     """
-    device = _mesh_device(mesh)
+    device = mesh_device(mesh)
     states = [torch.get_rng_state()]
     if device.type != "cpu":
         states.append(torch.get_device_module(device.type).get_rng_state())
@@ -109,8 +111,3 @@ def _shard_index(spec: DTensorSpec) -> int | None:
             index = index * spec.mesh.size(mesh_dim) + coordinate[mesh_dim]
     return index if sharded else None
 
-
-def _mesh_device(mesh: DeviceMesh) -> torch.device:
-    if mesh.device_type == "cpu":
-        return torch.device("cpu")
-    return torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device())

@@ -1,0 +1,39 @@
+"""Pipeline parallelism for an unmodified ``forward``: the trunk of repeated blocks split into stages.
+
+Each rank of the pipeline group keeps the parameters of its stages' blocks and frees the others;
+everything else (embeddings, head, loss, logging) stays replicated and runs on every pipeline rank. The
+trunk runs as one pipelined operation, on ``torch.distributed.pipelining``, when the user's forward calls
+its first block.
+
+Files:
+
+- ``apply.py``: :func:`apply_pipeline` (cut, free, intercept, in that order), the settings check, and
+  :class:`PipelineParallel`, what the strategy sees of the trunk (its stages, the gradient norm over them);
+- ``cuts.py``: where stages start: the plan's ``pipeline_cuts``, or blocks balanced by measured FLOPs;
+- ``contract.py``: what the forward must do with the trunk to be pipelined (a chain of blocks), checked by
+  a dry run that names what breaks;
+- ``runtime.py``: the trunk at run time: block calls routed to it, one autograd operation over the stages,
+  the schedules;
+- ``phases.py``: GPipe with its forward and backward phases run apart, so the user's loss runs in between.
+"""
+
+from parti_lightning.parallel.pipeline.apply import (
+    INTERLEAVED,
+    SCHEDULES,
+    PipelineParallel,
+    apply_pipeline,
+    check_pipeline_settings,
+)
+from parti_lightning.parallel.pipeline.contract import check_trunk_contract
+from parti_lightning.parallel.pipeline.cuts import BlockFlops, stage_starts
+
+__all__ = [
+    "INTERLEAVED",
+    "SCHEDULES",
+    "BlockFlops",
+    "PipelineParallel",
+    "apply_pipeline",
+    "check_pipeline_settings",
+    "check_trunk_contract",
+    "stage_starts",
+]
