@@ -34,8 +34,6 @@ from parti_lightning.parallel.blocks import find_blocks, resolve_units
 from parti_lightning.parallel.data import GradientSynchronizer
 from parti_lightning.parallel.norm import clip_grad_norm_
 from parti_lightning.parallel.pipeline import PipelineParallel, apply_pipeline, check_pipeline_settings
-from parti_lightning.parallel.pipeline.contract import check_trunk_contract
-from parti_lightning.parallel.pipeline.cuts import BlockFlops
 from parti_lightning.parallel.storage import (
     apply_storage,
     root_free_units,
@@ -256,55 +254,60 @@ def parallelize(
             " it again is not supported yet. Build a fresh module and resume from a checkpoint instead."
         )
     result = Parallelized(module, plan)
+    # 1. Pipeline split: this rank keeps its stages' blocks and frees the others.
     if mesh.pipeline_enabled:
-        blocks = len(find_blocks(module))
-        check_pipeline_settings(
-            blocks, plan.pipeline, micro_batches=plan.micro_batches, batch_size=batch_size, schedule=plan.schedule,
-            stages_per_rank=plan.virtual_stages,
-        )
-        costs = None
-        device = next(module.parameters()).device
-        if run_example is not None:
-            # On the real batch, the same verdict (and FLOPs per block: the stages' balance) on every rank.
-            flops = BlockFlops(find_blocks(module))
-            check_trunk_contract(module, flops.wrap(run_example))
-            costs = flops.costs(device)
         result.pipeline = apply_pipeline(
             module, mesh.pipeline_group, micro_batches=plan.micro_batches, schedule=plan.schedule,
-            stages_per_rank=plan.virtual_stages, cuts=plan.pipeline_cuts, costs=costs, device=device,
+            stages_per_rank=plan.virtual_stages, cuts=plan.pipeline_cuts, device=next(module.parameters()).device,
+            run_example=run_example, batch_size=batch_size,
         )
-    # Under pipeline parallelism, the blocks this stage holds: once the other stages' blocks are freed,
-    # `find_blocks` would read another structure (one held block is not a repeated trunk).
+    # The blocks this stage holds: once the other stages' blocks are freed, `find_blocks` would read another
+    # structure (one held block is not a repeated trunk). `None`: every block, found by each step itself.
     held = _held_blocks(module, result.pipeline) if result.pipeline is not None else None
+    # 2. Tensor parallel: the layers of the (held) blocks split over the tensor ranks, checked on the example.
     if mesh.tensor_enabled:
         rules = dict(plan.tensor_rules) if plan.tensor_rules is not None else None
         result.tensor_report = apply_tensor_parallel(module, mesh.tensor_mesh, rules, run_example, blocks=held)
     units = held if held is not None and plan.sharding_units is None else None
+    # 3. Activation checkpointing of whole blocks (FSDP's units when storage is sharded).
     if plan.activation_checkpointing == "blocks":
         checkpointed = units if units is not None else resolve_units(module, plan.sharding_units)
         apply_activation_checkpointing(module, checkpointed)
+    # 4. Storage: FSDP shards parameters, gradients and optimizer state (ZeRO-2/3), or whole parameters'
+    #    gradients are averaged over the data-parallel ranks (replicated, ZeRO-1).
     if shards_module(plan):
-        # Automatic optimization runs each step through the module's `__call__`, so the root can be a
-        # unit; manual optimization runs backward passes inside a step, before any root forward would
-        # end, so only the children are units.
-        whole = storage_exempt_parameters(module)  # before FSDP, whose own shards are strided too
-        apply_storage(module, mesh.storage_mesh, plan, shard_root=automatic_optimization, units=units, exempt=whole)
-        if whole and mesh.data_parallel_enabled:
-            result.gradient_sync = GradientSynchronizer(
-                module, mesh.data_parallel_group, comm_group=mesh.gradient_group, parameters=whole
-            )
+        result.gradient_sync = _shard_storage(module, mesh, units, automatic_optimization)
+    else:
+        result.gradient_sync = _average_gradients(module, mesh)
+        if shards_optimizer(plan):
+            result.optimizer_shard_group = mesh.shard_group
     if mesh.tensor_enabled or mesh.pipeline_enabled:
         setattr(module, _APPLIED, True)
-    if shards_module(plan):
-        return result
-    # Replicated and ZeRO-1 keep whole parameters: gradients are averaged over every data-parallel
-    # rank (ZeRO-1 then splits only the optimizer step). A pipeline rank averages the parameters it
-    # holds; no parameter is reduced over the pipeline axis (replicated ones get the same gradient on
-    # every stage by construction).
-    result.gradient_sync = GradientSynchronizer(module, mesh.data_parallel_group, comm_group=mesh.gradient_group)
-    if shards_optimizer(plan):
-        result.optimizer_shard_group = mesh.shard_group
     return result
+
+
+def _shard_storage(
+    module: nn.Module, mesh: ParallelMesh, units: list[tuple[str, nn.Module]] | None, automatic_optimization: bool
+) -> GradientSynchronizer | None:
+    """Step 4 under ZeRO-2/3: FSDP over the storage mesh; what FSDP cannot shard keeps averaged whole gradients."""
+    # Automatic optimization runs each step through the module's `__call__`, so the root can be a unit;
+    # manual optimization runs backward passes inside a step, before any root forward would end, so only
+    # the children are units.
+    whole = storage_exempt_parameters(module)  # before FSDP, whose own shards are strided too
+    apply_storage(module, mesh.storage_mesh, mesh.plan, shard_root=automatic_optimization, units=units, exempt=whole)
+    if whole and mesh.data_parallel_enabled:
+        return GradientSynchronizer(module, mesh.data_parallel_group, comm_group=mesh.gradient_group, parameters=whole)
+    return None
+
+
+def _average_gradients(module: nn.Module, mesh: ParallelMesh) -> GradientSynchronizer:
+    """Step 4 for whole parameters (replicated, ZeRO-1): gradients averaged over every data-parallel rank.
+
+    ZeRO-1 then splits only the optimizer step. A pipeline rank averages the parameters it holds; no
+    parameter is reduced over the pipeline axis (replicated ones get the same gradient on every stage by
+    construction).
+    """
+    return GradientSynchronizer(module, mesh.data_parallel_group, comm_group=mesh.gradient_group)
 
 
 def _held_blocks(module: nn.Module, pipeline: PipelineParallel) -> list[tuple[str, nn.Module]]:

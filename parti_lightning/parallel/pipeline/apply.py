@@ -14,7 +14,8 @@ and replicated parameters get the same gradient on every pipeline rank by constr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,8 @@ from torch.distributed import ProcessGroup
 
 from parti_lightning.parallel.blocks import find_blocks
 from parti_lightning.parallel.norm import clip_grads_with_norm_, total_norm
-from parti_lightning.parallel.pipeline.cuts import stage_starts
+from parti_lightning.parallel.pipeline.contract import check_trunk_contract
+from parti_lightning.parallel.pipeline.cuts import BlockFlops, stage_starts
 from parti_lightning.parallel.pipeline.runtime import (
     INTERLEAVED,
     SCHEDULES,
@@ -104,12 +106,15 @@ def apply_pipeline(
     cuts: Sequence[str] | None = None,
     costs: Sequence[float] | None = None,
     device: torch.device,
+    run_example: Callable[[], Any] | None = None,
+    batch_size: int | None = None,
 ) -> PipelineParallel:
     """Split ``module``'s trunk into one stage per rank of ``group`` and pipeline it when the forward runs.
 
-    Call after the trunk contract was checked (:func:`~parti_lightning.parallel.pipeline.contract.check_trunk_contract`)
-    and the module moved to ``device``, before tensor parallel, storage sharding and the optimizers: the
-    blocks this rank does not own lose their parameters and buffers here, so nothing after sees them.
+    Call with the module on ``device``, before tensor parallel, storage sharding and the optimizers: the
+    blocks this rank does not own lose their parameters and buffers here, so nothing after sees them. With
+    ``run_example``, the trunk's contract is checked first
+    (:func:`~parti_lightning.parallel.pipeline.contract.check_trunk_contract`).
 
     Args:
         module: the model, modified in place.
@@ -121,8 +126,12 @@ def apply_pipeline(
             passes without autograd use a forward-only schedule.
         stages_per_rank: stages per rank, for an interleaved schedule.
         cuts: the block names where stages ``1 .. N·stages_per_rank - 1`` start; ``None`` to balance ``costs``.
-        costs: a cost per block to balance; ``None`` for parameter counts.
+        costs: a cost per block to balance; ``None`` for the blocks' FLOPs measured in ``run_example``, or
+            parameter counts without it.
         device: where this rank's stage runs.
+        run_example: runs the module once on a real batch, the same on every rank: the trunk's contract is
+            checked on it (the same verdict on every rank) and each block's FLOPs counted, to balance the stages.
+        batch_size: the batch each data-parallel rank's step gets, if known: ``micro_batches`` must divide it.
 
     Returns:
         What the strategy needs afterwards: the owned blocks, norm reduction over stages.
@@ -136,8 +145,14 @@ def apply_pipeline(
         raise ValueError(f"no repeated trunk to pipeline in {type(module).__name__} (found {len(blocks)} block)")
     ranks = dist.get_world_size(group)
     check_pipeline_settings(
-        len(blocks), ranks, micro_batches=micro_batches, schedule=schedule, stages_per_rank=stages_per_rank
+        len(blocks), ranks, micro_batches=micro_batches, batch_size=batch_size, schedule=schedule,
+        stages_per_rank=stages_per_rank,
     )
+    if run_example is not None:
+        # On the real batch, the same verdict (and FLOPs per block: the stages' balance) on every rank.
+        flops = BlockFlops(blocks)
+        check_trunk_contract(module, flops.wrap(run_example))
+        costs = flops.costs(device) if costs is None else costs
     _check_no_shared_parameters(module, blocks)
     # 1. Cut: where each stage starts (the user's cuts, or balanced costs).
     if costs is None:
