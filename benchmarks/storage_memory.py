@@ -4,7 +4,7 @@ Trains the example's character GPT, scaled to about 100M parameters (14 blocks o
 heads: 99.5M), on the example's text with ``PartiStrategy(plan=...)`` on 2 CPU processes, one
 subprocess per plan (Lightning's launcher re-runs the script for rank 1), and reports per rank:
 
-- the tensor bytes the rank holds, from ``parti_lightning.parallel.storage.rank_state_bytes``
+- the tensor bytes the rank holds, from ``parti_lightning.parallel.state_bytes.rank_state_bytes``
   (parameters, gradients, optimizer state), taken in ``on_before_optimizer_step`` of the second step,
   when the gradients of that step and the AdamW state of the first both exist; with its ratio to ddp's
   and to the ideal: a single process's total (16 bytes per parameter for fp32 AdamW) divided by the
@@ -84,7 +84,7 @@ def _worker(args: argparse.Namespace) -> None:
     import lightning as L
 
     from parti_lightning import PartiStrategy
-    from parti_lightning.parallel.storage import rank_state_bytes
+    from parti_lightning.parallel.state_bytes import rank_state_bytes
 
     from char_gpt import CharDataModule, CharGPT
 

@@ -38,7 +38,7 @@ from parti_lightning.checkpoint import (
 )
 from parti_lightning.mesh import ParallelMesh
 from parti_lightning.parallel import holds_part_of_the_model, holds_sharded_tensors
-from parti_lightning.parallel.storage import (
+from parti_lightning.parallel.full_state import (
     full_optimizer_state_dict,
     full_state_dict,
     load_full_optimizer_state_dict,

@@ -21,7 +21,7 @@ from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_s
 from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
-from parti_lightning.parallel.storage import full_state_dict
+from parti_lightning.parallel.full_state import full_state_dict
 
 
 class _LastRun:

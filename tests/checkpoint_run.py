@@ -70,7 +70,7 @@ class Net(L.LightningModule):
 
 def gathered_state(trainer: L.Trainer) -> dict[str, Any]:
     """Model and optimizer state gathered and keyed by name, whatever the plan. Collective."""
-    from parti_lightning.parallel.storage import full_optimizer_state_dict, full_state_dict
+    from parti_lightning.parallel.full_state import full_optimizer_state_dict, full_state_dict
 
     module = trainer.lightning_module
     optimizers = [getattr(o, "_optimizer", o) for o in trainer.optimizers]
@@ -156,7 +156,7 @@ def run(devices: int, job: dict[str, Any]) -> None:
     if job.get("validate"):
         # Weights only: validation loads the module's state and nothing else.
         trainer.validate(module, ckpt_path=job["validate"], verbose=False)
-        from parti_lightning.parallel.storage import full_state_dict
+        from parti_lightning.parallel.full_state import full_state_dict
 
         state = full_state_dict(module)
         if trainer.is_global_zero:

@@ -95,7 +95,7 @@ def _trainer(strategy: Any, max_steps: int, stage: str, **kwargs: Any) -> tuple[
 
 
 def _weights(module: L.LightningModule) -> dict[str, torch.Tensor]:
-    from parti_lightning.parallel.storage import full_state_dict
+    from parti_lightning.parallel.full_state import full_state_dict
 
     return full_state_dict(module, rank0_only=False)
 

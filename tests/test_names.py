@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from parti_lightning.checkpoint import named_optimizer_state
+from parti_lightning.parallel.full_state import load_full_optimizer_state_dict
 from parti_lightning.parallel.names import optimizer_parameter_names, parameter_names
-from parti_lightning.parallel.storage import load_full_optimizer_state_dict
 
 
 class Tied(nn.Module):

@@ -27,7 +27,7 @@ from parti_lightning.checkpoint import load_sharded, save_sharded, sharded_model
 from parti_lightning.mesh import ParallelMesh
 from parti_lightning.parallel import holds_sharded_tensors, parallelize
 from parti_lightning.parallel.batchnorm import convert_batchnorm
-from parti_lightning.parallel.storage import full_optimizer_state_dict, full_state_dict
+from parti_lightning.parallel.full_state import full_optimizer_state_dict, full_state_dict
 from parti_lightning.plan import PartitionPlan
 
 from dist_utils import run_distributed

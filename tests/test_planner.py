@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from parti_lightning.parallel.storage import rank_state_bytes
+from parti_lightning.parallel.state_bytes import rank_state_bytes
 from parti_lightning.plan import PartitionPlan, PlanError
 from parti_lightning.planner import (
     HardwareProfile,

@@ -27,17 +27,14 @@ from torch.utils._pytree import tree_map_only
 
 from parti_lightning.parallel.activation_checkpoint import apply_activation_checkpointing
 from parti_lightning.parallel.blocks import find_blocks, resolve_units
-from parti_lightning.parallel.storage import (
-    MESH_DIMS,
-    apply_storage,
+from parti_lightning.parallel.full_state import (
     full_optimizer_state_dict,
     full_state_dict,
     load_full_optimizer_state_dict,
     load_full_state_dict,
-    rank_state_bytes,
-    retarget_lr_scheduler,
-    shard_optimizer,
 )
+from parti_lightning.parallel.state_bytes import rank_state_bytes
+from parti_lightning.parallel.storage import MESH_DIMS, apply_storage, retarget_lr_scheduler, shard_optimizer
 from parti_lightning.plan import PartitionPlan
 
 from dist_utils import DistributedTestError, run_distributed
