@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args
 
@@ -105,6 +105,19 @@ class PartitionPlan:
     tensor_rules: tuple[tuple[str, TensorStyle], ...] | None = field(default=None)
 
     def __post_init__(self) -> None:
+        # In this order, so that a plan with several faults is refused for the same one first.
+        self._check_degrees()
+        self._check_auto_axes()
+        self._check_options()
+        check_pipeline_settings(None, self.pipeline, micro_batches=self.micro_batches, schedule=self.schedule,
+                                stages_per_rank=self.stages_per_rank, cuts=self.pipeline_cuts)
+        self._check_names("pipeline_cuts", "block names")
+        self._check_storage()
+        self._check_names("sharding_units", "module names")
+        self._check_tensor_rules()
+
+    def _check_degrees(self) -> None:
+        """Every axis degree a positive integer or ``"auto"`` (``shard`` also ``"node"``)."""
         for name in ("data", "shard"):
             value = getattr(self, name)
             if value == "auto" or (name == "shard" and value == "node"):
@@ -116,6 +129,9 @@ class PartitionPlan:
             value = getattr(self, name)
             if value != "auto" and (not _is_int(value) or value < 1):
                 raise PlanError(f"plan.{name}={value!r} is invalid: use a positive integer or 'auto'.")
+
+    def _check_auto_axes(self) -> None:
+        """An ``"auto"`` tensor or pipeline degree needs every other axis fixed (and is one of them only)."""
         if self.tensor == "auto" and self.pipeline == "auto":
             raise PlanError("plan.tensor and plan.pipeline cannot both be 'auto': give one of them as a number.")
         for name in ("tensor", "pipeline"):
@@ -125,33 +141,26 @@ class PartitionPlan:
                     f"plan.{name}='auto' takes the ranks the other axes leave: give data and shard as numbers"
                     f" (got data={self.data!r}, shard={self.shard!r})."
                 )
-        for name in ("micro_batches",):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise PlanError(f"plan.{name}={value!r} is invalid: use a positive integer.")
+
+    def _check_options(self) -> None:
+        """``micro_batches`` a positive integer; storage, offload, checkpointing and schedule among their choices."""
+        if not _is_int(self.micro_batches) or self.micro_batches < 1:
+            raise PlanError(f"plan.micro_batches={self.micro_batches!r} is invalid: use a positive integer.")
         _check_choice("storage", self.storage, Storage)
         _check_choice("offload", self.offload, Offload)
         _check_choice("activation_checkpointing", self.activation_checkpointing, ActivationCheckpointing)
         _check_choice("schedule", self.schedule, Schedule)
-        if self.pipeline == 1 and (self.micro_batches > 1 or self.pipeline_cuts is not None):
-            field_name = "micro_batches" if self.micro_batches > 1 else "pipeline_cuts"
-            raise PlanError(
-                f"plan.{field_name}={getattr(self, field_name)!r} only applies to pipeline parallelism, but"
-                " plan.pipeline=1: set pipeline > 1, or drop the field."
-            )
-        interleaved = self.schedule in INTERLEAVED_SCHEDULES
-        if self.stages_per_rank is not None:
-            if not _is_int(self.stages_per_rank) or self.stages_per_rank < 1:
-                raise PlanError(f"plan.stages_per_rank={self.stages_per_rank!r} is invalid: use a positive integer.")
-            if interleaved and self.stages_per_rank < 2 or not interleaved and self.stages_per_rank != 1:
-                raise PlanError(
-                    f"plan.stages_per_rank={self.stages_per_rank} with schedule={self.schedule!r}: an interleaved"
-                    " schedule holds 2 or more stages per rank, the others 1."
-                )
-        if self.pipeline_cuts is not None:
-            if isinstance(self.pipeline_cuts, str) or not all(isinstance(c, str) and c for c in self.pipeline_cuts):
-                raise PlanError(f"plan.pipeline_cuts={self.pipeline_cuts!r} is invalid: give a list of block names.")
-            object.__setattr__(self, "pipeline_cuts", tuple(self.pipeline_cuts))
+
+    def _check_names(self, name: str, what: str) -> None:
+        """``pipeline_cuts`` or ``sharding_units``: ``None`` or non-empty strings, kept as a tuple."""
+        names = getattr(self, name)
+        if names is not None:
+            if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+                raise PlanError(f"plan.{name}={names!r} is invalid: give a list of {what}.")
+            object.__setattr__(self, name, tuple(names))
+
+    def _check_storage(self) -> None:
+        """A shard axis with something to shard; offload to CPU of sharded parameters only."""
         if self.storage == "replicated" and _is_int(self.shard) and self.shard > 1:
             raise PlanError(
                 f"plan.shard={self.shard} with plan.storage='replicated' shards nothing: set storage to"
@@ -167,14 +176,9 @@ class PartitionPlan:
                 f"plan.offload='cpu' is supported with storage='parameters' only (got storage={self.storage!r}):"
                 " set storage='parameters' or offload='none'."
             )
-        if self.sharding_units is not None:
-            if isinstance(self.sharding_units, str) or not all(
-                isinstance(u, str) and u for u in self.sharding_units
-            ):
-                raise PlanError(
-                    f"plan.sharding_units={self.sharding_units!r} is invalid: give a list of module names."
-                )
-            object.__setattr__(self, "sharding_units", tuple(self.sharding_units))
+
+    def _check_tensor_rules(self) -> None:
+        """``tensor_rules`` pairs of a pattern and a style, kept as a tuple, and only with ``tensor > 1``."""
         if self.tensor_rules is not None:
             object.__setattr__(self, "tensor_rules", _tensor_rules(self.tensor_rules))
             if self.tensor == 1:
@@ -378,6 +382,77 @@ class ResolvedPlan(PartitionPlan):
     @property
     def data_parallel_size(self) -> int:
         return self.data * self.shard
+
+
+def check_pipeline_settings(
+    num_blocks: int | None,
+    num_stages: Degree,
+    *,
+    micro_batches: int,
+    batch_size: int | None = None,
+    schedule: str = "gpipe",
+    stages_per_rank: int | None = 1,
+    cuts: Sequence[str] | None = None,
+) -> None:
+    """Refuse pipeline settings that cannot run, before anything is launched (pure: no model, no process group).
+
+    ``num_blocks=None``: a :class:`PartitionPlan`'s own checks (``micro_batches`` and ``schedule`` checked before),
+    as :class:`PlanError` naming its fields: ``micro_batches > 1`` or ``cuts`` (its ``pipeline_cuts``) with one
+    stage; ``stages_per_rank`` (``None``: the schedule's default) not a positive integer, or other than 1 for a
+    non-interleaved schedule (below 2 for an interleaved one). ``num_blocks`` (the trunk's block count) given: as
+    the trunk is split over ``num_stages`` ranks, as ``ValueError``: an unknown schedule, ``micro_batches < 1``,
+    ``stages_per_rank`` as above, more stages than blocks, micro-batches not in whole rounds of ``num_stages``
+    under an interleaved schedule, fewer than stages under 1F1B, or not dividing ``batch_size`` (if known).
+    """
+    interleaved = schedule in INTERLEAVED_SCHEDULES
+    if num_blocks is None:
+        if num_stages == 1 and (micro_batches > 1 or cuts is not None):
+            field_name, value = ("micro_batches", micro_batches) if micro_batches > 1 else ("pipeline_cuts", cuts)
+            raise PlanError(
+                f"plan.{field_name}={value!r} only applies to pipeline parallelism, but"
+                " plan.pipeline=1: set pipeline > 1, or drop the field."
+            )
+        if stages_per_rank is not None:
+            if not _is_int(stages_per_rank) or stages_per_rank < 1:
+                raise PlanError(f"plan.stages_per_rank={stages_per_rank!r} is invalid: use a positive integer.")
+            if interleaved and stages_per_rank < 2 or not interleaved and stages_per_rank != 1:
+                raise PlanError(
+                    f"plan.stages_per_rank={stages_per_rank} with schedule={schedule!r}: an interleaved"
+                    " schedule holds 2 or more stages per rank, the others 1."
+                )
+        return
+    if schedule not in get_args(Schedule):
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {sorted(get_args(Schedule))}")
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
+    if interleaved and stages_per_rank < 2 or not interleaved and stages_per_rank != 1:  # type: ignore[operator]
+        raise ValueError(
+            f"stages_per_rank={stages_per_rank} with schedule {schedule!r}: an interleaved schedule holds at least 2"
+            " stages per rank, the others exactly 1."
+        )
+    if num_stages * stages_per_rank > num_blocks:  # type: ignore[operator]  # a number once blocks are known
+        stages = f"{num_stages} × {stages_per_rank} stages" if interleaved else f"{num_stages} stages"
+        raise ValueError(
+            f"pipeline={num_stages}: {stages} but the trunk has only {num_blocks} blocks: every stage needs at least"
+            " one block; use fewer stages."
+        )
+    if interleaved:
+        rounds = max(1, micro_batches // num_stages)  # type: ignore[operator]
+        if micro_batches % rounds:
+            raise ValueError(
+                f"schedule {schedule!r} runs micro-batches in rounds of {num_stages} (the ranks): micro_batches="
+                f"{micro_batches} is not a multiple of its {rounds} rounds; use a multiple of {num_stages}."
+            )
+    if schedule == "1f1b" and micro_batches < num_stages:  # type: ignore[operator]
+        raise ValueError(
+            f"schedule '1f1b' needs at least as many micro-batches as stages, got micro_batches={micro_batches} for"
+            f" pipeline={num_stages}; raise micro_batches (at least {num_stages}) or use schedule='gpipe'."
+        )
+    if batch_size is not None and batch_size % micro_batches:
+        raise ValueError(
+            f"micro_batches={micro_batches} does not divide the batch of {batch_size} each data-parallel rank gets;"
+            " choose a divisor of the batch size."
+        )
 
 
 def _tensor_rules(value: Any) -> tuple[tuple[str, TensorStyle], ...]:

@@ -600,16 +600,16 @@ def _dtensor_costs() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     from parti_lightning.parallel.tensor import apply_tensor_parallel
-    from parti_lightning.planner import hardware
+    from parti_lightning.planner import tensor_overhead
 
     torch.manual_seed(0)
-    blocks = hardware._reference_blocks()
-    inputs = torch.randn(hardware._REFERENCE_INPUT_SHAPE)
+    blocks = tensor_overhead.reference_blocks()
+    inputs = torch.randn(tensor_overhead.REFERENCE_INPUT_SHAPE)
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tensor",))
     report = apply_tensor_parallel(blocks, mesh, run_example=lambda: blocks(inputs))
-    per_call, per_parameter = hardware._dtensor_costs(2)
+    per_call, per_parameter = tensor_overhead.dtensor_costs(2)
     return {"layouts": {row.name: row.layout for row in report.rows}, "fallbacks": report.fallbacks,
-            "per_call": per_call, "per_parameter": per_parameter, "skew": hardware._collective_skew(2, 5, 1)}
+            "per_call": per_call, "per_parameter": per_parameter, "skew": tensor_overhead.collective_skew(2, 5, 1)}
 
 
 @pytest.fixture(scope="module")

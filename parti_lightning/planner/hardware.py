@@ -12,12 +12,10 @@ import json
 import math
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,8 +23,6 @@ from typing import Literal
 import psutil
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn import functional as F  # noqa: N812
 
 from parti_lightning.accelerator import cores_for_rank, usable_cores
 
@@ -190,21 +186,16 @@ def _measure(device_type: str, ranks_per_node: int) -> HardwareProfile:
         fresh = _fresh_copy_rate()
     finally:
         torch.set_num_threads(threads)
-    gloo = _gloo_allreduce(max(2, ranks_per_node))
+    between_ranks = _gloo_allreduce(max(2, ranks_per_node))
     return HardwareProfile(
         memory_bytes=psutil.virtual_memory().total // ranks_per_node, flops_per_s=flops,
-        bandwidth_bytes_per_s=gloo["bandwidth"], small_message_bandwidth_bytes_per_s=gloo["small"],
-        memory_bandwidth_bytes_per_s=copy, fresh_memory_bandwidth_bytes_per_s=fresh, process_overhead_bytes=gloo["rss"],
-        step_fixed_bytes=gloo["step_fixed"],
-        collective_latency_s=gloo["latency"], step_overhead_s=gloo["step_overhead"],
-        dtensor_call_s=gloo["dtensor_call"], dtensor_optimizer_parameter_s=gloo["dtensor_optimizer"],
-        collective_skew=gloo["skew"],
-        device_type="cpu", device_name=_device_name("cpu"),
+        memory_bandwidth_bytes_per_s=copy, fresh_memory_bandwidth_bytes_per_s=fresh,
+        **dataclasses.asdict(between_ranks), device_type="cpu", device_name=_device_name("cpu"),
         bandwidth_source=f"gloo all-reduce of {_ALLREDUCE_BYTES >> 20} MiB, {max(2, ranks_per_node)} local processes",
     )
 
 
-def _timed(fn: object, repeats: int, sync: bool) -> float:
+def timed(fn: object, repeats: int, sync: bool) -> float:
     fn()  # type: ignore[operator]  # warm-up
     if sync:
         torch.cuda.synchronize()
@@ -219,14 +210,14 @@ def _timed(fn: object, repeats: int, sync: bool) -> float:
 def _matmul_rate(device: torch.device) -> float:
     a = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE, device=device)
     b = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE, device=device)
-    seconds = _timed(lambda: a @ b, 5, device.type == "cuda")
+    seconds = timed(lambda: a @ b, 5, device.type == "cuda")
     return 2 * _MATMUL_SIZE**3 / seconds
 
 
 def _copy_rate(device: torch.device) -> float:
     src = torch.empty(_COPY_BYTES // 4, device=device)
     dst = torch.empty_like(src)
-    seconds = _timed(lambda: dst.copy_(src), 5, device.type == "cuda")
+    seconds = timed(lambda: dst.copy_(src), 5, device.type == "cuda")
     return 2 * _COPY_BYTES / seconds  # read + write
 
 
@@ -234,14 +225,30 @@ def _fresh_copy_rate() -> float:
     # Above glibc's largest mmap threshold (32 MiB) every allocation is a new mapping, as every large one
     # is in a ZeRO-2/3 CPU rank: the copy pays the first touch of each page.
     src = torch.empty(_COPY_BYTES // 4)
-    seconds = _timed(lambda: torch.empty_like(src).copy_(src), 5, False)
+    seconds = timed(lambda: torch.empty_like(src).copy_(src), 5, False)
     return 2 * _COPY_BYTES / seconds
 
 
-def _gloo_allreduce(world_size: int) -> dict[str, float]:
+@dataclass(frozen=True)
+class _RankMeasurements:
+    """What the hardware workers measure between ranks: ``HardwareProfile``'s fields of the same names."""
+
+    bandwidth_bytes_per_s: float
+    small_message_bandwidth_bytes_per_s: float
+    collective_latency_s: float
+    process_overhead_bytes: int
+    step_fixed_bytes: int
+    step_overhead_s: float
+    dtensor_call_s: float
+    dtensor_optimizer_parameter_s: float
+    collective_skew: float
+
+
+def _gloo_allreduce(world_size: int) -> _RankMeasurements:
     """Bus bandwidth (32 MiB and 1 MiB messages) and latency of gloo all-reduces between local processes, a rank's
-    RSS after joining, DTensor's cost per call and per optimizer parameter on a mesh of them, and Lightning's
-    per-step overhead (measured in rank 0's process, after the collectives)."""
+    RSS after joining, DTensor's cost per call and per optimizer parameter on a mesh of them and the collective
+    skew (``tensor_overhead``), and Lightning's per-step overhead (measured in rank 0's process, after the
+    collectives)."""
     with tempfile.TemporaryDirectory() as tmp:
         # Why fresh interpreters and not multiprocessing's spawn: spawn re-runs the caller's __main__,
         # which in a training script without a main guard would start the training again.
@@ -250,10 +257,13 @@ def _gloo_allreduce(world_size: int) -> dict[str, float]:
                  for rank in range(world_size)]
         if any(proc.wait() for proc in procs):
             raise RuntimeError("measuring the gloo all-reduce bandwidth failed (see the output above).")
-        return json.loads(Path(tmp, "result.json").read_text())
+        return _RankMeasurements(**json.loads(Path(tmp, "result.json").read_text()))
 
 
 def _allreduce_worker(rank_arg: str, world_arg: str, tmp: str) -> None:
+    # Imported here: tensor_overhead uses this module's ``timed``.
+    from parti_lightning.planner.tensor_overhead import measure_tensor_overhead
+
     rank, world_size = int(rank_arg), int(world_arg)
     torch.set_num_threads(1)
     store = dist.FileStore(str(Path(tmp, "store")), world_size)
@@ -261,11 +271,11 @@ def _allreduce_worker(rank_arg: str, world_arg: str, tmp: str) -> None:
     try:
         tensor = torch.ones(_ALLREDUCE_BYTES // 4)
         dist.barrier()
-        seconds = _timed(lambda: dist.all_reduce(tensor), 3, False)
+        seconds = timed(lambda: dist.all_reduce(tensor), 3, False)
         one = torch.ones(1)
-        latency = _timed(lambda: dist.all_reduce(one), 20, False)
+        latency = timed(lambda: dist.all_reduce(one), 20, False)
         small = torch.ones(_SMALL_ALLREDUCE_BYTES // 4)
-        small_seconds = _timed(lambda: dist.all_reduce(small), 10, False)
+        small_seconds = timed(lambda: dist.all_reduce(small), 10, False)
         before = psutil.Process().memory_info().rss
         rss = before - _ALLREDUCE_BYTES  # before DTensor's own imports
         if rank == 0:
@@ -273,116 +283,28 @@ def _allreduce_worker(rank_arg: str, world_arg: str, tmp: str) -> None:
             _reference_step()
             step = _lightning_step_seconds()
             step_fixed = psutil.Process().memory_info().rss - before
-        skew = _collective_skew(world_size)
-        dtensor_call, dtensor_optimizer = _dtensor_costs(world_size)
+        overhead = measure_tensor_overhead(world_size)  # the skew, then DTensor's costs
         if rank == 0:
             bus = 2 * (world_size - 1) / world_size * _ALLREDUCE_BYTES / seconds
             moved = 2 * (world_size - 1) / world_size * _SMALL_ALLREDUCE_BYTES
             small_bus = moved / max(small_seconds - latency, moved / bus)  # never above the large messages' rate
-            result = {"bandwidth": bus, "small": small_bus, "latency": latency, "rss": rss, "step_overhead": step,
-                      "step_fixed": step_fixed,
-                      "dtensor_call": dtensor_call, "dtensor_optimizer": dtensor_optimizer, "skew": skew}
-            Path(tmp, "result.json").write_text(json.dumps(result))
+            result = _RankMeasurements(
+                bandwidth_bytes_per_s=bus, small_message_bandwidth_bytes_per_s=small_bus,
+                collective_latency_s=latency, process_overhead_bytes=rss, step_fixed_bytes=step_fixed,
+                step_overhead_s=step, **dataclasses.asdict(overhead))
+            Path(tmp, "result.json").write_text(json.dumps(dataclasses.asdict(result)))
     finally:
         dist.destroy_process_group()
 
 
-def _collective_skew(world_size: int, segments: int = 25, rounds: int = 5) -> float:
-    """The ranks' wait at a collective for the slowest of them, over the compute before it: every rank runs the
-    same matmuls (a few ms, as a tensor-parallel block's compute between two all-reduces) with no collective,
-    then with a one-element all-reduce after each, then the all-reduces alone. The second's time beyond the
-    other two is the skew. The median of a few rounds (one round varies by 3x on a shared VM), averaged over
-    the ranks."""
-    matrix = torch.randn(384, 384)
-    one = torch.ones(1)
-
-    def segment() -> None:
-        for _ in range(4):
-            matrix @ matrix
-
-    skews = []
-    for _ in range(rounds):
-        dist.barrier()
-        alone = _timed(segment, segments, False)
-        dist.barrier()
-        synced = _timed(lambda: (segment(), dist.all_reduce(one)), segments, False)
-        bare = _timed(lambda: dist.all_reduce(one), segments, False)
-        skews.append(max(synced - alone - bare, 0.0) / alone)
-    skew = torch.tensor([statistics.median(skews)])
-    dist.all_reduce(skew)
-    return skew.item() / world_size
-
-
-class _ReferenceBlock(nn.Module):
-    """A tiny pre-norm transformer block written as most models write one (separate query, key and value
-    projections, heads from ``view`` and ``transpose``, fused attention, a GELU MLP): the operator mix whose
-    DTensor dispatch ``_dtensor_costs`` measures. Why a block and not one layer: DTensor's cost per call
-    depends on the operator (views and attention propagate shardings at about twice the cost of a linear
-    layer's), and a single column-split layer measured 43 µs a call where the example's blocks pay about 100."""
-
-    def __init__(self, width: int = 16, heads: int = 2) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.query, self.key, self.value = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
-        self.out = nn.Linear(width, width)
-        self.fc, self.proj = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        h = self.norm1(x)
-        q, k, v = (layer(h).view(b, t, self.heads, -1).transpose(1, 2) for layer in (self.query, self.key, self.value))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
-        x = x + self.out(y)
-        return x + self.proj(F.gelu(self.fc(self.norm2(x))))
-
-
-def _reference_blocks() -> nn.Sequential:
-    """Two reference blocks: repeated, so that parti finds them as blocks."""
-    return nn.Sequential(_ReferenceBlock(), _ReferenceBlock())
-
-
-_REFERENCE_INPUT_SHAPE = (2, 8, 16)
-
-
 def _reference_step() -> None:
     """One training step of the reference blocks (forward, backward, AdamW), unsplit."""
-    blocks = _reference_blocks()
+    from parti_lightning.planner.tensor_overhead import REFERENCE_INPUT_SHAPE, reference_blocks
+
+    blocks = reference_blocks()
     optimizer = torch.optim.AdamW(blocks.parameters())
-    blocks(torch.randn(_REFERENCE_INPUT_SHAPE)).sum().backward()
+    blocks(torch.randn(REFERENCE_INPUT_SHAPE)).sum().backward()
     optimizer.step()
-
-
-def _dtensor_costs(world_size: int) -> tuple[float, float]:
-    """Seconds DTensor adds per operator call and per parameter of an AdamW step, on tiny tensors (so that the
-    kernels cost next to nothing): two reference blocks split by parti's own tensor parallelism, forward and
-    backward, less the same blocks unsplit, over the number of DTensor calls the split ones make."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor
-
-    from parti_lightning.parallel.tensor import apply_tensor_parallel, tensor_parallel_step
-    from parti_lightning.planner.profile import CallCounter
-
-    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tensor",))
-    torch.manual_seed(0)  # every rank builds the same weights, as tensor parallelism requires
-    split, plain = _reference_blocks(), _reference_blocks()
-    inputs = torch.randn(_REFERENCE_INPUT_SHAPE)
-    apply_tensor_parallel(split, mesh, run_example=lambda: split(inputs))
-
-    def step(model: nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            with tensor_parallel_step():
-                model(inputs).sum().backward()
-        return run
-
-    with CallCounter(DTensor) as calls:
-        step(split)()
-    per_call = max(_timed(step(split), 20, False) - _timed(step(plain), 20, False), 0.0) / max(calls.count, 1)
-    dtensors = [p for p in split.parameters() if isinstance(p, DTensor)]
-    optimizer = torch.optim.AdamW(dtensors)
-    with tensor_parallel_step():
-        per_parameter = _timed(optimizer.step, 20, False) / max(len(dtensors), 1)
-    return per_call, per_parameter
 
 
 def _lightning_step_seconds(steps: int = 40, warmup: int = 10) -> float:
