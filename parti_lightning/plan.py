@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args
 
@@ -108,9 +108,10 @@ class PartitionPlan:
         # In this order, so that a plan with several faults is refused for the same one first.
         self._check_degrees()
         self._check_auto_axes()
-        self._check_options()
         check_pipeline_settings(None, self.pipeline, micro_batches=self.micro_batches, schedule=self.schedule,
-                                stages_per_rank=self.stages_per_rank, cuts=self.pipeline_cuts)
+                                stages_per_rank=self.stages_per_rank)
+        self._check_pipeline_fields()
+        self._check_options()
         self._check_names("pipeline_cuts", "block names")
         self._check_storage()
         self._check_names("sharding_units", "module names")
@@ -142,14 +143,21 @@ class PartitionPlan:
                     f" (got data={self.data!r}, shard={self.shard!r})."
                 )
 
+    def _check_pipeline_fields(self) -> None:
+        """Pipeline-only fields (``micro_batches``, ``pipeline_cuts``) need a pipeline."""
+        cuts = "pipeline_cuts" if self.pipeline_cuts is not None else None
+        name = "micro_batches" if self.micro_batches > 1 else cuts
+        if self.pipeline == 1 and name is not None:
+            raise PlanError(
+                f"plan.{name}={getattr(self, name)!r} only applies to pipeline parallelism, but plan.pipeline=1: set"
+                " pipeline > 1, or drop the field."
+            )
+
     def _check_options(self) -> None:
-        """``micro_batches`` a positive integer; storage, offload, checkpointing and schedule among their choices."""
-        if not _is_int(self.micro_batches) or self.micro_batches < 1:
-            raise PlanError(f"plan.micro_batches={self.micro_batches!r} is invalid: use a positive integer.")
+        """Storage, offload and checkpointing among their choices."""
         _check_choice("storage", self.storage, Storage)
         _check_choice("offload", self.offload, Offload)
         _check_choice("activation_checkpointing", self.activation_checkpointing, ActivationCheckpointing)
-        _check_choice("schedule", self.schedule, Schedule)
 
     def _check_names(self, name: str, what: str) -> None:
         """``pipeline_cuts`` or ``sharding_units``: ``None`` or non-empty strings, kept as a tuple."""
@@ -385,71 +393,60 @@ class ResolvedPlan(PartitionPlan):
 
 
 def check_pipeline_settings(
-    num_blocks: int | None,
-    num_stages: Degree,
-    *,
-    micro_batches: int,
-    batch_size: int | None = None,
-    schedule: str = "gpipe",
-    stages_per_rank: int | None = 1,
-    cuts: Sequence[str] | None = None,
+    num_blocks: int | None, num_stages: Degree, *, micro_batches: int, batch_size: int | None = None,
+    schedule: str = "gpipe", stages_per_rank: int | None = 1,
 ) -> None:
-    """Refuse pipeline settings that cannot run, before anything is launched (pure: no model, no process group).
+    """Refuse pipeline settings that cannot run: the one place these rules live.
 
-    ``num_blocks=None``: a :class:`PartitionPlan`'s own checks (``micro_batches`` and ``schedule`` checked before),
-    as :class:`PlanError` naming its fields: ``micro_batches > 1`` or ``cuts`` (its ``pipeline_cuts``) with one
-    stage; ``stages_per_rank`` (``None``: the schedule's default) not a positive integer, or other than 1 for a
-    non-interleaved schedule (below 2 for an interleaved one). ``num_blocks`` (the trunk's block count) given: as
-    the trunk is split over ``num_stages`` ranks, as ``ValueError``: an unknown schedule, ``micro_batches < 1``,
-    ``stages_per_rank`` as above, more stages than blocks, micro-batches not in whole rounds of ``num_stages``
-    under an interleaved schedule, fewer than stages under 1F1B, or not dividing ``batch_size`` (if known).
+    Pure (no model, no process group), so it runs before anything is launched: a plan checks itself with it
+    before the model is known, and the pipeline again once it knows the trunk's ``num_blocks``, split over
+    ``num_stages`` ranks, and the ``batch_size`` each data-parallel rank's step gets. What is not known yet is
+    not checked: ``num_blocks`` or ``batch_size`` ``None``, ``num_stages`` ``"auto"``, ``stages_per_rank``
+    ``None`` (the schedule's default).
+
+    Raises:
+        PlanError: ``micro_batches < 1``, an unknown schedule, ``stages_per_rank`` other than 1 for a
+            non-interleaved schedule (below 2 for an interleaved one), more stages than blocks, micro-batches
+            not in whole rounds of the ranks (interleaved), fewer than stages (1F1B), or not dividing the batch.
     """
-    interleaved = schedule in INTERLEAVED_SCHEDULES
-    if num_blocks is None:
-        if num_stages == 1 and (micro_batches > 1 or cuts is not None):
-            field_name, value = ("micro_batches", micro_batches) if micro_batches > 1 else ("pipeline_cuts", cuts)
-            raise PlanError(
-                f"plan.{field_name}={value!r} only applies to pipeline parallelism, but"
-                " plan.pipeline=1: set pipeline > 1, or drop the field."
-            )
-        if stages_per_rank is not None:
-            if not _is_int(stages_per_rank) or stages_per_rank < 1:
-                raise PlanError(f"plan.stages_per_rank={stages_per_rank!r} is invalid: use a positive integer.")
-            if interleaved and stages_per_rank < 2 or not interleaved and stages_per_rank != 1:
-                raise PlanError(
-                    f"plan.stages_per_rank={stages_per_rank} with schedule={schedule!r}: an interleaved"
-                    " schedule holds 2 or more stages per rank, the others 1."
-                )
-        return
+    if not _is_int(micro_batches) or micro_batches < 1:
+        raise PlanError(f"plan.micro_batches={micro_batches!r} is invalid: use an integer of at least 1.")
     if schedule not in get_args(Schedule):
-        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {sorted(get_args(Schedule))}")
-    if micro_batches < 1:
-        raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
-    if interleaved and stages_per_rank < 2 or not interleaved and stages_per_rank != 1:  # type: ignore[operator]
-        raise ValueError(
-            f"stages_per_rank={stages_per_rank} with schedule {schedule!r}: an interleaved schedule holds at least 2"
-            " stages per rank, the others exactly 1."
+        raise PlanError(
+            f"plan.schedule={schedule!r} is invalid: unknown pipeline schedule; choose one of"
+            f" {', '.join(map(repr, get_args(Schedule)))}."
         )
-    if num_stages * stages_per_rank > num_blocks:  # type: ignore[operator]  # a number once blocks are known
+    interleaved = schedule in INTERLEAVED_SCHEDULES
+    if stages_per_rank is not None:
+        if not _is_int(stages_per_rank) or stages_per_rank < 1:
+            raise PlanError(f"plan.stages_per_rank={stages_per_rank!r} is invalid: use a positive integer.")
+        if interleaved and stages_per_rank < 2 or not interleaved and stages_per_rank != 1:
+            raise PlanError(
+                f"plan.stages_per_rank={stages_per_rank} with schedule={schedule!r}: an interleaved"
+                " schedule holds 2 or more stages per rank, the others 1."
+            )
+    if num_blocks is None or not _is_int(num_stages) or stages_per_rank is None:
+        return
+    if num_stages * stages_per_rank > num_blocks:
         stages = f"{num_stages} × {stages_per_rank} stages" if interleaved else f"{num_stages} stages"
-        raise ValueError(
+        raise PlanError(
             f"pipeline={num_stages}: {stages} but the trunk has only {num_blocks} blocks: every stage needs at least"
             " one block; use fewer stages."
         )
     if interleaved:
-        rounds = max(1, micro_batches // num_stages)  # type: ignore[operator]
+        rounds = max(1, micro_batches // num_stages)
         if micro_batches % rounds:
-            raise ValueError(
+            raise PlanError(
                 f"schedule {schedule!r} runs micro-batches in rounds of {num_stages} (the ranks): micro_batches="
                 f"{micro_batches} is not a multiple of its {rounds} rounds; use a multiple of {num_stages}."
             )
-    if schedule == "1f1b" and micro_batches < num_stages:  # type: ignore[operator]
-        raise ValueError(
+    if schedule == "1f1b" and micro_batches < num_stages:
+        raise PlanError(
             f"schedule '1f1b' needs at least as many micro-batches as stages, got micro_batches={micro_batches} for"
             f" pipeline={num_stages}; raise micro_batches (at least {num_stages}) or use schedule='gpipe'."
         )
     if batch_size is not None and batch_size % micro_batches:
-        raise ValueError(
+        raise PlanError(
             f"micro_batches={micro_batches} does not divide the batch of {batch_size} each data-parallel rank gets;"
             " choose a divisor of the batch size."
         )

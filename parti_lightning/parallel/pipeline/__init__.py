@@ -7,7 +7,7 @@ its first block.
 
 Files:
 
-- ``apply.py``: :func:`apply_pipeline` (cut, free, intercept, in that order), the settings check, and
+- ``apply.py``: :func:`apply_pipeline` (checks, then cut, free, intercept, in that order) and
   :class:`PipelineParallel`, what the strategy sees of the trunk (its stages, the gradient norm over them);
 - ``cuts.py``: where stages start: the plan's ``pipeline_cuts``, or blocks balanced by measured FLOPs;
 - ``contract.py``: what the forward must do with the trunk to be pipelined (a chain of blocks), checked by
@@ -15,17 +15,16 @@ Files:
 - ``runtime.py``: the trunk at run time: block calls routed to it, one autograd operation over the stages,
   the schedules;
 - ``phases.py``: GPipe with its forward and backward phases run apart, so the user's loss runs in between.
+
+The settings' rules (micro-batches, schedule, stages per rank) are :func:`parti_lightning.plan.check_pipeline_settings`,
+which a plan runs on itself before launch and :func:`apply_pipeline` again once it knows the trunk and the batch.
 """
 
-from parti_lightning.parallel.pipeline.apply import (
-    INTERLEAVED,
-    SCHEDULES,
-    PipelineParallel,
-    apply_pipeline,
-    check_pipeline_settings,
-)
+from parti_lightning.parallel.pipeline.apply import PipelineParallel, apply_pipeline
 from parti_lightning.parallel.pipeline.contract import check_trunk_contract
 from parti_lightning.parallel.pipeline.cuts import BlockFlops, stage_starts
+from parti_lightning.parallel.pipeline.runtime import INTERLEAVED, SCHEDULES
+from parti_lightning.plan import check_pipeline_settings
 
 __all__ = [
     "INTERLEAVED",

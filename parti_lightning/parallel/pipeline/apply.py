@@ -26,74 +26,10 @@ from parti_lightning.parallel.blocks import find_blocks
 from parti_lightning.parallel.norm import clip_grads_with_norm_, total_norm
 from parti_lightning.parallel.pipeline.contract import check_trunk_contract
 from parti_lightning.parallel.pipeline.cuts import BlockFlops, stage_starts
-from parti_lightning.parallel.pipeline.runtime import (
-    INTERLEAVED,
-    SCHEDULES,
-    PipelinedTrunk,
-    free_block,
-    route_block_calls,
-)
+from parti_lightning.parallel.pipeline.runtime import PipelinedTrunk, free_block, route_block_calls
+from parti_lightning.plan import check_pipeline_settings
 
-__all__ = ["INTERLEAVED", "SCHEDULES", "PipelineParallel", "apply_pipeline", "check_pipeline_settings"]
-
-
-def check_pipeline_settings(
-    num_blocks: int,
-    num_stages: int,
-    *,
-    micro_batches: int,
-    batch_size: int | None = None,
-    schedule: str = "gpipe",
-    stages_per_rank: int = 1,
-) -> None:
-    """Refuse, before anything is launched, pipeline settings that cannot run.
-
-    Args:
-        num_blocks: the trunk's block count.
-        num_stages: the pipeline degree (ranks).
-        micro_batches: micro-batches per trunk call.
-        batch_size: the batch each data-parallel rank's ``training_step`` gets, if known.
-        schedule: the training schedule's name.
-        stages_per_rank: stages each rank holds (more than one only under an interleaved schedule).
-
-    Raises:
-        ValueError: an unknown schedule, more stages than blocks, ``micro_batches < 1``, fewer
-            micro-batches than stages under 1F1B, ``micro_batches`` not dividing ``batch_size``, or
-            ``stages_per_rank`` other than 1 for a non-interleaved schedule (below 2 for an interleaved one).
-    """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
-    if micro_batches < 1:
-        raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
-    interleaved = schedule in INTERLEAVED
-    if interleaved and stages_per_rank < 2 or not interleaved and stages_per_rank != 1:
-        raise ValueError(
-            f"stages_per_rank={stages_per_rank} with schedule {schedule!r}: an interleaved schedule holds at least 2"
-            " stages per rank, the others exactly 1."
-        )
-    if num_stages * stages_per_rank > num_blocks:
-        stages = f"{num_stages} × {stages_per_rank} stages" if interleaved else f"{num_stages} stages"
-        raise ValueError(
-            f"pipeline={num_stages}: {stages} but the trunk has only {num_blocks} blocks: every stage needs at least"
-            " one block; use fewer stages."
-        )
-    if interleaved:
-        rounds = max(1, micro_batches // num_stages)
-        if micro_batches % rounds:
-            raise ValueError(
-                f"schedule {schedule!r} runs micro-batches in rounds of {num_stages} (the ranks): micro_batches="
-                f"{micro_batches} is not a multiple of its {rounds} rounds; use a multiple of {num_stages}."
-            )
-    if schedule == "1f1b" and micro_batches < num_stages:
-        raise ValueError(
-            f"schedule '1f1b' needs at least as many micro-batches as stages, got micro_batches={micro_batches} for"
-            f" pipeline={num_stages}; raise micro_batches (at least {num_stages}) or use schedule='gpipe'."
-        )
-    if batch_size is not None and batch_size % micro_batches:
-        raise ValueError(
-            f"micro_batches={micro_batches} does not divide the batch of {batch_size} each data-parallel rank gets;"
-            " choose a divisor of the batch size."
-        )
+__all__ = ["PipelineParallel", "apply_pipeline"]
 
 
 def apply_pipeline(
