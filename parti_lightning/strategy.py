@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from parti_lightning.accelerator import PartiAccelerator, release_freed_memory
 from parti_lightning.autoplan import StepMeter, choose_in_run
-from parti_lightning.checkpoint_hooks import CheckpointHooks, StateDictType
+from parti_lightning.checkpoint.hooks import CheckpointHooks, StateDictType
 from parti_lightning.collectives import Collectives
 from parti_lightning.compat import check_callbacks
 from parti_lightning.launchers import PartiMultiProcessingLauncher, PartiSubprocessScriptLauncher
