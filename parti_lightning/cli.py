@@ -73,7 +73,7 @@ def plan(args: list[str]) -> int:
 
     from parti_lightning import PartiStrategy
     from parti_lightning.accelerator import partition_memory_bytes
-    from parti_lightning.autoplan import plan_for
+    from parti_lightning.lightning_adapters.autoplan import plan_for
     from parti_lightning.plan import PlanError
     from parti_lightning.planner import example_batch
 

@@ -32,15 +32,20 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from parti_lightning.accelerator import PartiAccelerator, release_freed_memory
-from parti_lightning.autoplan import StepMeter, choose_in_run
-from parti_lightning.checkpoint_hooks import CheckpointHooks, StateDictType
-from parti_lightning.collectives import Collectives
-from parti_lightning.compat import check_callbacks
-from parti_lightning.launchers import PartiMultiProcessingLauncher, PartiSubprocessScriptLauncher
-from parti_lightning.layer_sync import PartiSyncBatchNorm
-from parti_lightning.logging_sync import sync_metrics_over
+from parti_lightning.checkpoint.hooks import CheckpointHooks, StateDictType
+from parti_lightning.lightning_adapters.autoplan import StepMeter, choose_in_run
+from parti_lightning.lightning_adapters.collectives import Collectives
+from parti_lightning.lightning_adapters.compat import check_callbacks
+from parti_lightning.lightning_adapters.launchers import PartiMultiProcessingLauncher, PartiSubprocessScriptLauncher
+from parti_lightning.lightning_adapters.layer_sync import PartiSyncBatchNorm
+from parti_lightning.lightning_adapters.logging_sync import sync_metrics_over
+from parti_lightning.lightning_adapters.network import init_dist_connection, restore_backend_interfaces, track_mesh
+from parti_lightning.lightning_adapters.precision_clip import clip_by_model_norm
+from parti_lightning.lightning_adapters.prelaunch import check_arguments, check_backend, check_plan, positive_timedelta
+from parti_lightning.lightning_adapters.sample_step import SampleStep
+from parti_lightning.lightning_adapters.step_routing import StepRouting
+from parti_lightning.lightning_adapters.trunk_precheck import check_trunk_before_launch
 from parti_lightning.mesh import MeshCoordinates, ParallelMesh
-from parti_lightning.network import init_dist_connection, restore_backend_interfaces, track_mesh
 from parti_lightning.parallel import (
     Parallelized,
     check_module,
@@ -52,11 +57,6 @@ from parti_lightning.parallel import (
 from parti_lightning.parallel.storage import retarget_lr_scheduler
 from parti_lightning.plan import AUTO, PRESETS, PartitionPlan, PlanLike, ResolvedPlan
 from parti_lightning.planner import PlanReport
-from parti_lightning.precision_clip import clip_by_model_norm
-from parti_lightning.prelaunch import check_arguments, check_backend, check_plan, positive_timedelta
-from parti_lightning.sample_step import SampleStep
-from parti_lightning.step_routing import StepRouting
-from parti_lightning.trunk_precheck import check_trunk_before_launch
 
 log = logging.getLogger(__name__)
 

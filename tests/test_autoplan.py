@@ -23,7 +23,7 @@ def test_the_planner_profiles_the_batch_training_step_receives() -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from parti_lightning.autoplan import training_batch
+    from parti_lightning.lightning_adapters.autoplan import training_batch
 
     from scenarios import ToyRegressor, make_dataset
 

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelPruning, StochasticWeightAveraging,
 
 from parti_lightning import PartiStrategy
 from parti_lightning.checkpoint import checkpoint_kind
-from parti_lightning.compat import check_callbacks
+from parti_lightning.lightning_adapters.compat import check_callbacks
 from parti_lightning.plan import PartitionPlan
 
 from launch import check, run_script

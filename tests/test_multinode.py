@@ -28,7 +28,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.distributed.device_mesh import init_device_mesh
 
-from parti_lightning import PartiStrategy, network
+from parti_lightning import PartiStrategy
+from parti_lightning.lightning_adapters import network
 
 from launch import REPO, _session_members, check, run_script
 from scenarios import SEED, ToyRegressor

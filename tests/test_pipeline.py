@@ -198,7 +198,7 @@ def test_a_broken_contract_is_refused_before_launch() -> None:
 
 
 def test_the_contract_check_before_launch_says_what_it_ran() -> None:
-    from parti_lightning.trunk_precheck import check_trunk_before_launch
+    from parti_lightning.lightning_adapters.trunk_precheck import check_trunk_before_launch
 
     good = _LightningChain("two_passes")
     assert check_trunk_before_launch(good, (good, _loader())).startswith("checked before launch (training_step")

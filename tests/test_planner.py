@@ -523,7 +523,7 @@ def test_measured_corrections_change_predictions_and_the_choice() -> None:
 
 
 def test_step_meter_keeps_measured_over_uncorrected_and_advises(tmp_path, monkeypatch) -> None:
-    from parti_lightning.autoplan import Prediction, StepMeter
+    from parti_lightning.lightning_adapters.autoplan import Prediction, StepMeter
     from parti_lightning.planner import calibration
     from parti_lightning.planner.calibration import Correction
 

@@ -3,7 +3,7 @@
 Lightning asks a strategy for the model's and each optimizer's state, then saves the checkpoint dict it
 builds from them; on resume it loads a dict and hands the parts back. Here those hooks write and read
 either one plain Lightning file (``state_dict_type="full"``, gathered on rank 0) or a sharded directory
-(``"sharded"``, each rank writing what it holds; :mod:`parti_lightning.checkpoint`), keyed by the
+(``"sharded"``, each rank writing what it holds; :mod:`parti_lightning.checkpoint.sharded`), keyed by the
 module's own parameter names either way so that a checkpoint loads under any plan. Whether a state
 must be gathered is read from the tensors (sharded ``DTensor`` parameters), not from the plan.
 """
@@ -21,17 +21,19 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from parti_lightning.checkpoint import (
-    CheckpointError,
-    checkpoint_kind,
+from parti_lightning.checkpoint.names import named_optimizer_state
+from parti_lightning.checkpoint.parts import (
     gather_optimizer_parts,
     gather_parts,
-    is_sharded_checkpoint,
-    load_sharded,
-    named_optimizer_state,
-    restore_rng_state,
     restrict_optimizer_to_module,
     restrict_to_module,
+)
+from parti_lightning.checkpoint.sharded import (
+    CheckpointError,
+    checkpoint_kind,
+    is_sharded_checkpoint,
+    load_sharded,
+    restore_rng_state,
     save_sharded,
     sharded_model_state,
     sharded_optimizer_state,

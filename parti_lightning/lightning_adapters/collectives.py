@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 from typing_extensions import override
 
-from parti_lightning.logging_sync import check_same_logged_name, logged_name
+from parti_lightning.lightning_adapters.logging_sync import check_same_logged_name, logged_name
 
 
 class Collectives(ParallelStrategy):

@@ -9,24 +9,17 @@ name, non-tensor state, each rank's RNG states, and the plan and world size that
 
 Loading reads into tensors laid out as the *current* plan holds them, and DCP reshards on the fly, so a
 checkpoint written under one plan and world size loads under any other. Nothing here imports
-Lightning; the strategy adapts these functions to Lightning's hooks.
+Lightning; the strategy adapts these functions to Lightning's hooks (:mod:`parti_lightning.checkpoint.hooks`).
 
-Loading never unpickles code: ``meta.pt`` goes through ``torch.load(weights_only=True)``, DCP's data
-files are read with ``weights_only=True`` by DCP itself, and DCP's ``.metadata`` index, which DCP reads
-with plain ``pickle``, goes through an unpickler that admits DCP's own metadata classes only.
+Loading never unpickles code (see :mod:`parti_lightning.checkpoint.safe_load`), and a save replaces an
+existing checkpoint only once it is whole (:mod:`parti_lightning.checkpoint.files`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import io
 import os
-import pickle
-import shutil
 import warnings
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,14 +28,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from parti_lightning.parallel.names import optimizer_parameter_names, parameter_names
+from parti_lightning.checkpoint.files import publish, remove, sibling, write_synced
+from parti_lightning.checkpoint.safe_load import SafeFileSystemReader, checkpoint_index
+from parti_lightning.parallel.names import parameter_names
 from parti_lightning.parallel.tensor.region import standard_layout
 
 META_FILE = "meta.pt"
@@ -134,9 +129,9 @@ def save_sharded(
     tensors, small = _split(checkpoint)
     small["rng"] = _rng_state() if rng else None
     gathered = _gather_to_rank0(small)
-    staging = _sibling(path, "partial")
+    staging = sibling(path, "partial")
     if rank == 0:
-        _remove(staging)  # left by a save that was interrupted
+        remove(staging)  # left by a save that was interrupted
         staging.mkdir(parents=True)
     _barrier()
     with single_process_is_intended():
@@ -154,8 +149,8 @@ def save_sharded(
                 "model_extra": {k: v for g in gathered for k, v in g["model_extra"].items()},
             },
         }
-        _write_synced(staging / META_FILE, meta_out)
-        _publish(staging, path)
+        write_synced(staging / META_FILE, meta_out)
+        publish(staging, path)
     _barrier()
 
 
@@ -243,8 +238,6 @@ def single_process_is_intended() -> Iterator[None]:
         yield
 
 
-
-
 def _gather_to_rank0(obj: Any) -> list[Any] | None:
     if not dist.is_initialized():
         return [obj]
@@ -258,129 +251,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _sibling(path: Path, kind: str) -> Path:
-    # Hidden, and without the checkpoint's own name: Lightning's `ckpt_path="last"` takes any file in
-    # the folder whose name contains "last", and a half-written one must never be that.
-    return path.parent / f".parti-{kind}-{zlib.crc32(path.name.encode()):08x}"
-
-
-def _write_synced(path: Path, obj: Any) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    with open(path, "wb") as file:
-        file.write(buffer.getvalue())
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _publish(staging: Path, path: Path) -> None:
-    """Make the fully written ``staging`` visible as ``path``, replacing what was there in one step."""
-    if (path.exists() or path.is_symlink()) and _exchange(staging, path):
-        _remove(staging)  # now the previous checkpoint
-    else:
-        old = _sibling(path, "old")
-        _remove(old)
-        if path.exists() or path.is_symlink():
-            # No atomic exchange here (not Linux, or a file system without it): between these two
-            # renames `path` is briefly absent, but never half-written.
-            os.rename(path, old)
-        os.rename(staging, path)
-        _remove(old)
-    _fsync_dir(path.parent)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically with Linux's ``renameat2(RENAME_EXCHANGE)``; False where unsupported.
-
-    Neither ``os`` nor any library exposes the exchange, hence ctypes. A plain rename cannot put a
-    directory in place of an existing one in one step.
-    """
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # -------------------------------------------------------------------------------------- loading
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader, with its ``.metadata`` index unpickled by an allow-list instead of ``pickle.load``.
-
-    DCP writes the index with ``pickle`` and reads it back with ``pickle.load``, which would run any code
-    a crafted file carries. The index holds DCP's own metadata dataclasses and a few torch values only.
-    Byte (non-tensor) entries are refused as well: DCP would unpickle them without the weights-only restriction;
-    parti keeps non-tensor state in ``meta.pt`` instead.
-    """
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata_path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(metadata_path, "rb") as file:
-            try:
-                metadata = _IndexUnpickler(file).load()
-            except pickle.UnpicklingError as err:
-                raise pickle.UnpicklingError(f"refusing to load {metadata_path}: {err}") from None
-        if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError(f"{metadata_path} is not a DCP index ({type(metadata).__name__}).")
-        byte_entries = [k for k, v in metadata.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)]
-        if byte_entries:
-            raise pickle.UnpicklingError(
-                f"refusing to load {self.path}: entries {byte_entries[:3]} are pickled objects, not tensors."
-            )
-        if metadata.storage_meta is not None:
-            metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-_INDEX_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", name)
-    for name in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
-    )
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("collections", "OrderedDict"),
-}
-
-
-class _IndexUnpickler(pickle.Unpickler):
-    # Python's documented way to restrict unpickling ("Restricting Globals"); torch's weights-only
-    # unpickler reads torch.save archives only, not DCP's bare pickle.
-    def find_class(self, module: str, name: str) -> Any:
-        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if (module, name) in _INDEX_GLOBALS or is_dtype:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a checkpoint index")
-
-
-def checkpoint_index(path: str | os.PathLike) -> dict[str, TensorStorageMetadata]:
-    """Every tensor a sharded checkpoint holds: flattened key to its global shape and dtype."""
-    return dict(SafeFileSystemReader(path).read_metadata().state_dict_metadata)  # type: ignore[arg-type]
 
 
 def load_sharded(
@@ -549,131 +420,6 @@ def _check_groups(optimizer: Optimizer, names: Mapping[Any, str], saved_groups: 
             f" checkpoint's ({[len(g['params']) for g in saved_groups]}): configure_optimizers must build the same"
             " groups over the same parameters to resume."
         )
-
-
-# ------------------------------------------------------------------- ranks holding part of a model
-
-
-def module_order(module: nn.Module) -> list[str]:
-    """Every parameter and buffer name of the whole model in module order, those of freed blocks included.
-
-    A pipeline stage frees the other stages' blocks by setting their tensors to ``None``: the names stay
-    registered, so each rank can order the union of all ranks' names as one process would.
-    """
-    return [
-        f"{prefix}.{key}" if prefix else key
-        for prefix, submodule in module.named_modules()
-        for key in (*submodule._parameters, *submodule._buffers)
-    ]
-
-
-def _gather_to_first(obj: Any, group: dist.ProcessGroup) -> list[Any] | None:
-    """Every rank's ``obj`` on the group's first rank (``None`` elsewhere). Collective."""
-    first = dist.get_group_rank(group, dist.get_rank()) == 0
-    out: list[Any] | None = [None] * dist.get_world_size(group) if first else None
-    dist.gather_object(obj, out, group=group, group_dst=0)
-    return out
-
-
-def gather_parts(module: nn.Module, part: Mapping[str, Any], group: dist.ProcessGroup) -> dict[str, Any]:
-    """The union of every rank's name-keyed ``part`` over ``group``, in module order, on global rank 0. Collective.
-
-    Other ranks get ``{}``, as a gathered state does. For ranks that each hold part of the model (the
-    stages of one pipeline): each part is that rank's names, replicated ones alike on every rank.
-    """
-    parts = _gather_to_first(dict(part), group)
-    if parts is None or dist.get_rank() != 0:
-        return {}
-    merged = {name: value for one in parts for name, value in one.items()}
-    order = {name: i for i, name in enumerate(module_order(module))}
-    return dict(sorted(merged.items(), key=lambda item: order.get(item[0], len(order))))
-
-
-def gather_optimizer_parts(module: nn.Module, part: Mapping[str, Any], group: dist.ProcessGroup) -> dict[str, Any]:
-    """:func:`gather_parts` for a name-keyed optimizer state: states united, each group's names united in order."""
-    parts = _gather_to_first(dict(part), group)
-    if parts is None or dist.get_rank() != 0:
-        return {}
-    order = {name: i for i, name in enumerate(module_order(module))}
-    groups = []
-    for index, group_0 in enumerate(parts[0]["param_groups"]):
-        names = {name for one in parts for name in one["param_groups"][index]["params"]}
-        groups.append({**group_0, "params": sorted(names, key=lambda n: order.get(n, len(order)))})
-    state = {name: value for one in parts for name, value in one["state"].items()}
-    return {"state": dict(sorted(state.items(), key=lambda item: order.get(item[0], len(order)))),
-            "param_groups": groups}
-
-
-def restrict_to_module(module: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of a whole model's state dict that this rank's (partial) module holds."""
-    held = module.state_dict().keys()
-    return {key: value for key, value in state_dict.items() if key in held}
-
-
-def restrict_optimizer_to_module(module: nn.Module, state: Mapping[str, Any]) -> dict[str, Any]:
-    """A name-keyed optimizer state cut down to the parameters this rank's (partial) module holds."""
-    held = set(parameter_names(module).values())
-    return {
-        "state": {name: value for name, value in state.get("state", {}).items() if name in held},
-        "param_groups": [
-            {**group, "params": [name for name in group["params"] if name in held]}
-            for group in state.get("param_groups", [])
-        ],
-    }
-
-
-# ---------------------------------------------------------------------- positional (torch) state
-
-
-def is_named_optimizer_state(state: Mapping[str, Any]) -> bool:
-    """Whether ``state`` keys parameters by name (parti) rather than by position (torch's ``state_dict``)."""
-    groups = state.get("param_groups", [])
-    params = [p for group in groups for p in group.get("params", [])]
-    return all(isinstance(p, str) for p in params) and all(isinstance(k, str) for k in state.get("state", {}))
-
-
-def named_optimizer_state(state: Mapping[str, Any], module: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
-    """``state`` keyed by parameter name, translating a positional (torch ``state_dict``) one if needed.
-
-    Positions are read against ``optimizer``'s parameter groups, which must be built the same way as
-    those of the optimizer that wrote ``state`` (the same ``configure_optimizers``).
-    """
-    if not state or is_named_optimizer_state(state):
-        return dict(state)
-    ordered = [p for group in optimizer.param_groups for p in group["params"]]
-    saved_count = sum(len(group["params"]) for group in state["param_groups"])
-    if saved_count != len(ordered):
-        raise ValueError(
-            f"the checkpoint's optimizer has {saved_count} parameters but this one has {len(ordered)}:"
-            " configure_optimizers must build the same parameter groups to resume."
-        )
-    return positional_to_named(state, optimizer_parameter_names(module, optimizer))
-
-
-def positional_to_named(state: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
-    """A torch ``Optimizer.state_dict()`` keyed by ``names[position]`` instead of positions."""
-    groups, position = [], 0
-    for group in state["param_groups"]:
-        count = len(group["params"])
-        groups.append({**group, "params": list(names[position : position + count])})
-        position += count
-    return {"state": {names[i]: v for i, v in state["state"].items()}, "param_groups": groups}
-
-
-def named_to_positional(state: Mapping[str, Any]) -> dict[str, Any]:
-    """The inverse of :func:`positional_to_named`: positions in the order the groups list the names."""
-    position_of: dict[str, int] = {}
-    groups = []
-    for group in state["param_groups"]:
-        params = []
-        for name in group["params"]:
-            position_of[name] = len(position_of)
-            params.append(position_of[name])
-        groups.append({**group, "params": params})
-    return {
-        "state": {position_of[name]: v for name, v in state["state"].items() if name in position_of},
-        "param_groups": groups,
-    }
 
 
 # ------------------------------------------------------------------------------- which kind to write

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils._pytree import tree_flatten
 from torchmetrics import Metric
 
-from parti_lightning.autoplan import training_batch
+from parti_lightning.lightning_adapters.autoplan import training_batch
 
 
 class SampleStep:
