@@ -1,4 +1,4 @@
-"""Pipeline parallelism for an unmodified ``forward``: the trunk of repeated blocks split into stages.
+"""``apply_pipeline``: the trunk split into stages on this rank, and what the strategy sees of it afterwards.
 
 Each rank of the pipeline group keeps the parameters of one contiguous run of blocks (its stage)
 and frees the others. Everything else (embeddings, head, loss, logging) stays replicated and runs
