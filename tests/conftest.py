@@ -7,8 +7,9 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-TESTS = os.path.dirname(__file__)
-sys.path.insert(0, TESTS)
+# The launched scripts and the models and harnesses tests share live in helpers/ (test_*.py stay at the top).
+HELPERS = os.path.join(os.path.dirname(__file__), "helpers")
+sys.path.insert(0, HELPERS)
 
 _LEAKY_ENV = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED")
 

@@ -54,7 +54,7 @@ def _plan_command(*args: str, env: dict[str, str]):
     return run_script(
         [command, "plan", "--model=scenarios.BlockRegressor", "--trainer.devices=2", "--trainer.accelerator=cpu",
          *args],
-        timeout=150, cwd=REPO / "tests", env=env,
+        timeout=150, cwd=REPO / "tests" / "helpers", env=env,
     )
 
 
@@ -86,7 +86,7 @@ def test_plan_command_fails_clearly_when_nothing_fits(cache: dict[str, str]) -> 
 
 @pytest.mark.timeout(200)
 def test_auto_logs_its_choice_and_then_measured_against_predicted(cache: dict[str, str]) -> None:
-    out = check(run_script(["tests/auto_run.py"], timeout=180, env=cache))
+    out = check(run_script(["tests/helpers/auto_run.py"], timeout=180, env=cache))
     assert "parti: plan='auto' chose data=2 × shard=1" in out
     assert "chosen: the fastest that fits" in out  # the table, logged at fit start
     assert "parti: plan='auto' measured over steps 3-7:" in out and "peak memory per rank" in out
@@ -102,7 +102,7 @@ def test_auto_logs_its_choice_and_then_measured_against_predicted(cache: dict[st
 
 @pytest.mark.timeout(200)
 def test_auto_stops_every_rank_when_nothing_fits(cache: dict[str, str]) -> None:
-    result = run_script(["tests/auto_run.py", TIGHT], timeout=180, env=cache)
+    result = run_script(["tests/helpers/auto_run.py", TIGHT], timeout=180, env=cache)
     assert result.returncode != 0
     assert not result.stderr, f"processes left running: {result.stderr}"
     # Every rank raises it (rank 0 sends its planner's error to the others); rank 0's failure then
@@ -122,6 +122,6 @@ def test_plan_command_predicts_a_fixed_plan_given_as_a_mapping(cache: dict[str, 
 @pytest.mark.timeout(200)
 def test_choosing_on_a_new_machine_is_start_up_not_cut_off_by_a_short_run_timeout(tmp_path) -> None:
     # A fresh cache: rank 0 measures the machine (~10 s) while rank 1 waits, longer than timeout=3 s.
-    out = check(run_script(["tests/auto_run.py", "0", "3"], timeout=180, env={"XDG_CACHE_HOME": str(tmp_path)}))
+    out = check(run_script(["tests/helpers/auto_run.py", "0", "3"], timeout=180, env={"XDG_CACHE_HOME": str(tmp_path)}))
     assert "rank 1: trained under data=2 × shard=1" in out
     assert (tmp_path / "parti-lightning" / "hardware.json").exists()

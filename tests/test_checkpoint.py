@@ -40,7 +40,7 @@ RESUMES = [
 def _launch(out: Path, devices: int, jobs: list[dict[str, Any]], expect_failure: bool = False) -> str:
     jobs_file = out / f"jobs-{devices}-{len(list(out.glob('jobs-*')))}.json"
     jobs_file.write_text(json.dumps(jobs))
-    result = run_script(["tests/checkpoint_run.py", str(devices), str(jobs_file)], timeout=300)
+    result = run_script(["tests/helpers/checkpoint_run.py", str(devices), str(jobs_file)], timeout=300)
     if expect_failure:
         assert result.returncode != 0, f"the run was expected to fail:\n{result.stdout}"
         assert not result.stderr, f"processes left running: {result.stderr}"

@@ -57,7 +57,7 @@ def test_preset_yaml_names_the_strategy(preset: str, storage: str) -> None:
 @pytest.mark.timeout(180)
 def test_yaml_class_path_with_stock_lightning_cli(tmp_path: Path) -> None:
     out = check(run_script(
-        ["tests/stock_cli.py", "fit", "--config", "tests/configs/class_path.yaml",
+        ["tests/helpers/stock_cli.py", "fit", "--config", "tests/helpers/configs/class_path.yaml",
          f"--trainer.default_root_dir={tmp_path}"],  # where the CLI writes its config.yaml
         timeout=150,
     ))
@@ -72,7 +72,7 @@ def test_parti_lightning_command_with_strategy_flag(tmp_path: Path) -> None:
         [command, "fit", "--model=scenarios.ToyRegressor", "--trainer.strategy=parti", "--trainer.accelerator=cpu",
          "--trainer.devices=1", "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}",
          "--trainer.enable_progress_bar=false"],
-        timeout=150, cwd=REPO / "tests",
+        timeout=150, cwd=REPO / "tests" / "helpers",
     )
     out = check(result)
     assert "parti: plan data=1" in out
@@ -105,8 +105,8 @@ def test_torchrun_starts_the_ranks_and_parti_launches_nothing() -> None:
     port = _free_port()
     out = check(run_script(
         ["-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", f"--master-port={port}",
-         "--master-addr=127.0.0.1", "tests/torchrun_run.py"],
-        timeout=150, env={"PYTHONPATH": str(REPO / "tests")},
+         "--master-addr=127.0.0.1", "tests/helpers/torchrun_run.py"],
+        timeout=150, env={"PYTHONPATH": str(REPO / "tests" / "helpers")},
     ))
     assert "rank 0/2 env=TorchElasticEnvironment launched=[]" in out
     assert "rank 1/2 env=TorchElasticEnvironment launched=[]" in out

@@ -22,7 +22,7 @@ RTOL, ATOL = 1e-5, 1e-5
 @pytest.fixture(scope="module")
 def composed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("compose")
-    check(run_script(["tests/compose_run.py", str(out)], timeout=560))
+    check(run_script(["tests/helpers/compose_run.py", str(out)], timeout=560))
     return out
 
 

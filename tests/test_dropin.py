@@ -29,7 +29,7 @@ from launch import check, run_script
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[str]]:
     out = tmp_path_factory.mktemp("dropin")
-    stdout = check(run_script(["tests/dropin_run.py", str(out)], timeout=400))
+    stdout = check(run_script(["tests/helpers/dropin_run.py", str(out)], timeout=400))
     (line,) = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     return json.loads(line.removeprefix("RESULT ")), stdout.splitlines()
 

@@ -91,7 +91,7 @@ def test_activation_checkpointing_auto_needs_the_planner_to_choose() -> None:
 def test_a_rank_that_stops_taking_part_makes_the_others_time_out(hanging_rank: int) -> None:
     from failing_run import HANG_TIMEOUT_S
 
-    result = run_script(["tests/failing_run.py", str(hanging_rank), "hang"], timeout=90)
+    result = run_script(["tests/helpers/failing_run.py", str(hanging_rank), "hang"], timeout=90)
     ended = time.time()
     assert result.returncode != 0
     hung_at = float(re.search(r"rank \d hangs at ([\d.]+)", result.stdout).group(1))  # type: ignore[union-attr]
@@ -104,7 +104,7 @@ def test_a_rank_that_stops_taking_part_makes_the_others_time_out(hanging_rank: i
 
 @pytest.mark.timeout(120)
 def test_ranks_syncing_different_metric_names_get_a_clear_error() -> None:
-    result = run_script(["tests/failing_run.py", "1", "names"], timeout=90)
+    result = run_script(["tests/helpers/failing_run.py", "1", "names"], timeout=90)
     assert result.returncode != 0
     # Every rank detects it; which of them gets to print before the others are stopped may vary.
     assert re.search(r"logged 'training_step\.loss(_of_a_rank)?' with sync_dist=True while another rank",
@@ -127,7 +127,7 @@ RAISES = [
                                                                                      for m, _, r, w in RAISES])
 def test_a_rank_raising_stops_every_process(mode: str, where: str, failing_rank: int, world: int) -> None:
     start = time.monotonic()
-    result = run_script(["tests/failing_run.py", str(failing_rank), mode, str(world)], timeout=120)
+    result = run_script(["tests/helpers/failing_run.py", str(failing_rank), mode, str(world)], timeout=120)
     elapsed = time.monotonic() - start
     assert result.returncode != 0
     # Start-up is ~5-10 s of it (more with 4 processes on 2 cores); failing and stopping, the rest.
@@ -147,7 +147,7 @@ def test_a_model_parallel_rank_failing_stops_every_process(mode: str, plan: str)
     # Rank 1 holds the other half of every layer (tp) or the last stage (pp): its peer waits on it in a
     # collective or a point-to-point receive, which must fail, not hang.
     start = time.monotonic()
-    result = run_script(["tests/failing_run.py", "1", mode, "2", plan], timeout=120)
+    result = run_script(["tests/helpers/failing_run.py", "1", mode, "2", plan], timeout=120)
     elapsed = time.monotonic() - start
     assert result.returncode != 0
     assert elapsed < 50, f"took {elapsed:.0f}s to stop"
@@ -162,7 +162,7 @@ def test_a_model_parallel_rank_failing_stops_every_process(mode: str, plan: str)
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("killed_rank", [0, 1])
 def test_a_rank_killed_mid_step_stops_every_process(killed_rank: int) -> None:
-    result = run_script(["tests/failing_run.py", str(killed_rank), "sigkill"], timeout=120)
+    result = run_script(["tests/helpers/failing_run.py", str(killed_rank), "sigkill"], timeout=120)
     ended = time.time()
     assert result.returncode != 0
     killed_at = float(re.search(r"rank \d killed at ([\d.]+)", result.stdout).group(1))  # type: ignore[union-attr]
@@ -174,7 +174,7 @@ def test_a_rank_killed_mid_step_stops_every_process(killed_rank: int) -> None:
 def test_rank0_exiting_after_catching_a_failure_ends_the_other_ranks() -> None:
     # Rank 1 sleeps in its step (no collective would ever fail it); rank 0's script catches the exception
     # and ends normally: the other ranks must not outlive it.
-    result = run_script(["tests/failing_run.py", "0", "caught"], timeout=120)
+    result = run_script(["tests/helpers/failing_run.py", "0", "caught"], timeout=120)
     ended = time.time()
     caught = re.search(r"the script caught at ([\d.]+): boom from the user's training_step on rank 0", result.stdout)
     assert caught is not None, result.stdout

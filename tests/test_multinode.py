@@ -103,7 +103,7 @@ def _torchrun(nnodes: int, nproc: int, node_rank: int, port: int, out: Path) -> 
     return [
         "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", f"--node-rank={node_rank}",
         "--master-addr=127.0.0.1", f"--master-port={port}",
-        "tests/multinode_run.py", str(out), str(nproc), str(nnodes),
+        "tests/helpers/multinode_run.py", str(out), str(nproc), str(nnodes),
     ]
 
 
@@ -286,7 +286,7 @@ def _listening(process: psutil.Process) -> list:
 
 @pytest.mark.timeout(120)
 def test_single_node_run_listens_on_loopback_only() -> None:
-    out = check(run_script(["tests/loopback_run.py"], timeout=100))
+    out = check(run_script(["tests/helpers/loopback_run.py"], timeout=100))
     (line,) = [line for line in out.splitlines() if line.startswith("LISTENING ")]
     sockets = json.loads(line.removeprefix("LISTENING "))
     assert len({s["pid"] for s in sockets}) == 2, sockets  # both ranks' gloo listeners were seen

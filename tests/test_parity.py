@@ -27,7 +27,7 @@ def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("parity")
     write_stock_checkpoint(str(out))
     # Its own hardware cache: plan="auto" measures this machine once, as on a fresh install.
-    check(run_script(["tests/scenarios.py", str(out)], timeout=400, env={"XDG_CACHE_HOME": str(out / "cache")}))
+    check(run_script(["tests/helpers/scenarios.py", str(out)], timeout=400, env={"XDG_CACHE_HOME": str(out / "cache")}))
     return out
 
 

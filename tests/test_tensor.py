@@ -21,7 +21,8 @@ from torch.distributed.tensor import DTensor
 
 from parti_lightning.parallel.blocks import find_blocks
 from parti_lightning.parallel.tensor.rules import hf_tensor_rules, validate_tensor_rules
-from tests.dist_utils import run_distributed
+
+from dist_utils import run_distributed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

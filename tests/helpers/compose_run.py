@@ -1,6 +1,6 @@
 """Model parallel composed with data parallel on 4 CPU ranks (used by test_compose.py).
 
-``python tests/compose_run.py OUT``: one launch of 4 processes trains the tensor- and the pipeline-parallel
+``python tests/helpers/compose_run.py OUT``: one launch of 4 processes trains the tensor- and the pipeline-parallel
 block scenario, each with 2 data-parallel replicas (``{"preset": "tp", "data": 2}``: tensor pairs;
 ``{"preset": "pp", "data": 2}``: two 2-stage pipelines; ``{"preset": "zero3", "tensor": 2}``: tensor pairs
 whose storage ZeRO-3 shards over the 2 data-parallel ranks), then ``{"preset": "pp", "tensor": 2}`` (2 stages,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_script(args: list[str], timeout: float, env: dict[str, str] | None = None,

@@ -1,6 +1,6 @@
 """A run in which one rank fails at step 5 (used by test_failures.py).
 
-``python tests/failing_run.py RANK MODE [WORLD_SIZE [PLAN]]`` (PLAN a preset; ``tp`` and ``pp`` train a model
+``python tests/helpers/failing_run.py RANK MODE [WORLD_SIZE [PLAN]]`` (PLAN a preset; ``tp`` and ``pp`` train a model
 with repeated blocks, split by tensor or pipeline parallelism), MODE one of:
 
 - ``raise``: the rank's ``training_step`` raises;

@@ -1,6 +1,6 @@
 """Trains under torchrun as ``num_nodes`` × ``devices`` ranks; global rank 0 saves the final parameters.
 
-Usage (from test_multinode.py): ``torchrun ... tests/multinode_run.py OUT DEVICES NUM_NODES``. Every
+Usage (from test_multinode.py): ``torchrun ... tests/helpers/multinode_run.py OUT DEVICES NUM_NODES``. Every
 rank prints one line saying where it sits in the run, so the test can check Lightning read torchrun's
 variables and parti started no process of its own.
 """

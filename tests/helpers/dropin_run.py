@@ -1,6 +1,6 @@
 """Drop-in behaviour in one 2-rank launch, for test_dropin.py: what an existing Lightning script does.
 
-``python tests/dropin_run.py OUT`` runs, in the same two processes, one after the other:
+``python tests/helpers/dropin_run.py OUT`` runs, in the same two processes, one after the other:
 
 1. ``fit`` with ``strategy="parti"`` (plan ddp) and plain SGD (no optimizer state), checkpointing every
    2 steps; every rank raises at step 3 and the script catches it;

@@ -1,6 +1,6 @@
 """Training scenarios run twice: distributed with ``strategy="parti"`` and as a single-process reference.
 
-Run as a script, it trains every scenario in one launch of 2 processes (``python tests/scenarios.py OUT``;
+Run as a script, it trains every scenario in one launch of 2 processes (``python tests/helpers/scenarios.py OUT``;
 Lightning's subprocess launcher re-runs this file for rank 1, and later Trainers reuse the process group,
 which keeps start-up cost to one launch), and rank 0 saves each scenario's results to ``OUT/<name>.pt``.
 The tests build the single-process reference in-process from the same seed and the same global batches.

@@ -1,6 +1,6 @@
 """Training runs that write and resume sharded checkpoints, for test_checkpoint.py.
 
-``python tests/checkpoint_run.py DEVICES JOBS.json`` runs each job of the JSON list in order in one
+``python tests/helpers/checkpoint_run.py DEVICES JOBS.json`` runs each job of the JSON list in order in one
 launch of DEVICES processes (later Trainers reuse the process group). A job fits ``Net`` under a plan,
 optionally from a checkpoint, and may write checkpoints (``ModelCheckpoint``), the state it restored,
 its per-step losses and its final state, each gathered and keyed by name (rank 0 writes them).
