@@ -35,7 +35,7 @@ import lightning as L
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "examples")]
+sys.path[:0] = [str(REPO / "tests" / "helpers"), str(REPO / "examples")]
 
 PLANS: dict[str, Any] = {
     "ddp": "ddp",

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "examples")]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "helpers"), str(REPO / "examples")]
 
 
 def _rank(layers: int, width: int, block: int, batch: int, rounds: int, steps: int) -> dict[str, list[float]]:

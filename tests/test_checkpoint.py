@@ -189,7 +189,7 @@ def test_converted_file_loads_and_resumes_with_stock_lightning_alone(runs: Path,
 import sys
 import lightning as L
 import torch
-sys.path.insert(0, {str(REPO / 'tests')!r})
+sys.path.insert(0, {str(REPO / 'tests' / 'helpers')!r})
 from checkpoint_run import Net
 module = Net.load_from_checkpoint({str(converted)!r})
 want = torch.load({str(runs / 'A.pt')!r}, weights_only=True)["state_dict"]

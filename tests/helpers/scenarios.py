@@ -486,7 +486,7 @@ def main(out: str) -> None:
             torch.save(result, os.path.join(out, f"{scenario.name}.pt"))
     for source, plan in RESUMES:
         run_resume(source, plan, out)
-    from hooks import record_hooks  # noqa: E402 - the tests folder is on sys.path when run as a script
+    from hooks import record_hooks  # noqa: E402 - the helpers folder is on sys.path when run as a script
 
     for strategy in ("parti", "ddp"):
         calls = record_hooks(strategy)
