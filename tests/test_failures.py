@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-import time
+from collections.abc import Callable
 
 import lightning as L
 import pytest
@@ -12,7 +12,7 @@ import pytest
 import parti_lightning  # noqa: F401
 from parti_lightning import PartiStrategy, PlanError
 
-from launch import run_script
+from launch import Launch, run_scripts
 
 
 def _trainer(**kwargs: object) -> L.Trainer:
@@ -86,13 +86,48 @@ def test_activation_checkpointing_auto_needs_the_planner_to_choose() -> None:
         _trainer(strategy=PartiStrategy(plan={"activation_checkpointing": "auto"}), devices=2)
 
 
-@pytest.mark.timeout(120)
+# The arguments of failing_run.py for each test below that launches a failing run, from the test's parameters.
+FAILING_RUNS: dict[str, Callable[..., tuple[str, ...]]] = {
+    "test_a_rank_that_stops_taking_part_makes_the_others_time_out": lambda hanging_rank: (str(hanging_rank), "hang"),
+    "test_ranks_syncing_different_metric_names_get_a_clear_error": lambda: ("1", "names"),
+    "test_a_rank_raising_stops_every_process": lambda mode, where, failing_rank, world: (
+        str(failing_rank), mode, str(world)),
+    "test_a_model_parallel_rank_failing_stops_every_process": lambda mode, plan: ("1", mode, "2", plan),
+    "test_a_rank_killed_mid_step_stops_every_process": lambda killed_rank: (str(killed_rank), "sigkill"),
+    "test_rank0_exiting_after_catching_a_failure_ends_the_other_ranks": lambda: ("0", "caught"),
+}
+# Every failing run ends itself (or is ended by its hard timeout); the test timeout covers all of them, since the
+# first test to ask runs every selected one (two at a time).
+RUNS_TIMEOUT = 900
+
+
+def _failing_run_args(item: pytest.Item) -> tuple[str, ...] | None:
+    make = FAILING_RUNS.get(getattr(item, "originalname", ""))
+    callspec = getattr(item, "callspec", None)
+    return None if make is None else make(**(callspec.params if callspec else {}))
+
+
+@pytest.fixture(scope="module")
+def failing_runs(request: pytest.FixtureRequest) -> dict[tuple[str, ...], Launch]:
+    """The failing runs of every selected test of this module, launched two at a time (independent jobs)."""
+    wanted = [_failing_run_args(item) for item in request.session.items if item.module is request.module]
+    jobs = {args: ["tests/helpers/failing_run.py", *args] for args in dict.fromkeys(a for a in wanted if a)}
+    world = {args: int(args[2]) if len(args) > 2 and args[2].isdigit() else 2 for args in jobs}
+    return run_scripts(jobs, timeout=120, processes=world)
+
+
+@pytest.fixture
+def failing_run(request: pytest.FixtureRequest, failing_runs: dict[tuple[str, ...], Launch]) -> Launch:
+    """This test's failing run."""
+    return failing_runs[_failing_run_args(request.node)]
+
+
+@pytest.mark.timeout(RUNS_TIMEOUT)
 @pytest.mark.parametrize("hanging_rank", [0, 1])
-def test_a_rank_that_stops_taking_part_makes_the_others_time_out(hanging_rank: int) -> None:
+def test_a_rank_that_stops_taking_part_makes_the_others_time_out(hanging_rank: int, failing_run: Launch) -> None:
     from failing_run import HANG_TIMEOUT_S
 
-    result = run_script(["tests/helpers/failing_run.py", str(hanging_rank), "hang"], timeout=90)
-    ended = time.time()
+    result, ended = failing_run.result, failing_run.ended
     assert result.returncode != 0
     hung_at = float(re.search(r"rank \d hangs at ([\d.]+)", result.stdout).group(1))  # type: ignore[union-attr]
     # The other rank's collective times out after `timeout`; Lightning's launcher then ends the rest
@@ -102,9 +137,9 @@ def test_a_rank_that_stops_taking_part_makes_the_others_time_out(hanging_rank: i
     assert not result.stderr, f"processes left behind: {result.stderr}"
 
 
-@pytest.mark.timeout(120)
-def test_ranks_syncing_different_metric_names_get_a_clear_error() -> None:
-    result = run_script(["tests/helpers/failing_run.py", "1", "names"], timeout=90)
+@pytest.mark.timeout(RUNS_TIMEOUT)
+def test_ranks_syncing_different_metric_names_get_a_clear_error(failing_run: Launch) -> None:
+    result = failing_run.result
     assert result.returncode != 0
     # Every rank detects it; which of them gets to print before the others are stopped may vary.
     assert re.search(r"logged 'training_step\.loss(_of_a_rank)?' with sync_dist=True while another rank",
@@ -122,13 +157,13 @@ RAISES = [
 ]
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(RUNS_TIMEOUT)
 @pytest.mark.parametrize(("mode", "where", "failing_rank", "world"), RAISES, ids=[f"{m}-rank{r}-of-{w}"
                                                                                      for m, _, r, w in RAISES])
-def test_a_rank_raising_stops_every_process(mode: str, where: str, failing_rank: int, world: int) -> None:
-    start = time.monotonic()
-    result = run_script(["tests/helpers/failing_run.py", str(failing_rank), mode, str(world)], timeout=120)
-    elapsed = time.monotonic() - start
+def test_a_rank_raising_stops_every_process(
+    mode: str, where: str, failing_rank: int, world: int, failing_run: Launch
+) -> None:
+    result, elapsed = failing_run.result, failing_run.elapsed
     assert result.returncode != 0
     # Start-up is ~5-10 s of it (more with 4 processes on 2 cores); failing and stopping, the rest.
     assert elapsed < 30 + 10 * world, f"took {elapsed:.0f}s to stop"
@@ -141,14 +176,12 @@ def test_a_rank_raising_stops_every_process(mode: str, where: str, failing_rank:
 MODEL_PARALLEL_FAILURES = [("raise", "tp"), ("raise", "pp"), ("sigkill", "pp")]
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(RUNS_TIMEOUT)
 @pytest.mark.parametrize(("mode", "plan"), MODEL_PARALLEL_FAILURES, ids=["-".join(c) for c in MODEL_PARALLEL_FAILURES])
-def test_a_model_parallel_rank_failing_stops_every_process(mode: str, plan: str) -> None:
+def test_a_model_parallel_rank_failing_stops_every_process(mode: str, plan: str, failing_run: Launch) -> None:
     # Rank 1 holds the other half of every layer (tp) or the last stage (pp): its peer waits on it in a
     # collective or a point-to-point receive, which must fail, not hang.
-    start = time.monotonic()
-    result = run_script(["tests/helpers/failing_run.py", "1", mode, "2", plan], timeout=120)
-    elapsed = time.monotonic() - start
+    result, elapsed = failing_run.result, failing_run.elapsed
     assert result.returncode != 0
     assert elapsed < 50, f"took {elapsed:.0f}s to stop"
     if mode == "raise":
@@ -159,23 +192,21 @@ def test_a_model_parallel_rank_failing_stops_every_process(mode: str, plan: str)
     assert not result.stderr, f"processes left behind: {result.stderr}"
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(RUNS_TIMEOUT)
 @pytest.mark.parametrize("killed_rank", [0, 1])
-def test_a_rank_killed_mid_step_stops_every_process(killed_rank: int) -> None:
-    result = run_script(["tests/helpers/failing_run.py", str(killed_rank), "sigkill"], timeout=120)
-    ended = time.time()
+def test_a_rank_killed_mid_step_stops_every_process(killed_rank: int, failing_run: Launch) -> None:
+    result, ended = failing_run.result, failing_run.ended
     assert result.returncode != 0
     killed_at = float(re.search(r"rank \d killed at ([\d.]+)", result.stdout).group(1))  # type: ignore[union-attr]
     assert ended - killed_at < 60, f"the others ran {ended - killed_at:.1f}s after the kill"
     assert not result.stderr, f"processes left behind: {result.stderr}"
 
 
-@pytest.mark.timeout(150)
-def test_rank0_exiting_after_catching_a_failure_ends_the_other_ranks() -> None:
+@pytest.mark.timeout(RUNS_TIMEOUT)
+def test_rank0_exiting_after_catching_a_failure_ends_the_other_ranks(failing_run: Launch) -> None:
     # Rank 1 sleeps in its step (no collective would ever fail it); rank 0's script catches the exception
     # and ends normally: the other ranks must not outlive it.
-    result = run_script(["tests/helpers/failing_run.py", "0", "caught"], timeout=120)
-    ended = time.time()
+    result, ended = failing_run.result, failing_run.ended
     caught = re.search(r"the script caught at ([\d.]+): boom from the user's training_step on rank 0", result.stdout)
     assert caught is not None, result.stdout
     # Start-up time varies with the machine's load; the exit after the catch should not (a 5 s grace, then kill).
