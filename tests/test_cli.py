@@ -14,7 +14,7 @@ import parti_lightning
 from parti_lightning import PartiAccelerator, PartiStrategy
 from parti_lightning.cli import _config_paths
 
-from launch import REPO, check, run_script
+from launch import REPO, Job, Launch, check, run_scripts, selected_tests
 
 
 def test_import_registers_strategy_and_accelerator() -> None:
@@ -54,29 +54,54 @@ def test_preset_yaml_names_the_strategy(preset: str, storage: str) -> None:
     assert registered.plan == parti_lightning.PartitionPlan.from_value(preset)
 
 
-@pytest.mark.timeout(180)
-def test_yaml_class_path_with_stock_lightning_cli(tmp_path: Path) -> None:
-    out = check(run_script(
-        ["tests/helpers/stock_cli.py", "fit", "--config", "tests/helpers/configs/class_path.yaml",
-         f"--trainer.default_root_dir={tmp_path}"],  # where the CLI writes its config.yaml
-        timeout=150,
-    ))
+# The tests below that launch a run of their own, and their launches: independent, so run two at a time.
+LAUNCHES = {
+    "test_yaml_class_path_with_stock_lightning_cli": "stock_cli",
+    "test_parti_lightning_command_with_strategy_flag": "strategy_flag",
+    "test_torchrun_starts_the_ranks_and_parti_launches_nothing": "torchrun",
+}
+
+
+@pytest.fixture(scope="module")
+def launches(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Launch, Path]]:
+    """Each selected test's launch (and the folder it wrote to), two at a time."""
+    command = shutil.which("parti-lightning")
+    assert command, "the parti-lightning console script is not installed"
+    roots = {name: tmp_path_factory.mktemp(name) for name in LAUNCHES.values()}
+    jobs = {
+        "stock_cli": Job(["tests/helpers/stock_cli.py", "fit", "--config", "tests/helpers/configs/class_path.yaml",
+                          f"--trainer.default_root_dir={roots['stock_cli']}"]),  # where the CLI writes its config.yaml
+        "strategy_flag": Job(
+            [command, "fit", "--model=scenarios.ToyRegressor", "--trainer.strategy=parti", "--trainer.accelerator=cpu",
+             "--trainer.devices=1", "--trainer.max_steps=2", f"--trainer.default_root_dir={roots['strategy_flag']}",
+             "--trainer.enable_progress_bar=false"],
+            cwd=REPO / "tests" / "helpers", processes=1,
+        ),
+        "torchrun": Job(
+            ["-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", f"--master-port={_free_port()}",
+             "--master-addr=127.0.0.1", "tests/helpers/torchrun_run.py"],
+            env={"PYTHONPATH": str(REPO / "tests" / "helpers")}, processes=3,  # the agent and its two workers
+        ),
+    }
+    wanted = {LAUNCHES[item.originalname] for item in selected_tests(request) if item.originalname in LAUNCHES}
+    done = run_scripts({name: job for name, job in jobs.items() if name in wanted}, timeout=150)
+    return {name: (launch, roots[name]) for name, launch in done.items()}
+
+
+@pytest.mark.timeout(400)
+def test_yaml_class_path_with_stock_lightning_cli(launches: dict[str, tuple[Launch, Path]]) -> None:
+    out = check(launches["stock_cli"][0].result)
     assert "strategy=PartiStrategy world_size=2 steps=3" in out
 
 
-@pytest.mark.timeout(180)
-def test_parti_lightning_command_with_strategy_flag(tmp_path: Path) -> None:
-    command = shutil.which("parti-lightning")
-    assert command, "the parti-lightning console script is not installed"
-    result = run_script(
-        [command, "fit", "--model=scenarios.ToyRegressor", "--trainer.strategy=parti", "--trainer.accelerator=cpu",
-         "--trainer.devices=1", "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}",
-         "--trainer.enable_progress_bar=false"],
-        timeout=150, cwd=REPO / "tests" / "helpers",
-    )
-    out = check(result)
+@pytest.mark.timeout(400)
+def test_parti_lightning_command_with_strategy_flag(launches: dict[str, tuple[Launch, Path]]) -> None:
+    launch, root = launches["strategy_flag"]
+    out = check(launch.result)
     assert "parti: plan data=1" in out
-    assert list(tmp_path.rglob("*.ckpt")), "fit did not write its checkpoint"
+    assert list(root.rglob("*.ckpt")), "fit did not write its checkpoint"
 
 
 @pytest.mark.timeout(180)
@@ -100,14 +125,9 @@ def test_spawn_start_method_for_notebooks(plan: str) -> None:
     assert any(not torch.equal(before[k], v) for k, v in after.items())
 
 
-@pytest.mark.timeout(180)
-def test_torchrun_starts_the_ranks_and_parti_launches_nothing() -> None:
-    port = _free_port()
-    out = check(run_script(
-        ["-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", f"--master-port={port}",
-         "--master-addr=127.0.0.1", "tests/helpers/torchrun_run.py"],
-        timeout=150, env={"PYTHONPATH": str(REPO / "tests" / "helpers")},
-    ))
+@pytest.mark.timeout(400)
+def test_torchrun_starts_the_ranks_and_parti_launches_nothing(launches: dict[str, tuple[Launch, Path]]) -> None:
+    out = check(launches["torchrun"][0].result)
     assert "rank 0/2 env=TorchElasticEnvironment launched=[]" in out
     assert "rank 1/2 env=TorchElasticEnvironment launched=[]" in out
 

@@ -12,7 +12,7 @@ import pytest
 import parti_lightning  # noqa: F401
 from parti_lightning import PartiStrategy, PlanError
 
-from launch import Launch, run_scripts
+from launch import Job, Launch, run_scripts, selected_tests
 
 
 def _trainer(**kwargs: object) -> L.Trainer:
@@ -110,10 +110,11 @@ def _failing_run_args(item: pytest.Item) -> tuple[str, ...] | None:
 @pytest.fixture(scope="module")
 def failing_runs(request: pytest.FixtureRequest) -> dict[tuple[str, ...], Launch]:
     """The failing runs of every selected test of this module, launched two at a time (independent jobs)."""
-    wanted = [_failing_run_args(item) for item in request.session.items if item.module is request.module]
-    jobs = {args: ["tests/helpers/failing_run.py", *args] for args in dict.fromkeys(a for a in wanted if a)}
-    world = {args: int(args[2]) if len(args) > 2 and args[2].isdigit() else 2 for args in jobs}
-    return run_scripts(jobs, timeout=120, processes=world)
+    wanted = dict.fromkeys(args for args in map(_failing_run_args, selected_tests(request)) if args)
+    # failing_run.py RANK MODE [WORLD_SIZE [PLAN]]: WORLD_SIZE processes, 2 by default.
+    world = {args: int(args[2]) if len(args) > 2 else 2 for args in wanted}
+    return run_scripts({args: Job(["tests/helpers/failing_run.py", *args], processes=world[args]) for args in wanted},
+                       timeout=120)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,6 +69,16 @@ def check(result: subprocess.CompletedProcess[str]) -> str:
 
 
 @dataclass(frozen=True)
+class Job:
+    """One launch for :func:`run_scripts`: ``python *args`` in ``cwd``, ``env`` added; ``processes`` processes."""
+
+    args: Sequence[str]
+    env: Mapping[str, str] | None = None
+    cwd: Path | None = None
+    processes: int = 2
+
+
+@dataclass(frozen=True)
 class Launch:
     """A finished :func:`run_script` job, with when it started and ended (``time.time()``)."""
 
@@ -80,32 +91,32 @@ class Launch:
         return self.ended - self.started
 
 
-def run_scripts(
-    jobs: Mapping[Hashable, Sequence[str]], timeout: float, processes: Mapping[Hashable, int] | None = None,
-    at_once: int = 2,
-) -> dict[Hashable, Launch]:
-    """Run independent jobs (``python *args`` each, as :func:`run_script`, same hard timeout) ``at_once`` at a time.
+def run_scripts(jobs: Mapping[Hashable, Job], timeout: float, at_once: int = 2) -> dict[Hashable, Launch]:
+    """Run independent jobs (each as :func:`run_script`, with the same hard timeout) ``at_once`` at a time.
 
     Why: a launched job is mostly interpreter start-up, and its ranks start one after another (rank 0
     imports, then launches the others), so one job keeps about one core busy; two at a time use both cores
     of a small machine and nearly halve the wall time (measured: two 2-rank failing runs, 28.8 s one after
-    the other, 15.3 s side by side). A job of more than ``at_once`` processes (``processes[key]``, default 2)
-    runs alone, after the others (which have warmed the caches a first run fills), so that timing bounds on
-    it keep their meaning.
+    the other, 15.3 s side by side). A job of more than ``at_once`` processes runs alone, after the others
+    (which have warmed the caches a first run fills), so that timing bounds on it keep their meaning.
     """
-    processes = processes or {}
-    alone = [key for key in jobs if processes.get(key, 2) > at_once]
+    alone = [key for key, job in jobs.items() if job.processes > at_once]
     paired = [key for key in jobs if key not in alone]
 
     def launch(key: Hashable) -> Launch:
-        started = time.time()
+        job, started = jobs[key], time.time()
         try:
-            result = run_script(list(jobs[key]), timeout=timeout)
+            result = run_script(list(job.args), timeout=timeout, env=dict(job.env or {}), cwd=job.cwd)
         except AssertionError as timed_out:  # killed at the timeout: this job's test fails, not its neighbours'
-            result = subprocess.CompletedProcess(list(jobs[key]), -signal.SIGKILL, str(timed_out), str(timed_out))
+            result = subprocess.CompletedProcess(list(job.args), -signal.SIGKILL, str(timed_out), str(timed_out))
         return Launch(result, started, time.time())
 
     with ThreadPoolExecutor(max_workers=at_once) as pool:
         done = dict(zip(paired, pool.map(launch, paired), strict=True))
     done.update({key: launch(key) for key in alone})
     return done
+
+
+def selected_tests(request: pytest.FixtureRequest) -> list[pytest.Item]:
+    """The tests of ``request``'s module that this session runs (after ``-k`` and the like)."""
+    return [item for item in request.session.items if item.module is request.module]
