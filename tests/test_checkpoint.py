@@ -21,7 +21,7 @@ import torch
 from parti_lightning.checkpoint import is_sharded_checkpoint, positional_to_named, read_meta
 from parti_lightning.convert import convert, load_consolidated
 
-from launch import REPO, check, run_script
+from launch import REPO, Job, check, run_script, run_scripts
 
 # (name, plan and world size that wrote it, plan and world size that resume it)
 RESUMES = [
@@ -37,10 +37,15 @@ RESUMES = [
 ]
 
 
-def _launch(out: Path, devices: int, jobs: list[dict[str, Any]], expect_failure: bool = False) -> str:
+def _job(out: Path, devices: int, jobs: list[dict[str, Any]]) -> Job:
     jobs_file = out / f"jobs-{devices}-{len(list(out.glob('jobs-*')))}.json"
     jobs_file.write_text(json.dumps(jobs))
-    result = run_script(["tests/helpers/checkpoint_run.py", str(devices), str(jobs_file)], timeout=300)
+    return Job(["tests/helpers/checkpoint_run.py", str(devices), str(jobs_file)], processes=devices)
+
+
+def _launch(out: Path, devices: int, jobs: list[dict[str, Any]], expect_failure: bool = False) -> str:
+    job = _job(out, devices, jobs)
+    result = run_script(list(job.args), timeout=300)
     if expect_failure:
         assert result.returncode != 0, f"the run was expected to fail:\n{result.stdout}"
         assert not result.stderr, f"processes left running: {result.stderr}"
@@ -57,7 +62,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return f"{o}/{name}_as_{plan}x{world}.pt"
 
     _launch(out, 4, [{"plan": "zero3", "max_steps": 10, "dirpath": f"{o}/A", "final": f"{o}/A.pt"}])
-    _launch(out, 2, [
+    # The next two resume A and do not depend on each other: launched side by side.
+    two_ranks = _job(out, 2, [
         {"plan": "ddp", "max_steps": 12, "ckpt": f"{o}/A/last.ckpt", "restored": restored("A", "ddp", 2),
          "final": f"{o}/B.pt", "save": f"{o}/B"},
         {"plan": "zero1", "max_steps": 12, "ckpt": f"{o}/A/last.ckpt", "restored": restored("A", "zero1", 2)},
@@ -73,9 +79,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
          "top_k": 2, "save_last": "link", "final": f"{o}/T.pt"},
         {"plan": "zero2", "max_steps": 12, "ckpt": f"{o}/T/last.ckpt", "restored": restored("T", "zero2", 2)},
     ])
-    _launch(out, 1, [{"plan": "ddp", "max_steps": 12, "ckpt": f"{o}/A/last.ckpt", "restored": restored("A", "ddp", 1),
-                      "final": f"{o}/C.pt", "save": f"{o}/C", "validate": f"{o}/A/last.ckpt",
-                      "validated": f"{o}/A_validated.pt", "limit_val_batches": 2}])
+    one_process = _job(out, 1, [{"plan": "ddp", "max_steps": 12, "ckpt": f"{o}/A/last.ckpt",
+                                 "restored": restored("A", "ddp", 1), "final": f"{o}/C.pt", "save": f"{o}/C",
+                                 "validate": f"{o}/A/last.ckpt", "validated": f"{o}/A_validated.pt",
+                                 "limit_val_batches": 2}])
+    for launch in run_scripts({2: two_ranks, 1: one_process}, timeout=300).values():
+        check(launch.result)
     # A plain single-file Lightning checkpoint (here: A consolidated) as the start of a sharded run.
     convert(out / "A" / "last.ckpt", out / "F.ckpt")
     _launch(out, 4, [
