@@ -261,18 +261,18 @@ def parallelize(
             stages_per_rank=plan.virtual_stages, cuts=plan.pipeline_cuts, device=next(module.parameters()).device,
             run_example=run_example, batch_size=batch_size,
         )
-    # The blocks this stage holds: once the other stages' blocks are freed, `find_blocks` would read another
-    # structure (one held block is not a repeated trunk). `None`: every block, found by each step itself.
-    held = _held_blocks(module, result.pipeline) if result.pipeline is not None else None
-    # 2. Tensor parallel: the layers of the (held) blocks split over the tensor ranks, checked on the example.
+    # The blocks every later step works on, found once: those this stage holds under pipeline parallelism (once
+    # the other stages' blocks are freed, `find_blocks` would read another structure), else the repeated blocks.
+    blocks = _held_blocks(module, result.pipeline) if result.pipeline is not None else find_blocks(module)
+    # 2. Tensor parallel: the layers of the blocks split over the tensor ranks, checked on the example.
     if mesh.tensor_enabled:
         rules = dict(plan.tensor_rules) if plan.tensor_rules is not None else None
-        result.tensor_report = apply_tensor_parallel(module, mesh.tensor_mesh, rules, run_example, blocks=held)
-    units = held if held is not None and plan.sharding_units is None else None
-    # 3. Activation checkpointing of whole blocks (FSDP's units when storage is sharded).
+        result.tensor_report = apply_tensor_parallel(module, mesh.tensor_mesh, rules, run_example, blocks=blocks)
+    # Units of checkpointing and sharding: the blocks, unless the plan names its own.
+    units = blocks if plan.sharding_units is None else resolve_units(module, plan.sharding_units)
+    # 3. Activation checkpointing of whole units (FSDP's units when storage is sharded).
     if plan.activation_checkpointing == "blocks":
-        checkpointed = units if units is not None else resolve_units(module, plan.sharding_units)
-        apply_activation_checkpointing(module, checkpointed)
+        apply_activation_checkpointing(module, units)
     # 4. Storage: FSDP shards parameters, gradients and optimizer state (ZeRO-2/3), or whole parameters'
     #    gradients are averaged over the data-parallel ranks (replicated, ZeRO-1).
     if shards_module(plan):
@@ -287,7 +287,7 @@ def parallelize(
 
 
 def _shard_storage(
-    module: nn.Module, mesh: ParallelMesh, units: list[tuple[str, nn.Module]] | None, automatic_optimization: bool
+    module: nn.Module, mesh: ParallelMesh, units: list[tuple[str, nn.Module]], automatic_optimization: bool
 ) -> GradientSynchronizer | None:
     """Step 4 under ZeRO-2/3: FSDP over the storage mesh; what FSDP cannot shard keeps averaged whole gradients."""
     # Automatic optimization runs each step through the module's `__call__`, so the root can be a unit;
