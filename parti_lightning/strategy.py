@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from datetime import timedelta
 from typing import Any, Literal, Union
 
@@ -153,6 +153,7 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
         self._num_nodes = 1
         self.mesh: ParallelMesh | None = None
         self._parallel: Parallelized | None = None  # the plan as applied to the module (fit only)
+        self._backward_context = ExitStack()
         # Read every step (sampler, backward sync): resolved once, again only if the world changes.
         self._resolved: tuple[tuple[int, int], ResolvedPlan] | None = None
 
@@ -411,6 +412,7 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
 
     @override
     def on_exception(self, exception: BaseException) -> None:
+        self._leave_backward_context()  # a backward that raised: the caller may go on in this process
         # Make sure the user learns which rank failed.
         print(
             f"[parti rank {self.global_rank}/{self.world_size}] {type(exception).__name__}: {exception}",

@@ -115,3 +115,57 @@ def test_callbacks_that_need_whole_parameters_are_refused_under_zero3_before_lau
         trainer.fit(ToyRegressor())
     assert "LOCAL_RANK" not in os.environ, "the launcher started ranks before refusing"
     check_callbacks([callback()], PartitionPlan.from_value("zero1").resolve(2, ranks_per_node=2))  # whole there
+
+
+def test_a_wrapped_strategy_backward_runs_once_per_step() -> None:
+    """Code that wraps ``Strategy.backward`` with the strategy's own bound ``backward`` (Lightning's SWA test does,
+    with a mock) wraps parti's backward too: parti uses the hooks around it, not an override that would call the
+    wrapper back without end."""
+    from unittest import mock
+
+    import torch
+    from lightning.pytorch.strategies import Strategy
+
+    from scenarios import ToyRegressor
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=PartiStrategy(plan="ddp"), max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    module = ToyRegressor()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    try:
+        with mock.patch.object(Strategy, "backward", wraps=trainer.strategy.backward) as backward:
+            trainer.fit(module)
+    finally:
+        if torch.distributed.is_initialized():  # a one-process run keeps its group in this process after fit
+            torch.distributed.destroy_process_group()
+    assert backward.call_count == 3
+    assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_a_backward_that_raises_leaves_no_step_context_behind() -> None:
+    """The step context a backward pass enters (implicit replication under tensor parallelism) ends at
+    ``post_backward``, or, when the backward raised first, at ``on_exception``: a caller that catches the error
+    and goes on in the same process finds DTensor as it was."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    from parti_lightning.parallel.tensor import tensor_parallel_step
+
+    class _Parallel:
+        def step_context(self) -> Any:
+            return tensor_parallel_step()
+
+        def sync_gradients(self) -> None:
+            pass
+
+    strategy = PartiStrategy(plan="ddp")
+    strategy._parallel = _Parallel()  # type: ignore[assignment]
+    flag = lambda: DTensor._op_dispatcher._allow_implicit_replication  # noqa: E731
+    before = flag()
+    strategy.pre_backward(torch.zeros(()))
+    assert flag() is True
+    strategy.post_backward(torch.zeros(()))
+    assert flag() == before
+    strategy.pre_backward(torch.zeros(()))
+    strategy.on_exception(RuntimeError("raised in backward"))
+    assert flag() == before

@@ -1,7 +1,7 @@
 """Where Lightning's step and backward hooks go.
 
-Backward passes run in the plan's step context and end with its gradient averaging; accumulation steps
-skip that averaging.
+Backward passes run in the plan's step context (entered in ``pre_backward``, left in ``post_backward``) and
+end with its gradient averaging; accumulation steps skip that averaging.
 
 Steps go through the module's ``__call__`` when FSDP sharded the root.
 
@@ -16,12 +16,11 @@ still holds after ``fit`` (``validate`` on a module left sharded).
 from __future__ import annotations
 
 from collections.abc import Generator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
-from torch.optim import Optimizer
 from typing_extensions import override
 
 from parti_lightning.parallel import Parallelized, steps_through_root
@@ -31,16 +30,28 @@ class StepRouting(ParallelStrategy):
     """Lightning's step and backward hooks for :class:`~parti_lightning.PartiStrategy`."""
 
     _parallel: Parallelized | None  # what `parallelize` returned for this fit (set by the strategy's setup)
+    _backward_context: ExitStack  # the step context of the backward pass under way (set by the strategy)
 
+    # Lightning's hooks around its own `backward` rather than an override of it: code that wraps
+    # `Strategy.backward` (a profiler, a test's mock that calls the strategy's bound `backward`) then wraps
+    # parti's backward too, where an override calling `super().backward` would call the wrapper back forever.
     @override
-    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
-        with self._parallel.step_context() if self._parallel is not None else nullcontext():
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
+    def pre_backward(self, closure_loss: Tensor) -> None:
+        super().pre_backward(closure_loss)
+        if self._parallel is not None:
+            self._backward_context.enter_context(self._parallel.step_context())
 
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
-        if self._parallel is not None:
-            self._parallel.sync_gradients()
+        try:
+            if self._parallel is not None:
+                self._parallel.sync_gradients()
+        finally:
+            self._backward_context.close()
+
+    def _leave_backward_context(self) -> None:
+        """End the step context a backward pass entered and did not leave (it raised before `post_backward`)."""
+        self._backward_context.close()
 
     @contextmanager
     @override
