@@ -593,6 +593,37 @@ def _run_all(cases: list[str], checkpoint_dir: str) -> dict:
     results["dropout_masks"] = _dropout_masks()
     results["checkpoint"] = _checkpoint_round_trip(checkpoint_dir)
     results["dtensor_costs"] = _dtensor_costs()
+    results["awkward_blocks"] = _awkward_blocks()
+    return results
+
+
+class _EvalRefusingBlock(nn.Module):
+    """A block whose forward refuses eval mode: the setup check's trace runs a copy of it in eval mode."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc, self.proj = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            raise RuntimeError("this block only trains")
+        return x + self.proj(torch.relu(self.fc(x)))
+
+
+def _awkward_blocks() -> dict:
+    """Blocks the setup check cannot trace: left whole, with the reason, never a crash."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from parti_lightning.parallel.tensor import apply_tensor_parallel
+
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tensor",))
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    results = {}
+    for name, model in (("eval_refusing", nn.Sequential(_EvalRefusingBlock(16), _EvalRefusingBlock(16))),):
+        report = apply_tensor_parallel(model, mesh, run_example=lambda model=model: model(x))
+        results[name] = {"layouts": {row.name: row.layout for row in report.rows}, "fallbacks": report.fallbacks,
+                         "output": model(x).detach()}
     return results
 
 
@@ -794,3 +825,11 @@ def test_hf_plan_read_with_its_path_as_prefix() -> None:
     assert rules["model.model.layers.*.mlp.down_proj"] == "rowwise"
     assert rules["model.lm_head"] == "colwise"
     assert math.isclose(len(rules), 9)
+
+
+def test_a_block_the_check_cannot_trace_is_left_whole_with_the_reason(tensor2: dict) -> None:
+    result = tensor2["awkward_blocks"]["eval_refusing"]
+    assert set(result["layouts"].values()) == {"replicate"}, result
+    assert any("the trace of the block failed: RuntimeError: this block only trains" in reason
+               for _, reason in result["fallbacks"]), result["fallbacks"]
+

@@ -10,7 +10,6 @@ module tree.
 
 from __future__ import annotations
 
-import copy
 import types
 import warnings
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.module_tracker import ModuleTracker
 
 from parti_lightning.parallel.blocks import find_blocks
+from parti_lightning.parallel.copies import module_copy
 from parti_lightning.planner.optimizer_state import UNKNOWN_STATE_TENSORS, OptimizerState, optimizer_state
 
 META = torch.device("meta")
@@ -292,7 +292,7 @@ def meta_copy(module: nn.Module) -> nn.Module:
         owner = getattr(module, attribute, None)
         if owner is not None:
             memo[id(owner)] = None
-    return copy.deepcopy(module, memo)
+    return module_copy(module, memo)
 
 
 def _parameter_infos(module: nn.Module) -> tuple[ParameterInfo, ...]:

@@ -13,7 +13,6 @@ profile counts more: there, attention falls back to its unfused form.)
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import statistics
 import time
@@ -28,6 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from parti_lightning.accelerator import cores_for_rank, usable_cores
 from parti_lightning.parallel.blocks import find_blocks
+from parti_lightning.parallel.copies import module_copy
 from parti_lightning.planner.profile import META, BlockTiming, CallCounter, ModelProfile, meta_copy
 
 # Micro-batch counts a pipeline candidate may use (as the search proposes them).
@@ -128,8 +128,8 @@ def _real_block(module: nn.Module, name: str) -> nn.Module:
     block = dict(find_blocks(module))[name]
     tensors = [*block.parameters(), *block.buffers()]
     if all(t.device.type == "cpu" for t in tensors):
-        return copy.deepcopy(block).train()
-    real = copy.deepcopy(meta_copy(block)).to_empty(device="cpu")
+        return module_copy(block).train()
+    real = module_copy(meta_copy(block)).to_empty(device="cpu")
     with torch.no_grad():
         for tensor in [*real.parameters(), *real.buffers()]:
             _fill(tensor)

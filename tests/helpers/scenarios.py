@@ -153,6 +153,26 @@ class BlockRegressor(ToyRegressor):
         return F.mse_loss(pred, y), pred
 
 
+class NormBlock(nn.Module):
+    """A residual block with a batch norm: under `sync_batchnorm=True` it holds a process group."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        # No bias before the batch norm: its gradient is zero up to rounding (see ToyRegressor).
+        self.mlp = nn.Sequential(nn.Linear(width, width, bias=False), nn.BatchNorm1d(width), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(x)
+
+
+class NormBlockRegressor(BlockRegressor):
+    """Repeated blocks that hold batch norms: what a conv net brings to tensor parallelism."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(NormBlock(32) for _ in range(3))
+
+
 class TensorBlockRegressor(BlockRegressor):
     """Blocks whose MLPs tensor parallelism splits (colwise then rowwise), with an LR scheduler, and a metric
     that counts samples: synced over every rank rather than the data-parallel ones, it would count each
@@ -269,6 +289,9 @@ SCENARIOS = [
         plan="tp",
         data_parallel=1,
     ),
+    # Tensor parallel over blocks that hold synced batch norms (a process group each): trained, never a crash.
+    Scenario("tp_sync_batchnorm_blocks", NormBlockRegressor, trainer_kwargs={"sync_batchnorm": True}, plan="tp",
+             data_parallel=1),
     # Tensor parallel with each block's activations recomputed in backward.
     Scenario("tp_blocks_activation_checkpointing", BlockRegressor, trainer_kwargs={"gradient_clip_val": 0.05},
              plan={"preset": "tp", "activation_checkpointing": "blocks"}, data_parallel=1),

@@ -242,16 +242,21 @@ def _apply_group(
 ) -> None:
     first_name, first = members[0]
     sample = samples.get(id(first))
+    label = f"{type(first).__name__} ({first_name}{', ...' if len(members) > 1 else ''})"
     note = ""
     if source == "auto" and outside:
         proposal = {"": _auto_style(first)}
+    elif source == "auto" and sample is not None:
+        try:
+            proposal = trace_block_rules(first, *sample)[0]
+        except Exception as error:  # a block the trace cannot run is left whole, with the reason: never a crash
+            proposal = {}
+            report.fallbacks.append((label, f"left unsharded: the trace of the block failed: {_first_line(error)}"))
     elif source == "auto":
-        proposal = trace_block_rules(first, *sample)[0] if sample is not None else {}
-        note = "" if sample is not None else "no sample input to trace"
+        proposal, note = {}, "no sample input to trace"
     else:
         proposal = rules_for_unit(first_name, first, resolved)
     proposal, refused = drop_unsplittable(first_name, first, proposal, tied, mesh.size())
-    label = f"{type(first).__name__} ({first_name}{', ...' if len(members) > 1 else ''})"
     for reason in refused:
         report.fallbacks.append((label, reason))
     chosen = proposal
@@ -268,3 +273,8 @@ def _apply_group(
         for relative, style in chosen.items():
             layer = f"{name}.{relative}" if relative else name
             report.rows.append(TensorLayerRow(layer, style, source, note))
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"

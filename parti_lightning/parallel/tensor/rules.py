@@ -20,6 +20,7 @@ from torch.distributed.tensor import Placement, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.overrides import TorchFunctionMode
 
+from parti_lightning.parallel.copies import module_copy
 from parti_lightning.parallel.tensor.ops import equal_parts
 
 COLWISE, ROWWISE, REPLICATE = "colwise", "rowwise", "replicate"
@@ -257,9 +258,7 @@ def _record_linear_calls(
 ) -> tuple[list[tuple[str, torch.Tensor, int, int]], dict[str, int]]:
     """Each linear layer's first call (name, input, in and out features), and the layers whose output was cut
     into equal parts along its features (name -> parts)."""
-    import copy
-
-    probe = copy.deepcopy(block).eval()
+    probe = module_copy(block).eval()
     calls: list[tuple[str, torch.Tensor, int, int]] = []
     seen: set[str] = set()
     outputs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor kept beside its id, so the id stays its own

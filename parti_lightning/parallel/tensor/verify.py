@@ -9,7 +9,6 @@ verdict (one all-reduce per candidate), so they all hold the same layout.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten, tree_map
 
+from parti_lightning.parallel.copies import module_copy
 from parti_lightning.parallel.tensor.region import implicit_replication, mesh_device, shard_unit
 from parti_lightning.parallel.tensor.rules import COLWISE, REPLICATE, packed_parts, split_dim
 
@@ -109,8 +109,8 @@ def _verify(unit: nn.Module, rules: Mapping[str, str], sample: tuple, mesh: Devi
 
 
 def _compare(unit: nn.Module, rules: Mapping[str, str], sample: tuple, mesh: DeviceMesh) -> str | None:
-    reference = copy.deepcopy(unit).eval()
-    sharded = copy.deepcopy(unit).eval()
+    reference = module_copy(unit).eval()
+    sharded = module_copy(unit).eval()
     shard_unit(sharded, rules, mesh)
     results = []
     for model in (reference, sharded):
