@@ -414,11 +414,8 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
     def on_exception(self, exception: BaseException) -> None:
         self._leave_backward_context()  # a backward that raised: the caller may go on in this process
         # Make sure the user learns which rank failed.
-        print(
-            f"[parti rank {self.global_rank}/{self.world_size}] {type(exception).__name__}: {exception}",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"[parti rank {self.global_rank}/{self.world_size}] {type(exception).__name__}: {exception}",
+              file=sys.stderr, flush=True)
         # The caller may catch it and go on in the same processes: the launcher ends the other ranks only
         # if this process goes away instead (see PartiSubprocessScriptLauncher).
         if isinstance(self._launcher, PartiSubprocessScriptLauncher):
