@@ -30,7 +30,7 @@ from parti_lightning.parallel.tensor.rules import (
     trace_block_rules,
     validate_tensor_rules,
 )
-from parti_lightning.parallel.tensor.verify import choose, drop_unsplittable
+from parti_lightning.parallel.tensor.verify import choose, drop_unsplittable, error_line
 
 __all__ = ["TensorLayerRow", "TensorParallelReport", "apply_tensor_parallel", "tensor_parallel_step"]
 
@@ -251,7 +251,7 @@ def _apply_group(
             proposal = trace_block_rules(first, *sample)[0]
         except Exception as error:  # a block the trace cannot run is left whole, with the reason: never a crash
             proposal = {}
-            report.fallbacks.append((label, f"left unsharded: the trace of the block failed: {_first_line(error)}"))
+            report.fallbacks.append((label, f"left unsharded: the trace of the block failed: {error_line(error)}"))
     elif source == "auto":
         proposal, note = {}, "no sample input to trace"
     else:
@@ -273,8 +273,3 @@ def _apply_group(
         for relative, style in chosen.items():
             layer = f"{name}.{relative}" if relative else name
             report.rows.append(TensorLayerRow(layer, style, source, note))
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"

@@ -99,7 +99,7 @@ def _verify(unit: nn.Module, rules: Mapping[str, str], sample: tuple, mesh: Devi
     try:
         failure = _compare(unit, rules, sample, mesh)
     except Exception as error:  # any error means: not this layout (the next candidate is tried)
-        failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        failure = error_line(error)
     # Every tensor rank must take the same layout: one rank's failure fails it for all.
     flag = torch.tensor([0 if failure is None else 1], device=mesh_device(mesh))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group())
@@ -141,6 +141,12 @@ def _compare(unit: nn.Module, rules: Mapping[str, str], sample: tuple, mesh: Dev
             if difference is not None:
                 return f"{what} differs from the unsharded block: {difference}"
     return None
+
+
+def error_line(error: Exception) -> str:
+    """An error as one line for the plan table: its type and the first line of its message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _fresh_input(value: Any) -> Any:
