@@ -114,7 +114,7 @@ class _Chain(nn.Module):
                 hidden.append(x)
             x = torch.stack(hidden).sum(0)
         elif mode == "cache":
-            cache: dict = {}
+            cache = {"keys": x.detach()}  # filled before the trunk: state across passes, not scratch
             for block in h:
                 x = block(x, cache=cache)
         elif mode == "learned_extra":
@@ -140,7 +140,7 @@ BREAKAGES = {
     "changed_between": "is not fed the output of block 'h.0'",
     "aux_output": "output element 1 of block 'h.0' is used outside the blocks",
     "intermediate_used": "the output of block 'h.0' (not the last block) is used outside the blocks",
-    "cache": "is passed a cache (cache)",
+    "cache": "is passed a cache that already holds keys and values: 'cache' (dict, not empty)",
     "learned_extra": "requires grad",
     "partial_second_pass": "the last pass stops at block 'h.1', before 'h.2'",
 }

@@ -283,7 +283,7 @@ class _HfLogits(nn.Module):
         self.model = model
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=idx, use_cache=False).logits
+        return self.model(input_ids=idx).logits
 
 
 def _transposed_block() -> nn.Module:

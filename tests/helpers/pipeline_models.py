@@ -127,7 +127,6 @@ class HFCausalLM(nn.Module):
             num_attention_heads=2,
             num_key_value_heads=1,
             max_position_embeddings=SEQ,
-            use_cache=False,
             attn_implementation="eager",
         )
         self.model = LlamaForCausalLM(config)

@@ -4,8 +4,10 @@ Pipelining runs the whole trunk (the repeated blocks) as one operation the first
 forward calls its first block, and lets the calls of the later blocks pass that result through. That
 is exact only if the forward treats the trunk as a chain: every block called once, in order, fed the
 previous block's output (its first element when blocks return tuples), with the same extra
-arguments (masks, rotary tables, position ids) for every block, no cache, and nothing between or
-after the blocks reading an intermediate block output. A training step may run the trunk several
+arguments (masks, rotary tables, position ids) for every block, and nothing between or after the
+blocks reading an intermediate block output. A key/value cache handed to the blocks is allowed when it is
+empty as the trunk starts (Hugging Face's default in training): it is per-pass scratch, and every stage
+and micro-batch gets a fresh one (:mod:`parti_lightning.parallel.scratch`). A training step may run the trunk several
 times (manual optimization's separate losses), each time as a whole chain. :func:`check_trunk_contract` runs the
 forward once (on meta tensors where the caller can) with hooks on the blocks and a
 ``TorchFunctionMode`` that sees every tensor operation outside the blocks, and names what breaks.
@@ -13,7 +15,7 @@ forward once (on meta tensors where the caller can) with hooks on the blocks and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +24,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from parti_lightning.parallel.blocks import find_blocks
-
-# Keyword arguments through which a block would read or write a key/value cache across calls.
-_CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past", "kv_cache")
+from parti_lightning.parallel.scratch import filled_caches
 
 
 def check_trunk_contract(module: nn.Module, run_example: Callable[[], Any]) -> list[tuple[str, nn.Module]]:
@@ -80,17 +80,15 @@ def same_arguments(a: Any, b: Any) -> bool:
         return a is b
 
 
-def cache_argument(args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
-    """The name of a cache the block is given (or ``use_cache=True``), else ``None``."""
-    for key in _CACHE_KWARGS:
-        if kwargs.get(key) is not None:
-            return key
-    if kwargs.get("use_cache") is True:
-        return "use_cache=True"
-    for i, value in enumerate(args):
-        if "Cache" in type(value).__name__:
-            return f"positional argument {i + 1} ({type(value).__name__})"
-    return None
+def filled_cache_message(name: str, filled: list[str]) -> str:
+    """Why a trunk entered with a cache that holds content cannot be pipelined."""
+    return (
+        f"block {name!r} is passed a cache that already holds keys and values: {', '.join(filled)}. A cache empty"
+        " as the trunk starts is per-pass scratch, which a pipeline splits (each stage and micro-batch gets its"
+        " own); one filled before (generation's prompt) is state carried across passes through every block,"
+        " which pipeline stages cannot share. Generate under a plan without pipeline, or from a consolidated"
+        " checkpoint."
+    )
 
 
 def first_output(output: Any) -> Any:
@@ -109,6 +107,7 @@ class _Call:
     index: int
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    filled: list[str] = field(default_factory=list)
     output: Any = None
 
 
@@ -125,7 +124,8 @@ class _Recorder:
     def pre_hook(self, index: int) -> Callable[..., None]:
         def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             self.depth += 1
-            self.calls.append(_Call(index, args, dict(kwargs)))
+            # Read now: the blocks fill the cache as they run.
+            self.calls.append(_Call(index, args, dict(kwargs), filled=filled_caches(args, kwargs)))
 
         return hook
 
@@ -184,12 +184,8 @@ class _Recorder:
                 f"trunk contract broken: block {name!r} is called without a tensor as its first positional"
                 " argument; the pipelined trunk needs the hidden state passed first, by position."
             )
-        where = cache_argument(call.args[1:], call.kwargs)
-        if where is not None:
-            raise ValueError(
-                f"trunk contract broken: block {name!r} is passed a cache ({where}); a cache is state kept across"
-                " blocks and steps, which a pipeline cannot split. Turn caching off in training (use_cache=False)."
-            )
+        if call is first and call.filled:
+            raise ValueError(f"trunk contract broken: {filled_cache_message(name, call.filled)}")
         hidden, out = call.args[0], first_output(call.output)
         if not isinstance(out, Tensor) or out.shape != hidden.shape or out.dtype != hidden.dtype:
             raise ValueError(

@@ -44,11 +44,12 @@ from torch.distributed.pipelining.schedules import PipelineScheduleMulti, Pipeli
 
 from parti_lightning.parallel.pipeline.contract import (
     argument_name,
-    cache_argument,
+    filled_cache_message,
     first_output,
     same_arguments,
 )
 from parti_lightning.parallel.pipeline.phases import PhasedGPipe
+from parti_lightning.parallel.scratch import CacheTemplates, ScratchCache, filled_caches, fresh_caches, is_cache
 
 _Schedule = PipelineScheduleSingle | PipelineScheduleMulti
 SCHEDULES: dict[str, type[_Schedule]] = {
@@ -120,6 +121,7 @@ class PipelinedTrunk:
         self._next = 0
         self._carry: Tensor | None = None
         self._extras: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self._key = ""
         self._templates: dict[str, Any] = {}
         self._schedules: dict[tuple, _Schedule] = {}
 
@@ -157,10 +159,10 @@ class PipelinedTrunk:
             )
         extras = (args[1:], kwargs)
         if index == 0:
-            where = cache_argument(args[1:], kwargs)
-            if where is not None:
-                raise RuntimeError(f"pipelined trunk: block {name!r} is passed a cache ({where}); turn caching off")
-            out = self._run(args[0], extras)
+            filled = filled_caches(args, kwargs)
+            if filled:
+                raise RuntimeError(f"pipelined trunk: {filled_cache_message(name, filled)}")
+            out, self._key = self._run(args[0], extras)
             self._carry, self._extras = out, extras
         else:
             if args[0] is not self._carry:
@@ -172,13 +174,14 @@ class PipelinedTrunk:
                 raise RuntimeError(
                     f"pipelined trunk: block {name!r} gets extra arguments different from the first block's"
                 )
-        carry, key = self._carry, _template_key(self._extras)
+        carry, key = self._carry, self._key
         self._next = (index + 1) % len(self.names)
         if self._next == 0:  # the trunk is done: drop references to its graph and arguments
             self._carry, self._extras = None, None
         return _shaped_like(self._templates[key], carry)
 
-    def _run(self, x: Tensor, extras: tuple[tuple[Any, ...], dict[str, Any]]) -> Tensor:
+    def _run(self, x: Tensor, extras: tuple[tuple[Any, ...], dict[str, Any]]) -> tuple[Tensor, str]:
+        """The trunk's output, and the key of the structure its blocks return (see ``_share_template``)."""
         for path, value in _tensor_leaves_with_names(extras):
             if value.requires_grad:
                 raise NotImplementedError(
@@ -187,7 +190,7 @@ class PipelinedTrunk:
                 )
         call = self._plan_call(x, extras)
         anchor = self.anchor if torch.is_grad_enabled() else None
-        return _TrunkFunction.apply(self, call, x, anchor)
+        return _TrunkFunction.apply(self, call, x, anchor), _template_key(call.extras[0])
 
     def _plan_call(self, x: Tensor, extras: tuple[tuple[Any, ...], dict[str, Any]]) -> _Call:
         batch = x.shape[0]
@@ -200,7 +203,10 @@ class PipelinedTrunk:
                 )
             # Forward-only (validation's ragged last batch): fewer, equal micro-batches give the same values.
             m = max(d for d in range(1, m + 1) if batch % d == 0)
-        per_micro = [_split_extras(extras, batch, m, i) for i in range(m)]
+        # An (empty) cache handed to the trunk is scratch: each stage's run of each micro-batch gets its own.
+        caches = CacheTemplates()
+        caches.see((x, *extras[0]), extras[1])
+        per_micro = [caches.scratch(_split_extras(extras, batch, m, i)) for i in range(m)]
         # All blocks, freed ones included: every rank must agree on whether to draw a seed.
         training = any(block.training for block in self.blocks)
         seed = int(torch.randint(0, 2**62, ())) if training else None
@@ -332,7 +338,7 @@ class _StageModule(nn.Module):
         call = trunk.call
         assert call is not None, "the stage runs only inside a trunk call"  # noqa: S101
         index = int(micro_batch)
-        args, kwargs = call.extras[index]
+        args, kwargs = fresh_caches(call.extras[index])
         if call.input_leaves is not None and self.stage_index == 0:
             # A leaf per micro-batch collects the gradient of stage 0's input, which the stage does not return.
             x = x.detach().requires_grad_()
@@ -432,9 +438,15 @@ def _tensor_leaves_with_names(extras: tuple[tuple[Any, ...], dict[str, Any]]) ->
 
 
 def _template_key(extras: Any) -> str:
-    # The non-tensor arguments (flags like output_attentions) decide a block's output structure.
-    leaves = torch.utils._pytree.tree_leaves(extras)
-    return repr([leaf if not isinstance(leaf, Tensor) else "T" for leaf in leaves])
+    # The non-tensor arguments (flags like output_attentions) decide a block's output structure; a cache
+    # object (a new one each forward) by its kind.
+    return repr([_leaf_key(leaf) for leaf in torch.utils._pytree.tree_leaves(extras)])
+
+
+def _leaf_key(leaf: Any) -> Any:
+    if isinstance(leaf, ScratchCache):
+        leaf = leaf.template
+    return "T" if isinstance(leaf, Tensor) else type(leaf).__name__ if is_cache(leaf) else leaf
 
 
 def _template_of(output: Any) -> Any:

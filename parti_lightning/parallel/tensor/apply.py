@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.utils._pytree import tree_map
 
 from parti_lightning.parallel.blocks import find_blocks
+from parti_lightning.parallel.scratch import CacheTemplates, fresh_caches
 from parti_lightning.parallel.tensor.ops import register_cpu_attention_sharding
 from parti_lightning.parallel.tensor.random import install_cpu_random_tracker, sync_tensor_random_state
 from parti_lightning.parallel.tensor.region import implicit_replication, shard_unit
@@ -126,8 +127,9 @@ def apply_tensor_parallel(
     # Before `run_example`, whose draws (dropout in training mode) must be the same on every tensor rank too.
     sync_tensor_random_state(mesh)
     install_cpu_random_tracker(mesh)
+    blocks = find_blocks(module) if blocks is None else blocks
     groups = _unit_groups(module, resolved, auto=source == "auto", blocks=blocks)
-    samples = _capture_inputs([members[0][1] for members in groups.values()], run_example)
+    samples = _capture_inputs([members[0][1] for members in groups.values()], run_example, blocks)
     tied = _tied_parameters(module)
     for key, members in groups.items():
         _apply_group(members, key[0] == "layer", resolved, source, samples, tied, mesh, report)
@@ -150,10 +152,9 @@ def tensor_parallel_step() -> AbstractContextManager[None]:
 
 
 def _unit_groups(
-    module: nn.Module, resolved: Mapping[str, str], auto: bool, blocks: list[tuple[str, nn.Module]] | None = None
+    module: nn.Module, resolved: Mapping[str, str], auto: bool, blocks: list[tuple[str, nn.Module]]
 ) -> dict[Any, list[tuple[str, nn.Module]]]:
     """Units to shard, grouped by what is verified once: same class and same rules (blocks), or alone."""
-    blocks = find_blocks(module) if blocks is None else blocks
     groups: dict[Any, list[tuple[str, nn.Module]]] = {}
     for name, block in blocks:
         relative = rules_for_unit(name, block, resolved)
@@ -196,17 +197,29 @@ def _auto_style(layer: nn.Module) -> str:
     return "rowwise" if isinstance(layer, nn.Embedding) else "colwise"
 
 
-def _capture_inputs(units: list[nn.Module], run_example: Callable[[], Any] | None) -> dict[int, tuple]:
-    """The inputs each of ``units`` received in its first call during ``run_example``, by ``id(unit)``."""
+def _capture_inputs(
+    units: list[nn.Module], run_example: Callable[[], Any] | None, blocks: list[tuple[str, nn.Module]]
+) -> dict[int, tuple]:
+    """The inputs each of ``units`` received in its first call during ``run_example``, by ``id(unit)``.
+
+    A cache the blocks were handed empty stands in a sample as a :class:`ScratchCache`: each run of the
+    sample (trace, setup check) gets its own empty one, as the block got in the example.
+    """
     samples: dict[int, tuple] = {}
     if run_example is None:
         return samples
+    caches = CacheTemplates()
+
+    def see(_: nn.Module, args: tuple, kwargs: dict) -> None:
+        caches.see(args, kwargs)
 
     def capture(unit: nn.Module, args: tuple, kwargs: dict) -> None:
+        caches.see(args, kwargs)
         if id(unit) not in samples:
-            samples[id(unit)] = tree_map(_detached, (args, kwargs))
+            samples[id(unit)] = caches.scratch(tree_map(_detached, (args, kwargs)))
 
-    handles = [unit.register_forward_pre_hook(capture, with_kwargs=True) for unit in units]
+    handles = [block.register_forward_pre_hook(see, with_kwargs=True) for _, block in blocks]
+    handles += [unit.register_forward_pre_hook(capture, with_kwargs=True) for unit in units]
     try:
         with torch.no_grad():
             run_example()
@@ -248,7 +261,7 @@ def _apply_group(
         proposal = {"": _auto_style(first)}
     elif source == "auto" and sample is not None:
         try:
-            proposal = trace_block_rules(first, *sample)[0]
+            proposal = trace_block_rules(first, *fresh_caches(sample))[0]
         except Exception as error:  # a block the trace cannot run is left whole, with the reason: never a crash
             proposal = {}
             report.fallbacks.append((label, f"left unsharded: the trace of the block failed: {error_line(error)}"))

@@ -1,4 +1,4 @@
-"""Sharding rules DTensor lacks for ops that transformer blocks run: CPU attention, packed outputs.
+"""Sharding rules DTensor lacks for ops that transformer blocks run: CPU attention, cache appends, packed outputs.
 
 torch 2.13 registers DTensor strategies for the CUDA attention kernels only: scaled dot-product
 attention on CPU DTensors raises ``NotImplementedError``. The CPU flash kernel is independent per
@@ -64,6 +64,34 @@ def _attention_backward(
     return strategies
 
 
+# ------------------------------------------------------------------------------ legacy empty tensors in cat
+
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+
+
+class SkipLegacyEmpty(TorchFunctionMode):
+    """``torch.cat`` as torch defines it for plain tensors: a 1-D empty input is skipped, whatever the others' rank.
+
+    Hugging Face caches start each layer's keys as ``torch.tensor([])`` and append with ``cat(dim=-2)``;
+    on plain tensors torch skips that legacy empty input, but DTensor's sharding rule for ``cat`` checks
+    every input's dimensions and raises (``Dimension out of range``) once the keys are head-sharded.
+    Dropping the legacy empties before DTensor sees them gives torch's own result. Active inside regions.
+    """
+
+    def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _CATS and args and isinstance(args[0], (list, tuple)):
+            tensors = args[0]
+            if any(isinstance(t, DTensor) for t in tensors) and any(_legacy_empty(t) for t in tensors):
+                kept = [t for t in tensors if not _legacy_empty(t)]
+                return func(kept, *args[1:], **kwargs)
+        return func(*args, **kwargs)
+
+
+def _legacy_empty(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == (0,)
+
+
 # ------------------------------------------------------------------------------ packed (fused) outputs
 
 _CHUNKS = (torch.Tensor.chunk, torch.chunk)
@@ -87,7 +115,7 @@ def equal_parts(func: Callable, args: tuple, kwargs: dict) -> tuple[int, int] | 
     return (parts, dim) if parts is not None and parts > 1 else None
 
 
-class PackedSplit(TorchFunctionMode):
+class PackedSplit(SkipLegacyEmpty):
     """Cuts a packed colwise output (strided-sharded: each rank holds its share of every part) locally.
 
     A fused q/k/v layer split by whole heads holds ``[q_r; k_r; v_r]`` on rank ``r``: its output is a
@@ -105,7 +133,7 @@ class PackedSplit(TorchFunctionMode):
             parts = _local_parts(args[0], *cut)
             if parts is not None:
                 return parts
-        return func(*args, **kwargs)
+        return super().__torch_function__(func, types, args, kwargs)
 
 
 def _local_parts(tensor: DTensor, parts: int, dim: int) -> tuple[DTensor, ...] | None:
@@ -117,3 +145,4 @@ def _local_parts(tensor: DTensor, parts: int, dim: int) -> tuple[DTensor, ...] |
     return tuple(
         DTensor.from_local(piece, mesh, [Shard(dim)], run_check=False) for piece in local.chunk(parts, dim=dim)
     )
+

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils._pytree import tree_map
 
-from parti_lightning.parallel.tensor.ops import PackedSplit
+from parti_lightning.parallel.tensor.ops import PackedSplit, SkipLegacyEmpty
 from parti_lightning.parallel.tensor.rules import REPLICATE, ROWWISE, packed_parts, parameter_placements
 
 
@@ -92,7 +92,7 @@ class _Region:
         self.mesh = mesh
         self.packed = packed
         self._replication: list[contextlib.AbstractContextManager[None]] = []
-        self._modes: list[PackedSplit] = []
+        self._modes: list[SkipLegacyEmpty] = []
         self._grad_reduced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -100,9 +100,8 @@ class _Region:
         self._replication.append(implicit_replication())
         self._replication[-1].__enter__()
         self._grad_reduced.clear()
-        if self.packed:
-            self._modes.append(PackedSplit())
-            self._modes[-1].__enter__()
+        self._modes.append(PackedSplit() if self.packed else SkipLegacyEmpty())
+        self._modes[-1].__enter__()
         return tree_map(self._replicate, args), tree_map(self._replicate, kwargs)
 
     def exit(self, module: nn.Module, args: tuple, output: Any) -> Any:

@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten, tree_map
 
 from parti_lightning.parallel.copies import module_copy
+from parti_lightning.parallel.scratch import fresh_caches
 from parti_lightning.parallel.tensor.region import implicit_replication, mesh_device, shard_unit
 from parti_lightning.parallel.tensor.rules import COLWISE, REPLICATE, packed_parts, split_dim
 
@@ -114,7 +115,7 @@ def _compare(unit: nn.Module, rules: Mapping[str, str], sample: tuple, mesh: Dev
     shard_unit(sharded, rules, mesh)
     results = []
     for model in (reference, sharded):
-        args, kwargs = tree_map(_fresh_input, sample)
+        args, kwargs = tree_map(_fresh_input, fresh_caches(sample))
         with torch.enable_grad():
             output = model(*args, **kwargs)
             outputs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
