@@ -153,6 +153,18 @@ def test_contract_accepts_whole_passes_repeated() -> None:
     assert [name for name, _ in check_trunk_contract(model, lambda: model(x))] == ["h.0", "h.1", "h.2"]
 
 
+def test_contract_takes_an_empty_cache_as_scratch_and_refuses_a_filled_one() -> None:
+    """Hugging Face's default cache (``use_cache=True``) is empty as the trunk starts: accepted. Decoding with a
+    cache that holds a prompt's keys and values is state across passes: refused, with the cache named."""
+    model, _ = _meta_example("hf")
+    idx = make_batch("hf", 2, 0)[0]
+    assert model.model.config.use_cache  # the library's default, untouched
+    assert len(check_trunk_contract(model, lambda: model.model(input_ids=idx))) == 4
+    prompt = model.model(input_ids=idx[:, :-1]).cache
+    with pytest.raises(ValueError, match=r"already holds keys and values: 'cache' \(DynamicCache, 7 positions\)"):
+        check_trunk_contract(model, lambda: model.model(input_ids=idx[:, -1:], cache=prompt))
+
+
 @pytest.mark.parametrize("mode", sorted(BREAKAGES))
 def test_contract_refuses_each_kind_of_breakage(mode: str) -> None:
     with torch.device("meta"):

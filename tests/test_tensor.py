@@ -257,7 +257,7 @@ def _gpt2() -> nn.Module:
     return GPT2LMHeadModel(config)
 
 
-def _llama() -> nn.Module:
+def _llama(**overrides: object) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -271,6 +271,7 @@ def _llama() -> nn.Module:
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=0,
+        **overrides,
     )
     return LlamaForCausalLM(config)
 
@@ -304,6 +305,8 @@ MODELS = {
     "transposed": lambda: LanguageModel(_transposed_block),
     "hf_gpt2": lambda: _HfLogits(_gpt2()),
     "hf_llama": lambda: _HfLogits(_llama()),
+    # The cache is on by default (above); a user who turns it off must get the same split.
+    "hf_llama_no_cache": lambda: _HfLogits(_llama(use_cache=False)),
     "biased_qkv": lambda: LanguageModel(BiasedQkvBlock),
     # Dropout only on replicated and plain tensors: the one case whose masks match a single process.
     "mlp_dropout": lambda: LanguageModel(lambda: MlpBlock(DROPOUT), layers=3, dropout=DROPOUT),
@@ -397,6 +400,14 @@ def _train_parity(name: str, rules: dict | None, data: int = 1, shard: int = 1) 
             run_losses.append(loss.item())
         losses.append(run_losses)
         norms.append(run_norms)
+    generated = None
+    if isinstance(model, _HfLogits) and shard == 1:
+        # Generation after training: the cache now carries keys and values across decoding steps. (Not under
+        # ZeRO-3: generate() called on the inner model skips the FSDP root's unshard.)
+        prompt = batches[0][:2, :3]
+        kwargs = {"attention_mask": torch.ones_like(prompt), "max_new_tokens": SEQ - 3, "do_sample": False}
+        with torch.no_grad():
+            generated = [net.model.generate(prompt, **kwargs).tolist() for net in (reference, model)]
     params = dict(model.named_parameters())
     # Error beyond assert_close(rtol=1e-5, atol=1e-5), as in test_parity.py: a wrong layout shows at lr scale.
     param_error, worst = max(
@@ -411,6 +422,7 @@ def _train_parity(name: str, rules: dict | None, data: int = 1, shard: int = 1) 
         "fallbacks": report.fallbacks,
         "describe": report.describe(),
         "mismatched_gradients": sorted(mismatched),
+        "generated": generated,
     }
 
 
@@ -434,6 +446,7 @@ CASES = {
     "transposed": None,
     "hf_gpt2": None,
     "hf_llama": None,
+    "hf_llama_no_cache": None,
     "biased_qkv": None,
     "mlp_dropout": None,
     "one_head": None,
@@ -713,6 +726,13 @@ def test_tensor2_shard2_matches_one_process(tensor2_data2: list[dict], case: str
         # Read through full_tensor(): the 2-D layouts describe where every row is (none reordered).
         assert result["param_error"] < 1e-5, f"rank {rank}: {result['worst']}"
         assert any(layout != "replicate" for _, layout in result["rows"]), result["describe"]
+
+
+@pytest.mark.parametrize("case", ["hf_llama", "hf_gpt2"])
+def test_generate_after_training_matches_one_process(tensor2: dict, case: str) -> None:
+    reference, split = tensor2[case]["generated"]
+    assert split == reference
+    assert len(reference[0]) == SEQ
 
 
 def test_wrong_rule_falls_back_and_trains_right(tensor2: dict) -> None:
