@@ -20,7 +20,13 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from parti_lightning.parallel.blocks import find_blocks
-from parti_lightning.parallel.tensor.rules import hf_tensor_rules, validate_tensor_rules
+from parti_lightning.parallel.tensor.rules import (
+    hf_tensor_rules,
+    match_rules,
+    packed_colwise,
+    split_dim,
+    validate_tensor_rules,
+)
 
 from dist_utils import run_distributed
 
@@ -257,6 +263,25 @@ def _gpt2() -> nn.Module:
     return GPT2LMHeadModel(config)
 
 
+def _mixtral() -> nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        intermediate_size=2 * WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        max_position_embeddings=SEQ,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    return MixtralForCausalLM(config)
+
+
 def _llama(**overrides: object) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -307,6 +332,8 @@ MODELS = {
     "hf_llama": lambda: _HfLogits(_llama()),
     # The cache is on by default (above); a user who turns it off must get the same split.
     "hf_llama_no_cache": lambda: _HfLogits(_llama(use_cache=False)),
+    # Mixture of experts: the tp_plan names the stacked expert weights (parameters, not layers).
+    "hf_mixtral": lambda: _HfLogits(_mixtral()),
     "biased_qkv": lambda: LanguageModel(BiasedQkvBlock),
     # Dropout only on replicated and plain tensors: the one case whose masks match a single process.
     "mlp_dropout": lambda: LanguageModel(lambda: MlpBlock(DROPOUT), layers=3, dropout=DROPOUT),
@@ -369,7 +396,7 @@ def _train_parity(name: str, rules: dict | None, data: int = 1, shard: int = 1) 
     else:
         report = apply_tensor_parallel(model, mesh["tensor"], rules, run_example=lambda: _loss(model, own[0]))
         clip, step_context = torch.nn.utils.clip_grad_norm_, tensor_parallel_step
-    losses, norms, mismatched = [], [], set()
+    losses, norms, mismatched, block_bytes = [], [], set(), []
     for net, net_batches in ((reference, batches), (model, own)):
         torch.manual_seed(1)  # the same random stream for both runs (dropout)
         optimizer = torch.optim.AdamW(net.parameters(), lr=LR, eps=EPS, foreach=True)
@@ -400,6 +427,7 @@ def _train_parity(name: str, rules: dict | None, data: int = 1, shard: int = 1) 
             run_losses.append(loss.item())
         losses.append(run_losses)
         norms.append(run_norms)
+        block_bytes.append(_blocks_state_bytes(net, optimizer))
     generated = None
     if isinstance(model, _HfLogits) and shard == 1:
         # Generation after training: the cache now carries keys and values across decoding steps. (Not under
@@ -423,7 +451,20 @@ def _train_parity(name: str, rules: dict | None, data: int = 1, shard: int = 1) 
         "describe": report.describe(),
         "mismatched_gradients": sorted(mismatched),
         "generated": generated,
+        "block_state_ratio": block_bytes[1] / block_bytes[0],
     }
+
+
+def _blocks_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the blocks' parameters and their optimizer state on this rank (a DTensor by its local shard)."""
+    params = {id(p): p for _, block in find_blocks(model) for p in block.parameters()}
+    tensors = [*params.values()]
+    tensors += [v for p, state in optimizer.state.items() if id(p) in params for v in state.values() if v.dim()]
+    return sum(_local(t).numel() * t.element_size() for t in tensors)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _average_gradients(model: nn.Module, group) -> None:
@@ -447,6 +488,7 @@ CASES = {
     "hf_gpt2": None,
     "hf_llama": None,
     "hf_llama_no_cache": None,
+    "hf_mixtral": None,
     "biased_qkv": None,
     "mlp_dropout": None,
     "one_head": None,
@@ -668,6 +710,12 @@ def tensor2(tensor2_all_ranks: list[dict]) -> dict:
     return tensor2_all_ranks[0]
 
 
+# Per-rank block state against one process under tensor=2: half, plus what stays whole (norms, rowwise biases).
+BLOCK_STATE_CEILING = {
+    "encoder_layer": 0.8,  # nn.MultiheadAttention's in_proj_weight is a raw parameter, kept whole
+}
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c != "wrong_rule"])
 def test_tensor2_matches_one_process(tensor2: dict, case: str) -> None:
     result = tensor2[case]
@@ -678,6 +726,8 @@ def test_tensor2_matches_one_process(tensor2: dict, case: str) -> None:
     split = [name for name, layout in result["rows"] if layout != "replicate"]
     assert split, f"nothing was split:\n{result['describe']}"
     assert not result["mismatched_gradients"], result["describe"]
+    # Really held less: parameters, gradients and AdamW state of the blocks, counted from the tensors on a rank.
+    assert result["block_state_ratio"] <= BLOCK_STATE_CEILING.get(case, 0.55), result["describe"]
 
 
 # tensor=2 x data=2 on 4 ranks: one group start for both models (process start dominates).
@@ -845,6 +895,23 @@ def test_hf_plan_read_with_its_path_as_prefix() -> None:
     assert rules["model.model.layers.*.mlp.down_proj"] == "rowwise"
     assert rules["model.lm_head"] == "colwise"
     assert math.isclose(len(rules), 9)
+
+
+def test_rules_may_name_stacked_expert_parameters() -> None:
+    """A mixture of experts' tp_plan names parameters ([experts, out, in]); rules split them along features."""
+    pytest.importorskip("transformers")
+    with torch.device("meta"):
+        model = _HfLogits(_mixtral())
+    rules = hf_tensor_rules(model)
+    assert rules["model.model.layers.*.mlp.experts.gate_up_proj"] == packed_colwise(2)  # gate and up side by side
+    assert match_rules(model, rules)["model.model.layers.1.mlp.experts.down_proj"] == "rowwise"
+    experts = model.model.model.layers[0].mlp.experts
+    assert split_dim(experts, "colwise", "gate_up_proj") == 1 and split_dim(experts, "rowwise", "down_proj") == 2
+    validate_tensor_rules(model, {"model.model.layers.*.mlp.experts.down_proj": "rowwise"}, 2)
+    with pytest.raises(ValueError, match=r"down_proj'.*size 64, which tensor=3"):
+        validate_tensor_rules(model, {"model.model.layers.*.mlp.experts.down_proj": "rowwise"}, 3)
+    with pytest.raises(ValueError, match="not a matrix or a stack of matrices"):
+        validate_tensor_rules(model, {"model.model.layers.*.input_layernorm.weight": "colwise"}, 2)
 
 
 def test_a_block_the_check_cannot_trace_is_left_whole_with_the_reason(tensor2: dict) -> None:

@@ -27,7 +27,9 @@ from parti_lightning.parallel.tensor.rules import (
     REPLICATE,
     hf_tensor_rules,
     match_rules,
+    resolve_rules,
     rules_for_unit,
+    split_target,
     trace_block_rules,
     validate_tensor_rules,
 )
@@ -115,13 +117,17 @@ def apply_tensor_parallel(
         raise ValueError(f"apply_tensor_parallel needs the 1-D tensor mesh, got a {mesh.ndim}-D mesh.")
     register_cpu_attention_sharding()
     degree = mesh.size()
+    unmatched: list[str] = []
     if rules is not None:
         validate_tensor_rules(module, rules, degree)
         source, resolved = "explicit", match_rules(module, rules)
+    elif hf_rules := hf_tensor_rules(module):
+        # A model's own plan may name layers its configuration leaves out: skipped, and said in the report.
+        source, (resolved, unmatched) = "hf_tp_plan", resolve_rules(module, hf_rules)
     else:
-        hf_rules = hf_tensor_rules(module)
-        source, resolved = ("hf_tp_plan", match_rules(module, hf_rules)) if hf_rules else ("auto", {})
+        source, resolved = "auto", {}
     report = TensorParallelReport(degree=degree, source=source)
+    report.fallbacks.extend((pattern, "the rule matches no layer or parameter: skipped") for pattern in unmatched)
     if degree == 1:
         return report
     # Before `run_example`, whose draws (dropout in training mode) must be the same on every tensor rank too.
@@ -162,7 +168,6 @@ def _unit_groups(
             key = (type(block), tuple(sorted(relative.items())))
             groups.setdefault(key, []).append((name, block))
     block_names = [name for name, _ in blocks]
-    modules = dict(module.named_modules())
     outside = [
         name
         for name, style in resolved.items()
@@ -171,7 +176,8 @@ def _unit_groups(
     if auto:
         outside = _large_outside_layers(module, blocks)
     for name in outside:
-        groups[("layer", name)] = [(name, modules[name])]
+        layer_name, layer, _ = split_target(module, name)  # a parameter's rule splits it inside its layer
+        groups[("layer", layer_name)] = [(layer_name, layer)]
     return groups
 
 

@@ -1,4 +1,4 @@
-"""Sharding rules DTensor lacks for ops that transformer blocks run: CPU attention, cache appends, packed outputs.
+"""What DTensor lacks for ops that transformer blocks run: CPU attention, cache appends, experts, packed outputs.
 
 torch 2.13 registers DTensor strategies for the CUDA attention kernels only: scaled dot-product
 attention on CPU DTensors raises ``NotImplementedError``. The CPU flash kernel is independent per
@@ -14,10 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map_only
 
 _aten = torch.ops.aten
 
@@ -64,18 +65,25 @@ def _attention_backward(
     return strategies
 
 
-# ------------------------------------------------------------------------------ legacy empty tensors in cat
+# ------------------------------------------------------------------------------ functions run on local shards
 
 _CATS = (torch.cat, torch.concat, torch.concatenate)
+_GROUPED_MM = tuple(
+    f for f in (getattr(torch.nn.functional, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if f
+)
 
 
-class SkipLegacyEmpty(TorchFunctionMode):
-    """``torch.cat`` as torch defines it for plain tensors: a 1-D empty input is skipped, whatever the others' rank.
+class RegionOps(TorchFunctionMode):
+    """Functions inside a region that DTensor runs wrongly or not at all, run as torch defines them.
 
-    Hugging Face caches start each layer's keys as ``torch.tensor([])`` and append with ``cat(dim=-2)``;
-    on plain tensors torch skips that legacy empty input, but DTensor's sharding rule for ``cat`` checks
-    every input's dimensions and raises (``Dimension out of range``) once the keys are head-sharded.
-    Dropping the legacy empties before DTensor sees them gives torch's own result. Active inside regions.
+    - ``torch.cat`` with a legacy empty ``(0,)`` input: on plain tensors torch skips it, whatever the others'
+      rank; DTensor's rule checks every input's dimensions and raises (``Dimension out of range``). Hugging
+      Face caches start each layer's keys that way and append with ``cat(dim=-2)``. The empties are dropped.
+    - grouped matrix products (mixture-of-experts layers, ``F.grouped_mm``): DTensor's shape propagation
+      runs the meta kernel, which refuses float32 even where the CPU kernel takes it. Run on the local
+      shards instead, by the expert weight's layout: split along its output features (colwise) each rank
+      computes its columns; along its input features (rowwise) its partial sums; replicated, the whole
+      product.
     """
 
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -85,11 +93,36 @@ class SkipLegacyEmpty(TorchFunctionMode):
             if any(isinstance(t, DTensor) for t in tensors) and any(_legacy_empty(t) for t in tensors):
                 kept = [t for t in tensors if not _legacy_empty(t)]
                 return func(kept, *args[1:], **kwargs)
+        if func in _GROUPED_MM and len(args) >= 2 and isinstance(args[1], DTensor) and args[1].device_mesh.ndim == 1:
+            return _local_grouped_mm(func, *args, **kwargs)
         return func(*args, **kwargs)
 
 
 def _legacy_empty(value: object) -> bool:
     return isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == (0,)
+
+
+def _local_grouped_mm(func: Callable, mat_a: torch.Tensor, mat_b: DTensor, *args: Any, **kwargs: Any) -> DTensor:
+    """``func(mat_a, mat_b, ...)``: ``mat_a`` of shape (tokens, in), the expert weights ``mat_b`` (experts, in, out)."""
+    mesh = mat_b.device_mesh
+    placement = mat_b.placements[0]
+    # Integer offsets and other tensor arguments are the same on every rank: used whole.
+    args, kwargs = tree_map_only(DTensor, lambda t: t.full_tensor(), (args, kwargs))
+    a = mat_a if isinstance(mat_a, DTensor) else DTensor.from_local(mat_a, mesh, [Replicate()], run_check=False)
+    if isinstance(placement, (Shard, _StridedShard)) and placement.dim == 2:
+        # Each rank's output columns from the whole input; the input's gradient is a partial sum over the ranks.
+        local_a = a.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+        out = func(local_a, mat_b.to_local(), *args, **kwargs)
+        split = Shard(1) if type(placement) is Shard else _StridedShard(1, split_factor=placement.split_factor)
+        return DTensor.from_local(out, mesh, [split], run_check=False)
+    if type(placement) is Shard and placement.dim == 1:
+        # Each rank's input features against its rows of the weight: partial sums, reduced where they are used.
+        local_a = a.redistribute(mesh, [Shard(1)]).to_local()
+        out = func(local_a, mat_b.to_local(), *args, **kwargs)
+        return DTensor.from_local(out, mesh, [Partial()], run_check=False)
+    local_a = a.redistribute(mesh, [Replicate()]).to_local()
+    out = func(local_a, mat_b.redistribute(mesh, [Replicate()]).to_local(), *args, **kwargs)
+    return DTensor.from_local(out, mesh, [Replicate()], run_check=False)
 
 
 # ------------------------------------------------------------------------------ packed (fused) outputs
@@ -115,7 +148,7 @@ def equal_parts(func: Callable, args: tuple, kwargs: dict) -> tuple[int, int] | 
     return (parts, dim) if parts is not None and parts > 1 else None
 
 
-class PackedSplit(SkipLegacyEmpty):
+class PackedSplit(RegionOps):
     """Cuts a packed colwise output (strided-sharded: each rank holds its share of every part) locally.
 
     A fused q/k/v layer split by whole heads holds ``[q_r; k_r; v_r]`` on rank ``r``: its output is a

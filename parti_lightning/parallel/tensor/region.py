@@ -17,8 +17,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils._pytree import tree_map
 
-from parti_lightning.parallel.tensor.ops import PackedSplit, SkipLegacyEmpty
-from parti_lightning.parallel.tensor.rules import REPLICATE, ROWWISE, packed_parts, parameter_placements
+from parti_lightning.parallel.tensor.ops import PackedSplit, RegionOps
+from parti_lightning.parallel.tensor.rules import REPLICATE, ROWWISE, packed_parts, parameter_placements, split_target
 
 
 @contextlib.contextmanager
@@ -49,8 +49,13 @@ def shard_unit(unit: nn.Module, rules: Mapping[str, str], mesh: DeviceMesh) -> N
     every other parameter and buffer replicated, and hooks that take plain tensors in and give plain ones out.
     """
     converted: dict[int, nn.Parameter] = {}  # one DTensor per parameter object, so ties inside the unit hold
+    targets = {name: split_target(unit, name) for name in rules}
+    parameter_rules: dict[str, dict[str, str]] = {}  # layer -> its parameters' own rules (stacked experts)
+    for name, (layer_name, _, parameter) in targets.items():
+        if parameter is not None:
+            parameter_rules.setdefault(layer_name, {})[parameter] = rules[name]
     for name, layer in unit.named_modules():
-        placements = parameter_placements(layer, rules.get(name, REPLICATE))
+        placements = parameter_placements(layer, rules.get(name, REPLICATE), parameter_rules.get(name))
         for param_name, param in list(layer.named_parameters(recurse=False)):
             if id(param) not in converted:
                 data = distribute_tensor(param.detach(), mesh, [placements[param_name]])
@@ -64,17 +69,21 @@ def shard_unit(unit: nn.Module, rules: Mapping[str, str], mesh: DeviceMesh) -> N
                 # tables) is not a mix of plain and distributed tensors.
                 layer._buffers[buffer_name] = distribute_tensor(buffer, mesh, [Replicate()])
     region = _Region(mesh, packed=any(packed_parts(style) for style in rules.values()))
+    styles: dict[str, list[str]] = {}  # layer -> the styles of its rules (a layer's, or its parameters')
+    for name, (layer_name, _, _) in targets.items():
+        styles.setdefault(layer_name, []).append(rules[name])
     modules = dict(unit.named_modules())
-    for name, style in rules.items():
+    for layer_name, layer_styles in styles.items():
+        layer = modules[layer_name]
         # Megatron's layout, fixed rather than left to DTensor's choice: the rowwise sum is all-reduced at
         # once (DTensor may otherwise pick reduce-scatter + all-gather, the same bytes in two collectives),
         # and a colwise layer's input gradient is all-reduced once per input tensor (q/k/v share one).
-        if style == ROWWISE:
-            modules[name].register_forward_hook(_replicate_output)
-        elif style != REPLICATE:
-            modules[name].register_forward_pre_hook(region.reduce_input_grad)
-        if packed_parts(style):
-            modules[name].register_state_dict_post_hook(_plain_shard_state)
+        if ROWWISE in layer_styles:
+            layer.register_forward_hook(_replicate_output)
+        if any(style not in (ROWWISE, REPLICATE) for style in layer_styles):
+            layer.register_forward_pre_hook(region.reduce_input_grad)
+        if any(packed_parts(style) for style in layer_styles):
+            layer.register_state_dict_post_hook(_plain_shard_state)
     unit.register_forward_pre_hook(region.enter, with_kwargs=True)
     # always_call: the implicit replication entered before the forward ends even when the forward raises.
     unit.register_forward_hook(region.exit, always_call=True)
@@ -92,7 +101,7 @@ class _Region:
         self.mesh = mesh
         self.packed = packed
         self._replication: list[contextlib.AbstractContextManager[None]] = []
-        self._modes: list[SkipLegacyEmpty] = []
+        self._modes: list[RegionOps] = []
         self._grad_reduced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -100,7 +109,7 @@ class _Region:
         self._replication.append(implicit_replication())
         self._replication[-1].__enter__()
         self._grad_reduced.clear()
-        self._modes.append(PackedSplit() if self.packed else SkipLegacyEmpty())
+        self._modes.append(PackedSplit() if self.packed else RegionOps())
         self._modes[-1].__enter__()
         return tree_map(self._replicate, args), tree_map(self._replicate, kwargs)
 

@@ -1,7 +1,10 @@
 """Where tensor-parallel rules come from, and what each rule does to a layer's parameters.
 
 A rule names a layout for one layer: ``colwise`` splits its output features across the tensor
-ranks, ``rowwise`` its input features, ``replicate`` keeps it whole. Rules come, in this order,
+ranks, ``rowwise`` its input features, ``replicate`` keeps it whole. A rule may also name a parameter
+rather than a layer: mixture-of-experts models keep their experts as stacked matrices, one parameter of
+shape ``[experts, out, in]`` (Hugging Face's fused ``gate_up_proj`` / ``down_proj``), which a rule splits along
+the same feature dimensions, every expert alike. Rules come, in this order,
 from the user (patterns over ``named_modules()`` names), from a Hugging Face model's own
 ``tp_plan``, or from a trace of one block (:func:`trace_block_rules`). Everything here is pure
 module-tree logic except the trace, which runs one block once.
@@ -46,7 +49,8 @@ _HF_STYLES = {
     "colwise": COLWISE,
     "colwise_gather_output": COLWISE,
     "local_colwise": COLWISE,
-    "packed_colwise": COLWISE,
+    # Gate and up projections side by side (Hugging Face's fused MLP and experts): packed in 2 parts.
+    "packed_colwise": f"{_PACKED}2",
     "rowwise": ROWWISE,
     "rowwise_split_input": ROWWISE,
     "local_rowwise": ROWWISE,
@@ -85,15 +89,45 @@ def layer_kind(module: nn.Module) -> _Kind | None:
     return None
 
 
-def split_dim(module: nn.Module, style: str) -> int | None:
-    """The weight dimension ``style`` splits on ``module`` (``None`` for replicate)."""
+def split_dim(module: nn.Module, style: str, parameter: str | None = None) -> int | None:
+    """The dimension ``style`` splits of ``module``'s weight, or of its ``parameter`` (``None``: cannot split)."""
+    if style == REPLICATE:
+        return None
+    if parameter is not None:
+        return _parameter_dim(module, parameter, style)
     kind = layer_kind(module)
-    if style == REPLICATE or kind is None:
+    if kind is None:
         return None
     return kind.in_dim if style == ROWWISE else kind.out_dim
 
 
-def parameter_placements(module: nn.Module, style: str) -> dict[str, Placement]:
+def _parameter_dim(owner: nn.Module, parameter: str, style: str) -> int | None:
+    # Stacked matrices as F.linear takes them, (..., out, in), or transposed (..., in, out) where the module
+    # says so (Hugging Face experts' ``is_transposed``).
+    value = getattr(owner, parameter, None)
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
+        return None
+    out_dim, in_dim = value.dim() - 2, value.dim() - 1
+    if getattr(owner, "is_transposed", False):
+        out_dim, in_dim = in_dim, out_dim
+    return in_dim if style == ROWWISE else out_dim
+
+
+def split_target(unit: nn.Module, name: str) -> tuple[str, nn.Module, str | None]:
+    """What a rule named ``name`` (relative to ``unit``) splits: ``(layer name, layer, parameter or None)``.
+
+    A name that is a submodule is a layer rule; otherwise it names a parameter of the submodule before its last dot.
+    """
+    modules = dict(unit.named_modules())
+    if name in modules:
+        return name, modules[name], None
+    owner, _, parameter = name.rpartition(".")
+    return owner, modules[owner], parameter
+
+
+def parameter_placements(
+    module: nn.Module, style: str, parameter_styles: Mapping[str, str] | None = None
+) -> dict[str, Placement]:
     """Placement of each of ``module``'s own parameters under ``style``.
 
     Plain ``Shard``/``Replicate``, except a :func:`packed_colwise` layer's weight and bias: a strided shard (each
@@ -102,6 +136,12 @@ def parameter_placements(module: nn.Module, style: str) -> dict[str, Placement]:
     """
     dim = split_dim(module, style)
     placements: dict[str, Placement] = {name: Replicate() for name, _ in module.named_parameters(recurse=False)}
+    for parameter, parameter_style in (parameter_styles or {}).items():
+        parameter_dim = split_dim(module, parameter_style, parameter)
+        if parameter_dim is not None:
+            parts = packed_parts(parameter_style)
+            split = Shard(parameter_dim) if parts is None else _StridedShard(parameter_dim, split_factor=parts)
+            placements[parameter] = split
     if dim is None:
         return placements
     parts = packed_parts(style)
@@ -114,24 +154,39 @@ def parameter_placements(module: nn.Module, style: str) -> dict[str, Placement]:
 
 
 def match_rules(module: nn.Module, rules: Mapping[str, str]) -> dict[str, str]:
-    """Resolve ``pattern -> style`` to ``module name -> style``; the last matching pattern wins.
+    """Resolve ``pattern -> style`` to ``module or parameter name -> style``; the last matching pattern wins.
+
+    A pattern names submodules; one that matches none may name parameters (stacked expert weights).
 
     Raises:
-        ValueError: an unknown style, or a pattern that matches no submodule.
+        ValueError: an unknown style, or a pattern that matches no submodule and no parameter.
     """
-    names = [name for name, _ in module.named_modules() if name]
-    resolved: dict[str, str] = {}
-    for pattern, style in rules.items():
-        if style not in STYLES:
-            raise ValueError(f"tensor rule {pattern!r}: {style!r} is not one of {', '.join(STYLES)}.")
-        matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
-        if not matched:
-            raise ValueError(
-                f"tensor rule {pattern!r} matches no submodule of {type(module).__name__}; patterns are fnmatch"
-                f" patterns over model.named_modules() names such as {', '.join(map(repr, names[:6]))}."
-            )
-        resolved.update(dict.fromkeys(matched, style))
+    resolved, unmatched = resolve_rules(module, rules)
+    if unmatched:
+        names = [name for name, _ in module.named_modules() if name]
+        raise ValueError(
+            f"tensor rule {unmatched[0]!r} matches no submodule or parameter of {type(module).__name__}; patterns are"
+            f" fnmatch patterns over model.named_modules() names such as {', '.join(map(repr, names[:6]))}."
+        )
     return resolved
+
+
+def resolve_rules(module: nn.Module, rules: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """:func:`match_rules` that returns the patterns matching nothing instead of raising (a model's own plan
+    may name layers a configuration leaves out)."""
+    modules = [name for name, _ in module.named_modules() if name]
+    parameters = [name for name, _ in module.named_parameters()]
+    resolved: dict[str, str] = {}
+    unmatched: list[str] = []
+    for pattern, style in rules.items():
+        if style not in STYLES and packed_parts(style) is None:
+            raise ValueError(f"tensor rule {pattern!r}: {style!r} is not one of {', '.join(STYLES)}.")
+        matched = [name for name in modules if fnmatch.fnmatchcase(name, pattern)]
+        matched = matched or [name for name in parameters if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            unmatched.append(pattern)
+        resolved.update(dict.fromkeys(matched, style))
+    return resolved, unmatched
 
 
 def validate_tensor_rules(module: nn.Module, rules: Mapping[str, str], degree: int) -> None:
@@ -151,19 +206,21 @@ def validate_tensor_rules(module: nn.Module, rules: Mapping[str, str], degree: i
     """
     if degree < 1:
         raise ValueError(f"tensor degree must be at least 1, got {degree}.")
-    modules = dict(module.named_modules())
     for name, style in match_rules(module, rules).items():
         if style == REPLICATE:
             continue
-        layer = modules[name]
-        kind = layer_kind(layer)
-        if kind is None:
+        _, layer, parameter = split_target(module, name)
+        dim = split_dim(layer, style, parameter)
+        if dim is None and parameter is not None:
+            raise ValueError(
+                f"tensor rule {style!r} matches parameter {name!r}, which is not a matrix or a stack of matrices."
+            )
+        if dim is None:
             raise ValueError(
                 f"tensor rule {style!r} matches {name!r}, a {type(layer).__name__}: only nn.Linear, nn.Embedding and"
                 " transposed-weight Conv1D layers can be split; use 'replicate' or a pattern for its linear layers."
             )
-        dim = split_dim(layer, style)
-        size = layer.weight.shape[dim]
+        size = (getattr(layer, parameter) if parameter else layer.weight).shape[dim] // (packed_parts(style) or 1)
         if size % degree:
             working = [d for d in range(2, size + 1) if size % d == 0 and d <= 64]
             raise ValueError(
@@ -198,7 +255,8 @@ def _inside(path: str, outer: str) -> bool:
 def rules_for_unit(unit_name: str, unit: nn.Module, resolved: Mapping[str, str]) -> dict[str, str]:
     """The resolved rules that fall inside ``unit``, keyed relative to it ("" is the unit itself)."""
     relative: dict[str, str] = {}
-    for name, _ in unit.named_modules():
+    names = [name for name, _ in unit.named_modules()] + [name for name, _ in unit.named_parameters()]
+    for name in names:
         full = f"{unit_name}.{name}" if name else unit_name
         if full in resolved:
             relative[name] = resolved[full]

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from parti_lightning.parallel.copies import module_copy
 from parti_lightning.parallel.scratch import fresh_caches
 from parti_lightning.parallel.tensor.region import implicit_replication, mesh_device, shard_unit
-from parti_lightning.parallel.tensor.rules import COLWISE, REPLICATE, packed_parts, split_dim
+from parti_lightning.parallel.tensor.rules import COLWISE, REPLICATE, packed_parts, split_dim, split_target
 
 # Largest elementwise difference accepted by the setup check, relative to the reference's largest
 # magnitude. Splitting a matmul only reorders its sums (about 1e-7 relative in fp32); a wrong
@@ -41,22 +41,23 @@ def drop_unsplittable(
     unit_name: str, unit: nn.Module, proposal: Mapping[str, str], tied: dict[int, list[str]], degree: int
 ) -> tuple[dict[str, str], list[str]]:
     """Keep the split rules that can apply: a splittable, untied layer whose split dimension ``degree`` divides."""
-    modules = dict(unit.named_modules())
     kept: dict[str, str] = {}
     refused: list[str] = []
     for name, style in proposal.items():
         if style == REPLICATE:
             continue
-        layer = modules[name]
+        _, layer, parameter = split_target(unit, name)
         full = f"{unit_name}.{name}" if name else unit_name
-        dim = split_dim(layer, style)
-        if dim is None:
-            refused.append(f"{full}: a {type(layer).__name__} cannot be split {style}")
-        elif id(layer.weight) in tied:
-            refused.append(f"{full}: weight tied with {', '.join(tied[id(layer.weight)])}; kept replicated")
-        elif layer.weight.shape[dim] % (degree * (packed_parts(style) or 1)):
+        dim = split_dim(layer, style, parameter)
+        weight = getattr(layer, parameter or "weight", None)
+        if dim is None or not isinstance(weight, torch.Tensor):
+            what = f"parameter {parameter!r} of a" if parameter else "a"
+            refused.append(f"{full}: {what} {type(layer).__name__} cannot be split {style}")
+        elif id(weight) in tied:
+            refused.append(f"{full}: weight tied with {', '.join(tied[id(weight)])}; kept replicated")
+        elif weight.shape[dim] % (degree * (packed_parts(style) or 1)):
             parts = f" in {packed_parts(style)} packed parts" if packed_parts(style) else ""
-            refused.append(f"{full}: size {layer.weight.shape[dim]}{parts} not divisible by tensor={degree}")
+            refused.append(f"{full}: size {weight.shape[dim]}{parts} not divisible by tensor={degree}")
         else:
             kept[name] = style
     return kept, refused
