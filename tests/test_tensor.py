@@ -263,42 +263,31 @@ def _gpt2() -> nn.Module:
     return GPT2LMHeadModel(config)
 
 
+# A small decoder's sizes; every other setting is the library's default.
+_DECODER_SIZES = {
+    "vocab_size": VOCAB,
+    "hidden_size": WIDTH,
+    "intermediate_size": 2 * WIDTH,
+    "num_hidden_layers": 2,
+    "num_attention_heads": HEADS,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": SEQ,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "pad_token_id": 0,
+}
+
+
 def _mixtral() -> nn.Module:
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    config = MixtralConfig(
-        vocab_size=VOCAB,
-        hidden_size=WIDTH,
-        intermediate_size=2 * WIDTH,
-        num_hidden_layers=2,
-        num_attention_heads=HEADS,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        max_position_embeddings=SEQ,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    return MixtralForCausalLM(config)
+    return MixtralForCausalLM(MixtralConfig(**_DECODER_SIZES, num_local_experts=4))
 
 
 def _llama(**overrides: object) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=WIDTH,
-        intermediate_size=2 * WIDTH,
-        num_hidden_layers=2,
-        num_attention_heads=HEADS,
-        num_key_value_heads=2,
-        max_position_embeddings=SEQ,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        **overrides,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**_DECODER_SIZES, **overrides))
 
 
 class _HfLogits(nn.Module):
