@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
 from contextlib import ExitStack, nullcontext
 from datetime import timedelta
 from typing import Any, Literal, Union
@@ -33,15 +32,16 @@ from typing_extensions import override
 
 from parti_lightning.accelerator import PartiAccelerator, release_freed_memory
 from parti_lightning.checkpoint.hooks import CheckpointHooks, StateDictType
+from parti_lightning.lightning_adapters import prelaunch
 from parti_lightning.lightning_adapters.autoplan import StepMeter, choose_in_run
 from parti_lightning.lightning_adapters.collectives import Collectives
 from parti_lightning.lightning_adapters.compat import check_callbacks
+from parti_lightning.lightning_adapters.compiled import take_compiler
 from parti_lightning.lightning_adapters.launchers import PartiMultiProcessingLauncher, PartiSubprocessScriptLauncher
 from parti_lightning.lightning_adapters.layer_sync import PartiSyncBatchNorm
 from parti_lightning.lightning_adapters.logging_sync import sync_metrics_over
 from parti_lightning.lightning_adapters.network import init_dist_connection, restore_backend_interfaces, track_mesh
 from parti_lightning.lightning_adapters.precision_clip import clip_by_model_norm
-from parti_lightning.lightning_adapters.prelaunch import check_arguments, check_backend, check_plan, positive_timedelta
 from parti_lightning.lightning_adapters.sample_step import SampleStep
 from parti_lightning.lightning_adapters.step_routing import StepRouting
 from parti_lightning.lightning_adapters.trunk_precheck import check_trunk_before_launch
@@ -55,7 +55,7 @@ from parti_lightning.parallel import (
     shards_module,
 )
 from parti_lightning.parallel.storage import retarget_lr_scheduler
-from parti_lightning.plan import AUTO, PRESETS, PartitionPlan, PlanLike, ResolvedPlan
+from parti_lightning.plan import PRESETS, PartitionPlan, PlanLike, ResolvedPlan
 from parti_lightning.planner import PlanReport
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
     """
 
     strategy_name = "parti"
+    compiles_blocks = True  # `trainer.fit(torch.compile(model))`: each block compiled after partitioning
 
     def __init__(
         self,
@@ -130,23 +131,18 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
         # Validate everything that needs no processes now, so a bad argument fails before launch.
         # "auto" runs as replicated data parallel until the planner, which needs the module and a batch,
         # chooses in `setup`.
-        self._auto = isinstance(plan, str) and plan.strip().lower() == AUTO
-        if isinstance(plan, Mapping) and str(plan.get("preset", "")).strip().lower() == AUTO:
-            raise ValueError(
-                f"plan={dict(plan)!r}: the planner chooses every field of an 'auto' plan; give plan='auto' alone,"
-                " or a preset (ddp, zero1, zero2, zero3, hybrid) with your fields."
-            )
+        self._auto = prelaunch.is_auto(plan)
         self.plan = PartitionPlan.from_value(plan)
         self.plan.check_implemented()
-        check_arguments(memory_budget, planner_headroom, process_group_backend, state_dict_type)
+        prelaunch.check_arguments(memory_budget, planner_headroom, process_group_backend, state_dict_type)
         self._memory_budget = memory_budget
         self._planner_headroom = planner_headroom
         self._planner_calibration = planner_calibration
         self.plan_report: PlanReport | None = None  # the planner's choice and reasons (global rank 0, plan="auto")
         self._step_meter: StepMeter | None = None
         self._process_group_backend = process_group_backend
-        self._timeout = positive_timedelta("timeout", timeout)
-        self._startup_timeout = positive_timedelta("startup_timeout", startup_timeout)
+        self._timeout = prelaunch.positive_timedelta("timeout", timeout)
+        self._startup_timeout = prelaunch.positive_timedelta("startup_timeout", startup_timeout)
         self._start_method = start_method
         self._requested_state_dict_type = state_dict_type
         self._restored_sharded = False  # the last `load_checkpoint` already restored model and optimizers
@@ -252,8 +248,8 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
         device_type = self.parallel_devices[0].type if self.parallel_devices else "cpu"
         if isinstance(self.accelerator, PartiAccelerator):
             self.accelerator.check_devices(self.num_processes)
-        check_backend(device_type, self.process_group_backend)
-        check_plan(self.resolved_plan, device_type)
+        prelaunch.check_backend(device_type, self.process_group_backend)
+        prelaunch.check_plan(self.resolved_plan, device_type)
         assert self.cluster_environment is not None
         if self._start_method == "popen":
             self._launcher = PartiSubprocessScriptLauncher(
@@ -338,14 +334,15 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
             # Every replica starts from rank 0's weights, whatever each process initialized. (A module
             # still split by an earlier `fit` is consistent already: its parts are its state.)
             _sync_module_states(self.model)
+        compiler = take_compiler(self.lightning_module, fitting)  # compiled per block, after partitioning
         if fitting:
-            self._apply_plan(trainer)
+            self._apply_plan(trainer, compiler)
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
 
-    def _apply_plan(self, trainer: Trainer) -> None:
+    def _apply_plan(self, trainer: Trainer, compiler: Any) -> None:
         assert self.mesh is not None and self.lightning_module is not None
         module = self.lightning_module
         sample = None
@@ -353,7 +350,7 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
             sample = SampleStep(trainer, module, self.root_device)
         self._parallel = parallelize(
             self.model, self.mesh, automatic_optimization=module.automatic_optimization, run_example=sample,
-            batch_size=sample.batch_size if sample is not None else None,
+            batch_size=sample.batch_size if sample is not None else None, compiler=compiler,
         )
         for line in self._parallel.describe():
             rank_zero_info(f"parti: {line}")

@@ -6,12 +6,13 @@ launcher starts the ranks, so a bad input fails once, with one clear message, an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import timedelta
 
 import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from parti_lightning.plan import ResolvedPlan
+from parti_lightning.plan import AUTO, PlanLike, ResolvedPlan
 
 BACKENDS = ("gloo", "nccl")
 STATE_DICT_TYPES = ("auto", "sharded", "full")
@@ -29,6 +30,16 @@ def check_arguments(
         raise ValueError(f"process_group_backend={backend!r}: choose one of {BACKENDS} or None.")
     if state_dict_type not in STATE_DICT_TYPES:
         raise ValueError(f"state_dict_type={state_dict_type!r}: choose 'auto', 'sharded' or 'full'.")
+
+
+def is_auto(plan: PlanLike) -> bool:
+    """Whether ``plan`` asks the planner to choose (``"auto"``); an ``"auto"`` preset with fields is refused."""
+    if isinstance(plan, Mapping) and str(plan.get("preset", "")).strip().lower() == AUTO:
+        raise ValueError(
+            f"plan={dict(plan)!r}: the planner chooses every field of an 'auto' plan; give plan='auto' alone,"
+            " or a preset (ddp, zero1, zero2, zero3, hybrid) with your fields."
+        )
+    return isinstance(plan, str) and plan.strip().lower() == AUTO
 
 
 def positive_timedelta(name: str, value: float | timedelta) -> timedelta:

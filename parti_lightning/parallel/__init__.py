@@ -10,7 +10,9 @@ The order is fixed, and each step has a reason to come where it does:
    unit's backward, after FSDP has gathered that unit's parameters for it;
 4. storage: FSDP (ZeRO-2/3) replaces every parameter with a sharded one, so it comes after everything
    that reads or replaces parameters and before the optimizers are built; or, for whole parameters
-   (replicated, ZeRO-1), gradient averaging over the data-parallel ranks.
+   (replicated, ZeRO-1), gradient averaging over the data-parallel ranks;
+5. compilation (when the user compiled the model): each block's ``forward`` on its own, last, so it
+   compiles the code the user wrote on what the plan made of it, with parti's hooks left eager.
 
 Nothing here imports Lightning: the strategy adapts what :func:`parallelize` returns to Lightning's hooks.
 """
@@ -31,6 +33,7 @@ from torch.optim import Optimizer
 from parti_lightning.mesh import ParallelMesh
 from parti_lightning.parallel.activation_checkpoint import apply_activation_checkpointing
 from parti_lightning.parallel.blocks import find_blocks, resolve_units
+from parti_lightning.parallel.compile import compile_blocks
 from parti_lightning.parallel.data import GradientSynchronizer
 from parti_lightning.parallel.norm import clip_grad_norm_
 from parti_lightning.parallel.pipeline import PipelineParallel, apply_pipeline, check_pipeline_settings
@@ -224,6 +227,7 @@ def parallelize(
     automatic_optimization: bool = True,
     run_example: Callable[[], Any] | None = None,
     batch_size: int | None = None,
+    compiler: Callable[[Callable[..., Any]], Any] | None = None,
 ) -> Parallelized:
     """Apply ``mesh.plan`` to ``module`` in place, in the order of this module's docstring.
 
@@ -242,6 +246,8 @@ def parallelize(
             contract with it.
         batch_size: the batch each data-parallel rank's step gets, if known: pipeline micro-batches must
             divide it.
+        compiler: wraps a function into its compiled form (the ``dynamo_ctx`` of ``torch.compile(model)``):
+            each block's ``forward`` is compiled once the plan is applied.
 
     Returns:
         what the strategy needs to run a step.
@@ -281,6 +287,9 @@ def parallelize(
         result.gradient_sync = _average_gradients(module, mesh)
         if shards_optimizer(plan):
             result.optimizer_shard_group = mesh.shard_group
+    # 5. Compilation of each block on its own, on what the plan made of it.
+    if compiler is not None:
+        compile_blocks(blocks, compiler)
     if mesh.tensor_enabled or mesh.pipeline_enabled:
         setattr(module, _APPLIED, True)
     return result

@@ -197,6 +197,21 @@ class DeepBlockRegressor(TensorBlockRegressor):
         self.blocks.append(ResidualBlock(32))
 
 
+class PlainBlock(ResidualBlock):
+    """A residual block that counts nothing: a counter on the class would make ``torch.compile`` recompile per call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class CompiledBlockRegressor(TensorBlockRegressor):
+    """What users pass as ``trainer.fit(torch.compile(model))``: blocks tensor parallelism splits, no side effects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(PlainBlock(32) for _ in range(3))
+
+
 class TwoOptimizerBlockRegressor(BlockRegressor):
     """Manual optimization over repeated blocks: one optimizer for the trunk, clipped by norm, one for the head,
     each stepped after its own backward pass; what tensor parallelism splits is in the first."""
@@ -253,6 +268,8 @@ class Scenario:
     strategy_kwargs: dict[str, Any] = field(default_factory=dict)
     # Ranks that see different batches; tensor-parallel ranks see the same one.
     data_parallel: int = WORLD_SIZE
+    # `trainer.fit(torch.compile(module, backend=...))`; the single-process reference runs uncompiled.
+    compile_backend: str | None = None
 
 
 # Gradient accumulation and clipping by norm, as the parity scenarios train with them.
@@ -317,6 +334,11 @@ SCENARIOS = [
     ),
     # The planner chooses: replicated for a model that easily fits; then, with a budget between the
     # replicated and the sharded predictions of that first run, a sharded plan (see `main`).
+    # torch.compile'd modules (CPU inductor): parti compiles each block after partitioning.
+    Scenario("compiled_ddp", CompiledBlockRegressor, compile_backend="inductor"),
+    Scenario("compiled_zero3", CompiledBlockRegressor, plan="zero3", compile_backend="inductor"),
+    Scenario("compiled_tp", CompiledBlockRegressor, plan="tp", data_parallel=1, compile_backend="inductor"),
+    Scenario("compiled_pp", CompiledBlockRegressor, plan="pp", data_parallel=1, compile_backend="inductor"),
     Scenario("auto", BlockRegressor, plan="auto"),
     Scenario("auto_tight_budget", BlockRegressor, plan="auto"),
     # Then a budget only a tensor- or pipeline-parallel plan's prediction meets: the model is split, one
@@ -400,11 +422,12 @@ def run_distributed(scenario: Scenario, out: str) -> tuple[L.Trainer, dict[str, 
     strategy = PartiStrategy(plan=scenario.plan, state_dict_type="full", **scenario.strategy_kwargs)
     trainer = make_trainer(scenario, accelerator="cpu", devices=WORLD_SIZE, strategy=strategy)
     ResidualBlock.forward_calls = 0
-    trainer.fit(module)
+    trainer.fit(torch.compile(module, backend=scenario.compile_backend) if scenario.compile_backend else module)
     # How the plan was applied: FSDP units show as FSDP<Class>, checkpointing as recomputed forwards.
     applied = {
         "classes": {name: type(m).__name__ for name, m in module.named_modules() if name},
         "block_forward_calls": ResidualBlock.forward_calls,
+        "compiled_blocks": sum(bool(getattr(m, "_parti_compiled_forward", False)) for m in module.modules()),
         "plan": trainer.strategy.resolved_plan.to_dict(),
     }
     # A checkpoint written under this plan: a plain Lightning file, whatever the partition.
