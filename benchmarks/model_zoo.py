@@ -23,8 +23,9 @@ whole batches. Measured per cell:
   ``MISMATCH``.
 
 Dropout: by default every dropout probability of the config is set to 0 (``ZooEntry.build(dropout=False)``),
-since masks differ by design between a data-parallel share and the whole batch; ``--dropout shipped`` keeps the
-library's values (status still meaningful, parity then only for pipeline, whose masks match).
+since masks differ by design from one process's: a data-parallel share or a pipeline micro-batch draws its own
+masks, and so does a tensor-parallel split activation. ``--dropout shipped`` keeps the library's values: the
+statuses and state ratios still hold, parity then only where dropout touches replicated activations alone.
 
 BatchNorm: under data parallel (``ddp``, ``zero3``) the model's batch norms are converted as
 ``Trainer(sync_batchnorm=True)`` converts them under parti (``parti_lightning.parallel.batchnorm.convert_batchnorm``
@@ -35,7 +36,7 @@ Plans (one launch of gloo processes per plan, every model in turn; a hung or dea
 models left): ``ddp`` (data=2), ``zero3`` (ZeRO-3, shard=2), ``tp`` (tensor=2), ``pp`` (pipeline=2, the ``pp``
 preset: 4 micro-batches, GPipe), ``tp_pp`` (tensor=2 × pipeline=2, 4 ranks).
 
-    python benchmarks/model_zoo.py                                 # the whole matrix (about 10-20 minutes)
+    python benchmarks/model_zoo.py                                 # the whole matrix (1-2 minutes on 2 CPU cores)
     python benchmarks/model_zoo.py --models llama,gpt2 --plans tp,pp --json zoo.json
 """
 
@@ -472,16 +473,52 @@ def _num(value: float | None) -> str:
     return "–" if value is None else f"{value:.0e}"
 
 
+def _note(notes: list[str], text: str) -> int:
+    """The footnote number of ``text``, added if new."""
+    if text not in notes:
+        notes.append(text)
+    return notes.index(text) + 1
+
+
+def _grouped_reasons(cell: dict[str, Any]) -> str:
+    """A fall-back reason list with the layers that share a reason grouped (the layer's name dropped from it)."""
+    fallbacks = (cell.get("tensor") or {}).get("fallbacks") or []
+    if not fallbacks:
+        return cell.get("reason", "")
+    groups: dict[str, list[str]] = {}
+    for unit, reason in fallbacks:
+        layer = unit.split(" (", 1)[1].rstrip(")") if " (" in unit else unit
+        text = reason[len(layer) + 2:] if reason.startswith(f"{layer}: ") else reason
+        groups.setdefault(text, []).append(unit)
+    parts = []
+    for text, units in groups.items():
+        shown = ", ".join(units[:2]) + (f", … ({len(units)} in all)" if len(units) > 2 else "")
+        parts.append(f"{shown}: {text}")
+    return "; ".join(parts)
+
+
 def _cell_text(cell: dict[str, Any], notes: list[str]) -> str:
     status = cell["status"]
     if status == "split":
         return _summary(cell)
     if "state_ratio" in cell:  # fell back, partly: the figures and a note
-        notes.append(cell["reason"])
         base = _summary(cell).split(" — ")[0]
-        return f"{base} [{len(notes)}]"
-    notes.append(cell.get("reason", ""))
-    return f"{status} [{len(notes)}]"
+        return f"{base} [{_note(notes, _grouped_reasons(cell))}]"
+    return f"{status} [{_note(notes, cell.get('reason', ''))}]"
+
+
+def git_state() -> str:
+    """The commit and whether ``parti_lightning`` has uncommitted changes (the matrix is of the working tree)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+
+    dirty = git("status", "--porcelain", "--", "parti_lightning")
+    return f"{git('rev-parse', '--short', 'HEAD')}{' + uncommitted parti_lightning changes' if dirty else ''}"
 
 
 def markdown(
@@ -495,9 +532,10 @@ def markdown(
     lines = [
         f"Model zoo × plans (parti_lightning, CPU gloo; global batch {GLOBAL_BATCH}, dropout "
         f"{'as shipped' if dropout else 'zeroed'}; BatchNorm {'synced' if sync_batchnorm else 'per rank'} under data"
-        f" parallel; {seconds:.0f} s).",
-        "Cell: status, state per rank / one process (blk: blocks' parameters), relative error of the loss (L),"
-        " gradients (G), loss after 2 AdamW steps (L2).",
+        f" parallel; {seconds:.0f} s; parti_lightning at {git_state()}).",
+        "Cell: status, state per rank / one process (worst rank; blk: the repeated blocks' parameters alone),"
+        " relative error against one process of the first loss (L), first gradients (G), loss after 2 AdamW"
+        " steps (L2); [n]: the fall-back or error below.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -551,9 +589,9 @@ def main() -> None:
     seconds = time.perf_counter() - started
     print(markdown(matrix, models, seconds, dropout, not args.no_sync_batchnorm))
     if args.json:
-        Path(args.json).write_text(json.dumps({"seconds": seconds, "dropout": args.dropout,
-                                               "sync_batchnorm": not args.no_sync_batchnorm, "models": models,
-                                               "plans": plans, "matrix": matrix}, indent=1))
+        record = {"seconds": seconds, "dropout": args.dropout, "sync_batchnorm": not args.no_sync_batchnorm,
+                  "git": git_state(), "models": models, "plans": plans, "matrix": matrix}
+        Path(args.json).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
