@@ -165,6 +165,21 @@ def test_contract_takes_an_empty_cache_as_scratch_and_refuses_a_filled_one() -> 
         check_trunk_contract(model, lambda: model.model(input_ids=idx[:, -1:], cache=prompt))
 
 
+def test_a_sliding_window_cache_is_empty_until_a_layer_writes_to_it() -> None:
+    """Sliding-window layers (Mistral, Gemma 2) keep their window as a 0-d tensor: a setting, not content."""
+    from transformers import DynamicCache, MistralConfig
+
+    from parti_lightning.parallel.scratch import filled_caches, is_empty
+
+    config = MistralConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
+                           sliding_window=4)
+    cache = DynamicCache(config=config)
+    assert is_empty(cache) and not filled_caches((None,), {"cache": cache})
+    cache.update(torch.ones(1, 1, 3, 8), torch.ones(1, 1, 3, 8), layer_idx=0)
+    assert not is_empty(cache)
+    assert filled_caches((None,), {"cache": cache}) == ["'cache' (DynamicCache, 3 positions)"]
+
+
 @pytest.mark.parametrize("mode", sorted(BREAKAGES))
 def test_contract_refuses_each_kind_of_breakage(mode: str) -> None:
     with torch.device("meta"):

@@ -37,8 +37,11 @@ def is_cache(value: Any) -> bool:
 
 
 def is_empty(value: Any) -> bool:
-    """Whether a cache holds no keys or values: no tensor with elements anywhere inside it."""
-    return not any(t.numel() for t in _tensors_in(value, _DEPTH))
+    """Whether a cache holds no keys or values: no tensor of one or more dimensions with elements inside it.
+
+    Zero-dimensional tensors are settings, not content (a sliding-window layer keeps its window size as one).
+    """
+    return not any(t.dim() and t.numel() for t in _tensors_in(value, _DEPTH))
 
 
 @dataclass(frozen=True)

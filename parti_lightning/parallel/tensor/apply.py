@@ -165,7 +165,10 @@ def _unit_groups(
     for name, block in blocks:
         relative = rules_for_unit(name, block, resolved)
         if auto or any(style != REPLICATE for style in relative.values()):
-            key = (type(block), tuple(sorted(relative.items())))
+            # The layout is chosen once per group, so its members must have the same layers: T5's encoder and
+            # decoder blocks are one class with different children (a cross-attention in the decoder's).
+            structure = tuple((sub, type(layer).__name__) for sub, layer in block.named_modules())
+            key = (type(block), structure, tuple(sorted(relative.items())))
             groups.setdefault(key, []).append((name, block))
     block_names = [name for name, _ in blocks]
     outside = [
@@ -177,7 +180,8 @@ def _unit_groups(
         outside = _large_outside_layers(module, blocks)
     for name in outside:
         layer_name, layer, _ = split_target(module, name)  # a parameter's rule splits it inside its layer
-        groups[("layer", layer_name)] = [(layer_name, layer)]
+        if any(True for _ in layer.parameters()):  # none: a layer of another pipeline stage's block, freed here
+            groups[("layer", layer_name)] = [(layer_name, layer)]
     return groups
 
 
@@ -239,6 +243,26 @@ def _detached(value: Any) -> Any:
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
+# A child holding at least this share of a block's parameters and split by no rule is named in the report.
+_SIZEABLE = 0.1
+
+
+def _kept_whole(block: nn.Module, chosen: Mapping[str, str]) -> list[str]:
+    """The block's sizeable children that no chosen rule splits, each with its layer types: what stays whole."""
+    total = sum(p.numel() for p in block.parameters())
+    reasons = []
+    for name, child in block.named_children():
+        size = sum(p.numel() for p in child.parameters())
+        if not total or size < _SIZEABLE * total or any(r == name or r.startswith(f"{name}.") for r in chosen):
+            continue
+        kinds = sorted({type(m).__name__ for m in child.modules() if any(True for _ in m.parameters(recurse=False))})
+        reasons.append(
+            f"{name} kept whole ({size / total:.0%} of the block's parameters; {', '.join(kinds)}): no rule splits"
+            " it (rules split nn.Linear, nn.Embedding, Conv1D layers and stacked expert weights)"
+        )
+    return reasons
+
+
 def _tied_parameters(module: nn.Module) -> dict[int, list[str]]:
     names: dict[int, list[str]] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
@@ -284,6 +308,8 @@ def _apply_group(
         report.fallbacks.extend((label, reason) for reason in reasons)
     elif proposal:
         note = "not verified: no sample input"
+    if not outside:
+        report.fallbacks.extend((label, reason) for reason in _kept_whole(first, chosen))
     if not chosen:
         report.rows.append(TensorLayerRow(first_name, REPLICATE, source, note or "no split layer"))
         return

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 from torch.distributed.tensor.placement_types import _StridedShard
@@ -84,6 +85,9 @@ class RegionOps(TorchFunctionMode):
       shards instead, by the expert weight's layout: split along its output features (colwise) each rank
       computes its columns; along its input features (rowwise) its partial sums; replicated, the whole
       product.
+    - attention with a mask of one value per head (T5's position bias, a zero bias per head) on head-sharded
+      queries: DTensor does not move a keyword-only argument to the layout the strategy above asks for, so the
+      kernel got every head's mask with its own heads. The mask is sharded like the queries first.
     """
 
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -95,7 +99,27 @@ class RegionOps(TorchFunctionMode):
                 return func(kept, *args[1:], **kwargs)
         if func in _GROUPED_MM and len(args) >= 2 and isinstance(args[1], DTensor) and args[1].device_mesh.ndim == 1:
             return _local_grouped_mm(func, *args, **kwargs)
+        if func is F.scaled_dot_product_attention and args and isinstance(args[0], DTensor):
+            if isinstance(kwargs.get("attn_mask"), torch.Tensor):
+                kwargs = {**kwargs, "attn_mask": _mask_like(kwargs["attn_mask"], args[0])}
+            elif len(args) > 3 and isinstance(args[3], torch.Tensor):
+                args = (*args[:3], _mask_like(args[3], args[0]), *args[4:])
         return func(*args, **kwargs)
+
+
+def _mask_like(mask: torch.Tensor, query: DTensor) -> DTensor:
+    """``mask`` as a DTensor sharded where ``query`` is and the mask is not broadcast (size 1), else replicated."""
+    mesh = query.device_mesh
+    if not isinstance(mask, DTensor):
+        mask = DTensor.from_local(mask, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    offset = query.dim() - mask.dim()  # a mask may leave out leading dimensions it broadcasts over
+    placements = [
+        Shard(p.dim - offset)
+        if type(p) is Shard and p.dim >= offset and mask.shape[p.dim - offset] == query.shape[p.dim]
+        else Replicate()
+        for p in query.placements
+    ]
+    return mask if list(mask.placements) == placements else mask.redistribute(mesh, placements)
 
 
 def _legacy_empty(value: object) -> bool:

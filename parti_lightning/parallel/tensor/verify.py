@@ -111,26 +111,16 @@ def _verify(unit: nn.Module, rules: Mapping[str, str], sample: tuple, mesh: Devi
 
 
 def _compare(unit: nn.Module, rules: Mapping[str, str], sample: tuple, mesh: DeviceMesh) -> str | None:
+    # Compared in eval mode, where dropout draws nothing: a split activation's masks differ from one process's
+    # by design (see random.py). A block that trains runs once more split in training mode, unchecked: code
+    # paths taken in training only (dropout, a different attention kernel) must run on DTensors too.
     reference = module_copy(unit).eval()
     sharded = module_copy(unit).eval()
     shard_unit(sharded, rules, mesh)
-    results = []
-    for model in (reference, sharded):
-        args, kwargs = tree_map(_fresh_input, fresh_caches(sample))
-        with torch.enable_grad():
-            output = model(*args, **kwargs)
-            outputs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
-            differentiable = [t for t in outputs if t.requires_grad]
-            if differentiable:
-                generator = torch.Generator().manual_seed(0)
-                cotangents = [
-                    torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in differentiable
-                ]
-                with implicit_replication():  # as the strategy runs backward passes (see Parallelized.step_context)
-                    torch.autograd.backward(differentiable, cotangents)
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.requires_grad]
-        grads = [t.grad for t in inputs] + [p.grad for _, p in sorted(model.named_parameters())]
-        results.append(([t.detach() for t in outputs], grads))
+    results = [_run(model, sample) for model in (reference, sharded)]
+    if unit.training:
+        with torch.random.fork_rng():  # the run's random streams are not advanced by the check
+            _run(sharded.train(), sample)
     for what, expected, actual in (
         ("output", results[0][0], results[1][0]),
         ("gradient", results[0][1], results[1][1]),
@@ -143,6 +133,24 @@ def _compare(unit: nn.Module, rules: Mapping[str, str], sample: tuple, mesh: Dev
             if difference is not None:
                 return f"{what} differs from the unsharded block: {difference}"
     return None
+
+
+def _run(model: nn.Module, sample: tuple) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """``model``'s floating outputs on ``sample``, and its input and parameter gradients for random cotangents."""
+    args, kwargs = tree_map(_fresh_input, fresh_caches(sample))
+    with torch.enable_grad():
+        output = model(*args, **kwargs)
+        outputs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        differentiable = [t for t in outputs if t.requires_grad]
+        if differentiable:
+            generator = torch.Generator().manual_seed(0)
+            cotangents = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in differentiable]
+            with implicit_replication():  # as the strategy runs backward passes (see Parallelized.step_context)
+                torch.autograd.backward(differentiable, cotangents)
+    inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = [t.grad for t in inputs] + [p.grad for _, p in sorted(model.named_parameters())]
+    # Copies: a later backward through the same model accumulates into its parameters' gradients.
+    return [t.detach() for t in outputs], [g if g is None else g.detach().clone() for g in grads]
 
 
 def error_line(error: Exception) -> str:
