@@ -27,7 +27,7 @@ from pipeline_models import build, make_batch
 from torch import Tensor, nn
 
 from parti_lightning.parallel.pipeline import apply_pipeline, check_pipeline_settings
-from parti_lightning.parallel.pipeline.contract import check_trunk_contract
+from parti_lightning.parallel.pipeline.contract import check_trunk_contract, trunk_layout
 from parti_lightning.parallel.pipeline.cuts import stage_starts
 
 from dist_utils import run_distributed
@@ -81,7 +81,8 @@ class _Chain(nn.Module):
     def __init__(self, mode: str) -> None:
         super().__init__()
         self.mode = mode
-        self.h = nn.ModuleList([_Block(tuple_out=mode == "aux_output") for _ in range(3)])
+        tuple_out = mode in ("aux_output", "handed_between_blocks")
+        self.h = nn.ModuleList([_Block(tuple_out=tuple_out) for _ in range(3)])
         self.bias = nn.Parameter(torch.zeros(4))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -95,9 +96,14 @@ class _Chain(nn.Module):
         elif mode == "skipped":
             for block in h[:-1]:
                 x = block(x)
-        elif mode == "per_layer_args":
-            for i, block in enumerate(h):
-                x = block(x, mask=x.new_full((4,), float(i)))
+        elif mode == "per_layer_args":  # computed before the trunk, one per layer (Gemma 2's masks by layer type)
+            masks = [x.new_full((4,), float(i)) for i in range(len(h))]
+            for block, mask in zip(h, masks, strict=True):
+                x = block(x, mask=mask)
+        elif mode == "handed_between_blocks":  # T5's position bias: block 0 computes it, later blocks take it
+            bias = None
+            for block in h:
+                x, bias = block(x, bias=bias)
         elif mode == "changed_between":
             for block in h:
                 x = block(x) * 0.5
@@ -136,7 +142,7 @@ BREAKAGES = {
     "indexed": "is called again after 'h.0', before the trunk's last block 'h.2'",
     "reversed": "called right after",
     "skipped": "never called",
-    "per_layer_args": "'mask' different from block 'h.0'",
+    "handed_between_blocks": "block 'h.1' gets output element 1 of block 'h.0' as 'bias'",
     "changed_between": "is not fed the output of block 'h.0'",
     "aux_output": "output element 1 of block 'h.0' is used outside the blocks",
     "intermediate_used": "the output of block 'h.0' (not the last block) is used outside the blocks",
@@ -178,6 +184,16 @@ def test_a_sliding_window_cache_is_empty_until_a_layer_writes_to_it() -> None:
     cache.update(torch.ones(1, 1, 3, 8), torch.ones(1, 1, 3, 8), layer_idx=0)
     assert not is_empty(cache)
     assert filled_caches((None,), {"cache": cache}) == ["'cache' (DynamicCache, 3 positions)"]
+
+
+def test_contract_takes_per_layer_arguments_and_runs_the_trunk_at_its_last_block() -> None:
+    """A sliding-window mask on some layers and a full one on others (Gemma 2): each block's own arguments."""
+    with torch.device("meta"):
+        model, same = _Chain("per_layer_args"), _Chain("two_passes")
+        x = torch.randn(2, 4)
+    layout = trunk_layout(model, lambda: model(x))
+    assert layout.per_block_extras and layout.output_template is None
+    assert not trunk_layout(same, lambda: same(x)).per_block_extras
 
 
 @pytest.mark.parametrize("mode", sorted(BREAKAGES))

@@ -40,6 +40,7 @@ class ZooCase:
 CASES = [
     ZooCase("llama_tp", "llama", "tp"),
     ZooCase("llama_pp", "llama", "pp"),
+    ZooCase("gemma2_pp", "gemma2", "pp"),  # a sliding-window mask on some layers, a full one on the others
     ZooCase("mixtral_tp", "mixtral", "tp"),
     ZooCase("mixtral_pp", "mixtral", "pp"),
     ZooCase("t5_tp", "t5", "tp"),

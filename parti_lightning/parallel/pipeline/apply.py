@@ -24,7 +24,7 @@ from torch.distributed import ProcessGroup
 
 from parti_lightning.parallel.blocks import find_blocks
 from parti_lightning.parallel.norm import clip_grads_with_norm_, total_norm
-from parti_lightning.parallel.pipeline.contract import check_trunk_contract
+from parti_lightning.parallel.pipeline.contract import TrunkLayout, trunk_layout
 from parti_lightning.parallel.pipeline.cuts import BlockFlops, stage_starts
 from parti_lightning.parallel.pipeline.runtime import PipelinedTrunk, free_block, route_block_calls
 from parti_lightning.plan import check_pipeline_settings
@@ -84,17 +84,18 @@ def apply_pipeline(
         len(blocks), ranks, micro_batches=micro_batches, batch_size=batch_size, schedule=schedule,
         stages_per_rank=stages_per_rank,
     )
+    layout = TrunkLayout(blocks)
     if run_example is not None:
         # On the real batch, the same verdict (and FLOPs per block: the stages' balance) on every rank.
         flops = BlockFlops(blocks)
-        check_trunk_contract(module, flops.wrap(run_example))
+        layout = trunk_layout(module, flops.wrap(run_example))
         costs = flops.costs(device) if costs is None else costs
     _check_no_shared_parameters(module, blocks)
     # 1. Cut: where each stage starts (the user's cuts, or balanced costs).
     if costs is None:
         costs = [sum(p.numel() for p in block.parameters()) for _, block in blocks]
     starts = stage_starts([name for name, _ in blocks], ranks * stages_per_rank, cuts=cuts, costs=costs)
-    trunk = PipelinedTrunk(blocks, starts, group, micro_batches, schedule, device)
+    trunk = PipelinedTrunk(blocks, starts, group, micro_batches, schedule, device, layout=layout)
     # 2. Free: the blocks other ranks hold lose their parameters and buffers, so nothing after this sees them.
     held = set(trunk.held_indices)
     for index, (_, block) in enumerate(blocks):

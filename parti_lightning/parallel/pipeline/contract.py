@@ -3,9 +3,11 @@
 Pipelining runs the whole trunk (the repeated blocks) as one operation the first time the user's
 forward calls its first block, and lets the calls of the later blocks pass that result through. That
 is exact only if the forward treats the trunk as a chain: every block called once, in order, fed the
-previous block's output (its first element when blocks return tuples), with the same extra
-arguments (masks, rotary tables, position ids) for every block, and nothing between or after the
-blocks reading an intermediate block output. A key/value cache handed to the blocks is allowed when it is
+previous block's output (its first element when blocks return tuples), with constant extra arguments
+(masks, rotary tables, position ids), and nothing between or after the blocks reading an intermediate block
+output. Extra arguments may differ by block (a sliding-window mask on some layers, a full one on others):
+the trunk then runs when the forward calls its last block, once every block's arguments are known
+(:attr:`TrunkLayout.per_block_extras`). A key/value cache handed to the blocks is allowed when it is
 empty as the trunk starts (Hugging Face's default in training): it is per-pass scratch, and every stage
 and micro-batch gets a fresh one (:mod:`parti_lightning.parallel.scratch`). A training step may run the trunk several
 times (manual optimization's separate losses), each time as a whole chain. :func:`check_trunk_contract` runs the
@@ -27,7 +29,28 @@ from parti_lightning.parallel.blocks import find_blocks
 from parti_lightning.parallel.scratch import filled_caches
 
 
+@dataclass(frozen=True)
+class TrunkLayout:
+    """What the dry run saw of the trunk: its blocks, whether their extra arguments differ, what they return.
+
+    Attributes:
+        blocks: ``(name, block)`` pairs in call order.
+        per_block_extras: some block got extra arguments different from the first block's.
+        output_template: the structure a block returns: ``None`` for a tensor, else ``(type, length)`` of its
+            tuple or list.
+    """
+
+    blocks: list[tuple[str, nn.Module]]
+    per_block_extras: bool = False
+    output_template: Any = None
+
+
 def check_trunk_contract(module: nn.Module, run_example: Callable[[], Any]) -> list[tuple[str, nn.Module]]:
+    """The trunk's ``(name, block)`` pairs, once :func:`trunk_layout` found its contract kept."""
+    return trunk_layout(module, run_example).blocks
+
+
+def trunk_layout(module: nn.Module, run_example: Callable[[], Any]) -> TrunkLayout:
     """Check by one dry run that ``module``'s trunk can be pipelined without changing its ``forward``.
 
     Args:
@@ -36,7 +59,7 @@ def check_trunk_contract(module: nn.Module, run_example: Callable[[], Any]) -> l
             real batch. Whatever it returns is ignored.
 
     Returns:
-        The trunk's ``(name, block)`` pairs, in call order (as :func:`find_blocks` returns them).
+        The trunk's blocks, in call order (as :func:`find_blocks` returns them), and how they are called.
 
     Raises:
         ValueError: no repeated trunk (the message lists the containers searched), or the forward
@@ -57,7 +80,7 @@ def check_trunk_contract(module: nn.Module, run_example: Callable[[], Any]) -> l
         for handle in handles:
             handle.remove()
     recorder.verify()
-    return blocks
+    return TrunkLayout(blocks, recorder.per_block_extras, output_template(recorder.calls[-1].output))
 
 
 def same_arguments(a: Any, b: Any) -> bool:
@@ -91,6 +114,11 @@ def filled_cache_message(name: str, filled: list[str]) -> str:
     )
 
 
+def output_template(output: Any) -> Any:
+    """The structure of a block's output: ``None`` for a tensor, else ``(type, length)`` of its tuple or list."""
+    return (type(output), len(output)) if isinstance(output, (tuple, list)) else None
+
+
 def first_output(output: Any) -> Any:
     """The hidden state a block hands on: its output, or the first element of a tuple or list."""
     return output[0] if isinstance(output, (tuple, list)) and len(output) > 0 else output
@@ -120,6 +148,7 @@ class _Recorder:
     # outputs of all blocks but the last (the pipelined trunk produces neither on every rank).
     hidden: dict[int, tuple[Tensor, str]] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
+    per_block_extras: bool = False
 
     def pre_hook(self, index: int) -> Callable[..., None]:
         def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -138,8 +167,8 @@ class _Recorder:
             name = self.names[index]
             if isinstance(output, (tuple, list)):
                 for i, item in enumerate(output[1:], start=1):
-                    if isinstance(item, Tensor):
-                        self.hidden[id(item)] = (item, f"output element {i} of block {name!r}")
+                    if isinstance(item, Tensor):  # named after the first block that returned it
+                        self.hidden.setdefault(id(item), (item, f"output element {i} of block {name!r}"))
             hidden_state = first_output(output)
             if isinstance(hidden_state, Tensor) and index < len(self.names) - 1:
                 self.hidden[id(hidden_state)] = (hidden_state, f"the output of block {name!r} (not the last block)")
@@ -199,12 +228,15 @@ class _Recorder:
                 " (its first element); code between blocks that changes the hidden state cannot be pipelined."
             )
         for path, value, reference in _extra_pairs(call, first):
-            if not same_arguments(value, reference):
+            handed = [self.hidden[id(t)][1] for t in _leaves(value) if isinstance(t, Tensor) and id(t) in self.hidden]
+            if handed:
                 raise ValueError(
-                    f"trunk contract broken: block {name!r} gets {argument_name(path)} different from block"
-                    f" {self.names[first.index]!r}; every block must get the same extra arguments (per-layer"
-                    " arguments, e.g. a sliding-window mask on some layers, cannot be pipelined)."
+                    f"trunk contract broken: block {name!r} gets {handed[0]} as {argument_name(path)}: a value one"
+                    " block returns and a later block takes (T5's position bias) does not travel between pipeline"
+                    " stages yet; only the hidden state does."
                 )
+            if not same_arguments(value, reference):
+                self.per_block_extras = True  # a per-layer argument: the trunk runs once all are known
             if isinstance(value, Tensor) and value.requires_grad:
                 raise ValueError(
                     f"trunk contract broken: {argument_name(path)} of block {name!r} requires grad; extra block"

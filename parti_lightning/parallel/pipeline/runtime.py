@@ -43,6 +43,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 
 from parti_lightning.parallel.pipeline.contract import (
+    TrunkLayout,
     argument_name,
     filled_cache_message,
     first_output,
@@ -71,7 +72,8 @@ class _Call:
     """One run of the trunk: the extra block arguments of each micro-batch, the dropout seed, and how it runs."""
 
     micro_batches: int
-    extras: list[tuple[tuple[Any, ...], dict[str, Any]]]
+    # Per micro-batch, each block's extra arguments (the same object for every block unless they differ).
+    extras: list[list[tuple[tuple[Any, ...], dict[str, Any]]]]
     seed: int | None
     # Whether the forward keeps its activations for the backward (GPipe under autograd), and then the
     # schedule that holds them (until its next kept forward, which may be another call's).
@@ -95,8 +97,13 @@ class PipelinedTrunk:
         micro_batches: int,
         schedule: str,
         device: torch.device,
+        layout: TrunkLayout | None = None,
     ) -> None:
         self.names = [name for name, _ in blocks]
+        # Blocks whose extra arguments differ (per-layer masks): the trunk runs at the last block's call, when
+        # all are known; the earlier calls return a stand-in of the structure the blocks return.
+        self.per_block_extras = layout is not None and layout.per_block_extras
+        self.output_template = layout.output_template if layout is not None else None
         self.blocks = [block for _, block in blocks]
         self.starts = starts
         self.group = group
@@ -122,6 +129,8 @@ class PipelinedTrunk:
         self._carry: Tensor | None = None
         self._extras: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._key = ""
+        self._pending: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self._input: Tensor | None = None
         self._templates: dict[str, Any] = {}
         self._schedules: dict[tuple, _Schedule] = {}
 
@@ -145,7 +154,8 @@ class PipelinedTrunk:
     # --- the user's block calls
 
     def intercept(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """A call of block ``index`` from the user's forward: block 0 runs the whole trunk, later ones hand it on."""
+        """A call of block ``index`` from the user's forward: the trunk runs at the first block's call (or, when
+        blocks get different extra arguments, at the last one's), the other calls hand its output on."""
         name = self.names[index]
         if index != self._next:
             expected = self.names[self._next]
@@ -162,27 +172,38 @@ class PipelinedTrunk:
             filled = filled_caches(args, kwargs)
             if filled:
                 raise RuntimeError(f"pipelined trunk: {filled_cache_message(name, filled)}")
-            out, self._key = self._run(args[0], extras)
-            self._carry, self._extras = out, extras
-        else:
-            if args[0] is not self._carry:
-                raise RuntimeError(
-                    f"pipelined trunk: block {name!r} is not fed the output of {self.names[index - 1]!r}; code between"
-                    " blocks cannot change the hidden state of a pipelined trunk"
-                )
-            if not same_arguments(extras, self._extras):
-                raise RuntimeError(
-                    f"pipelined trunk: block {name!r} gets extra arguments different from the first block's"
-                )
-        carry, key = self._carry, self._key
+            self._input, self._pending = args[0], []
+        elif args[0] is not self._carry:
+            raise RuntimeError(
+                f"pipelined trunk: block {name!r} is not fed the output of {self.names[index - 1]!r}; code between"
+                " blocks cannot change the hidden state of a pipelined trunk"
+            )
         self._next = (index + 1) % len(self.names)
+        if self.per_block_extras:
+            self._pending.append(extras)
+            if self._next != 0:  # not the last block yet: a stand-in, which only the next block reads
+                self._carry = args[0].detach()
+                return _shaped_like(self.output_template, self._carry)
+            out, key = self._run(self._input, self._pending)
+            self._carry = self._input = None
+            self._pending = []
+            return _shaped_like(self._templates[key], out)
+        if index == 0:
+            out, self._key = self._run(args[0], [extras] * len(self.names))
+            self._carry, self._extras = out, extras
+        elif not same_arguments(extras, self._extras):
+            raise RuntimeError(f"pipelined trunk: block {name!r} gets extra arguments different from the first block's")
+        carry, key = self._carry, self._key
         if self._next == 0:  # the trunk is done: drop references to its graph and arguments
-            self._carry, self._extras = None, None
+            self._carry, self._extras, self._input = None, None, None
         return _shaped_like(self._templates[key], carry)
 
-    def _run(self, x: Tensor, extras: tuple[tuple[Any, ...], dict[str, Any]]) -> tuple[Tensor, str]:
-        """The trunk's output, and the key of the structure its blocks return (see ``_share_template``)."""
-        for path, value in _tensor_leaves_with_names(extras):
+    def _run(self, x: Tensor, extras: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> tuple[Tensor, str]:
+        """The trunk's output, and the key of the structure its blocks return (see ``_share_template``).
+
+        ``extras``: each block's extra arguments, in block order.
+        """
+        for path, value in (leaf for block_extras in extras for leaf in _tensor_leaves_with_names(block_extras)):
             if value.requires_grad:
                 raise NotImplementedError(
                     f"pipelined trunk: extra block argument {path} requires grad; only constant extras (masks, rotary"
@@ -190,9 +211,9 @@ class PipelinedTrunk:
                 )
         call = self._plan_call(x, extras)
         anchor = self.anchor if torch.is_grad_enabled() else None
-        return _TrunkFunction.apply(self, call, x, anchor), _template_key(call.extras[0])
+        return _TrunkFunction.apply(self, call, x, anchor), _template_key(call.extras[0][-1])
 
-    def _plan_call(self, x: Tensor, extras: tuple[tuple[Any, ...], dict[str, Any]]) -> _Call:
+    def _plan_call(self, x: Tensor, extras: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> _Call:
         batch = x.shape[0]
         m = self.micro_batches
         if batch % m:
@@ -205,8 +226,10 @@ class PipelinedTrunk:
             m = max(d for d in range(1, m + 1) if batch % d == 0)
         # An (empty) cache handed to the trunk is scratch: each stage's run of each micro-batch gets its own.
         caches = CacheTemplates()
-        caches.see((x, *extras[0]), extras[1])
-        per_micro = [caches.scratch(_split_extras(extras, batch, m, i)) for i in range(m)]
+        caches.see((x, *extras[0][0]), extras[0][1])
+        # Split once per distinct object: blocks that share their arguments keep sharing them.
+        split = {id(e): [caches.scratch(_split_extras(e, batch, m, i)) for i in range(m)] for e in extras}
+        per_micro = [[split[id(e)][i] for e in extras] for i in range(m)]
         # All blocks, freed ones included: every rank must agree on whether to draw a seed.
         training = any(block.training for block in self.blocks)
         seed = int(torch.randint(0, 2**62, ())) if training else None
@@ -314,7 +337,7 @@ class PipelinedTrunk:
     def _share_template(self, call: _Call) -> None:
         # Which structure (tensor, or tuple of what length) the blocks return, so every rank can hand
         # the trunk's output on in the same shape. Learned once per set of non-tensor arguments.
-        key = _template_key(call.extras[0])
+        key = _template_key(call.extras[0][-1])  # what the last block returns is what the trunk hands on
         if key in self._templates:
             return
         box = [self.stage_modules[-1].template]
@@ -329,6 +352,7 @@ class _StageModule(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.stage_index = stage_index
+        self.first_block = trunk.starts[stage_index]  # the trunk's index of this stage's first block
         self.template: Any = None
         # A plain attribute (object.__setattr__): the trunk is not a submodule.
         object.__setattr__(self, "trunk", trunk)
@@ -338,14 +362,14 @@ class _StageModule(nn.Module):
         call = trunk.call
         assert call is not None, "the stage runs only inside a trunk call"  # noqa: S101
         index = int(micro_batch)
-        args, kwargs = fresh_caches(call.extras[index])
+        stage_extras = fresh_caches(call.extras[index][self.first_block : self.first_block + len(self.blocks)])
         if call.input_leaves is not None and self.stage_index == 0:
             # A leaf per micro-batch collects the gradient of stage 0's input, which the stage does not return.
             x = x.detach().requires_grad_()
             call.input_leaves[index] = x
         shape, dtype = x.shape, x.dtype
         with _seeded(call.seed, self.stage_index, index, call.micro_batches, trunk.device), _running(trunk):
-            for block in self.blocks:
+            for block, (args, kwargs) in zip(self.blocks, stage_extras, strict=True):
                 out = block(x, *args, **kwargs)
                 x = first_output(out)
                 if not isinstance(x, Tensor) or x.shape != shape or x.dtype != dtype:
