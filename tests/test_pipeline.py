@@ -240,6 +240,14 @@ def test_a_broken_contract_is_refused_before_launch() -> None:
     assert not dist.is_initialized(), "a process group was started"
 
 
+class _ValueReadingChain(_LightningChain):
+    """Reads a value in its step (as Hugging Face's mask and loss code do): cannot run on meta tensors."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self(batch[0]).pow(2).mean()
+        return loss if loss.item() >= 0 else -loss
+
+
 def test_the_contract_check_before_launch_says_what_it_ran() -> None:
     from parti_lightning.lightning_adapters.trunk_precheck import check_trunk_before_launch
 
@@ -251,7 +259,13 @@ def test_the_contract_check_before_launch_says_what_it_ran() -> None:
     assert check_trunk_before_launch(good, (good, None, None, object())).startswith("checked at setup (no DataLoader")
     manual = _LightningChain("two_passes")
     manual.training_step = lambda batch, batch_idx: manual.optimizers()  # reads the Trainer: not on a meta copy
-    assert "cannot run on meta tensors" in check_trunk_before_launch(manual, (manual, _loader()))
+    assert "checked at setup (training_step on the first batch of the loader cannot run before launch" in (
+        check_trunk_before_launch(manual, (manual, _loader()))
+    )
+    reads_values = _ValueReadingChain("two_passes")
+    assert "on a copy of the module: it cannot run on meta tensors" in (
+        check_trunk_before_launch(reads_values, (reads_values, _loader()))
+    )
 
 
 def test_contract_refuses_a_model_without_repeated_trunk_and_names_the_containers() -> None:

@@ -48,3 +48,20 @@ def test_zoo_model_trains_split_as_one_process(zoo_results: Path, case: ZooCase)
     for key, value in expected.items():
         got = ranks[0]["state"][key]
         torch.testing.assert_close(got, value, rtol=RTOL, atol=ATOL, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_a_conv_net_is_refused_under_pipeline_before_any_process_starts() -> None:
+    """A ResNet's stages change the activation's shape: no pipeline; said before launch (its code reads values,
+    so the dry run is on a real copy, not on meta tensors)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+    from zoo_run import Samples, ZooModule
+
+    from parti_lightning import PartiStrategy
+
+    module = ZooModule("resnet", dropout=False)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=2, strategy=PartiStrategy(plan="pp"), logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"stages\.1' returns a \(8, 32, 4, 4\) .* hidden state of a \(8, 16, 8, 8\)"):
+        trainer.fit(module, train_dataloaders=DataLoader(Samples("resnet"), batch_size=8))
+    assert not torch.distributed.is_initialized()  # rank 0 joins a process group as soon as the ranks start

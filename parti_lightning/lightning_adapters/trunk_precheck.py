@@ -4,9 +4,10 @@ A pipelined plan needs the user's forward to treat the trunk of repeated blocks 
 (:func:`~parti_lightning.parallel.pipeline.contract.check_trunk_contract`). That check needs one
 batch and one run of ``training_step``; here it runs on a meta copy of the module (no memory, no
 compute) on the first batch of a ``DataLoader`` passed to ``fit`` (no worker processes, the caller's
-RNG left as it was), else on ``example_input_array`` through ``forward``. A datamodule is not set up
-here (``prepare_data`` has not run), and some code cannot run on meta tensors (it reads values, as
-Hugging Face's mask code does, or calls ``self.optimizers()``): then the check runs at setup, on the
+RNG left as it was), else on ``example_input_array`` through ``forward``. Some code cannot run on meta
+tensors (it reads values, as Hugging Face's mask and loss code do): then a module of at most
+``REAL_COPY_BYTES`` runs on a real copy, without gradients. A datamodule is not set up here
+(``prepare_data`` has not run), and larger modules are not copied: then the check runs at setup, on the
 first real batch, before any step, as it always does.
 """
 
@@ -22,8 +23,13 @@ from torch import Tensor
 from torch.utils._pytree import tree_map_only
 from torch.utils.data import DataLoader
 
+from parti_lightning.parallel.copies import module_copy
 from parti_lightning.parallel.pipeline.contract import check_trunk_contract
 from parti_lightning.planner.profile import meta_copy
+
+# The largest module (parameters and buffers) copied whole for a dry run its code cannot make on meta tensors:
+# the launching process holds the module already, and a copy of this size is cheap next to a rank's start-up.
+REAL_COPY_BYTES = 1 << 30
 
 
 class _DryRunUnavailable(Exception):
@@ -56,19 +62,38 @@ def check_trunk_before_launch(module: LightningModule, fit_args: tuple[Any, ...]
             return m(*b) if isinstance(b, tuple) else m(b)
     else:
         return "checked at setup (no DataLoader passed to fit and no example_input_array)"
-    copy = meta_copy(module)
     meta_batch = tree_map_only(Tensor, lambda t: torch.empty_like(t, device="meta"), batch)
+    try:
+        _dry_run(meta_copy(module), example, meta_batch)
+    except _DryRunUnavailable as err:
+        if _state_bytes(module) > REAL_COPY_BYTES:
+            return f"checked at setup ({how} cannot run on meta tensors: {str(err)[:200]})"
+        try:
+            with torch.no_grad(), isolate_rng():
+                _dry_run(_real_copy(module), example, batch)
+        except _DryRunUnavailable as real_err:
+            return f"checked at setup ({how} cannot run before launch: {str(real_err)[:200]})"
+        return f"checked before launch ({how}, on a copy of the module: it cannot run on meta tensors)"
+    return f"checked before launch ({how}, on meta tensors)"
 
+
+def _dry_run(copy: LightningModule, example: Any, batch: Any) -> None:
     def run() -> None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # self.log without a Trainer
-                example(copy, meta_batch)
-        except Exception as err:  # noqa: BLE001 - any failure on meta tensors defers the check to setup
+                example(copy, batch)
+        except Exception as err:  # noqa: BLE001 - any failure of the example defers the check to setup
             raise _DryRunUnavailable(f"{type(err).__name__}: {err}") from err
 
-    try:
-        check_trunk_contract(copy, run)
-    except _DryRunUnavailable as err:
-        return f"checked at setup ({how} cannot run on meta tensors: {str(err)[:200]})"
-    return f"checked before launch ({how}, on meta tensors)"
+    check_trunk_contract(copy, run)
+
+
+def _state_bytes(module: LightningModule) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def _real_copy(module: LightningModule) -> LightningModule:
+    # Why not deepcopy: a LightningModule attached to a Trainer would drag the Trainer into the copy.
+    memo: dict[int, Any] = {id(owner): None for owner in (module._trainer, getattr(module, "_fabric", None)) if owner}
+    return module_copy(module, memo)
