@@ -258,7 +258,7 @@ def _kept_whole(block: nn.Module, chosen: Mapping[str, str]) -> list[str]:
         kinds = sorted({type(m).__name__ for m in child.modules() if any(True for _ in m.parameters(recurse=False))})
         reasons.append(
             f"{name} kept whole ({size / total:.0%} of the block's parameters; {', '.join(kinds)}): no rule splits"
-            " it (rules split nn.Linear, nn.Embedding, Conv1D layers and stacked expert weights)"
+            " it (rules split nn.Linear, nn.Embedding, Conv1D, nn.MultiheadAttention and stacked expert weights)"
         )
     return reasons
 

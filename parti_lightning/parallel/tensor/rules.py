@@ -105,6 +105,8 @@ def _parameter_dim(owner: nn.Module, parameter: str, style: str) -> int | None:
     # Stacked matrices as F.linear takes them, (..., out, in), or transposed (..., in, out) where the module
     # says so (Hugging Face experts' ``is_transposed``).
     value = getattr(owner, parameter, None)
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and "bias" in parameter:
+        return None if style == ROWWISE else 0  # a bias of output features (a packed q/k/v's)
     if not isinstance(value, torch.Tensor) or value.dim() < 2:
         return None
     out_dim, in_dim = value.dim() - 2, value.dim() - 1
@@ -301,7 +303,24 @@ def trace_block_rules(block: nn.Module, args: tuple, kwargs: dict) -> tuple[dict
             members, group_inputs = [name], [inp]
         else:
             members, group_inputs = [], []
+    for name, attention in _torch_attention(block):
+        # nn.MultiheadAttention computes q/k/v from one raw parameter (F.linear on in_proj_weight): packed by
+        # whole heads; its output projection closes the pair. Neither is a layer call the trace sees.
+        rules[f"{name}.in_proj_weight"] = packed_colwise(3)
+        if attention.in_proj_bias is not None:
+            rules[f"{name}.in_proj_bias"] = packed_colwise(3)
+        rules[f"{name}.out_proj"] = ROWWISE
+        groups.append(f"{name}.in_proj (q, k, v packed) colwise -> {name}.out_proj rowwise")
     return rules, groups
+
+
+def _torch_attention(block: nn.Module) -> list[tuple[str, nn.MultiheadAttention]]:
+    """The block's ``nn.MultiheadAttention`` layers whose q/k/v projection is one packed parameter."""
+    return [
+        (name, layer)
+        for name, layer in block.named_modules()
+        if isinstance(layer, nn.MultiheadAttention) and layer._qkv_same_embed_dim and layer.in_proj_weight is not None
+    ]
 
 
 def _block_width(args: Iterable, kwargs: Mapping) -> int | None:
