@@ -42,6 +42,7 @@ MICRO_BATCHES, BATCH, STEPS, ACCUMULATE, LR, MAX_NORM = 4, 8, 2, 2, 1e-2, 0.5
 # at the scale of the update (lr=1e-2).
 RTOL, ATOL, ADAM_EPS = 1e-5, 1e-5, 1e-6
 SCENARIOS = [("gpt", "gpipe"), ("gpt", "1f1b"), ("vit", "gpipe"), ("vit", "1f1b"), ("hf", "gpipe"), ("hf", "1f1b"),
+             ("shifted", "gpipe"), ("shifted", "1f1b"),
              ("gpt", "interleaved-1f1b"), ("hf", "interleaved-1f1b")]
 
 
@@ -83,7 +84,6 @@ class _Chain(nn.Module):
         self.mode = mode
         tuple_out = mode in ("aux_output", "handed_between_blocks")
         self.h = nn.ModuleList([_Block(tuple_out=tuple_out) for _ in range(3)])
-        self.bias = nn.Parameter(torch.zeros(4))
 
     def forward(self, x: Tensor) -> Tensor:
         h, mode = self.h, self.mode
@@ -123,9 +123,6 @@ class _Chain(nn.Module):
             cache = {"keys": x.detach()}  # filled before the trunk: state across passes, not scratch
             for block in h:
                 x = block(x, cache=cache)
-        elif mode == "learned_extra":
-            for block in h:
-                x = block(x, bias=self.bias)
         elif mode in ("two_passes", "partial_second_pass"):
             # Manual optimization's pattern: the trunk run twice in one step, each pass a whole chain
             # with its own extras.
@@ -147,7 +144,6 @@ BREAKAGES = {
     "aux_output": "output element 1 of block 'h.0' is used outside the blocks",
     "intermediate_used": "the output of block 'h.0' (not the last block) is used outside the blocks",
     "cache": "is passed a cache that already holds keys and values: 'cache' (dict, not empty)",
-    "learned_extra": "requires grad",
     "partial_second_pass": "the last pass stops at block 'h.1', before 'h.2'",
 }
 

@@ -78,6 +78,31 @@ class TinyGPT(nn.Module):
         return F.cross_entropy(self(idx).flatten(0, 1), targets.flatten())
 
 
+class ShiftedBlock(GPTBlock):
+    """A GPT block that also takes a learned tensor computed outside the trunk (as decoder blocks take an encoder's
+    output): every block adds to its gradient."""
+
+    def forward(self, x: Tensor, shift: Tensor | None = None) -> Tensor:
+        return super().forward(x if shift is None else x + shift)
+
+
+class ShiftedGPT(TinyGPT):
+    """TinyGPT whose blocks all take a shift computed from a learned parameter, per sample."""
+
+    def __init__(self, layers: int = 4, dim: int = 16, heads: int = 2) -> None:
+        super().__init__(layers, dim, heads)
+        self.transformer.h = nn.ModuleList([ShiftedBlock(dim, heads, 0.0) for _ in range(layers)])
+        self.shift = nn.Linear(dim, dim)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        shift = self.shift(x.mean(dim=1, keepdim=True))  # (batch, 1, dim): split with the micro-batches
+        for block in self.transformer.h:
+            x = block(x, shift=shift)
+        return self.lm_head(self.transformer.ln_f(x))
+
+
 class TinyViT(nn.Module):
     """A vision-transformer encoder: patch embedding, class token, ``nn.TransformerEncoderLayer`` blocks, head."""
 
@@ -140,7 +165,7 @@ class HFCausalLM(nn.Module):
 
 
 def build(kind: str, **kwargs: float) -> nn.Module:
-    return {"gpt": TinyGPT, "vit": TinyViT, "hf": HFCausalLM}[kind](**kwargs)
+    return {"gpt": TinyGPT, "vit": TinyViT, "hf": HFCausalLM, "shifted": ShiftedGPT}[kind](**kwargs)
 
 
 def make_batch(kind: str, batch: int, seed: int, device: str = "cpu") -> tuple[Tensor, Tensor]:

@@ -3,16 +3,21 @@
 Pipelining runs the whole trunk (the repeated blocks) as one operation the first time the user's
 forward calls its first block, and lets the calls of the later blocks pass that result through. That
 is exact only if the forward treats the trunk as a chain: every block called once, in order, fed the
-previous block's output (its first element when blocks return tuples), with constant extra arguments
-(masks, rotary tables, position ids), and nothing between or after the blocks reading an intermediate block
-output. Extra arguments may differ by block (a sliding-window mask on some layers, a full one on others):
-the trunk then runs when the forward calls its last block, once every block's arguments are known
-(:attr:`TrunkLayout.per_block_extras`). A key/value cache handed to the blocks is allowed when it is
-empty as the trunk starts (Hugging Face's default in training): it is per-pass scratch, and every stage
-and micro-batch gets a fresh one (:mod:`parti_lightning.parallel.scratch`). A training step may run the trunk several
-times (manual optimization's separate losses), each time as a whole chain. :func:`check_trunk_contract` runs the
-forward once (on meta tensors where the caller can) with hooks on the blocks and a
-``TorchFunctionMode`` that sees every tensor operation outside the blocks, and names what breaks.
+previous block's output (its first element when blocks return tuples), with extra arguments computed
+outside the trunk (masks, rotary tables, an encoder's output: those that require grad get their gradient
+back from every stage), and nothing between or after the blocks reading an intermediate block output.
+
+- Extra arguments may differ by block (a sliding-window mask on some layers, a full one on others): the
+  trunk then runs when the forward calls its last block, once every block's arguments are known
+  (:attr:`TrunkLayout.per_block_extras`).
+- A key/value cache handed to the blocks is allowed when it is empty as the trunk starts (Hugging Face's
+  default in training): it is per-pass scratch, and every stage and micro-batch gets a fresh one
+  (:mod:`parti_lightning.parallel.scratch`).
+- A training step may run the trunk several times (manual optimization's separate losses), each time as a
+  whole chain.
+
+:func:`trunk_layout` runs the forward once (on meta tensors where the caller can) with hooks on the blocks
+and a ``TorchFunctionMode`` that sees every tensor operation outside the blocks, and names what breaks.
 """
 
 from __future__ import annotations
@@ -237,11 +242,6 @@ class _Recorder:
                 )
             if not same_arguments(value, reference):
                 self.per_block_extras = True  # a per-layer argument: the trunk runs once all are known
-            if isinstance(value, Tensor) and value.requires_grad:
-                raise ValueError(
-                    f"trunk contract broken: {argument_name(path)} of block {name!r} requires grad; extra block"
-                    " arguments must be constants (masks, rotary tables, position ids), not learned tensors."
-                )
 
 
 class _WatchOutsideBlocks(TorchFunctionMode):

@@ -44,11 +44,11 @@ from torch.distributed.pipelining.schedules import PipelineScheduleMulti, Pipeli
 
 from parti_lightning.parallel.pipeline.contract import (
     TrunkLayout,
-    argument_name,
     filled_cache_message,
     first_output,
     same_arguments,
 )
+from parti_lightning.parallel.pipeline.extras import GradExtras
 from parti_lightning.parallel.pipeline.phases import PhasedGPipe
 from parti_lightning.parallel.scratch import CacheTemplates, ScratchCache, filled_caches, fresh_caches, is_cache
 
@@ -80,6 +80,8 @@ class _Call:
     kept: bool = False
     kept_by: PhasedGPipe | None = None
     input_leaves: dict[int, Tensor] | None = None
+    # Extra arguments that carry gradients (an encoder's output into decoder blocks); None: none do.
+    grad_extras: GradExtras | None = None
 
 
 class PipelinedTrunk:
@@ -203,15 +205,10 @@ class PipelinedTrunk:
 
         ``extras``: each block's extra arguments, in block order.
         """
-        for path, value in (leaf for block_extras in extras for leaf in _tensor_leaves_with_names(block_extras)):
-            if value.requires_grad:
-                raise NotImplementedError(
-                    f"pipelined trunk: extra block argument {path} requires grad; only constant extras (masks, rotary"
-                    " tables, position ids) are supported"
-                )
         call = self._plan_call(x, extras)
         anchor = self.anchor if torch.is_grad_enabled() else None
-        return _TrunkFunction.apply(self, call, x, anchor), _template_key(call.extras[0][-1])
+        grad_inputs = call.grad_extras.tensors if call.grad_extras is not None else []
+        return _TrunkFunction.apply(self, call, x, anchor, *grad_inputs), _template_key(call.extras[0][-1])
 
     def _plan_call(self, x: Tensor, extras: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> _Call:
         batch = x.shape[0]
@@ -227,14 +224,28 @@ class PipelinedTrunk:
         # An (empty) cache handed to the trunk is scratch: each stage's run of each micro-batch gets its own.
         caches = CacheTemplates()
         caches.see((x, *extras[0][0]), extras[0][1])
+        grad_extras = GradExtras(extras) if torch.is_grad_enabled() else None
+        if grad_extras is not None and not grad_extras.tensors:
+            grad_extras = None
         # Split once per distinct object: blocks that share their arguments keep sharing them.
-        split = {id(e): [caches.scratch(_split_extras(e, batch, m, i)) for i in range(m)] for e in extras}
+        split: dict[int, list[Any]] = {}
+        for e in extras:
+            if id(e) in split:
+                continue
+            whole = grad_extras.detach(e) if grad_extras is not None else e
+            split[id(e)] = [_split_extras(whole, batch, m, i) for i in range(m)]
+            if grad_extras is not None:
+                for i, piece in enumerate(split[id(e)]):
+                    for original, part in zip(_leaves(whole), _leaves(piece), strict=True):
+                        if isinstance(original, Tensor):
+                            grad_extras.note_slice(i, original, part)
+            split[id(e)] = [caches.scratch(piece) for piece in split[id(e)]]
         per_micro = [[split[id(e)][i] for e in extras] for i in range(m)]
         # All blocks, freed ones included: every rank must agree on whether to draw a seed.
         training = any(block.training for block in self.blocks)
         seed = int(torch.randint(0, 2**62, ())) if training else None
         kept = torch.is_grad_enabled() and self.schedule == "gpipe"
-        return _Call(m, per_micro, seed, kept=kept)
+        return _Call(m, per_micro, seed, kept=kept, grad_extras=grad_extras)
 
     # --- schedules
 
@@ -287,6 +298,8 @@ class PipelinedTrunk:
                 assert isinstance(schedule, PhasedGPipe)  # noqa: S101
                 call.kept_by = schedule
                 call.input_leaves = {} if input_grad and self.holds_first else None
+                if call.grad_extras is not None:
+                    call.grad_extras.leaves = {}
                 with torch.enable_grad():
                     out = schedule.forward_phase(call, *self._stage_args(x), micro_batch=indices)
             else:
@@ -302,7 +315,10 @@ class PipelinedTrunk:
         return out
 
     def backward(self, call: _Call, x: Tensor, grad: Tensor, input_grad: bool) -> Tensor | None:
-        """The trunk's input gradient on every pipeline rank (``None`` if not needed); stage gradients accumulate."""
+        """The trunk's input gradient on every pipeline rank (``None`` if not needed); stage gradients accumulate.
+
+        The gradients of extra arguments that carry them are left in ``call.grad_extras`` (see ``extra_gradients``).
+        """
         target = grad if self.holds_last else None
         if call.kept_by is not None and call.kept_by.kept_for is call:
             with torch.enable_grad():
@@ -314,6 +330,8 @@ class PipelinedTrunk:
             schedule = self._schedule(call, x, "training")
             indices = torch.arange(call.micro_batches)
             call.input_leaves = {} if input_grad and self.holds_first else None
+            if call.grad_extras is not None:
+                call.grad_extras.leaves = {}
             self.call = call
             try:
                 with torch.enable_grad():
@@ -363,6 +381,8 @@ class _StageModule(nn.Module):
         assert call is not None, "the stage runs only inside a trunk call"  # noqa: S101
         index = int(micro_batch)
         stage_extras = fresh_caches(call.extras[index][self.first_block : self.first_block + len(self.blocks)])
+        if call.grad_extras is not None:
+            stage_extras = call.grad_extras.leafify(index, stage_extras)
         if call.input_leaves is not None and self.stage_index == 0:
             # A leaf per micro-batch collects the gradient of stage 0's input, which the stage does not return.
             x = x.detach().requires_grad_()
@@ -383,18 +403,25 @@ class _StageModule(nn.Module):
 
 class _TrunkFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, trunk: PipelinedTrunk, call: _Call, x: Tensor, anchor: Tensor | None) -> Tensor:
+    def forward(
+        ctx: Any, trunk: PipelinedTrunk, call: _Call, x: Tensor, anchor: Tensor | None, *extras: Tensor
+    ) -> Tensor:
+        # ``extras``: the extra block arguments that carry gradients (inputs here so autograd routes them back).
         ctx.trunk, ctx.call = trunk, call
         ctx.save_for_backward(x)
         return trunk.forward(call, x, input_grad=x.requires_grad)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, Tensor | None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         (x,) = ctx.saved_tensors
+        call: _Call = ctx.call
         # Running: a checkpointed block recomputed in this backward calls the block itself, not the trunk.
         with _running(ctx.trunk):
-            grad_x = ctx.trunk.backward(ctx.call, x, grad, input_grad=ctx.needs_input_grad[2])
-        return None, None, grad_x, None
+            grad_x = ctx.trunk.backward(call, x, grad, input_grad=ctx.needs_input_grad[2])
+        extras: list[Tensor] = []
+        if call.grad_extras is not None:
+            extras = call.grad_extras.gradients(call.micro_batches, ctx.trunk.group)
+        return None, None, grad_x, None, *extras
 
 
 def _surrogate_loss(output: Tensor, target: Tensor) -> Tensor:
@@ -436,6 +463,10 @@ def _seeded(seed: int | None, stage: int, micro_batch: int, micro_batches: int, 
             accel.set_rng_state(accel_state, device)
 
 
+def _leaves(value: Any) -> list[Any]:
+    return torch.utils._pytree.tree_leaves(value)
+
+
 def _split_extras(extras: Any, batch: int, parts: int, index: int) -> Any:
     # Batch-sized tensors (a padding mask) are split like the hidden state; others (a causal mask,
     # rotary tables, position ids of batch 1) are the same for every micro-batch.
@@ -447,18 +478,6 @@ def _split_extras(extras: Any, batch: int, parts: int, index: int) -> Any:
         return value
 
     return torch.utils._pytree.tree_map(split, extras)
-
-
-def _tensor_leaves_with_names(extras: tuple[tuple[Any, ...], dict[str, Any]]) -> Iterator[tuple[str, Tensor]]:
-    args, kwargs = extras
-    for i, value in enumerate(args, start=1):
-        for leaf in torch.utils._pytree.tree_leaves(value):
-            if isinstance(leaf, Tensor):
-                yield argument_name(("pos", i)), leaf
-    for key, value in kwargs.items():
-        for leaf in torch.utils._pytree.tree_leaves(value):
-            if isinstance(leaf, Tensor):
-                yield argument_name(("kw", key)), leaf
 
 
 def _template_key(extras: Any) -> str:
