@@ -44,6 +44,9 @@ def test_zoo_model_trains_split_as_one_process(zoo_results: Path, case: ZooCase)
     assert ranks[0]["losses"][-STEPS:] == pytest.approx(reference.losses[-STEPS:], rel=RTOL)
     expected = reference.state_dict()
     assert ranks[0]["state"].keys() == expected.keys()
+    checkpoint = torch.load(zoo_results / f"{case.name}.ckpt", weights_only=True)["state_dict"]
+    for key in expected:  # the checkpoint written under the plan holds the same weights
+        torch.testing.assert_close(checkpoint[key], ranks[0]["state"][key], rtol=0, atol=0)
     for key, value in expected.items():
         got = ranks[0]["state"][key]
         torch.testing.assert_close(got, value, rtol=RTOL, atol=ATOL, msg=lambda m, k=key: f"{k}: {m}")

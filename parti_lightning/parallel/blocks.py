@@ -43,6 +43,17 @@ def find_blocks(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return blocks
 
 
+def find_trunks(module: nn.Module) -> list[list[tuple[str, nn.Module]]]:
+    """The repeated blocks of ``module`` grouped by the container that holds them: one trunk per container.
+
+    An encoder-decoder has two (the encoder's layers, the decoder's); a decoder-only model one.
+    """
+    trunks: dict[str, list[tuple[str, nn.Module]]] = {}
+    for name, block in find_blocks(module):
+        trunks.setdefault(name.rpartition(".")[0], []).append((name, block))
+    return list(trunks.values())
+
+
 def resolve_units(module: nn.Module, names: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
     """The units named by ``names``, or the automatically found blocks when ``names`` is ``None``.
 

@@ -44,6 +44,8 @@ CASES = [
     ZooCase("mixtral_tp", "mixtral", "tp"),
     ZooCase("mixtral_pp", "mixtral", "pp"),
     ZooCase("t5_tp", "t5", "tp"),
+    # Two trunks, each split over both ranks; the decoder's blocks take the encoder's output.
+    ZooCase("bart_pp", "bart", "pp"),
     ZooCase("bert_tp", "bert", "tp"),
     ZooCase("bert_pp", "bert", "pp"),
     ZooCase("vit_tp", "vit", "tp"),
@@ -125,6 +127,8 @@ def main(out: str) -> None:
             "block_bytes": block_bytes(case, module),
         }
         torch.save(result, os.path.join(out, f"{case.name}.rank{trainer.global_rank}.pt"))
+        # A plain Lightning checkpoint written under the plan: what resumes under any other plan.
+        trainer.save_checkpoint(os.path.join(out, f"{case.name}.ckpt"))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from parti_lightning.parallel.blocks import find_blocks
+from parti_lightning.parallel.blocks import find_trunks
 from parti_lightning.parallel.norm import clip_grads_with_norm_, total_norm
 from parti_lightning.parallel.pipeline.contract import TrunkLayout, trunk_layout
 from parti_lightning.parallel.pipeline.cuts import BlockFlops, stage_starts
@@ -76,46 +76,66 @@ def apply_pipeline(
         ValueError: an unknown schedule, fewer blocks than stages, bad cuts, ``micro_batches < 1``,
             no repeated trunk, or a parameter shared between blocks or between a block and the rest.
     """
-    blocks = find_blocks(module)
+    trunks = find_trunks(module)
+    blocks = [pair for trunk in trunks for pair in trunk]
     if len(blocks) < 2:
         raise ValueError(f"no repeated trunk to pipeline in {type(module).__name__} (found {len(blocks)} block)")
     ranks = dist.get_world_size(group)
-    check_pipeline_settings(
-        len(blocks), ranks, micro_batches=micro_batches, batch_size=batch_size, schedule=schedule,
-        stages_per_rank=stages_per_rank,
-    )
-    layout = TrunkLayout(blocks)
+    for trunk in trunks:
+        check_pipeline_settings(
+            len(trunk), ranks, micro_batches=micro_batches, batch_size=batch_size, schedule=schedule,
+            stages_per_rank=stages_per_rank,
+        )
+    if cuts is not None and len(trunks) > 1:
+        raise ValueError(
+            f"pipeline_cuts with {len(trunks)} trunks ({', '.join(t[0][0].rpartition('.')[0] for t in trunks)}) is not"
+            " supported: each trunk is split over the pipeline ranks by its blocks' costs; leave the cuts unset."
+        )
+    layouts = [TrunkLayout(trunk) for trunk in trunks]
     if run_example is not None:
         # On the real batch, the same verdict (and FLOPs per block: the stages' balance) on every rank.
         flops = BlockFlops(blocks)
-        layout = trunk_layout(module, flops.wrap(run_example))
+        layouts = [
+            trunk_layout(module, flops.wrap(run_example) if i == 0 else run_example, trunk)
+            for i, trunk in enumerate(trunks)
+        ]
         costs = flops.costs(device) if costs is None else costs
     _check_no_shared_parameters(module, blocks)
-    # 1. Cut: where each stage starts (the user's cuts, or balanced costs).
     if costs is None:
         costs = [sum(p.numel() for p in block.parameters()) for _, block in blocks]
-    starts = stage_starts([name for name, _ in blocks], ranks * stages_per_rank, cuts=cuts, costs=costs)
-    trunk = PipelinedTrunk(blocks, starts, group, micro_batches, schedule, device, layout=layout)
-    # 2. Free: the blocks other ranks hold lose their parameters and buffers, so nothing after this sees them.
-    held = set(trunk.held_indices)
-    for index, (_, block) in enumerate(blocks):
-        if index not in held:
-            free_block(block)
-    # 3. Intercept: the user's calls of every block now reach the pipelined trunk.
-    route_block_calls(trunk)
-    return PipelineParallel(trunk)
+    pipelined = []
+    offset = 0
+    for trunk, layout in zip(trunks, layouts, strict=True):
+        # 1. Cut: where each stage starts (the user's cuts, or balanced costs). Each trunk (an encoder's, a
+        #    decoder's) is split over all the pipeline ranks.
+        names = [name for name, _ in trunk]
+        trunk_costs = list(costs[offset : offset + len(trunk)])
+        offset += len(trunk)
+        starts = stage_starts(names, ranks * stages_per_rank, cuts=cuts, costs=trunk_costs)
+        pipelined.append(PipelinedTrunk(trunk, starts, group, micro_batches, schedule, device, layout=layout))
+    for trunk in pipelined:
+        # 2. Free: the blocks other ranks hold lose their parameters and buffers, so nothing after this sees them.
+        held = set(trunk.held_indices)
+        for index, block in enumerate(trunk.blocks):
+            if index not in held:
+                free_block(block)
+        # 3. Intercept: the user's calls of every block now reach the pipelined trunk.
+        route_block_calls(trunk)
+    return PipelineParallel(pipelined)
 
 
 class PipelineParallel:
-    """A module's pipelined trunk as seen by the strategy (returned by :func:`apply_pipeline`).
+    """A module's pipelined trunks as seen by the strategy (returned by :func:`apply_pipeline`).
 
-    Nothing needs calling per step: the trunk pipelines itself when the forward runs it, with the
+    Nothing needs calling per step: each trunk pipelines itself when the forward runs it, with the
     forward-only schedule whenever no backward can follow (``torch.no_grad``/``inference_mode``:
-    validate, test, predict) and for the forward pass of training.
+    validate, test, predict) and for the forward pass of training. An encoder-decoder has two trunks, each
+    split over all the pipeline ranks: stage ``s`` is the ``s``-th part of each.
     """
 
-    def __init__(self, trunk: PipelinedTrunk) -> None:
-        self._trunk = trunk
+    def __init__(self, trunks: list[PipelinedTrunk]) -> None:
+        self._trunks = trunks
+        self._trunk = trunks[0]  # the ranks, group, device and stage indices are the same for every trunk
 
     @property
     def group(self) -> ProcessGroup:
@@ -146,8 +166,9 @@ class PipelineParallel:
 
     @property
     def stages(self) -> list[list[str]]:
-        """The block names of every stage, in order."""
-        return self._trunk.stage_names()
+        """The block names of every stage, in order (of every trunk: the encoder's part, then the decoder's)."""
+        per_trunk = [trunk.stage_names() for trunk in self._trunks]
+        return [[name for names in per_trunk for name in names[s]] for s in range(self.num_stages)]
 
     @property
     def owned_blocks(self) -> list[str]:
@@ -162,7 +183,11 @@ class PipelineParallel:
 
     def is_stage_parameter(self, param: Tensor) -> bool:
         """Whether ``param`` belongs to this rank's stage (rather than to the replicated rest of the model)."""
-        return id(param) in self._trunk.stage_param_ids
+        return id(param) in self._stage_param_ids()
+
+    def _stage_param_ids(self) -> set[int]:
+        # Read now: tensor parallelism and FSDP replace parameter objects after the split.
+        return {pid for trunk in self._trunks for pid in trunk.stage_param_ids}
 
     def grad_norm(self, parameters: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
         """The norm of the gradients of ``parameters`` over the whole model, as one process would compute it.
@@ -171,8 +196,9 @@ class PipelineParallel:
         (the same gradient on every pipeline rank) count once. Every pipeline rank must call this.
         """
         with_grads = [p for p in parameters if p.grad is not None]
-        stage = [p.grad for p in with_grads if self.is_stage_parameter(p)]
-        rest = [p.grad for p in with_grads if not self.is_stage_parameter(p)]
+        ids = self._stage_param_ids()
+        stage = [p.grad for p in with_grads if id(p) in ids]
+        rest = [p.grad for p in with_grads if id(p) not in ids]
         return _reduced_norm(stage, rest, float(norm_type), self.group, self._trunk.device)
 
     def clip_grad_norm_(self, parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2.0) -> Tensor:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from parti_lightning.parallel.blocks import find_blocks
+from parti_lightning.parallel.blocks import find_trunks
 from parti_lightning.parallel.scratch import filled_caches
 
 
@@ -51,26 +51,34 @@ class TrunkLayout:
 
 
 def check_trunk_contract(module: nn.Module, run_example: Callable[[], Any]) -> list[tuple[str, nn.Module]]:
-    """The trunk's ``(name, block)`` pairs, once :func:`trunk_layout` found its contract kept."""
-    return trunk_layout(module, run_example).blocks
+    """The ``(name, block)`` pairs of every trunk, once :func:`trunk_layout` found each trunk's contract kept."""
+    trunks = find_trunks(module)
+    if not trunks:
+        raise ValueError(_no_trunk_message(module))
+    return [pair for trunk in trunks for pair in trunk_layout(module, run_example, trunk).blocks]
 
 
-def trunk_layout(module: nn.Module, run_example: Callable[[], Any]) -> TrunkLayout:
+def trunk_layout(
+    module: nn.Module, run_example: Callable[[], Any], blocks: list[tuple[str, nn.Module]] | None = None
+) -> TrunkLayout:
     """Check by one dry run that ``module``'s trunk can be pipelined without changing its ``forward``.
 
     Args:
         module: the model; ideally on the meta device (nothing is computed then).
         run_example: runs the module's forward (or training step) once, on inputs shaped like a
             real batch. Whatever it returns is ignored.
+        blocks: the trunk to check (one of :func:`find_trunks`); ``None``: the module's only trunk.
 
     Returns:
-        The trunk's blocks, in call order (as :func:`find_blocks` returns them), and how they are called.
+        The trunk's blocks, in call order, and how they are called.
 
     Raises:
         ValueError: no repeated trunk (the message lists the containers searched), or the forward
             breaks the contract (the message names the block and what it did).
     """
-    blocks = find_blocks(module)
+    if blocks is None:
+        trunks = find_trunks(module)
+        blocks = trunks[0] if len(trunks) == 1 else [pair for trunk in trunks for pair in trunk]
     if len(blocks) < 2:
         raise ValueError(_no_trunk_message(module))
     recorder = _Recorder([name for name, _ in blocks])
