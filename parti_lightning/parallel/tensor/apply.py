@@ -57,12 +57,14 @@ class TensorParallelReport:
         source: where the rules came from: ``"explicit"``, ``"hf_tp_plan"`` or ``"auto"``.
         rows: split layers, and units left replicated with the reason.
         fallbacks: ``(unit, reason)`` for each distinct unit whose rules did not pass the setup check.
+        notes: what was skipped without changing any layout (a model's own rule that matches nothing here).
     """
 
     degree: int
     source: str
     rows: list[TensorLayerRow] = field(default_factory=list)
     fallbacks: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def layout_of(self, name: str) -> str:
         """The layout of layer ``name`` (``"replicate"`` when it got no split)."""
@@ -77,6 +79,7 @@ class TensorParallelReport:
             note = f"  ({row.note})" if row.note else ""
             lines.append(f"  {row.name:<{width}}  {row.layout:<{layout_width}}  {row.source}{note}")
         lines.extend(f"  fell back: {unit}: {reason}" for unit, reason in self.fallbacks)
+        lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
 
 
@@ -127,7 +130,7 @@ def apply_tensor_parallel(
     else:
         source, resolved = "auto", {}
     report = TensorParallelReport(degree=degree, source=source)
-    report.fallbacks.extend((pattern, "the rule matches no layer or parameter: skipped") for pattern in unmatched)
+    report.notes.extend(f"tp_plan rule {pattern!r} matches no layer or parameter: skipped" for pattern in unmatched)
     if degree == 1:
         return report
     # Before `run_example`, whose draws (dropout in training mode) must be the same on every tensor rank too.
@@ -243,6 +246,19 @@ def _detached(value: Any) -> Any:
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
+def _traced_beyond(block: nn.Module, sample: tuple, rules: Mapping[str, str]) -> dict[str, str]:
+    """Traced rules for the block's layers that ``rules`` (a model's own plan) does not cover."""
+    try:
+        traced = trace_block_rules(block, *fresh_caches(sample))[0]
+    except Exception:  # noqa: BLE001 - the model's own rules stand alone when the trace cannot run
+        return {}
+
+    def covered(name: str) -> bool:
+        return any(name == r or name.startswith(f"{r}.") or r.startswith(f"{name}.") for r in rules)
+
+    return {name: style for name, style in traced.items() if not covered(name)}
+
+
 # A child holding at least this share of a block's parameters and split by no rule is named in the report.
 _SIZEABLE = 0.1
 
@@ -299,6 +315,9 @@ def _apply_group(
         proposal, note = {}, "no sample input to trace"
     else:
         proposal = rules_for_unit(first_name, first, resolved)
+        if source == "hf_tp_plan" and not outside and sample is not None:
+            # A model's plan may leave layers out (Qwen2-MoE's shared expert): the trace proposes rules for those.
+            proposal = {**_traced_beyond(first, sample, proposal), **proposal}
     proposal, refused = drop_unsplittable(first_name, first, proposal, tied, mesh.size())
     for reason in refused:
         report.fallbacks.append((label, reason))
