@@ -42,7 +42,7 @@ MICRO_BATCHES, BATCH, STEPS, ACCUMULATE, LR, MAX_NORM = 4, 8, 2, 2, 1e-2, 0.5
 # at the scale of the update (lr=1e-2).
 RTOL, ATOL, ADAM_EPS = 1e-5, 1e-5, 1e-6
 SCENARIOS = [("gpt", "gpipe"), ("gpt", "1f1b"), ("vit", "gpipe"), ("vit", "1f1b"), ("hf", "gpipe"), ("hf", "1f1b"),
-             ("shifted", "gpipe"), ("shifted", "1f1b"),
+             ("shifted", "gpipe"), ("shifted", "1f1b"), ("handing", "gpipe"), ("handing", "1f1b"),
              ("gpt", "interleaved-1f1b"), ("hf", "interleaved-1f1b")]
 
 
@@ -139,7 +139,6 @@ BREAKAGES = {
     "indexed": "is called again after 'h.0', before the trunk's last block 'h.2'",
     "reversed": "called right after",
     "skipped": "never called",
-    "handed_between_blocks": "block 'h.1' gets output element 1 of block 'h.0' as 'bias'",
     "changed_between": "is not fed the output of block 'h.0'",
     "aux_output": "output element 1 of block 'h.0' is used outside the blocks",
     "intermediate_used": "the output of block 'h.0' (not the last block) is used outside the blocks",
@@ -180,6 +179,15 @@ def test_a_sliding_window_cache_is_empty_until_a_layer_writes_to_it() -> None:
     cache.update(torch.ones(1, 1, 3, 8), torch.ones(1, 1, 3, 8), layer_idx=0)
     assert not is_empty(cache)
     assert filled_caches((None,), {"cache": cache}) == ["'cache' (DynamicCache, 3 positions)"]
+
+
+def test_contract_takes_a_value_one_block_hands_to_the_later_ones() -> None:
+    """T5's position bias: block 0 returns it, every later block takes it; carried between stages."""
+    with torch.device("meta"):
+        model = _Chain("handed_between_blocks")
+        x = torch.randn(2, 4)
+    layout = trunk_layout(model, lambda: model(x))
+    assert layout.handed and layout.per_block_extras and layout.tensor_elements == (1,)
 
 
 def test_contract_takes_per_layer_arguments_and_runs_the_trunk_at_its_last_block() -> None:
@@ -338,9 +346,15 @@ def _parity(kind: str, schedule: str) -> dict[str, Any]:
     torch.manual_seed(0)
     reference = build(kind)
     model = copy.deepcopy(reference)
+    example = make_batch(kind, BATCH, seed=10_000)
+
+    def run_example() -> None:  # as the strategy runs it: one step's forward, no gradients
+        with torch.no_grad():
+            model.loss(example)
+
     pp = apply_pipeline(
         model, dist.group.WORLD, micro_batches=MICRO_BATCHES, schedule=schedule, device=torch.device("cpu"),
-        stages_per_rank=2 if schedule == "interleaved-1f1b" else 1,
+        stages_per_rank=2 if schedule == "interleaved-1f1b" else 1, run_example=run_example,
     )
     expected = _train(reference, kind, torch.nn.utils.clip_grad_norm_)
     got = _train(model, kind, pp.clip_grad_norm_)

@@ -103,6 +103,35 @@ class ShiftedGPT(TinyGPT):
         return self.lm_head(self.transformer.ln_f(x))
 
 
+class HandingBlock(GPTBlock):
+    """T5's pattern: the first block owns a learned position bias, adds it and returns it; later blocks take it."""
+
+    def __init__(self, dim: int, heads: int, first: bool) -> None:
+        super().__init__(dim, heads, 0.0)
+        self.position_bias = nn.Embedding(SEQ, dim) if first else None
+
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.position_bias is not None:
+            bias = self.position_bias(torch.arange(x.shape[1], device=x.device))
+        assert bias is not None
+        return super().forward(x + bias), bias
+
+
+class HandingGPT(TinyGPT):
+    """TinyGPT whose block 0 computes a value every later block takes (its gradient flows back to block 0)."""
+
+    def __init__(self, layers: int = 4, dim: int = 16, heads: int = 2) -> None:
+        super().__init__(layers, dim, heads)
+        self.transformer.h = nn.ModuleList([HandingBlock(dim, heads, first=i == 0) for i in range(layers)])
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.transformer.wte(idx)
+        bias = None
+        for block in self.transformer.h:
+            x, bias = block(x, bias=bias)
+        return self.lm_head(self.transformer.ln_f(x))
+
+
 class TinyViT(nn.Module):
     """A vision-transformer encoder: patch embedding, class token, ``nn.TransformerEncoderLayer`` blocks, head."""
 
@@ -165,7 +194,8 @@ class HFCausalLM(nn.Module):
 
 
 def build(kind: str, **kwargs: float) -> nn.Module:
-    return {"gpt": TinyGPT, "vit": TinyViT, "hf": HFCausalLM, "shifted": ShiftedGPT}[kind](**kwargs)
+    models = {"gpt": TinyGPT, "vit": TinyViT, "hf": HFCausalLM, "shifted": ShiftedGPT, "handing": HandingGPT}
+    return models[kind](**kwargs)
 
 
 def make_batch(kind: str, batch: int, seed: int, device: str = "cpu") -> tuple[Tensor, Tensor]:

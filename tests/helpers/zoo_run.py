@@ -44,6 +44,7 @@ CASES = [
     ZooCase("mixtral_tp", "mixtral", "tp"),
     ZooCase("mixtral_pp", "mixtral", "pp"),
     ZooCase("t5_tp", "t5", "tp"),
+    ZooCase("t5_pp", "t5", "pp"),  # block 0's position bias carried to the later blocks, across stages
     # Two trunks, each split over both ranks; the decoder's blocks take the encoder's output.
     ZooCase("bart_pp", "bart", "pp"),
     ZooCase("bert_tp", "bert", "tp"),

@@ -43,11 +43,16 @@ class TrunkLayout:
         per_block_extras: some block got extra arguments different from the first block's.
         output_template: the structure a block returns: ``None`` for a tensor, else ``(type, length)`` of its
             tuple or list.
+        tensor_elements: the positions after the first where blocks return tensors.
+        handed: some block takes a value an earlier block returned (T5's position bias), which the pipelined
+            trunk carries from stage to stage with the hidden state.
     """
 
     blocks: list[tuple[str, nn.Module]]
     per_block_extras: bool = False
     output_template: Any = None
+    tensor_elements: tuple[int, ...] = ()
+    handed: bool = False
 
 
 def check_trunk_contract(module: nn.Module, run_example: Callable[[], Any]) -> list[tuple[str, nn.Module]]:
@@ -93,7 +98,14 @@ def trunk_layout(
         for handle in handles:
             handle.remove()
     recorder.verify()
-    return TrunkLayout(blocks, recorder.per_block_extras, output_template(recorder.calls[-1].output))
+    elements = sorted(
+        {j for call in recorder.calls if isinstance(call.output, (tuple, list))
+         for j, item in enumerate(call.output) if j > 0 and isinstance(item, Tensor)}
+    )
+    return TrunkLayout(
+        blocks, recorder.per_block_extras, output_template(recorder.calls[-1].output), tuple(elements),
+        recorder.handed,
+    )
 
 
 def same_arguments(a: Any, b: Any) -> bool:
@@ -162,6 +174,7 @@ class _Recorder:
     hidden: dict[int, tuple[Tensor, str]] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
     per_block_extras: bool = False
+    handed: bool = False
 
     def pre_hook(self, index: int) -> Callable[..., None]:
         def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -242,12 +255,13 @@ class _Recorder:
             )
         for path, value, reference in _extra_pairs(call, first):
             handed = [self.hidden[id(t)][1] for t in _leaves(value) if isinstance(t, Tensor) and id(t) in self.hidden]
-            if handed:
+            if any(not what.startswith("output element") for what in handed):
                 raise ValueError(
-                    f"trunk contract broken: block {name!r} gets {handed[0]} as {argument_name(path)}: a value one"
-                    " block returns and a later block takes (T5's position bias) does not travel between pipeline"
-                    " stages yet; only the hidden state does."
+                    f"trunk contract broken: block {name!r} gets {handed[0]} as {argument_name(path)}: a block's hidden"
+                    " state reaches only the next block in a pipelined trunk."
                 )
+            if handed:  # T5's position bias: carried from stage to stage with the hidden state
+                self.handed = self.per_block_extras = True
             if not same_arguments(value, reference):
                 self.per_block_extras = True  # a per-layer argument: the trunk runs once all are known
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -82,6 +82,11 @@ class _Call:
     input_leaves: dict[int, Tensor] | None = None
     # Extra arguments that carry gradients (an encoder's output into decoder blocks); None: none do.
     grad_extras: GradExtras | None = None
+    # Values a block returns and later blocks take (T5's position bias): the stand-in each later block got, by
+    # id, -> (producing block, output position); and those carried between stages, in the order they travel.
+    handed: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # Per stage boundary (after stage b), the handed values that cross it: made before, taken after.
+    boundaries: list[list[tuple[int, int]]] = field(default_factory=list)
 
 
 class PipelinedTrunk:
@@ -106,6 +111,8 @@ class PipelinedTrunk:
         # all are known; the earlier calls return a stand-in of the structure the blocks return.
         self.per_block_extras = layout is not None and layout.per_block_extras
         self.output_template = layout.output_template if layout is not None else None
+        self.tensor_elements = layout.tensor_elements if layout is not None and layout.handed else ()
+        self._handed: dict[int, tuple[tuple[int, int], Tensor]] = {}  # stand-ins given out in this pass
         self.blocks = [block for _, block in blocks]
         self.starts = starts
         self.group = group
@@ -185,10 +192,10 @@ class PipelinedTrunk:
             self._pending.append(extras)
             if self._next != 0:  # not the last block yet: a stand-in, which only the next block reads
                 self._carry = args[0].detach()
-                return _shaped_like(self.output_template, self._carry)
+                return self._stand_in(index, self._carry)
             out, key = self._run(self._input, self._pending)
             self._carry = self._input = None
-            self._pending = []
+            self._pending, self._handed = [], {}
             return _shaped_like(self._templates[key], out)
         if index == 0:
             out, self._key = self._run(args[0], [extras] * len(self.names))
@@ -199,6 +206,22 @@ class PipelinedTrunk:
         if self._next == 0:  # the trunk is done: drop references to its graph and arguments
             self._carry, self._extras, self._input = None, None, None
         return _shaped_like(self._templates[key], carry)
+
+    def _stand_in(self, index: int, hidden: Tensor) -> Any:
+        """What block ``index`` returns to the user's forward before the trunk has run: the structure its output has,
+        ``hidden`` first, and an empty tensor standing for each value a later block may take (T5's position bias)."""
+        if self.output_template is None:
+            return hidden
+        kind, length = self.output_template
+        items: list[Any] = [hidden]
+        for j in range(1, length):
+            if j in self.tensor_elements:
+                stand_in = torch.empty(0, device=hidden.device)
+                self._handed[id(stand_in)] = ((index, j), stand_in)
+                items.append(stand_in)
+            else:
+                items.append(None)
+        return kind(items)
 
     def _run(self, x: Tensor, extras: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> tuple[Tensor, str]:
         """The trunk's output, and the key of the structure its blocks return (see ``_share_template``).
@@ -245,14 +268,33 @@ class PipelinedTrunk:
         training = any(block.training for block in self.blocks)
         seed = int(torch.randint(0, 2**62, ())) if training else None
         kept = torch.is_grad_enabled() and self.schedule == "gpipe"
-        return _Call(m, per_micro, seed, kept=kept, grad_extras=grad_extras)
+        handed = {key: ref for key, (ref, _) in self._handed.items()}
+        boundaries = self._boundaries(extras, handed)
+        return _Call(m, per_micro, seed, kept=kept, grad_extras=grad_extras, handed=handed, boundaries=boundaries)
+
+    def _boundaries(self, extras: list[Any], handed: dict[int, tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        """For each stage boundary, the handed values made by a block before it and taken by a block after it."""
+        if not handed:
+            return []
+        ends = [*self.starts[1:], len(self.blocks)]
+        stage_of = [s for s, (a, b) in enumerate(zip(self.starts, ends, strict=True)) for _ in range(a, b)]
+        taken = [(handed[id(t)], g) for g, e in enumerate(extras) for t in _leaves(e) if id(t) in handed]
+        boundaries = [
+            sorted({ref for ref, g in taken if stage_of[ref[0]] <= b < stage_of[g]}) for b in range(self.num_stages - 1)
+        ]
+        if len({len(refs) for refs in boundaries}) > 1:
+            raise NotImplementedError(
+                "pipelined trunk: a different number of values handed between blocks crosses each stage boundary"
+                f" ({[len(refs) for refs in boundaries]}); cut the stages where the same values cross."
+            )
+        return boundaries
 
     # --- schedules
 
     def _schedule(self, call: _Call, x: Tensor, kind: str) -> _Schedule:
         """The schedule of ``kind``: ``"forward"`` (forward only), ``"kept"`` (phased GPipe), ``"training"``."""
         micro = (x.shape[0] // call.micro_batches, *x.shape[1:])
-        key = (kind, call.micro_batches, micro, x.dtype, torch.is_inference_mode_enabled())
+        key = (kind, call.micro_batches, micro, x.dtype, torch.is_inference_mode_enabled(), str(call.boundaries))
         backward = kind != "forward"
         cached = self._schedules.get(key)
         if cached is not None:
@@ -260,14 +302,19 @@ class PipelinedTrunk:
         # Static shapes (every block keeps the hidden state's shape): no metadata exchange at start.
         # requires_grad tells the stage to allocate gradient buffers.
         example = torch.empty(micro, dtype=x.dtype, device="meta", requires_grad=backward)
+        carried = [
+            torch.empty(shape, dtype=dtype, device="meta", requires_grad=backward and grad)
+            for shape, dtype, grad in self._carried_meta(call, x)
+        ]
+        last = self.num_stages - 1
         stages = [
             PipelineStage(
                 module,
                 module.stage_index,
                 self.num_stages,
                 self.device,
-                input_args=(example,),
-                output_args=(example,),
+                input_args=(example,) if module.stage_index == 0 else (example, *carried),
+                output_args=(example,) if module.stage_index == last else (example, *carried),
                 group=self.group,
             )
             for module in self.stage_modules
@@ -287,6 +334,28 @@ class PipelinedTrunk:
             schedule = cls(stages[0], call.micro_batches, loss_fn=loss_fn, scale_grads=False)
         self._schedules[key] = schedule
         return schedule
+
+    def _carried_meta(self, call: _Call, x: Tensor) -> list[tuple[tuple[int, ...], torch.dtype, bool]]:
+        """Shape, dtype and whether it requires grad of each value carried between stages, for one micro-batch.
+
+        Why a probe: stages are built with static shapes, and only the first stage can know what its blocks hand
+        on. It runs its blocks once on the first micro-batch (under the call's seed, no gradients) and tells
+        the other pipeline ranks.
+        """
+        if not any(call.boundaries):
+            return []
+        box: list[Any] = [None]
+        if self.holds_first:
+            previous, self.call = self.call, call
+            try:
+                with torch.no_grad():
+                    first = self.stage_modules[0]
+                    outputs = first.run(x.detach()[: x.shape[0] // call.micro_batches], [], 0, probe=True)
+                box[0] = [(tuple(t.shape), t.dtype, bool(t.is_floating_point())) for t in outputs[1:]]
+            finally:
+                self.call = previous
+        dist.broadcast_object_list(box, group=self.group, group_src=0, device=self.device)
+        return box[0]
 
     def forward(self, call: _Call, x: Tensor, input_grad: bool) -> Tensor:
         """The trunk's output on every pipeline rank; under ``call.kept``, the activations are kept for the backward."""
@@ -375,30 +444,58 @@ class _StageModule(nn.Module):
         # A plain attribute (object.__setattr__): the trunk is not a submodule.
         object.__setattr__(self, "trunk", trunk)
 
-    def forward(self, x: Tensor, micro_batch: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *carried: Tensor, micro_batch: Tensor) -> Tensor | tuple[Tensor, ...]:
+        """This stage's blocks on one micro-batch: the hidden state, and the values carried to later stages."""
         trunk: PipelinedTrunk = self.trunk
         call = trunk.call
         assert call is not None, "the stage runs only inside a trunk call"  # noqa: S101
         index = int(micro_batch)
-        stage_extras = fresh_caches(call.extras[index][self.first_block : self.first_block + len(self.blocks)])
-        if call.grad_extras is not None:
-            stage_extras = call.grad_extras.leafify(index, stage_extras)
         if call.input_leaves is not None and self.stage_index == 0:
             # A leaf per micro-batch collects the gradient of stage 0's input, which the stage does not return.
             x = x.detach().requires_grad_()
             call.input_leaves[index] = x
+        outputs = self.run(x, list(carried), index)
+        return outputs if len(outputs) > 1 else outputs[0]
+
+    def run(self, x: Tensor, carried: list[Tensor], index: int, probe: bool = False) -> tuple[Tensor, ...]:
+        """The blocks on micro-batch ``index``: ``(hidden, *carried)`` (only the hidden state from the last stage)."""
+        trunk: PipelinedTrunk = self.trunk
+        call = trunk.call
+        assert call is not None, "the stage runs only inside a trunk call"  # noqa: S101
+        stage_extras = fresh_caches(call.extras[index][self.first_block : self.first_block + len(self.blocks)])
+        if call.grad_extras is not None and not probe:
+            stage_extras = call.grad_extras.leafify(index, stage_extras)
+        # The first stage makes the carried values; every later one receives them with the hidden state.
+        incoming = call.boundaries[self.stage_index - 1] if self.stage_index > 0 and call.boundaries else []
+        produced = dict(zip(incoming, carried, strict=True))
         shape, dtype = x.shape, x.dtype
         with _seeded(call.seed, self.stage_index, index, call.micro_batches, trunk.device), _running(trunk):
-            for block, (args, kwargs) in zip(self.blocks, stage_extras, strict=True):
+            for offset, (block, extras) in enumerate(zip(self.blocks, stage_extras, strict=True)):
+                args, kwargs = _handed_in(extras, call.handed, produced)
                 out = block(x, *args, **kwargs)
+                if isinstance(out, (tuple, list)):
+                    for j in trunk.tensor_elements:
+                        produced[(self.first_block + offset, j)] = out[j]
                 x = first_output(out)
                 if not isinstance(x, Tensor) or x.shape != shape or x.dtype != dtype:
                     raise ValueError(
                         f"a pipelined block returned {type(x).__name__} {getattr(x, 'shape', '')} for a {tuple(shape)}"
                         f" {dtype} hidden state; blocks must keep the hidden state's shape and dtype"
                     )
-        self.template = _template_of(out)
-        return x
+        if not probe:
+            self.template = _template_of(out)
+        last = self.stage_index == trunk.num_stages - 1
+        outgoing = call.boundaries[self.stage_index] if call.boundaries and not last else []
+        return (x, *(produced[ref].contiguous() for ref in outgoing))  # sent point to point: one contiguous buffer
+
+
+def _handed_in(extras: Any, handed: dict[int, tuple[int, int]], produced: dict[tuple[int, int], Tensor]) -> Any:
+    """A block's extra arguments with each stand-in for an earlier block's output replaced by that output."""
+    if not handed:
+        return extras
+    return torch.utils._pytree.tree_map_only(
+        Tensor, lambda t: produced[handed[id(t)]] if id(t) in handed else t, extras
+    )
 
 
 class _TrunkFunction(torch.autograd.Function):
