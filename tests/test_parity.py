@@ -68,9 +68,10 @@ def test_parity_with_single_process(distributed_results: Path, scenario: Scenari
 @pytest.mark.parametrize("name", ["compiled_ddp", "compiled_zero3", "compiled_tp", "compiled_pp"])
 def test_a_compiled_module_is_compiled_per_block_after_partitioning(distributed_results: Path, name: str) -> None:
     """`trainer.fit(torch.compile(model))`: Lightning's list of strategies does not stop it, and the blocks rank 0
-    holds (all three; one pipeline stage's one) run compiled. Parity is test_parity_with_single_process's."""
+    holds (all three; one pipeline stage's one) run compiled, except tensor-parallel ones, which stay eager
+    (torch 2.13 cannot compile their DTensor regions). Parity is test_parity_with_single_process's."""
     applied = _load(distributed_results, name)["applied"]
-    assert applied["compiled_blocks"] == (1 if name == "compiled_pp" else 3)
+    assert applied["compiled_blocks"] == {"compiled_pp": 1, "compiled_tp": 0}.get(name, 3)
 
 
 def _initial_state(scenario: Scenario) -> dict[str, torch.Tensor]:

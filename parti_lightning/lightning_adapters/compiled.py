@@ -53,6 +53,6 @@ def take_compiler(module: pl.LightningModule, fitting: bool) -> Callable[..., An
     compiler = context["dynamo_ctx"]
     to_uncompiled(module)
     if not fitting:
-        compile_blocks(find_blocks(module), compiler)
+        compile_blocks(find_blocks(module), compiler)  # tensor-parallel blocks stay eager, as in fit
         return None
     return compiler

@@ -33,7 +33,7 @@ from torch.optim import Optimizer
 from parti_lightning.mesh import ParallelMesh
 from parti_lightning.parallel.activation_checkpoint import apply_activation_checkpointing
 from parti_lightning.parallel.blocks import find_blocks, resolve_units
-from parti_lightning.parallel.compile import compile_blocks
+from parti_lightning.parallel.compile import TENSOR_PARALLEL_EAGER, compile_blocks
 from parti_lightning.parallel.data import GradientSynchronizer
 from parti_lightning.parallel.norm import clip_grad_norm_
 from parti_lightning.parallel.pipeline import PipelineParallel, apply_pipeline, check_pipeline_settings
@@ -101,6 +101,7 @@ class Parallelized:
         optimizer_shard_group: the ranks that split the optimizer state (ZeRO-1), else ``None``.
         tensor_report: what tensor parallelism split and what fell back, with ``tensor > 1``.
         pipeline: this rank's stage of the pipelined trunk, with ``pipeline > 1``.
+        compile_note: what ``compiler`` did (blocks compiled, and which stayed eager), when one was given.
     """
 
     module: nn.Module
@@ -109,12 +110,15 @@ class Parallelized:
     optimizer_shard_group: ProcessGroup | None = field(default=None, repr=False)
     tensor_report: TensorParallelReport | None = None
     pipeline: PipelineParallel | None = None
+    compile_note: str = ""
 
     def describe(self) -> list[str]:
         """What model parallelism did to the module, for the log: tensor layouts, pipeline stages."""
         lines = []
         if self.tensor_report is not None:
             lines.append(self.tensor_report.describe())
+        if self.compile_note:
+            lines.append(self.compile_note)
         if self.pipeline is not None:
             stages = "; ".join(f"stage {i}: {', '.join(names)}" for i, names in enumerate(self.pipeline.stages))
             p, v, m = self.pipeline.num_ranks, self.plan.virtual_stages, self.plan.micro_batches
@@ -289,7 +293,10 @@ def parallelize(
             result.optimizer_shard_group = mesh.shard_group
     # 5. Compilation of each block on its own, on what the plan made of it.
     if compiler is not None:
-        compile_blocks(blocks, compiler)
+        eager = compile_blocks(blocks, compiler)
+        result.compile_note = f"compiled {len(blocks) - len(eager)} of {len(blocks)} blocks" + (
+            f"; {TENSOR_PARALLEL_EAGER}" if eager else ""
+        )
     if mesh.tensor_enabled or mesh.pipeline_enabled:
         setattr(module, _APPLIED, True)
     return result

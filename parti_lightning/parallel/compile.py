@@ -9,52 +9,41 @@ tensor-parallel region, FSDP's unsharded parameters); the hooks around it stay e
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
-from torch.distributed.tensor import DTensor
+
+from parti_lightning.parallel.tensor.region import is_tensor_region
 
 # Set on a block whose forward is compiled, so that a second fit or an evaluation does not compile it again.
 _COMPILED = "_parti_compiled_forward"
+# Why tensor-parallel blocks stay eager (measured with torch 2.13 on CPU, the example's CharGPT): dynamo breaks the
+# graph at the region's per-layer hooks (a cache keyed by id()), the pieces compiled around them expect gradients
+# for outputs kept by the hooks ("Expected a DTensor tangent but got a plain Tensor"), and with the hooks left
+# eager AOT autograd refuses DTensor views ("as_strided not supported with DTensor").
+TENSOR_PARALLEL_EAGER = "tensor-parallel blocks run eagerly: torch 2.13 cannot compile their DTensor regions"
 
 
-def compile_blocks(blocks: Sequence[tuple[str, nn.Module]], compiler: Callable[[Callable[..., Any]], Any]) -> int:
+def compile_blocks(
+    blocks: Sequence[tuple[str, nn.Module]], compiler: Callable[[Callable[..., Any]], Any]
+) -> list[str]:
     """Wrap each block's ``forward`` with ``compiler`` (e.g. the ``dynamo_ctx`` of ``torch.compile(model)``).
 
     The same mechanism as Lightning's ``from_compiled``, which wraps a LightningModule's ``forward`` and
-    steps, applied to the blocks instead.
+    steps, applied to the blocks instead. Blocks split by tensor parallelism are left eager
+    (:data:`TENSOR_PARALLEL_EAGER`).
 
     Returns:
-        how many blocks were compiled now.
+        the names of the blocks left eager because tensor parallelism split them.
     """
-    compiled = 0
-    for _, block in blocks:
+    eager = []
+    for name, block in blocks:
         if getattr(block, _COMPILED, False):
             continue
-        forward = compiler(block.forward)
-        if any(isinstance(p, DTensor) for p in block.parameters()):
-            forward = _without_fx_graph_cache(forward)
-        block.forward = forward
+        if is_tensor_region(block):
+            eager.append(name)
+            continue
+        block.forward = compiler(block.forward)
         setattr(block, _COMPILED, True)
-        compiled += 1
-    return compiled
-
-
-def _without_fx_graph_cache(forward: Callable[..., Any]) -> Callable[..., Any]:
-    """``forward`` compiled (lazily, on its first calls) with inductor's on-disk FX graph cache off.
-
-    Measured with torch 2.13 on CPU: a tensor-parallel block compiled by inductor in a process that had run
-    tensor parallelism uncompiled before (a second Trainer) returned DTensors whose ``device_mesh`` is ``None``,
-    and the region's exit failed; with ``TORCHINDUCTOR_FX_GRAPH_CACHE=0``, or with aot_eager, it is correct.
-    Graphs are compiled again instead of loaded, which costs compile time only.
-    """
-    from torch._inductor import config
-
-    @functools.wraps(forward)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with config.patch(fx_graph_cache=False):
-            return forward(*args, **kwargs)
-
-    return run
+    return eager

@@ -44,6 +44,15 @@ def mesh_device(mesh: DeviceMesh) -> torch.device:
     return torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device())
 
 
+# Set on a unit made a region, so that later steps (compilation) can tell.
+_REGION = "_parti_tensor_region"
+
+
+def is_tensor_region(module: nn.Module) -> bool:
+    """Whether tensor parallelism made ``module`` a region (split layers, DTensors inside)."""
+    return getattr(module, _REGION, False)
+
+
 def shard_unit(unit: nn.Module, rules: Mapping[str, str], mesh: DeviceMesh) -> None:
     """Turn ``unit`` into a region in place: parameters split by ``rules`` (names relative to ``unit``),
     every other parameter and buffer replicated, and hooks that take plain tensors in and give plain ones out.
@@ -84,6 +93,7 @@ def shard_unit(unit: nn.Module, rules: Mapping[str, str], mesh: DeviceMesh) -> N
             layer.register_forward_pre_hook(region.reduce_input_grad)
         if any(packed_parts(style) for style in layer_styles):
             layer.register_state_dict_post_hook(_plain_shard_state)
+    setattr(unit, _REGION, True)
     unit.register_forward_pre_hook(region.enter, with_kwargs=True)
     # always_call: the implicit replication entered before the forward ends even when the forward raises.
     unit.register_forward_hook(region.exit, always_call=True)
