@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,11 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _harness import MIB, REPO, free_port, rank_env
+
 from parti_lightning.rss import peak_rss_bytes
 
-REPO = Path(__file__).resolve().parents[1]
 MODES = ("ddp", "tensor")
-MIB = 1024**2
 
 
 # ------------------------------------------------------------------------------------------- worker
@@ -156,31 +154,16 @@ def _count_collectives(mode: str, net: Any, train_step: Any, step: int) -> str:
 # ------------------------------------------------------------------------------------------- parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_mode(args: argparse.Namespace, mode: str, out: Path) -> list[dict[str, Any]]:
-    port = _free_port()
+    port = free_port()
     worker_args = [
         f"--{k.replace('_', '-')}={getattr(args, k)}"
         for k in ("layers", "width", "heads", "block_size", "batch_size", "steps", "warmup")
     ]
     procs = []
     for rank in range(args.devices):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(args.devices),
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(REPO),
-        }
         command = [sys.executable, __file__, "--worker", f"--mode={mode}", f"--out={out}", *worker_args]
-        procs.append(subprocess.Popen(command, env=env))
+        procs.append(subprocess.Popen(command, env=rank_env(rank, args.devices, port)))
     try:
         for proc in procs:
             if proc.wait(timeout=args.timeout):
