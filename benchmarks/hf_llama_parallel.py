@@ -179,7 +179,9 @@ def _run_mode(args: argparse.Namespace, mode: str, out: Path) -> list[dict[str, 
 
 def _table(args: argparse.Namespace, results: dict[str, Any]) -> str:
     ddp = results.get("ddp") if isinstance(results.get("ddp"), list) else None
-    any_rows = next(r for r in results.values() if isinstance(r, list))
+    any_rows = next((r for r in results.values() if isinstance(r, list)), None)
+    if any_rows is None:  # every mode failed: their reasons, nothing to tabulate
+        return "\n".join(f"{mode}: {result}" for mode, result in results.items())
     first = any_rows[0]
     lines = [
         f"LlamaForCausalLM at library defaults (use_cache={first['use_cache']}, attention"
