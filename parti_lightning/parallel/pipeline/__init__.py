@@ -3,7 +3,7 @@
 Each rank of the pipeline group keeps the parameters of its stages' blocks and frees the others;
 everything else (embeddings, head, loss, logging) stays replicated and runs on every pipeline rank. The
 trunk runs as one pipelined operation, on ``torch.distributed.pipelining``, when the user's forward calls
-its first block.
+its first block (or its last, when the blocks' arguments differ by layer).
 
 Files:
 
@@ -12,9 +12,15 @@ Files:
 - ``cuts.py``: where stages start: the plan's ``pipeline_cuts``, or blocks balanced by measured FLOPs;
 - ``contract.py``: what the forward must do with the trunk to be pipelined (a chain of blocks), checked by
   a dry run that names what breaks;
-- ``runtime.py``: the trunk at run time: block calls routed to it, one autograd operation over the stages,
-  the schedules;
+- ``runtime.py``: the trunk at run time: one autograd operation over the stages, the schedules, the stages'
+  runs of the blocks;
+- ``routing.py``: the user's block calls routed to the trunk; the blocks of other stages freed;
+- ``arguments.py``: a trunk call's arguments split per micro-batch, values handed between blocks, the
+  structure blocks return;
+- ``extras.py``: extra block arguments that require grad (an encoder's output), their gradient summed back;
 - ``phases.py``: GPipe with its forward and backward phases run apart, so the user's loss runs in between.
+
+An encoder-decoder has two trunks (one per container of blocks), each split over all the pipeline ranks.
 
 The settings' rules (micro-batches, schedule, stages per rank) are :func:`parti_lightning.plan.check_pipeline_settings`,
 which a plan runs on itself before launch and :func:`apply_pipeline` again once it knows the trunk and the batch.

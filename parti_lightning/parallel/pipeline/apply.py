@@ -26,7 +26,8 @@ from parti_lightning.parallel.blocks import find_trunks
 from parti_lightning.parallel.norm import clip_grads_with_norm_, total_norm
 from parti_lightning.parallel.pipeline.contract import TrunkLayout, trunk_layout
 from parti_lightning.parallel.pipeline.cuts import BlockFlops, stage_starts
-from parti_lightning.parallel.pipeline.runtime import PipelinedTrunk, free_block, route_block_calls
+from parti_lightning.parallel.pipeline.routing import free_block, route_block_calls
+from parti_lightning.parallel.pipeline.runtime import PipelinedTrunk
 from parti_lightning.plan import check_pipeline_settings
 
 __all__ = ["PipelineParallel", "apply_pipeline"]

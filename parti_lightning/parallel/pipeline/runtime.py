@@ -25,6 +25,11 @@ must see that loss on every rank. Two ways around that, by schedule:
 
 Dropout masks are the same in a recompute: each (stage, micro-batch) runs under a seed drawn once per
 call from the global generator, which advances identically on every rank.
+
+When the blocks' extra arguments differ by layer (Gemma 2's masks), or a block takes a value an earlier block
+returned (T5's position bias), the trunk runs at the last block's call instead, once every block's arguments
+are known; the earlier calls get stand-ins (:meth:`PipelinedTrunk.intercept`). A handed value travels between
+stages beside the hidden state, its shape probed once on the first stage.
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from weakref import WeakKeyDictionary
 
 import torch
 import torch.distributed as dist
@@ -42,15 +46,24 @@ from torch.distributed import ProcessGroup
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 
+from parti_lightning.parallel.pipeline.arguments import (
+    crossing_values,
+    handed_in,
+    leaves,
+    shaped_like,
+    split_extras,
+    template_key,
+)
 from parti_lightning.parallel.pipeline.contract import (
     TrunkLayout,
     filled_cache_message,
     first_output,
+    output_template,
     same_arguments,
 )
 from parti_lightning.parallel.pipeline.extras import GradExtras
 from parti_lightning.parallel.pipeline.phases import PhasedGPipe
-from parti_lightning.parallel.scratch import CacheTemplates, ScratchCache, filled_caches, fresh_caches, is_cache
+from parti_lightning.parallel.scratch import CacheTemplates, filled_caches, fresh_caches
 
 _Schedule = PipelineScheduleSingle | PipelineScheduleMulti
 SCHEDULES: dict[str, type[_Schedule]] = {
@@ -60,12 +73,6 @@ SCHEDULES: dict[str, type[_Schedule]] = {
 }
 # Schedules that run several stages per rank (torch's PipelineScheduleMulti).
 INTERLEAVED = ("interleaved-1f1b",)
-
-# block -> (trunk, index): how a block's call finds the pipelined trunk it belongs to. Weak, and not
-# an attribute, so the user's modules carry no reference to process groups (deepcopy, pickling).
-_ROUTES: WeakKeyDictionary[nn.Module, tuple[PipelinedTrunk, int]] = WeakKeyDictionary()
-_INTERCEPTING_CLASSES: dict[type, type] = {}
-
 
 @dataclass
 class _Call:
@@ -196,7 +203,7 @@ class PipelinedTrunk:
             out, key = self._run(self._input, self._pending)
             self._carry = self._input = None
             self._pending, self._handed = [], {}
-            return _shaped_like(self._templates[key], out)
+            return shaped_like(self._templates[key], out)
         if index == 0:
             out, self._key = self._run(args[0], [extras] * len(self.names))
             self._carry, self._extras = out, extras
@@ -205,7 +212,7 @@ class PipelinedTrunk:
         carry, key = self._carry, self._key
         if self._next == 0:  # the trunk is done: drop references to its graph and arguments
             self._carry, self._extras, self._input = None, None, None
-        return _shaped_like(self._templates[key], carry)
+        return shaped_like(self._templates[key], carry)
 
     def _stand_in(self, index: int, hidden: Tensor) -> Any:
         """What block ``index`` returns to the user's forward before the trunk has run: the structure its output has,
@@ -231,7 +238,7 @@ class PipelinedTrunk:
         call = self._plan_call(x, extras)
         anchor = self.anchor if torch.is_grad_enabled() else None
         grad_inputs = call.grad_extras.tensors if call.grad_extras is not None else []
-        return _TrunkFunction.apply(self, call, x, anchor, *grad_inputs), _template_key(call.extras[0][-1])
+        return _TrunkFunction.apply(self, call, x, anchor, *grad_inputs), template_key(call.extras[0][-1])
 
     def _plan_call(self, x: Tensor, extras: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> _Call:
         batch = x.shape[0]
@@ -256,10 +263,10 @@ class PipelinedTrunk:
             if id(e) in split:
                 continue
             whole = grad_extras.detach(e) if grad_extras is not None else e
-            split[id(e)] = [_split_extras(whole, batch, m, i) for i in range(m)]
+            split[id(e)] = [split_extras(whole, batch, m, i) for i in range(m)]
             if grad_extras is not None:
                 for i, piece in enumerate(split[id(e)]):
-                    for original, part in zip(_leaves(whole), _leaves(piece), strict=True):
+                    for original, part in zip(leaves(whole), leaves(piece), strict=True):
                         if isinstance(original, Tensor):
                             grad_extras.note_slice(i, original, part)
             split[id(e)] = [caches.scratch(piece) for piece in split[id(e)]]
@@ -269,25 +276,8 @@ class PipelinedTrunk:
         seed = int(torch.randint(0, 2**62, ())) if training else None
         kept = torch.is_grad_enabled() and self.schedule == "gpipe"
         handed = {key: ref for key, (ref, _) in self._handed.items()}
-        boundaries = self._boundaries(extras, handed)
+        boundaries = crossing_values(extras, handed, self.starts, len(self.blocks))
         return _Call(m, per_micro, seed, kept=kept, grad_extras=grad_extras, handed=handed, boundaries=boundaries)
-
-    def _boundaries(self, extras: list[Any], handed: dict[int, tuple[int, int]]) -> list[list[tuple[int, int]]]:
-        """For each stage boundary, the handed values made by a block before it and taken by a block after it."""
-        if not handed:
-            return []
-        ends = [*self.starts[1:], len(self.blocks)]
-        stage_of = [s for s, (a, b) in enumerate(zip(self.starts, ends, strict=True)) for _ in range(a, b)]
-        taken = [(handed[id(t)], g) for g, e in enumerate(extras) for t in _leaves(e) if id(t) in handed]
-        boundaries = [
-            sorted({ref for ref, g in taken if stage_of[ref[0]] <= b < stage_of[g]}) for b in range(self.num_stages - 1)
-        ]
-        if len({len(refs) for refs in boundaries}) > 1:
-            raise NotImplementedError(
-                "pipelined trunk: a different number of values handed between blocks crosses each stage boundary"
-                f" ({[len(refs) for refs in boundaries]}); cut the stages where the same values cross."
-            )
-        return boundaries
 
     # --- schedules
 
@@ -424,7 +414,7 @@ class PipelinedTrunk:
     def _share_template(self, call: _Call) -> None:
         # Which structure (tensor, or tuple of what length) the blocks return, so every rank can hand
         # the trunk's output on in the same shape. Learned once per set of non-tensor arguments.
-        key = _template_key(call.extras[0][-1])  # what the last block returns is what the trunk hands on
+        key = template_key(call.extras[0][-1])  # what the last block returns is what the trunk hands on
         if key in self._templates:
             return
         box = [self.stage_modules[-1].template]
@@ -471,7 +461,7 @@ class _StageModule(nn.Module):
         shape, dtype = x.shape, x.dtype
         with _seeded(call.seed, self.stage_index, index, call.micro_batches, trunk.device), _running(trunk):
             for offset, (block, extras) in enumerate(zip(self.blocks, stage_extras, strict=True)):
-                args, kwargs = _handed_in(extras, call.handed, produced)
+                args, kwargs = handed_in(extras, call.handed, produced)
                 out = block(x, *args, **kwargs)
                 if isinstance(out, (tuple, list)):
                     for j in trunk.tensor_elements:
@@ -483,19 +473,10 @@ class _StageModule(nn.Module):
                         f" {dtype} hidden state; blocks must keep the hidden state's shape and dtype"
                     )
         if not probe:
-            self.template = _template_of(out)
+            self.template = output_template(out)
         last = self.stage_index == trunk.num_stages - 1
         outgoing = call.boundaries[self.stage_index] if call.boundaries and not last else []
         return (x, *(produced[ref].contiguous() for ref in outgoing))  # sent point to point: one contiguous buffer
-
-
-def _handed_in(extras: Any, handed: dict[int, tuple[int, int]], produced: dict[tuple[int, int], Tensor]) -> Any:
-    """A block's extra arguments with each stand-in for an earlier block's output replaced by that output."""
-    if not handed:
-        return extras
-    return torch.utils._pytree.tree_map_only(
-        Tensor, lambda t: produced[handed[id(t)]] if id(t) in handed else t, extras
-    )
 
 
 class _TrunkFunction(torch.autograd.Function):
@@ -560,87 +541,3 @@ def _seeded(seed: int | None, stage: int, micro_batch: int, micro_batches: int, 
             accel.set_rng_state(accel_state, device)
 
 
-def _leaves(value: Any) -> list[Any]:
-    return torch.utils._pytree.tree_leaves(value)
-
-
-def _split_extras(extras: Any, batch: int, parts: int, index: int) -> Any:
-    # Batch-sized tensors (a padding mask) are split like the hidden state; others (a causal mask,
-    # rotary tables, position ids of batch 1) are the same for every micro-batch.
-    size = batch // parts
-
-    def split(value: Any) -> Any:
-        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch and batch > 1:
-            return value.narrow(0, index * size, size)
-        return value
-
-    return torch.utils._pytree.tree_map(split, extras)
-
-
-def _template_key(extras: Any) -> str:
-    # The non-tensor arguments (flags like output_attentions) decide a block's output structure; a cache
-    # object (a new one each forward) by its kind.
-    return repr([_leaf_key(leaf) for leaf in torch.utils._pytree.tree_leaves(extras)])
-
-
-def _leaf_key(leaf: Any) -> Any:
-    if isinstance(leaf, ScratchCache):
-        leaf = leaf.template
-    return "T" if isinstance(leaf, Tensor) else type(leaf).__name__ if is_cache(leaf) else leaf
-
-
-def _template_of(output: Any) -> Any:
-    if isinstance(output, (tuple, list)):
-        return (type(output), len(output))
-    return None
-
-
-def _shaped_like(template: Any, hidden: Tensor) -> Any:
-    """The trunk's output in the structure the blocks return; elements other than the first are ``None``."""
-    if template is None:
-        return hidden
-    kind, length = template
-    return kind([hidden, *([None] * (length - 1))])
-
-
-def free_block(block: nn.Module) -> None:
-    """Release ``block``'s parameters and buffers: another pipeline rank holds them."""
-    # Parameters and buffers set to None stay declared (attribute access keeps working for code that
-    # reads e.g. a block's config) but hold no memory and vanish from parameters() and state_dict().
-    for sub in block.modules():
-        for name in list(sub._parameters):
-            sub._parameters[name] = None
-        for name in list(sub._buffers):
-            sub._buffers[name] = None
-
-
-def route_block_calls(trunk: PipelinedTrunk) -> None:
-    """Make every call of a trunk block from the user's forward go to ``trunk`` (the stage runs the blocks itself)."""
-    for index, block in enumerate(trunk.blocks):
-        _intercept(block)
-        _ROUTES[block] = (trunk, index)
-
-
-def _intercept(block: nn.Module) -> None:
-    """Swap ``block``'s class for a subclass whose ``__call__`` routes the user's calls to the pipelined trunk.
-
-    A subclass rather than a patched ``forward``: the stage must still run the block through its
-    own ``__call__`` with all hooks (FSDP's unshard, activation checkpointing), and Python looks
-    ``__call__`` up on the class. FSDP swaps classes the same way, and composes with this one.
-    """
-    cls = type(block)
-    if cls in _INTERCEPTING_CLASSES.values():
-        return
-    sub = _INTERCEPTING_CLASSES.get(cls)
-    if sub is None:
-
-        def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
-            route = _ROUTES.get(self)
-            if route is None or route[0].running:
-                return super(sub, self).__call__(*args, **kwargs)
-            trunk, index = route
-            return trunk.intercept(index, args, kwargs)
-
-        sub = type(f"Pipelined{cls.__name__}", (cls,), {"__call__": __call__, "__module__": cls.__module__})
-        _INTERCEPTING_CLASSES[cls] = sub
-    block.__class__ = sub
