@@ -115,6 +115,17 @@ def block_bytes(case: ZooCase, module: ZooModule) -> int:
     return sum(t.numel() * t.element_size() for t in local)
 
 
+def generate_after_fit(case: ZooCase, module: ZooModule) -> list[list[int]] | None:
+    """Greedy decoding with the trained decoder (its cache now carries keys and values between steps)."""
+    if ZOO[case.model].category not in ("decoder", "moe"):
+        return None
+    prompt = ZOO[case.model].batch(seed=1, batch_size=2)["input_ids"][:, :4]
+    with torch.no_grad():
+        tokens = module.net.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
+                                           do_sample=False)
+    return tokens.tolist()
+
+
 def main(out: str) -> None:
     from parti_lightning import PartiStrategy
 
@@ -126,6 +137,7 @@ def main(out: str) -> None:
             "state": {k: v.detach().clone() for k, v in state.items()},
             "losses": module.losses,
             "block_bytes": block_bytes(case, module),
+            "generated": generate_after_fit(case, module) if case.plan == "tp" else None,
         }
         torch.save(result, os.path.join(out, f"{case.name}.rank{trainer.global_rank}.pt"))
         # A plain Lightning checkpoint written under the plan: what resumes under any other plan.
