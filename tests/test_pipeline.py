@@ -43,7 +43,7 @@ MICRO_BATCHES, BATCH, STEPS, ACCUMULATE, LR, MAX_NORM = 4, 8, 2, 2, 1e-2, 0.5
 RTOL, ATOL, ADAM_EPS = 1e-5, 1e-5, 1e-6
 SCENARIOS = [("gpt", "gpipe"), ("gpt", "1f1b"), ("vit", "gpipe"), ("vit", "1f1b"), ("hf", "gpipe"), ("hf", "1f1b"),
              ("shifted", "gpipe"), ("shifted", "1f1b"), ("handing", "gpipe"), ("handing", "1f1b"),
-             ("gpt", "interleaved-1f1b"), ("hf", "interleaved-1f1b")]
+             ("gpt", "interleaved-1f1b"), ("hf", "interleaved-1f1b"), ("handing", "interleaved-1f1b")]
 
 
 # ----------------------------------------------------------------------------------- tier 1: contract
