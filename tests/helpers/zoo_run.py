@@ -34,6 +34,13 @@ class ZooCase:
     model: str
     plan: str
     dropout: bool = False
+    # Resumed from the checkpoint another case wrote (under its plan), then trained as many steps again; the
+    # reference resumes from the same file in one process.
+    resume_from: str | None = None
+
+    @property
+    def steps(self) -> int:
+        return 2 * STEPS if self.resume_from else STEPS
 
 
 # One model per category under tensor=2; pipeline=2 where the trunk contract holds.
@@ -45,6 +52,8 @@ CASES = [
     ZooCase("mixtral_pp", "mixtral", "pp"),
     ZooCase("t5_tp", "t5", "tp"),
     ZooCase("t5_pp", "t5", "pp"),  # block 0's position bias carried to the later blocks, across stages
+    ZooCase("t5_tp_resumed_from_pp", "t5", "tp", resume_from="t5_pp"),  # a checkpoint resumed under another plan
+    ZooCase("llama_tp_resumed_from_pp", "llama", "tp", resume_from="llama_pp"),
     # Two trunks, each split over both ranks; the decoder's blocks take the encoder's output.
     ZooCase("bart_pp", "bart", "pp"),
     ZooCase("bert_tp", "bert", "tp"),
@@ -88,17 +97,17 @@ class ZooModule(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-def fit(case: ZooCase, strategy: Any, devices: int) -> tuple[L.Trainer, ZooModule]:
+def fit(case: ZooCase, strategy: Any, devices: int, ckpt_path: str | None = None) -> tuple[L.Trainer, ZooModule]:
     L.seed_everything(SEED, verbose=False)
     module = ZooModule(case.model, case.dropout)
     trainer = L.Trainer(
-        max_steps=STEPS, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
+        max_steps=case.steps, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         # Every case has one data-parallel rank (tensor and pipeline ranks see the same batch): the loader's own
         # order on every rank, as in one process.
         use_distributed_sampler=False,
     )
-    trainer.fit(module, train_dataloaders=DataLoader(Samples(case.model), batch_size=BATCH))
+    trainer.fit(module, train_dataloaders=DataLoader(Samples(case.model), batch_size=BATCH), ckpt_path=ckpt_path)
     return trainer, module
 
 
@@ -131,7 +140,8 @@ def main(out: str) -> None:
 
     os.makedirs(out, exist_ok=True)
     for case in CASES:
-        trainer, module = fit(case, PartiStrategy(plan=case.plan, state_dict_type="full"), devices=2)
+        resume = os.path.join(out, f"{case.resume_from}.ckpt") if case.resume_from else None
+        trainer, module = fit(case, PartiStrategy(plan=case.plan, state_dict_type="full"), devices=2, ckpt_path=resume)
         state = trainer.strategy.lightning_module_state_dict()
         result = {
             "state": {k: v.detach().clone() for k, v in state.items()},
