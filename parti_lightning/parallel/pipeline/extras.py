@@ -27,8 +27,8 @@ class GradExtras:
             if isinstance(leaf, Tensor) and leaf.requires_grad:
                 seen.setdefault(id(leaf), leaf)
         self.tensors = list(seen.values())
-        self._index = {id(t): k for k, t in enumerate(self.tensors)}
         self._detached = {id(t): t.detach() for t in self.tensors}
+        self._by_detached = {id(d): k for k, d in enumerate(self._detached.values())}  # detached -> argument index
         # micro-batch -> id(slice) -> (argument index, slice); filled as the extras are split
         self._slices: dict[int, dict[int, tuple[int, Tensor]]] = {}
         self._batched: dict[int, bool] = {}
@@ -40,7 +40,7 @@ class GradExtras:
 
     def note_slice(self, micro_batch: int, original: Tensor, piece: Tensor) -> None:
         """Record that ``piece`` is micro-batch ``micro_batch``'s part of a detached gradient-carrying tensor."""
-        k = next((k for k, t in enumerate(self.tensors) if self._detached[id(t)] is original), None)
+        k = self._by_detached.get(id(original))
         if k is not None:
             self._slices.setdefault(micro_batch, {})[id(piece)] = (k, piece)
             self._batched[k] = piece is not original

@@ -181,8 +181,9 @@ def _unit_groups(
     ]
     if auto:
         outside = _large_outside_layers(module, blocks)
+    modules = dict(module.named_modules())
     for name in outside:
-        layer_name, layer, _ = split_target(module, name)  # a parameter's rule splits it inside its layer
+        layer_name, layer, _ = split_target(module, name, modules)  # a parameter's rule splits it inside its layer
         if any(True for _ in layer.parameters()):  # none: a layer of another pipeline stage's block, freed here
             groups[("layer", layer_name)] = [(layer_name, layer)]
     return groups

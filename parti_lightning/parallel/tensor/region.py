@@ -58,7 +58,8 @@ def shard_unit(unit: nn.Module, rules: Mapping[str, str], mesh: DeviceMesh) -> N
     every other parameter and buffer replicated, and hooks that take plain tensors in and give plain ones out.
     """
     converted: dict[int, nn.Parameter] = {}  # one DTensor per parameter object, so ties inside the unit hold
-    targets = {name: split_target(unit, name) for name in rules}
+    modules = dict(unit.named_modules())
+    targets = {name: split_target(unit, name, modules) for name in rules}
     parameter_rules: dict[str, dict[str, str]] = {}  # layer -> its parameters' own rules (stacked experts)
     for name, (layer_name, _, parameter) in targets.items():
         if parameter is not None:
@@ -81,7 +82,6 @@ def shard_unit(unit: nn.Module, rules: Mapping[str, str], mesh: DeviceMesh) -> N
     styles: dict[str, list[str]] = {}  # layer -> the styles of its rules (a layer's, or its parameters')
     for name, (layer_name, _, _) in targets.items():
         styles.setdefault(layer_name, []).append(rules[name])
-    modules = dict(unit.named_modules())
     for layer_name, layer_styles in styles.items():
         layer = modules[layer_name]
         # Megatron's layout, fixed rather than left to DTensor's choice: the rowwise sum is all-reduced at

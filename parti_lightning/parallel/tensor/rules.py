@@ -115,12 +115,15 @@ def _parameter_dim(owner: nn.Module, parameter: str, style: str) -> int | None:
     return in_dim if style == ROWWISE else out_dim
 
 
-def split_target(unit: nn.Module, name: str) -> tuple[str, nn.Module, str | None]:
+def split_target(
+    unit: nn.Module, name: str, modules: Mapping[str, nn.Module] | None = None
+) -> tuple[str, nn.Module, str | None]:
     """What a rule named ``name`` (relative to ``unit``) splits: ``(layer name, layer, parameter or None)``.
 
     A name that is a submodule is a layer rule; otherwise it names a parameter of the submodule before its last dot.
+    ``modules``: ``dict(unit.named_modules())``, for callers that resolve many names.
     """
-    modules = dict(unit.named_modules())
+    modules = dict(unit.named_modules()) if modules is None else modules
     if name in modules:
         return name, modules[name], None
     owner, _, parameter = name.rpartition(".")
@@ -208,10 +211,11 @@ def validate_tensor_rules(module: nn.Module, rules: Mapping[str, str], degree: i
     """
     if degree < 1:
         raise ValueError(f"tensor degree must be at least 1, got {degree}.")
+    modules = dict(module.named_modules())
     for name, style in match_rules(module, rules).items():
         if style == REPLICATE:
             continue
-        _, layer, parameter = split_target(module, name)
+        _, layer, parameter = split_target(module, name, modules)
         dim = split_dim(layer, style, parameter)
         if dim is None and parameter is not None:
             raise ValueError(

@@ -43,10 +43,11 @@ def drop_unsplittable(
     """Keep the split rules that can apply: a splittable, untied layer whose split dimension ``degree`` divides."""
     kept: dict[str, str] = {}
     refused: list[str] = []
+    modules = dict(unit.named_modules())
     for name, style in proposal.items():
         if style == REPLICATE:
             continue
-        _, layer, parameter = split_target(unit, name)
+        _, layer, parameter = split_target(unit, name, modules)
         full = f"{unit_name}.{name}" if name else unit_name
         dim = split_dim(layer, style, parameter)
         weight = getattr(layer, parameter or "weight", None)
