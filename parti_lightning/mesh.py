@@ -3,12 +3,14 @@
 One :class:`ParallelMesh` per run owns the axes, their process groups and their timeouts; nothing
 else in parti creates groups. Techniques receive the part of it they work on: the ``(data, shard)``
 sub-mesh for storage sharding, the ``tensor`` sub-mesh for tensor parallelism, the ``pipeline`` group
-for pipeline stages, and the data-parallel group (``data × shard``) for gradient averaging and for
-everything Lightning reduces (logged values, metrics, the sampler).
+for pipeline stages (and ``pipeline × data × shard`` for the parameters outside the trunk), and the
+data-parallel group (``data × shard``) for gradient averaging and for everything Lightning reduces
+(logged values, metrics, the sampler).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -135,6 +137,20 @@ class ParallelMesh:
     def pipeline_group(self) -> ProcessGroup:
         """The ranks of one pipeline, in stage order."""
         return self.device_mesh.get_group(str(MeshAxis.PIPELINE))
+
+    @functools.cached_property
+    def outside_trunk_mesh(self) -> DeviceMesh:
+        """The 1-D mesh of every rank with this rank's tensor coordinate: ``pipeline × data × shard``.
+
+        Under pipeline parallelism the parameters outside the trunk (embeddings, head) are the same on every
+        rank of it; they are sharded over it. Collective the first time (``_flatten`` builds a group): every
+        rank reads it at the same point.
+        """
+        axes = [str(axis) for axis in (MeshAxis.PIPELINE, MeshAxis.DATA, MeshAxis.SHARD)]
+        if self.plan.data == 1 and self.plan.shard == 1:
+            return self.device_mesh[str(MeshAxis.PIPELINE)]
+        # As in `_flattened_group`: torch 2.13's only way to merge mesh axes into one.
+        return self.device_mesh[tuple(axes)]._flatten("outside_trunk")
 
     def groups(self) -> list[ProcessGroup]:
         """Every process group of the run (the world's included), each once."""

@@ -414,8 +414,9 @@ def test_a_budget_only_tensor_or_pipeline_meets_gets_that_plan(monkeypatch: pyte
 
 
 def test_a_model_parallel_plan_predicted_faster_is_chosen_though_data_parallel_fits() -> None:
-    profile = profile_model(gpt(layers=4, width=64), gpt_batch(16))
-    # Gradient all-reduces over a slow link: a pipeline (no data-parallel averaging at world size 2) is faster.
+    # Gradient all-reduces over a slow link: a pipeline is faster. Its own traffic is the trunk's boundary tensor
+    # and the parameters outside the trunk (sharded over the pipeline ranks): a deep trunk outweighs them both.
+    profile = profile_model(gpt(layers=8, width=64), gpt_batch(16))
     slow_link = hardware(bandwidth_bytes_per_s=1e5)
     report = choose_plan(profile, slow_link, world_size=2)
     assert report.chosen.pipeline > 1 or report.chosen.tensor > 1, report.render()

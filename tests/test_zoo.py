@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from zoo_run import CASES, STEPS, ZooCase, block_bytes, fit, generate_after_fit
+from zoo_run import CASES, STEPS, ZooCase, block_bytes, fit, generate_after_fit, model_bytes
 
 from launch import check, run_script
 
@@ -40,6 +40,9 @@ def test_zoo_model_trains_split_as_one_process(zoo_results: Path, case: ZooCase)
     for rank in ranks:
         # Really held less (or, for a conv net, trained replicated): counted from the tensors on each rank.
         assert rank["block_bytes"] <= CEILING.get(case.name, 0.55) * whole, (rank["block_bytes"], whole)
+    if case.plan == "pp":  # the embeddings and head too: sharded over the pipeline ranks, not whole on each
+        model = model_bytes(reference)
+        assert all(rank["model_bytes"] <= 0.55 * model for rank in ranks), ([r["model_bytes"] for r in ranks], model)
     if case.dropout:  # split activations draw their own masks: trained, not compared
         assert all(torch.isfinite(torch.tensor(rank["losses"])).all() for rank in ranks)
         return

@@ -1,8 +1,8 @@
 """Checkpoints of a model whose ranks each hold part of it (the stages of one pipeline).
 
-A pipeline rank holds its own stage's blocks and the replicated rest. To write one whole state, each
-rank's name-keyed part is gathered on the first rank and ordered as the whole module orders its names;
-to load a whole state, each rank keeps the entries its part holds.
+A pipeline rank holds its own stage's blocks and a shard of the rest (made whole before its part is
+gathered). To write one whole state, each rank's name-keyed part is gathered on the first rank and ordered
+as the whole module orders its names; to load a whole state, each rank keeps the entries its part holds.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
@@ -41,6 +42,7 @@ from parti_lightning.parallel.storage import (
     apply_storage,
     root_free_units,
     shard_optimizer,
+    shard_outside_trunk,
     storage_exempt_parameters,
 )
 from parti_lightning.parallel.tensor import (
@@ -150,7 +152,7 @@ class Parallelized:
         """Accumulate local gradients without reducing them (gradient accumulation steps)."""
         # Both can be on: FSDP reduces the gradients it shards, the synchronizer those it left whole.
         with self.gradient_sync.no_sync() if self.gradient_sync is not None else nullcontext():
-            if shards_module(self.plan) and hasattr(self.module, "set_requires_gradient_sync"):
+            if isinstance(self.module, FSDPModule):
                 # FSDP: accumulate unsharded local gradients, reduce-scatter at the boundary step.
                 self.module.set_requires_gradient_sync(False)
                 try:
@@ -285,8 +287,14 @@ def parallelize(
         apply_activation_checkpointing(module, units)
     # 4. Storage: FSDP shards parameters, gradients and optimizer state (ZeRO-2/3), or whole parameters'
     #    gradients are averaged over the data-parallel ranks (replicated, ZeRO-1).
+    #    Under pipeline parallelism, what lies outside the trunk is sharded over every pipeline rank too.
+    outside = mesh.outside_trunk_mesh if _shards_outside_trunk(result, automatic_optimization) else None
     if shards_module(plan):
-        result.gradient_sync = _shard_storage(module, mesh, units, automatic_optimization)
+        result.gradient_sync = _shard_storage(module, mesh, units, automatic_optimization, outside)
+    elif outside is not None:
+        trunk = [p for _, block in blocks for p in block.parameters()]
+        shard_outside_trunk(module, outside, trunk)
+        result.gradient_sync = _average_gradients(module, mesh, trunk)
     else:
         result.gradient_sync = _average_gradients(module, mesh)
         if shards_optimizer(plan):
@@ -302,28 +310,47 @@ def parallelize(
     return result
 
 
+def _shards_outside_trunk(result: Parallelized, automatic_optimization: bool) -> bool:
+    """Whether step 4 shards the parameters outside a pipelined trunk over the pipeline ranks.
+
+    Not under manual optimization (its backward passes run inside a step, before a root unit's forward
+    ended), nor under ZeRO-1, whose optimizer shards whole parameters only: there they stay whole.
+    """
+    return result.pipeline is not None and automatic_optimization and result.plan.storage != "optimizer"
+
+
 def _shard_storage(
-    module: nn.Module, mesh: ParallelMesh, units: list[tuple[str, nn.Module]], automatic_optimization: bool
+    module: nn.Module,
+    mesh: ParallelMesh,
+    units: list[tuple[str, nn.Module]],
+    automatic_optimization: bool,
+    root_mesh: DeviceMesh | None = None,
 ) -> GradientSynchronizer | None:
     """Step 4 under ZeRO-2/3: FSDP over the storage mesh; what FSDP cannot shard keeps averaged whole gradients."""
     # Automatic optimization runs each step through the module's `__call__`, so the root can be a unit;
     # manual optimization runs backward passes inside a step, before any root forward would end, so only
     # the children are units.
     whole = storage_exempt_parameters(module)  # before FSDP, whose own shards are strided too
-    apply_storage(module, mesh.storage_mesh, mesh.plan, shard_root=automatic_optimization, units=units, exempt=whole)
+    apply_storage(
+        module, mesh.storage_mesh, mesh.plan, shard_root=automatic_optimization, units=units, exempt=whole,
+        root_mesh=root_mesh,
+    )
     if whole and mesh.data_parallel_enabled:
         return GradientSynchronizer(module, mesh.data_parallel_group, comm_group=mesh.gradient_group, parameters=whole)
     return None
 
 
-def _average_gradients(module: nn.Module, mesh: ParallelMesh) -> GradientSynchronizer:
+def _average_gradients(
+    module: nn.Module, mesh: ParallelMesh, parameters: list[nn.Parameter] | None = None
+) -> GradientSynchronizer:
     """Step 4 for whole parameters (replicated, ZeRO-1): gradients averaged over every data-parallel rank.
 
-    ZeRO-1 then splits only the optimizer step. A pipeline rank averages the parameters it holds; no
-    parameter is reduced over the pipeline axis (replicated ones get the same gradient on every stage by
-    construction).
+    ZeRO-1 then splits only the optimizer step. A pipeline rank averages the parameters of its stage
+    (``parameters``); FSDP averages those outside the trunk. Under manual optimization or ZeRO-1 these are
+    whole and averaged here too; no parameter is reduced over the pipeline axis (they get the same gradient
+    on every stage by construction).
     """
-    return GradientSynchronizer(module, mesh.data_parallel_group, comm_group=mesh.gradient_group)
+    return GradientSynchronizer(module, mesh.data_parallel_group, comm_group=mesh.gradient_group, parameters=parameters)
 
 
 def _held_blocks(module: nn.Module, pipeline: PipelineParallel) -> list[tuple[str, nn.Module]]:

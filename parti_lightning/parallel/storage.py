@@ -51,6 +51,7 @@ def apply_storage(
     shard_root: bool = True,
     units: Sequence[tuple[str, nn.Module]] | None = None,
     exempt: Sequence[nn.Parameter] | None = None,
+    root_mesh: DeviceMesh | None = None,
 ) -> nn.Module:
     """Shard the storage of ``module`` over the ``shard`` axis of ``mesh`` as ``plan.storage`` says.
 
@@ -87,6 +88,9 @@ def apply_storage(
             the blocks it holds).
         exempt: :func:`storage_exempt_parameters` of ``module`` if the caller already has them; ``None``
             computes them.
+        root_mesh: the 1-D mesh the root shards its own parameters over, if not the units' (a pipeline stage's
+            root: the parameters outside the trunk are the same on every pipeline rank, see
+            :func:`shard_outside_trunk`).
 
     Returns:
         ``module``, sharded in place.
@@ -131,10 +135,34 @@ def apply_storage(
         if reduce_unused_parameters:
             unit.set_reduce_scatter_unused_params(True)  # type: ignore[operator]
     if shard_root:
-        fully_shard(module, **options)
+        fully_shard(module, **(options if root_mesh is None else {**options, "mesh": root_mesh}))
         if reduce_unused_parameters:
             module.set_reduce_scatter_unused_params(True)  # type: ignore[operator]
     return module
+
+
+def shard_outside_trunk(module: nn.Module, mesh: DeviceMesh, trunk_parameters: Sequence[nn.Parameter]) -> None:
+    """Shard the parameters outside a pipelined trunk over ``mesh``, the trunk's own left as they are.
+
+    Under pipeline parallelism every pipeline rank runs the code around the trunk (embeddings, head, loss),
+    so its parameters are the same on every rank, and get the same gradient: holding them whole on each
+    rank wastes ``pipeline - 1`` copies (on a Llama, the embedding and head are a third of the model). As a
+    ZeRO-3 root unit over ``pipeline × data × shard`` (see
+    :attr:`~parti_lightning.mesh.ParallelMesh.outside_trunk_mesh`), each rank holds one shard, FSDP gathers
+    them for the forward and backward, and its averaging reduce-scatter is the data-parallel average (the
+    pipeline ranks' gradients are equal). The root then runs every step through ``module(...)``, as under
+    ZeRO-3.
+
+    Args:
+        module: the root, its trunk already split (the other stages' blocks freed).
+        mesh: the 1-D mesh of every rank with this rank's tensor coordinate.
+        trunk_parameters: this stage's block parameters; their storage is the plan's (whole, or sharded by FSDP
+            units already), and they are left to it.
+    """
+    options: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": True}
+    if trunk_parameters:
+        options["ignored_params"] = set(trunk_parameters)
+    fully_shard(module, **options)
 
 
 def storage_exempt_parameters(module: nn.Module) -> list[nn.Parameter]:

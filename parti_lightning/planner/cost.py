@@ -125,6 +125,10 @@ def _pipeline(
     schedule's bubble ``(p-1)/(m+p-1)``, plus under 1F1B the forward recomputed in the backward; two
     broadcasts of the trunk's boundary tensor over the pipeline ranks and one send per micro-batch and
     direction. Memory: GPipe keeps all ``m`` micro-batches' activations of the stage, 1F1B at most ``p``.
+
+    The parameters outside the trunk are sharded over ``pipeline × data × shard`` (but under ZeRO-1): at
+    rest a rank holds one shard of them; FSDP gathers them whole for the step (a root unit stays gathered
+    from its forward to its backward), and reduce-scatters their whole gradients at its end.
     """
     p, m = plan.pipeline, plan.micro_batches
     if p == 1 or not profile.blocks:
@@ -133,7 +137,20 @@ def _pipeline(
     stage = _largest_stage(block_params, p, stage_costs(profile))
     share = stage / max(sum(block_params), 1)
     trunk_params = sum(block_params)
-    held = profile.parameter_bytes - int(trunk_params * (1 - share))
+    outside = profile.parameter_bytes - trunk_params
+    if plan.storage != "optimizer":
+        # The storage term divides what is held by `shard` again under ZeRO-2/3: leave that division to it.
+        spread = p * plan.data * (plan.shard if plan.storage == "replicated" else 1)
+        outside_held = outside // spread
+        trainable = profile.gradient_bytes / max(profile.parameter_bytes, 1)
+        cost.memory["in_flight"] += int((outside - outside_held) * (1 + trainable))
+        bandwidth = _bandwidth(hardware, p * plan.data * plan.shard, ranks_per_node)
+        copy = 2 * outside * (1 + trainable) / hardware.memory_bandwidth_bytes_per_s
+        cost.time["communication"] += (_one_way(outside, p * plan.data * plan.shard, bandwidth) * (1 + trainable)
+                                       + copy + 2 * hardware.collective_latency_s)
+    else:
+        outside_held = outside
+    held = int(trunk_params * share) + outside_held
     _scale_state(cost, profile, held)
     cost.setup_bytes = profile.parameter_bytes + profile.buffer_bytes  # built whole, then split
     cost.trunk_blocks_held = len(profile.blocks) * share
@@ -255,7 +272,7 @@ def _storage(
         "optimizer": int(shard * trainable_share) * profile.optimizer_tensors_per_parameter
         + profile.optimizer_scalar_bytes,
         # The all-gather output is copied out into the unit's parameters: briefly one unit twice.
-        "in_flight": gathered + unit,
+        "in_flight": cost.memory["in_flight"] + gathered + unit,  # plus what a pipeline root gathers
     })
     # On CPU the strategy builds the whole model on every rank before sharding it.
     cost.setup_bytes = profile.parameter_bytes + shard

@@ -124,6 +124,14 @@ def block_bytes(case: ZooCase, module: ZooModule) -> int:
     return sum(t.numel() * t.element_size() for t in local)
 
 
+def model_bytes(module: torch.nn.Module) -> int:
+    """Bytes of all the parameters this rank holds (a DTensor by its local shard; a freed block: none)."""
+    from torch.distributed.tensor import DTensor
+
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in module.parameters()]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
 def generate_after_fit(case: ZooCase, module: ZooModule) -> list[list[int]] | None:
     """Greedy decoding with the trained decoder (its cache now carries keys and values between steps)."""
     if ZOO[case.model].category not in ("decoder", "moe"):
@@ -147,6 +155,7 @@ def main(out: str) -> None:
             "state": {k: v.detach().clone() for k, v in state.items()},
             "losses": module.losses,
             "block_bytes": block_bytes(case, module),
+            "model_bytes": model_bytes(module),
             "generated": generate_after_fit(case, module) if case.plan == "tp" else None,
         }
         torch.save(result, os.path.join(out, f"{case.name}.rank{trainer.global_rank}.pt"))

@@ -1,7 +1,8 @@
 """Pipeline parallelism for an unmodified ``forward``: the trunk of repeated blocks split into stages.
 
 Each rank of the pipeline group keeps the parameters of its stages' blocks and frees the others;
-everything else (embeddings, head, loss, logging) stays replicated and runs on every pipeline rank. The
+everything else (embeddings, head, loss, logging) runs on every pipeline rank, its parameters sharded over
+them by FSDP (the storage step of ``parallelize``: each rank holds one shard, gathered for the step). The
 trunk runs as one pipelined operation, on ``torch.distributed.pipelining``, when the user's forward calls
 its first block (or its last, when the blocks' arguments differ by layer).
 

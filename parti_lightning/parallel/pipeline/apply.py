@@ -1,15 +1,16 @@
 """``apply_pipeline``: the trunk split into stages on this rank, and what the strategy sees of it afterwards.
 
 Each rank of the pipeline group keeps the parameters of one contiguous run of blocks (its stage)
-and frees the others. Everything else (embeddings, head, loss, logging) stays replicated and runs
-on every pipeline rank, unchanged; the trunk runs as one pipelined operation when the forward calls
-it (see :mod:`~parti_lightning.parallel.pipeline.runtime`), after its contract was checked by
-:func:`~parti_lightning.parallel.pipeline.contract.check_trunk_contract`.
+and frees the others. Everything else (embeddings, head, loss, logging) runs on every pipeline rank,
+unchanged (the storage step then shards its parameters over the pipeline ranks); the trunk runs as one
+pipelined operation when the forward calls it (see :mod:`~parti_lightning.parallel.pipeline.runtime`),
+after its contract was checked by :func:`~parti_lightning.parallel.pipeline.contract.check_trunk_contract`.
 
 Order with the other techniques: ``apply_pipeline`` first (it frees the blocks other stages own, so
 nothing after sees them), then tensor parallel and storage sharding inside the stage, then the
-optimizers. No parameter is reduced over the pipeline axis: each stage's blocks live on one rank,
-and replicated parameters get the same gradient on every pipeline rank by construction.
+optimizers. A stage's block parameters live on one rank; the parameters outside the trunk get the same
+gradient on every pipeline rank by construction, so averaging them over the pipeline axis (FSDP's
+reduce-scatter, when they are sharded) leaves it unchanged.
 """
 
 from __future__ import annotations
