@@ -713,3 +713,63 @@ def test_every_plan_pays_the_first_steps_fixed_memory_once() -> None:
         fixed = hardware(process_overhead_bytes=300 * MIB, step_fixed_bytes=20 * MIB)
         paid = estimate(profile, fixed, plan.resolve(2), 2)
         assert paid.memory["overhead"] == 320 * MIB and paid.peak_bytes - bare.peak_bytes == 20 * MIB
+
+
+# ------------------------------------------------------------------------------ Hugging Face models as shipped
+
+
+def test_a_hugging_face_decoder_is_profiled_and_its_block_timed_at_its_defaults() -> None:
+    """Its mask code reads values (is the padding mask all ones?), which no meta tensor has: the profile and the
+    block's inputs come from a real copy, and the block gets a fresh empty cache each timed run."""
+    from zoo import ZOO
+
+    entry = ZOO["llama"]
+    module, batch = entry.build(), entry.batch(seed=0, batch_size=8)
+    assert module.model.config.use_cache  # as shipped
+    profile = profile_model(module, (batch,))
+    assert any("real copy" in note for note in profile.notes), profile.notes
+    assert len(profile.blocks) == entry.build().model.config.num_hidden_layers
+    assert all(block.forward_flops > 0 and block.backward_flops > 0 for block in profile.blocks)
+    timed = time_blocks(module, (batch,), profile, ranks_per_node=1)
+    assert timed.block_timing is not None, timed.notes[-1]
+    assert not any("timing a block failed" in note for note in timed.notes)
+
+
+def test_checkpointing_is_predicted_slower_than_ddp_on_a_hugging_face_model() -> None:
+    """Its recompute is charged whether the blocks were timed (their forward share) or not (their FLOPs)."""
+    from zoo import ZOO
+
+    entry = ZOO["gpt2"]
+    module, batch = entry.build(), entry.batch(seed=0, batch_size=8)
+    flops_only = profile_model(module, (batch,))
+    for profile in (flops_only, time_blocks(module, (batch,), flops_only, ranks_per_node=1)):
+        ddp = estimate(profile, hardware(), PartitionPlan().resolve(2), 2)
+        checkpointed = estimate(profile, hardware(), PartitionPlan(activation_checkpointing="blocks").resolve(2), 2)
+        assert checkpointed.time["recompute"] > 0
+        assert checkpointed.seconds > ddp.seconds
+
+
+def test_plans_the_run_would_refuse_are_never_chosen_and_no_plan_fits_says_why() -> None:
+    """A ResNet: no layer of its blocks splits, and its stages change the activation's shape (no pipeline). Under
+    a budget only a pipeline plan is predicted to meet, the planner raises instead of choosing it."""
+    from zoo import ZOO
+
+    entry = ZOO["resnet"]
+    profile = profile_model(entry.build(dropout=False), (entry.batch(seed=0, batch_size=8),))
+    assert "hidden state" in profile.pipeline_refusal and "no layer" in profile.tensor_refusal
+    assert all(p.pipeline == p.tensor == 1 for p in candidate_plans(profile, world_size=2, ranks_per_node=2))
+    ddp, pp = PartitionPlan().resolve(2), PartitionPlan(pipeline=2, micro_batches=2).resolve(2)
+    tp = PartitionPlan(tensor=2, data=1).resolve(2)
+    peaks = {plan: estimate(profile, hardware(), plan, 2).peak_bytes for plan in (ddp, pp, tp)}
+    assert peaks[pp] < peaks[ddp]  # the premise: only the (refused) pipeline plan meets the budget below
+    budget = (peaks[pp] + peaks[ddp]) / 2
+    with pytest.raises(NoPlanFits) as info:
+        choose_plan(profile, hardware(budget / GIB), world_size=2, headroom=0.0, plans=[ddp, tp, pp])
+    message = str(info.value)
+    assert "Tensor parallel left out: no layer of its blocks" in message, message
+    assert "Pipeline parallel left out: trunk contract broken" in message, message
+    # Given a budget all fit, the refused plans are shown with why, and the one that runs is chosen.
+    report = choose_plan(profile, hardware(8.0), world_size=2, plans=[pp, tp, ddp])
+    assert report.chosen == ddp
+    reasons = {c.plan: c.reason for c in report.candidates}
+    assert reasons[pp].startswith("pipeline refused") and reasons[tp].startswith("tensor would fall back")

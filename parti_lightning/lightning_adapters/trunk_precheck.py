@@ -23,13 +23,9 @@ from torch import Tensor
 from torch.utils._pytree import tree_map_only
 from torch.utils.data import DataLoader
 
-from parti_lightning.parallel.copies import module_copy
+from parti_lightning.parallel.copies import REAL_COPY_BYTES, real_copy, state_bytes
 from parti_lightning.parallel.pipeline.contract import check_trunk_contract
 from parti_lightning.planner.profile import meta_copy
-
-# The largest module (parameters and buffers) copied whole for a dry run its code cannot make on meta tensors:
-# the launching process holds the module already, and a copy of this size is cheap next to a rank's start-up.
-REAL_COPY_BYTES = 1 << 30
 
 
 class _DryRunUnavailable(Exception):
@@ -66,11 +62,11 @@ def check_trunk_before_launch(module: LightningModule, fit_args: tuple[Any, ...]
     try:
         _dry_run(meta_copy(module), example, meta_batch)
     except _DryRunUnavailable as err:
-        if _state_bytes(module) > REAL_COPY_BYTES:
+        if state_bytes(module) > REAL_COPY_BYTES:
             return f"checked at setup ({how} cannot run on meta tensors: {str(err)[:200]})"
         try:
             with torch.no_grad(), isolate_rng():
-                _dry_run(_real_copy(module), example, batch)
+                _dry_run(real_copy(module), example, batch)
         except _DryRunUnavailable as real_err:
             return f"checked at setup ({how} cannot run before launch: {str(real_err)[:200]})"
         return f"checked before launch ({how}, on a copy of the module: it cannot run on meta tensors)"
@@ -87,13 +83,3 @@ def _dry_run(copy: LightningModule, example: Any, batch: Any) -> None:
             raise _DryRunUnavailable(f"{type(err).__name__}: {err}") from err
 
     check_trunk_contract(copy, run)
-
-
-def _state_bytes(module: LightningModule) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-
-def _real_copy(module: LightningModule) -> LightningModule:
-    # Why not deepcopy: a LightningModule attached to a Trainer would drag the Trainer into the copy.
-    memo: dict[int, Any] = {id(owner): None for owner in (module._trainer, getattr(module, "_fabric", None)) if owner}
-    return module_copy(module, memo)

@@ -139,8 +139,12 @@ class Parallelized:
         and the norm is the global one. A backward pass needs it too: autograd runs every node with the
         thread state of the ``backward()`` call, and the backward of a block's ops mixes the plain tensors its
         forward created (a causal mask) with DTensors, as its forward did under implicit replication.
+
+        Under pipeline parallelism the parameters outside the trunk are sharded (``DTensor``) and the stage's
+        blocks may be whole: a foreach optimizer (``foreach=True``) gets both in one list.
         """
-        return tensor_parallel_step() if self.tensor_report is not None else nullcontext()
+        mixed = self.tensor_report is not None or (self.pipeline is not None and holds_sharded_tensors(self.module))
+        return tensor_parallel_step() if mixed else nullcontext()
 
     def sync_gradients(self) -> None:
         """After a backward pass: average the gradients it produced (a no-op where FSDP does it)."""

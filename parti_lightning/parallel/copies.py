@@ -1,4 +1,5 @@
-"""Copies of a user's module to trial-run (the tensor setup check, the planner's profile and timing).
+"""Copies of a user's module to trial-run (the tensor setup check, the planner's profile and timing, the pipeline
+contract's dry run before launch).
 
 ``copy.deepcopy`` fails on a module that holds a process group (``SyncBatchNorm`` and parti's CPU one after
 ``sync_batchnorm=True``: "cannot pickle ProcessGroup"). A process group is a handle to the run's
@@ -15,6 +16,11 @@ from torch.distributed import ProcessGroup
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
+# The largest module (parameters and buffers) copied whole for a trial run its code cannot make on meta tensors
+# (it reads values: Hugging Face's mask and loss code). The process holds the module already, and a copy of this
+# size is cheap next to a rank's start-up.
+REAL_COPY_BYTES = 1 << 30
+
 
 def module_copy(module: ModuleT, memo: dict[int, Any] | None = None) -> ModuleT:
     """A deep copy of ``module`` that shares the process groups its submodules hold with the original.
@@ -29,3 +35,21 @@ def module_copy(module: ModuleT, memo: dict[int, Any] | None = None) -> ModuleT:
             if isinstance(value, ProcessGroup):
                 memo.setdefault(id(value), value)
     return copy.deepcopy(module, memo)
+
+
+def state_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers: what :func:`real_copy` would copy."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def real_copy(module: ModuleT) -> ModuleT:
+    """A copy of ``module`` with its own tensors, for a trial run that must not touch the original.
+
+    A LightningModule's Trainer (or Fabric) is left out: it would drag its dataloaders into the copy.
+    """
+    memo: dict[int, Any] = {}
+    for attribute in ("_trainer", "_fabric"):
+        owner = getattr(module, attribute, None)
+        if owner is not None:
+            memo[id(owner)] = None
+    return module_copy(module, memo)

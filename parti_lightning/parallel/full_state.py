@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_map_only
 
 from parti_lightning.parallel.names import optimizer_parameter_names
 from parti_lightning.parallel.storage import drop_zero_global_state
+from parti_lightning.parallel.tensor.region import implicit_replication
 
 
 def full_state_dict(module: nn.Module, *, rank0_only: bool = True) -> dict[str, Tensor]:
@@ -122,7 +123,9 @@ def load_full_optimizer_state_dict(
     # state, as with a plain optimizer; strict mode would refuse such a checkpoint. Parameter groups
     # and their sizes are still checked by the optimizer's own load_state_dict.
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0, strict=False)
-    with _gradients_set_aside(optimizer):
+    # DCP's zero-lr step that creates the state runs outside the strategy's step context: a foreach optimizer
+    # (`foreach=True`) would get sharded and whole parameters in one kernel there too.
+    with _gradients_set_aside(optimizer), implicit_replication():
         set_optimizer_state_dict(module, optimizer, dict(state_dict), options=options)
     _drop_state_not_in(module, optimizer, saved[0] or set())
 

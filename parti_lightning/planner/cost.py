@@ -348,13 +348,14 @@ def _largest_stage(block_bytes: list[int], stages: int, costs: list[float] | Non
 
 def _tensor_split_bytes(profile: ModelProfile) -> int:
     """Parameter bytes tensor parallelism splits: the blocks' matrices, and matrices outside the blocks at
-    least a block's size (embeddings, output head), as its automatic rules do. Vectors stay replicated."""
+    least a block's size (embeddings, output head), as its automatic rules do. Vectors stay replicated, and so
+    do matrices no rule splits (a convolution's kernel)."""
     inside = {p.name for p in profile.block_parameters}
     block_numel = max((b.parameter_bytes for b in profile.blocks), default=0)
     return sum(
         p.bytes
         for p in profile.parameters
-        if len(p.shape) >= 2 and (p.name in inside or p.bytes >= block_numel)
+        if len(p.shape) >= 2 and p.splittable and (p.name in inside or p.bytes >= block_numel)
     )
 
 

@@ -26,7 +26,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.module_tracker import ModuleTracker
 
 from parti_lightning.parallel.blocks import find_blocks
-from parti_lightning.parallel.copies import module_copy
+from parti_lightning.parallel.copies import REAL_COPY_BYTES, module_copy, real_copy, state_bytes
+from parti_lightning.parallel.pipeline.contract import check_trunk_contract
+from parti_lightning.parallel.tensor.rules import layer_kind
 from parti_lightning.planner.optimizer_state import UNKNOWN_STATE_TENSORS, OptimizerState, optimizer_state
 
 META = torch.device("meta")
@@ -43,6 +45,9 @@ class ParameterInfo:
     shape: tuple[int, ...]
     element_size: int
     requires_grad: bool
+    # Whether tensor parallelism has a split for it: a matrix of a linear, embedding or Conv1D layer, torch's
+    # attention's packed projection, or a stack of experts' matrices. A convolution's kernel has none.
+    splittable: bool = True
 
     @property
     def numel(self) -> int:
@@ -130,6 +135,8 @@ class ModelProfile:
             allocates (forward and backward), freed or not.
         block_timing: the first block's forward and backward measured on this machine
             (:func:`~parti_lightning.planner.timing.time_blocks`); ``None``: predicted from FLOPs alone.
+        pipeline_refusal: why pipeline parallelism would refuse the module (the trunk contract, checked on the
+            profiled step as the run checks it); empty when it would run.
     """
 
     name: str
@@ -148,6 +155,16 @@ class ModelProfile:
     heads: tuple[int, ...] = ()
     large_allocation_bytes: int = 0
     block_timing: BlockTiming | None = None
+    pipeline_refusal: str = ""
+
+    @property
+    def tensor_refusal(self) -> str:
+        """Why tensor parallelism would split nothing in the blocks (it would train them replicated); empty if not."""
+        if not self.blocks:
+            return "the model has no repeated blocks"
+        if not any(p.splittable and len(p.shape) >= 2 for p in self.block_parameters):
+            return "no layer of its blocks is one tensor parallelism splits (convolutions, norms: kept whole)"
+        return ""
 
     @property
     def parameter_count(self) -> int:
@@ -199,34 +216,60 @@ def profile_model(module: nn.Module, batch: Any) -> ModelProfile:
     reads a value, needs a Trainer) or the module is a plain ``nn.Module``, ``module(batch)`` runs
     instead and the sum of its floating outputs stands for the loss; the profile's notes say so.
 
+    Code that reads values cannot run on meta tensors at all (Hugging Face's mask and loss code asks
+    whether a padding mask is all ones). Such a module of at most ``REAL_COPY_BYTES`` is profiled on a
+    real copy instead, one real step on the batch (the random number generators left as they were).
+
     Args:
         module: the model (a ``LightningModule`` or any ``nn.Module``), on any device.
         batch: one batch as the dataloader yields it (tensors anywhere; only shapes and dtypes are read).
 
     Returns:
         the profile.
+
+    Raises:
+        ValueError: the step cannot run on meta tensors and the module is too large to copy.
     """
-    notes: list[str] = []
-    meta_module = meta_copy(module)
     meta_batch = tree_map_only(Tensor, lambda t: torch.empty_like(t, device=META), batch)
-    optimizers = _optimizer_states(meta_module, notes)
-    blocks = find_blocks(meta_module)
-    recorder = _SavedTensors(meta_module, blocks)
+    try:
+        return _profile(module, meta_copy(module), meta_batch, batch, [])
+    except Exception as err:  # noqa: BLE001 - any failure on meta tensors: try a real copy, or say why not
+        why = f"{type(err).__name__}: {str(err)[:200]}"
+        if state_bytes(module) > REAL_COPY_BYTES:
+            raise ValueError(
+                f"cannot profile {type(module).__name__}: its step cannot run on meta tensors ({why}), and at"
+                f" {state_bytes(module) / 2**30:.1f} GiB it is too large to profile on a real copy (at most"
+                f" {REAL_COPY_BYTES / 2**30:.0f} GiB). Give a plan instead of plan='auto'."
+            ) from err
+        notes = [f"profiled on a real copy of the module: its step cannot run on meta tensors ({why})"]
+        device = next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
+        real_batch = tree_map_only(Tensor, lambda t: t.detach().to(device), batch)
+        with torch.random.fork_rng(devices=[]):
+            return _profile(module, real_copy(module), real_batch, batch, notes)
+
+
+def _profile(module: nn.Module, copy: nn.Module, copy_batch: Any, batch: Any, notes: list[str]) -> ModelProfile:
+    """One step of ``copy`` (of ``module``; meta or real) on ``copy_batch``, watched."""
+    device = next((t.device for t in (*copy.parameters(), *copy.buffers())), META)
+    optimizers = _optimizer_states(copy, notes)
+    blocks = find_blocks(copy)
+    recorder = _SavedTensors(copy, blocks)
     # Why two counters: one over the whole step attributes backward FLOPs to modules (its hooks are
     # set during forward); the inner one tells the forward's share apart.
     step_counter, forward_counter = FlopCounterMode(display=False), FlopCounterMode(display=False)
     tracker = MemTracker()
-    prefix = type(meta_module).__name__
+    prefix = type(copy).__name__
     operations = _OperationCounter({f"{prefix}.{name}" for name, _ in blocks})
     with warnings.catch_warnings(), recorder:
         warnings.simplefilter("ignore")  # self.log without a Trainer, MemTracker's own notices
-        tracker.track_external(meta_module)
+        tracker.track_external(copy)
         with tracker, step_counter, operations:
             with forward_counter:
-                loss, source = _run_step(meta_module, meta_batch, notes)
+                loss, source = _run_step(copy, copy_batch, notes)
             recorder.stop()
             loss.backward()
-    peak = tracker.get_tracker_snapshot("peak").get(META, {})
+    peak = tracker.get_tracker_snapshot("peak").get(device, {})
+    refusal = _pipeline_refusal(copy, copy_batch, len(blocks))
     params = _parameter_infos(module)
     fwd, step = forward_counter.get_flop_counts(), step_counter.get_flop_counts()
     return ModelProfile(
@@ -257,7 +300,29 @@ def profile_model(module: nn.Module, batch: Any) -> ModelProfile:
         notes=tuple(notes),
         heads=_head_counts(module),
         large_allocation_bytes=operations.large_allocation_bytes,
+        pipeline_refusal=refusal,
     )
+
+
+def _pipeline_refusal(copy: nn.Module, batch: Any, blocks: int) -> str:
+    """What pipeline parallelism's trunk contract says of the step, checked on the profiled copy as the run
+    checks it on the first batch; empty when the trunk can be pipelined."""
+    if blocks < 2:
+        return "the model has no repeated trunk"
+
+    def run() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _run_step(copy, batch, [])
+
+    try:
+        with torch.no_grad():
+            check_trunk_contract(copy, run)
+    except ValueError as err:
+        return str(err)
+    except Exception:  # noqa: BLE001,S110 - not a verdict (the step failed without grad): the run checks it at setup
+        pass
+    return ""
 
 
 # Attribute names under which attention layers and model configs (torch's, nanoGPT's, Hugging Face's) keep
@@ -296,9 +361,19 @@ def meta_copy(module: nn.Module) -> nn.Module:
 
 
 def _parameter_infos(module: nn.Module) -> tuple[ParameterInfo, ...]:
+    owners = dict(module.named_modules())
     return tuple(
-        ParameterInfo(name, tuple(p.shape), p.element_size(), p.requires_grad) for name, p in module.named_parameters()
+        ParameterInfo(name, tuple(p.shape), p.element_size(), p.requires_grad, _splittable(owners, name, p))
+        for name, p in module.named_parameters()
     )
+
+
+def _splittable(owners: dict[str, nn.Module], name: str, param: Tensor) -> bool:
+    """Whether tensor parallelism has a split for ``param`` (see :attr:`ParameterInfo.splittable`)."""
+    if param.dim() == 3:  # a stack of experts' matrices, [experts, in, out]
+        return True
+    owner = owners[name.rpartition(".")[0]]
+    return param.dim() == 2 and (layer_kind(owner) is not None or isinstance(owner, nn.MultiheadAttention))
 
 
 # --------------------------------------------------------------------------------------- the step
@@ -313,7 +388,7 @@ def _run_step(module: nn.Module, batch: Any, notes: list[str]) -> tuple[Tensor, 
                 return loss, "training_step"
             notes.append("training_step returned no loss (manual optimization?): profiled forward(batch) instead")
         except Exception as err:  # noqa: BLE001 - any failure on meta tensors means: fall back to forward
-            notes.append(f"training_step could not run on meta tensors ({type(err).__name__}: {err}):"
+            notes.append(f"training_step could not run on the copy ({type(err).__name__}: {err}):"
                          " profiled forward(batch) instead")
     output = module(*batch) if isinstance(batch, (tuple, list)) and step is None else module(batch)
     floats = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.is_floating_point()]

@@ -154,15 +154,44 @@ def _model_parallel_degrees(profile: ModelProfile, world_size: int) -> list[tupl
     """
     divisors = [d for d in range(2, world_size + 1) if world_size % d == 0]
     tensors = [1, *(t for t in divisors if _tensor_fits(profile, t))]
-    pipelines = [1, *(p for p in divisors if p <= len(profile.blocks))] if len(profile.blocks) >= 2 else [1]
+    pipelines = [1, *(p for p in divisors if p <= len(profile.blocks))] if not refusal_of_pipeline(profile) else [1]
     return [(p, t) for p in pipelines for t in tensors if world_size % (p * t) == 0]
 
 
 def _tensor_fits(profile: ModelProfile, degree: int) -> bool:
-    if not profile.blocks or any(heads % degree for heads in profile.heads):
+    if profile.tensor_refusal or any(heads % degree for heads in profile.heads):
         return False
-    matrices = [p.shape for p in profile.block_parameters if len(p.shape) == 2]
+    matrices = [p.shape for p in profile.block_parameters if len(p.shape) == 2 and p.splittable]
     return bool(matrices) and all(dim % degree == 0 for shape in matrices for dim in shape)
+
+
+def refusal_of_pipeline(profile: ModelProfile) -> str:
+    return profile.pipeline_refusal or ("the model has no repeated trunk" if len(profile.blocks) < 2 else "")
+
+
+def left_out(profile: ModelProfile, world_size: int) -> list[str]:
+    """Why tensor or pipeline plans are not among the candidates at ``world_size``, in words (nothing: they are)."""
+    divisors = [d for d in range(2, world_size + 1) if world_size % d == 0]
+    if not divisors:
+        return []
+    reasons = []
+    if not any(_tensor_fits(profile, t) for t in divisors):
+        why = profile.tensor_refusal or (
+            f"no degree in {divisors} divides every head count {list(profile.heads)} and every matrix of its blocks"
+        )
+        reasons.append(f"tensor parallel left out: {why}")
+    if refusal_of_pipeline(profile):
+        reasons.append(f"pipeline parallel left out: {refusal_of_pipeline(profile)}")
+    return reasons
+
+
+def refusal(profile: ModelProfile, plan: ResolvedPlan) -> str:
+    """Why the run would refuse ``plan`` or split nothing of it for this model (empty: it runs as planned)."""
+    if plan.pipeline > 1 and refusal_of_pipeline(profile):
+        return f"pipeline refused: {refusal_of_pipeline(profile)}"
+    if plan.tensor > 1 and not _tensor_fits(profile, plan.tensor):
+        return f"tensor would fall back: {profile.tensor_refusal or 'heads or matrices not divisible'}"
+    return ""
 
 
 def _pipeline_settings(profile: ModelProfile, pipeline: int, storage: str) -> list[dict[str, Any]]:
@@ -236,9 +265,12 @@ def choose_plan(
     predicted = [(plan, corrected(estimate(profile, hardware, plan, ranks_per_node), corrections.get(plan_kind(plan))))
                  for plan in plans]
     used = {kind: corrections[kind] for kind in dict.fromkeys(plan_kind(plan) for plan in plans) if kind in corrections}
-    fitting = [(plan, est) for plan, est in predicted if est.peak_bytes <= usable]
+    refused = {id(plan): why for plan in plans if (why := refusal(profile, plan))}
+    fitting = [(plan, est) for plan, est in predicted if est.peak_bytes <= usable and id(plan) not in refused]
+    reasons = left_out(profile, world_size)
     if not fitting:
-        raise NoPlanFits(_no_fit_message(profile, hardware, predicted, usable, world_size, ranks_per_node, headroom))
+        raise NoPlanFits(_no_fit_message(profile, hardware, predicted, usable, world_size, ranks_per_node, headroom)
+                         + "".join(f" {why.capitalize()}." for why in reasons))
     # Seconds per sample: a step of a plan with fewer data-parallel ranks (tensor, pipeline) trains fewer samples.
     # Every plan competes on it (tensor plans pay DTensor's dispatch, measured); the candidates come simplest
     # first, data-parallel before model-parallel, so a tie goes to the simpler.
@@ -246,14 +278,14 @@ def choose_plan(
     chosen, chosen_est = next((p, e) for p, e in fitting if _per_sample(p, e) <= fastest * (1 + tie_tolerance))
     chosen_rate = _per_sample(chosen, chosen_est)
     candidates = tuple(
-        Candidate(plan, est, est.peak_bytes <= usable,
-                  _reason(plan is chosen, _per_sample(plan, est) / chosen_rate if chosen_rate else 1.0,
-                          est.peak_bytes, usable, tie_tolerance),
+        Candidate(plan, est, est.peak_bytes <= usable and id(plan) not in refused,
+                  refused.get(id(plan)) or _reason(plan is chosen, _per_sample(plan, est) / chosen_rate
+                                                   if chosen_rate else 1.0, est.peak_bytes, usable, tie_tolerance),
                   plan is chosen)
         for plan, est in predicted
     )
     return PlanReport(chosen, candidates, hardware.memory_bytes, headroom, profile, hardware, world_size,
-                      profile.notes, used)
+                      (*profile.notes, *reasons), used)
 
 
 def _model_parallel(plan: ResolvedPlan) -> bool:

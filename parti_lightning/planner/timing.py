@@ -27,7 +27,8 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from parti_lightning.accelerator import cores_for_rank, usable_cores
 from parti_lightning.parallel.blocks import find_blocks
-from parti_lightning.parallel.copies import module_copy
+from parti_lightning.parallel.copies import REAL_COPY_BYTES, module_copy, real_copy, state_bytes
+from parti_lightning.parallel.scratch import CacheTemplates, fresh_caches
 from parti_lightning.planner.profile import META, BlockTiming, CallCounter, ModelProfile, meta_copy
 
 # Micro-batch counts a pipeline candidate may use (as the search proposes them).
@@ -97,30 +98,56 @@ def _measure(module: nn.Module, batch: Any, profile: ModelProfile, ranks_per_nod
 
 
 def _block_inputs(module: nn.Module, batch: Any, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """What the block named ``name`` is called with, as meta tensors: its first call in a meta forward."""
-    meta_module = meta_copy(module)
-    block = dict(find_blocks(meta_module))[name]
+    """What the block named ``name`` is called with, as meta tensors: its first call in a meta forward.
+
+    A forward that cannot run on meta tensors (it reads values: Hugging Face's masks) runs on a real copy of a
+    module of at most ``REAL_COPY_BYTES``, without gradients. A cache the block is handed empty (a Hugging Face
+    decoder's, at its defaults) is scratch of one pass: each timed run gets a fresh empty one.
+    """
+    try:
+        return _captured_inputs(meta_copy(module), tree_map_only(Tensor, _as_meta, batch), name)
+    except _NoCapture:
+        raise
+    except Exception:
+        if state_bytes(module) > REAL_COPY_BYTES:
+            raise
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        args, kwargs = _captured_inputs(real_copy(module), batch, name)
+    return tree_map_only(Tensor, _as_meta, args), tree_map_only(Tensor, _as_meta, kwargs)
+
+
+def _as_meta(tensor: Tensor) -> Tensor:
+    return torch.empty_like(tensor, device=META).requires_grad_(tensor.requires_grad)
+
+
+class _NoCapture(RuntimeError):
+    """The forward ran but never called the block."""
+
+
+def _captured_inputs(copy: nn.Module, batch: Any, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    block = dict(find_blocks(copy))[name]
+    templates = CacheTemplates()
 
     def capture(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        raise _Captured(args, kwargs)
+        templates.see(args, kwargs)
+        raise _Captured(*templates.scratch((args, kwargs)))
 
     handle = block.register_forward_pre_hook(capture, with_kwargs=True)
-    meta_batch = tree_map_only(Tensor, lambda t: torch.empty_like(t, device=META), batch)
     try:
-        step = getattr(meta_module, "training_step", None)
+        step = getattr(copy, "training_step", None)
         try:
-            step(meta_batch, 0) if step is not None else meta_module(meta_batch)
+            step(batch, 0) if step is not None else copy(batch)
         except _Captured as found:
             return found.args_, found.kwargs
-        except Exception:  # noqa: BLE001,S110 - as the profile: a step that cannot run on meta falls back to forward
+        except Exception:  # noqa: BLE001,S110 - as the profile: a step that cannot run here falls back to forward
             pass
         try:
-            meta_module(*meta_batch) if isinstance(meta_batch, (tuple, list)) else meta_module(meta_batch)
+            copy(*batch) if isinstance(batch, (tuple, list)) else copy(batch)
         except _Captured as found:
             return found.args_, found.kwargs
     finally:
         handle.remove()
-    raise RuntimeError(f"the model's forward never called its block {name!r}")
+    raise _NoCapture(f"the model's forward never called its block {name!r}")
 
 
 def _real_block(module: nn.Module, name: str) -> nn.Module:
@@ -158,6 +185,7 @@ def _sliced(args: tuple[Any, ...], kwargs: dict[str, Any], samples: int, size: i
 
 def _run(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], backward: bool = True) -> None:
     block.zero_grad(set_to_none=True)  # as Lightning leaves a step: its gradients are new memory each time
+    args, kwargs = fresh_caches(args), fresh_caches(kwargs)
     outputs = [t for t in tree_flatten(block(*args, **kwargs))[0] if isinstance(t, Tensor) and t.requires_grad]
     if backward:
         torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])

@@ -94,7 +94,9 @@ class ZooModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+        # One foreach kernel over every parameter, as many users ask for: it must take sharded (DTensor) and whole
+        # parameters in one list (tensor splits, pipeline's sharded embeddings beside a stage's whole blocks).
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, foreach=True)
 
 
 def fit(case: ZooCase, strategy: Any, devices: int, ckpt_path: str | None = None) -> tuple[L.Trainer, ZooModule]:
