@@ -773,3 +773,15 @@ def test_plans_the_run_would_refuse_are_never_chosen_and_no_plan_fits_says_why()
     assert report.chosen == ddp
     reasons = {c.plan: c.reason for c in report.candidates}
     assert reasons[pp].startswith("pipeline refused") and reasons[tp].startswith("tensor would fall back")
+
+
+def test_a_tied_embedding_and_head_are_predicted_whole_under_tensor_parallel() -> None:
+    """Tensor parallelism keeps a tied pair whole (splitting one would untie it): the planner counts it whole."""
+    from zoo import ZOO
+
+    entry = ZOO["gpt2"]  # its head is tied to the token embedding, as shipped
+    profile = profile_model(entry.build(dropout=False), (entry.batch(seed=0, batch_size=8),))
+    embedding = next(p for p in profile.parameters if p.name.endswith("wte.weight"))
+    assert not embedding.splittable
+    blocks = sum(p.bytes for p in profile.block_parameters if p.splittable and len(p.shape) >= 2)
+    assert cost_module._tensor_split_bytes(profile) == blocks

@@ -46,7 +46,8 @@ class ParameterInfo:
     element_size: int
     requires_grad: bool
     # Whether tensor parallelism has a split for it: a matrix of a linear, embedding or Conv1D layer, torch's
-    # attention's packed projection, or a stack of experts' matrices. A convolution's kernel has none.
+    # attention's packed projection, or a stack of experts' matrices. A convolution's kernel has none, and a
+    # parameter tied to another (an embedding and its head) is kept whole.
     splittable: bool = True
 
     @property
@@ -362,8 +363,13 @@ def meta_copy(module: nn.Module) -> nn.Module:
 
 def _parameter_infos(module: nn.Module) -> tuple[ParameterInfo, ...]:
     owners = dict(module.named_modules())
+    # A tied pair (embedding and head) is kept whole by tensor parallelism: splitting one would untie it.
+    uses: dict[int, int] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
     return tuple(
-        ParameterInfo(name, tuple(p.shape), p.element_size(), p.requires_grad, _splittable(owners, name, p))
+        ParameterInfo(name, tuple(p.shape), p.element_size(), p.requires_grad,
+                      uses[id(p)] == 1 and _splittable(owners, name, p))
         for name, p in module.named_parameters()
     )
 
