@@ -2,12 +2,12 @@
 
 For each model (the example's character GPT, and Hugging Face ``transformers`` models: see below) and each
 plan (ddp, zero1, zero2, zero3, each with and without activation checkpointing of the blocks; tensor and
-pipeline parallel over both ranks), the planner's prediction
-(``parti_lightning.planner.estimate`` on a meta-device profile and this machine's cached hardware
-profile) is set against a real run: ``Trainer(accelerator="cpu", devices=2, strategy=PartiStrategy(plan))``
-in a subprocess, as ``benchmarks/storage_memory.py`` runs them (Lightning's launcher re-runs this
-script for the other ranks). ``--ranks 4`` runs every plan on 4 ranks instead (tensor and pipeline degree
-2 with data parallelism 2; more ranks than cores are shared, and slow).
+pipeline parallel over both ranks), the planner's prediction (``parti_lightning.planner.estimate`` on a
+meta-device profile, a real CPU copy's for HF models, and this machine's cached hardware profile) is set
+against a real run: ``Trainer(accelerator="cpu", devices=2, strategy=PartiStrategy(plan))`` in a subprocess,
+as ``benchmarks/storage_memory.py`` runs them (Lightning's launcher re-runs this script for the other ranks).
+``--ranks 4`` runs every plan on 4 ranks instead (tensor and pipeline degree 2 with data parallelism 2; more
+ranks than cores are shared, and slow).
 
 Then the choice, over a grid of cells: each model, with no memory limit and with a budget in the middle of
 each gap between two consecutive plans' measured peaks (so that only the plans measured below it fit, each

@@ -144,9 +144,10 @@ def _pipeline(
         outside_held = outside // spread
         trainable = profile.gradient_bytes / max(profile.parameter_bytes, 1)
         cost.memory["in_flight"] += int((outside - outside_held) * (1 + trainable))
-        bandwidth = _bandwidth(hardware, p * plan.data * plan.shard, ranks_per_node)
+        ranks = p * plan.data * plan.shard
         copy = 2 * outside * (1 + trainable) / hardware.memory_bandwidth_bytes_per_s
-        cost.time["communication"] += (_one_way(outside, p * plan.data * plan.shard, bandwidth) * (1 + trainable)
+        cost.time["communication"] += (_gather_seconds(outside, ranks, hardware, ranks_per_node)
+                                       + _scatter_seconds(outside * trainable, ranks, hardware, ranks_per_node)
                                        + copy + 2 * hardware.collective_latency_s)
     else:
         outside_held = outside
@@ -439,9 +440,9 @@ def _volume_seconds(
         # Gradients are all-reduced whole; each owner then broadcasts its updated parameters.
         shard_bw = _bandwidth(hardware, plan.shard, ranks_per_node)
         return _all_reduce(grads, world, flat) + _one_way(params, plan.shard, shard_bw)
-    shard_bw = _bandwidth(hardware, plan.shard, ranks_per_node)
     gathers = 1 if plan.storage == "gradients" else 2  # ZeRO-3 gathers again for backward
-    seconds = _one_way(grads, plan.shard, shard_bw) + gathers * _one_way(params, plan.shard, shard_bw)
+    seconds = (_scatter_seconds(grads, plan.shard, hardware, ranks_per_node)
+               + gathers * _gather_seconds(params, plan.shard, hardware, ranks_per_node))
     if plan.data > 1:  # hybrid: replicas average their gradient shards across nodes
         seconds += _all_reduce(grads / plan.shard, plan.data, hardware.internode_bandwidth)
     return seconds
@@ -460,6 +461,18 @@ def _page_fault_seconds(profile: ModelProfile, hardware: HardwareProfile) -> flo
 
 def _bandwidth(hardware: HardwareProfile, ranks: int, ranks_per_node: int) -> float:
     return hardware.bandwidth_bytes_per_s if ranks <= ranks_per_node else hardware.internode_bandwidth
+
+
+def _gather_seconds(size: float, ranks: int, hardware: HardwareProfile, ranks_per_node: int) -> float:
+    """An all-gather of ``size`` bytes in all (FSDP's unit gathers), at its own measured rate within a node."""
+    within = ranks <= ranks_per_node and hardware.all_gather_bandwidth_bytes_per_s
+    return _one_way(size, ranks, within or _bandwidth(hardware, ranks, ranks_per_node))
+
+
+def _scatter_seconds(size: float, ranks: int, hardware: HardwareProfile, ranks_per_node: int) -> float:
+    """A reduce-scatter of ``size`` bytes in all (FSDP's gradients), at its own measured rate within a node."""
+    within = ranks <= ranks_per_node and hardware.reduce_scatter_bandwidth_bytes_per_s
+    return _one_way(size, ranks, within or _bandwidth(hardware, ranks, ranks_per_node))
 
 
 def _all_reduce(size: float, ranks: int, bandwidth: float) -> float:
