@@ -735,14 +735,31 @@ def test_a_hugging_face_decoder_is_profiled_and_its_block_timed_at_its_defaults(
     assert not any("timing a block failed" in note for note in timed.notes)
 
 
+class _CallsItsModel(L.LightningModule):
+    """A user's module as most are written: ``training_step`` calls the model it holds, never its own forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model(batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters())
+
+
 def test_checkpointing_is_predicted_slower_than_ddp_on_a_hugging_face_model() -> None:
-    """Its recompute is charged whether the blocks were timed (their forward share) or not (their FLOPs)."""
+    """Its recompute is charged whether the blocks were timed (their forward share) or not (their FLOPs), also when
+    ``training_step`` calls the model rather than the module's own forward (torch's module tracker then names
+    the blocks from the model's class: their FLOPs were found under no name, and the recompute was free)."""
     from zoo import ZOO
 
     entry = ZOO["gpt2"]
-    module, batch = entry.build(), entry.batch(seed=0, batch_size=8)
-    flops_only = profile_model(module, (batch,))
-    for profile in (flops_only, time_blocks(module, (batch,), flops_only, ranks_per_node=1)):
+    module, batch = _CallsItsModel(entry.build()), entry.batch(seed=0, batch_size=8)
+    flops_only = profile_model(module, batch)
+    assert flops_only.source == "training_step" and all(b.forward_flops > 0 for b in flops_only.blocks)
+    for profile in (flops_only, time_blocks(module, batch, flops_only, ranks_per_node=1)):
         ddp = estimate(profile, hardware(), PartitionPlan().resolve(2), 2)
         checkpointed = estimate(profile, hardware(), PartitionPlan(activation_checkpointing="blocks").resolve(2), 2)
         assert checkpointed.time["recompute"] > 0

@@ -259,8 +259,8 @@ def _profile(module: nn.Module, copy: nn.Module, copy_batch: Any, batch: Any, no
     # set during forward); the inner one tells the forward's share apart.
     step_counter, forward_counter = FlopCounterMode(display=False), FlopCounterMode(display=False)
     tracker = MemTracker()
-    prefix = type(copy).__name__
-    operations = _OperationCounter({f"{prefix}.{name}" for name, _ in blocks})
+    tracked = {alias: name for name, _ in blocks for alias in _tracked_names(copy, name)}
+    operations = _OperationCounter(tracked)
     with warnings.catch_warnings(), recorder:
         warnings.simplefilter("ignore")  # self.log without a Trainer, MemTracker's own notices
         tracker.track_external(copy)
@@ -284,9 +284,9 @@ def _profile(module: nn.Module, copy: nn.Module, copy_batch: Any, batch: Any, no
                 parameter_bytes=sum(p.numel() * p.element_size() for p in block.parameters()),
                 activation_bytes=recorder.block_bytes.get(name, 0),
                 input_bytes=recorder.input_bytes.get(name, 0),
-                forward_flops=_flops(fwd, f"{prefix}.{name}"),
-                backward_flops=_flops(step, f"{prefix}.{name}") - _flops(fwd, f"{prefix}.{name}"),
-                operations=operations.counts.get(f"{prefix}.{name}", 0),
+                forward_flops=_flops(fwd, _tracked_names(copy, name)),
+                backward_flops=_flops(step, _tracked_names(copy, name)) - _flops(fwd, _tracked_names(copy, name)),
+                operations=operations.counts.get(name, 0),
                 replicated_activation_bytes=recorder.replicated_bytes.get(name, 0),
             )
             for name, block in blocks
@@ -528,9 +528,9 @@ class _OperationCounter(TorchDispatchMode):
     tensor parallelism's overhead is per call, whatever the operator.
     """
 
-    def __init__(self, blocks: set[str]) -> None:
+    def __init__(self, blocks: dict[str, str]) -> None:
         super().__init__()
-        self._blocks = blocks
+        self._blocks = blocks  # the names the module tracker may give a block -> the block's name
         self._modules = ModuleTracker()
         self.counts: dict[str, int] = {}
         self.large_allocation_bytes = 0
@@ -544,7 +544,8 @@ class _OperationCounter(TorchDispatchMode):
         self._modules.__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        for name in self._blocks.intersection(self._modules.parents):
+        for alias in self._blocks.keys() & self._modules.parents:
+            name = self._blocks[alias]
             self.counts[name] = self.counts.get(name, 0) + 1
         out = func(*args, **(kwargs or {}))
         # A return without alias information is a new tensor, not a view or an input written in place.
@@ -557,8 +558,26 @@ class _OperationCounter(TorchDispatchMode):
         return out
 
 
-def _flops(counts: dict[str, dict[Any, int]], name: str) -> int:
-    return sum(counts.get(name, {}).values())
+def _tracked_names(module: nn.Module, name: str) -> list[str]:
+    """The names torch's module tracker (and ``FlopCounterMode``) may give the submodule ``name`` of ``module``.
+
+    The tracker names a module by the path from the outermost module *called*, led by that module's class name.
+    ``training_step`` often calls a child (``self.model(**batch)``), never the root: the block is then
+    ``LlamaForCausalLM.model.layers.0``, not ``MyModule.model.model.layers.0``. One name per possible caller.
+    """
+    parts = name.split(".")
+    names, owner = [], module
+    for i in range(len(parts)):
+        names.append(".".join([type(owner).__name__, *parts[i:]]))
+        owner = getattr(owner, parts[i], None)
+        if owner is None:
+            break
+    return names
+
+
+def _flops(counts: dict[str, dict[Any, int]], names: list[str]) -> int:
+    """FLOPs counted under the first of ``names`` the counter knows (one caller per step)."""
+    return next((sum(counts[n].values()) for n in names if n in counts), 0)
 
 
 def _batch_size(batch: Any) -> int:
