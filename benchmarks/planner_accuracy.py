@@ -44,9 +44,10 @@ reported as failed and left out of the cells. At the end: figures pooled per fam
 
     python benchmarks/planner_accuracy.py --quick   # one 3M-parameter model, 6 plans: about 3 minutes on 2 cores
     python benchmarks/planner_accuracy.py           # two models (3M, 19M), 11 plans: about 15 minutes
-    python benchmarks/planner_accuracy.py --models llama:2x128 --plans ddp zero3 --steps 4 --warmup 2  # WALL_TINY
-    python benchmarks/planner_accuracy.py --models 4x256 llama:4x256 llama:6x384 gpt2:4x256 gpt2:6x384 \
-        bert:4x256 bert:6x384 --plans ddp ddp+ac zero1 zero3 zero3+ac tp pp --steps 6 --warmup 2  # WALL_GRID
+    python benchmarks/planner_accuracy.py --models llama:2x128 --plans ddp zero3 --steps 4 --warmup 2  # about 1 minute
+    # CharGPT and three HF families at two sizes (3M-20M parameters), 7 plans: about 13 minutes on 2 cores
+    python benchmarks/planner_accuracy.py --models 4x256 llama:4x256 llama:6x384 gpt2:4x256 gpt2:6x384 \\
+        bert:4x256 bert:6x384 --plans ddp ddp+ac zero1 zero3 zero3+ac tp pp --steps 6 --warmup 2
     python benchmarks/planner_accuracy.py --measured a.json b.json   # predictions again, runs pooled: seconds
 """
 
