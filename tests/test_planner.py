@@ -215,11 +215,13 @@ def test_cpu_ranks_with_glibcs_own_threshold_keep_freed_activations(monkeypatch)
     ddp = estimate(profile, hardware(), PartitionPlan().resolve(2), 2).memory
     checkpointed = estimate(profile, hardware(), PartitionPlan(activation_checkpointing="blocks").resolve(2), 2).memory
     assert checkpointed["activations"] < ddp["activations"] and checkpointed["allocator"] == ddp["allocator"]
-    # A pipeline rank's micro-batches allocate a slice at a time: its heap keeps one micro-batch's activations.
-    for schedule, in_flight in (("gpipe", 4), ("1f1b", 2)):
+    # A pipeline rank keeps its own activations too (its stage's and those outside the trunk, as measured on
+    # Hugging Face models, whose logits run on the whole batch): fewer than ddp's, by what the stage leaves out.
+    for schedule in ("gpipe", "1f1b"):
         plan = PartitionPlan(pipeline=2, data=1, micro_batches=4, schedule=schedule).resolve(2)
         stage = estimate(profile, hardware(), plan, 2).memory
-        assert stage["allocator"] == stage["activations"] // in_flight > 0, schedule
+        assert stage["allocator"] == int(kept_share * stage["activations"]) > 0, schedule
+        assert stage["allocator"] < ddp["allocator"], schedule
     on_gpu = estimate(profile, hardware(device_type="cuda"), PartitionPlan().resolve(2), 2)
     assert on_gpu.memory["allocator"] == 0
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the user fixed the threshold: freed memory goes back

@@ -303,15 +303,16 @@ def _heap_retained(cost: _Cost, hardware: HardwareProfile, plan: ResolvedPlan) -
     148, 197, 210, 216 MiB after steps 1-4; 149 MiB throughout with ``MALLOC_MMAP_THRESHOLD_`` fixed). The
     growth follows what the step allocates, not what it keeps: over 8 steps 0.61-0.94 (mean 0.85) times the
     step's activations before checkpointing under ddp, ZeRO-1 and tensor parallelism, with or without
-    checkpointing, which allocates the same activations but frees them sooner; a pipeline rank, whose
-    micro-batches allocate a slice at a time, keeps about one micro-batch's activations (0.9-1.2 times; both
-    from benchmarks/planner_accuracy.py, two model sizes, the step's fixed memory taken out). Nothing where
-    the threshold is fixed (ZeRO-2/3 ranks, or the user's ``MALLOC_MMAP_THRESHOLD_``).
+    checkpointing, which allocates the same activations but frees them sooner (benchmarks/planner_accuracy.py,
+    two model sizes, the step's fixed memory taken out). A pipeline rank too, of its own activations (its
+    stage's and those of what runs outside the trunk): on the example's CharGPT, whose small vocabulary leaves
+    the trunk's micro-batch slices as its largest allocations, it kept only about one micro-batch's (this
+    over-predicts it by about 20%); on Hugging Face models, whose logits and loss run on the whole batch at
+    once, it kept 0.85 times them or more (-5% to -23% left). Nothing where the threshold is fixed (ZeRO-2/3
+    ranks, or the user's ``MALLOC_MMAP_THRESHOLD_``).
     """
     if hardware.device_type != "cpu" or shards_module(plan) or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return 0
-    if plan.pipeline > 1:
-        return cost.uncheckpointed_activation_bytes // _micro_batches_in_flight(plan)
     return int(_HEAP_KEPT * cost.uncheckpointed_activation_bytes)
 
 
