@@ -261,15 +261,21 @@ def _storage(
         return
     cost.time["page_faults"] = _page_fault_seconds(profile, hardware) * share
     shard = int(_fsdp_shard_bytes(profile, n) * share)
-    params, unit = cost.held_parameter_bytes, int(_largest_unit_bytes(profile) * share)
+    params = cost.held_parameter_bytes
+    blocks = [b.parameter_bytes for b in profile.blocks]
+    # The root unit (what no block holds: embeddings, head) and the largest block unit, as this rank holds them.
+    root, block = int((profile.parameter_bytes - sum(blocks)) * share), int(max(blocks, default=0) * share)
+    unit = max(root, block)
     trainable_share = profile.gradient_bytes / max(params, 1)
-    # ZeRO-2 keeps every unit gathered from its forward to its backward; ZeRO-3 only those in flight.
-    gathered = params if plan.storage == "gradients" else min(params, _UNITS_IN_FLIGHT * unit)
+    # ZeRO-2 keeps every unit gathered from its forward to its backward. ZeRO-3 only those in flight: FSDP2
+    # keeps the root gathered from its forward to its backward, and prefetches the next block.
+    gathered = params if plan.storage == "gradients" else min(params, root + _UNITS_IN_FLIGHT * block)
     cost.memory.update({
         "parameters": shard + profile.buffer_bytes,
-        # Gradients are reduce-scattered unit by unit: a unit's whole gradients and the reduce-scatter
-        # input exist until its shard is written.
-        "gradients": int(shard * trainable_share) + 2 * unit,
+        # Gradients are reduce-scattered unit by unit: a block's whole gradients and the reduce-scatter input
+        # exist until its shard is written. At the step's peak (the forward's end) none exist yet; the blocks'
+        # come while activations are freed, the root's last, when the activations are gone.
+        "gradients": int(shard * trainable_share) + 2 * block,
         "optimizer": int(shard * trainable_share) * profile.optimizer_tensors_per_parameter
         + profile.optimizer_scalar_bytes,
         # The all-gather output is copied out into the unit's parameters: briefly one unit twice.
