@@ -154,7 +154,7 @@ def _model_parallel_degrees(profile: ModelProfile, world_size: int) -> list[tupl
     """
     divisors = [d for d in range(2, world_size + 1) if world_size % d == 0]
     tensors = [1, *(t for t in divisors if _tensor_fits(profile, t))]
-    pipelines = [1, *(p for p in divisors if p <= len(profile.blocks))] if not refusal_of_pipeline(profile) else [1]
+    pipelines = [1, *(p for p in divisors if p <= len(profile.blocks))] if not _pipeline_refusal(profile) else [1]
     return [(p, t) for p in pipelines for t in tensors if world_size % (p * t) == 0]
 
 
@@ -165,11 +165,12 @@ def _tensor_fits(profile: ModelProfile, degree: int) -> bool:
     return bool(matrices) and all(dim % degree == 0 for shape in matrices for dim in shape)
 
 
-def refusal_of_pipeline(profile: ModelProfile) -> str:
+def _pipeline_refusal(profile: ModelProfile) -> str:
+    """Why pipeline parallelism would refuse the model (empty: it would run)."""
     return profile.pipeline_refusal or ("the model has no repeated trunk" if len(profile.blocks) < 2 else "")
 
 
-def left_out(profile: ModelProfile, world_size: int) -> list[str]:
+def _left_out(profile: ModelProfile, world_size: int) -> list[str]:
     """Why tensor or pipeline plans are not among the candidates at ``world_size``, in words (nothing: they are)."""
     divisors = [d for d in range(2, world_size + 1) if world_size % d == 0]
     if not divisors:
@@ -180,15 +181,15 @@ def left_out(profile: ModelProfile, world_size: int) -> list[str]:
             f"no degree in {divisors} divides every head count {list(profile.heads)} and every matrix of its blocks"
         )
         reasons.append(f"tensor parallel left out: {why}")
-    if refusal_of_pipeline(profile):
-        reasons.append(f"pipeline parallel left out: {refusal_of_pipeline(profile)}")
+    if why := _pipeline_refusal(profile):
+        reasons.append(f"pipeline parallel left out: {why}")
     return reasons
 
 
 def refusal(profile: ModelProfile, plan: ResolvedPlan) -> str:
     """Why the run would refuse ``plan`` or split nothing of it for this model (empty: it runs as planned)."""
-    if plan.pipeline > 1 and refusal_of_pipeline(profile):
-        return f"pipeline refused: {refusal_of_pipeline(profile)}"
+    if plan.pipeline > 1 and (why := _pipeline_refusal(profile)):
+        return f"pipeline refused: {why}"
     if plan.tensor > 1 and not _tensor_fits(profile, plan.tensor):
         return f"tensor would fall back: {profile.tensor_refusal or 'heads or matrices not divisible'}"
     return ""
@@ -267,7 +268,7 @@ def choose_plan(
     used = {kind: corrections[kind] for kind in dict.fromkeys(plan_kind(plan) for plan in plans) if kind in corrections}
     refused = {id(plan): why for plan in plans if (why := refusal(profile, plan))}
     fitting = [(plan, est) for plan, est in predicted if est.peak_bytes <= usable and id(plan) not in refused]
-    reasons = left_out(profile, world_size)
+    reasons = _left_out(profile, world_size)
     if not fitting:
         raise NoPlanFits(_no_fit_message(profile, hardware, predicted, usable, world_size, ranks_per_node, headroom)
                          + "".join(f" {why.capitalize()}." for why in reasons))
