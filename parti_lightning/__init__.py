@@ -1,14 +1,16 @@
 """parti-lightning: partitioned training for unmodified Lightning modules.
 
 Importing the package registers ``strategy="parti"`` (and ``parti_spawn``, ``parti_<preset>``) and
-``accelerator="parti"`` with Lightning, and lets ``Trainer.fit`` take a ``torch.compile``d module for
-parti's strategies (compiled per block after partitioning).
+``accelerator="parti"`` with Lightning, lets ``Trainer.fit`` take a ``torch.compile``d module for
+parti's strategies (compiled per block after partitioning), and lets ``PartiStrategy(resume="auto")`` pick the
+checkpoint ``fit`` resumes from.
 """
 
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.strategies import StrategyRegistry
 
 from parti_lightning.accelerator import PartiAccelerator
+from parti_lightning.lightning_adapters import auto_resume
 from parti_lightning.lightning_adapters.compiled import accept_compiled_modules
 from parti_lightning.plan import PartitionPlan, PlanError
 from parti_lightning.strategy import PartiStrategy
@@ -23,6 +25,7 @@ def _register() -> None:
     if "parti" not in AcceleratorRegistry:
         PartiAccelerator.register_accelerators(AcceleratorRegistry)
     accept_compiled_modules()
+    auto_resume.install()
 
 
 _register()

@@ -33,7 +33,7 @@ from typing_extensions import override
 from parti_lightning.accelerator import PartiAccelerator, release_freed_memory
 from parti_lightning.checkpoint.hooks import CheckpointHooks, StateDictType
 from parti_lightning.lightning_adapters import prelaunch
-from parti_lightning.lightning_adapters.autoplan import StepMeter, choose_in_run
+from parti_lightning.lightning_adapters.autoplan import StepMeter, choose_in_run, rank_budget
 from parti_lightning.lightning_adapters.collectives import Collectives
 from parti_lightning.lightning_adapters.compat import check_callbacks
 from parti_lightning.lightning_adapters.compiled import take_compiler
@@ -94,6 +94,8 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
             atomically, loadable under any plan or world size; ``parti-lightning convert`` turns it into a
             single file. ``"full"``: one plain Lightning file gathered on rank 0. Either kind loads under any
             plan.
+        resume: ``"auto"``: ``fit`` without ``ckpt_path`` resumes from the newest checkpoint in the run's
+            ``ModelCheckpoint`` folder (a restarted job goes on by itself); ``"never"``: as Lightning.
         accelerator: the device partitions; default :class:`~parti_lightning.PartiAccelerator`.
         parallel_devices: devices of this node (normally set by the Trainer).
         cluster_environment: normally detected by the Trainer (torchrun, SLURM, ...).
@@ -112,6 +114,7 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
         startup_timeout: Union[float, timedelta] = 1800.0,
         start_method: StartMethod = "popen",
         state_dict_type: StateDictType = "auto",
+        resume: Literal["never", "auto"] = "never",
         memory_budget: int | None = None,
         planner_headroom: float = 0.1,
         planner_calibration: bool = True,
@@ -134,7 +137,8 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
         self._auto = prelaunch.is_auto(plan)
         self.plan = PartitionPlan.from_value(plan)
         self.plan.check_implemented()
-        prelaunch.check_arguments(memory_budget, planner_headroom, process_group_backend, state_dict_type)
+        prelaunch.check_arguments(memory_budget, planner_headroom, process_group_backend, state_dict_type, resume)
+        self.resume = resume
         self._memory_budget = memory_budget
         self._planner_headroom = planner_headroom
         self._planner_calibration = planner_calibration
@@ -360,12 +364,9 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
     def _choose_plan(self, trainer: Trainer) -> None:
         """``plan="auto"``: the planner chooses on global rank 0, every rank takes its choice."""
         assert self.lightning_module is not None and self.mesh is not None
-        budget = self._memory_budget
-        if budget is None:
-            assert isinstance(self.accelerator, PartiAccelerator), "plan='auto' needs the PartiAccelerator"
-            budget = self.accelerator.memory_budget
         chosen, report, self._step_meter = choose_in_run(
-            trainer, self.lightning_module, self.mesh, self.root_device, budget=budget,
+            trainer, self.lightning_module, self.mesh, self.root_device,
+            budget=rank_budget(self._memory_budget, self.accelerator),
             ranks_per_node=self.num_processes, headroom=self._planner_headroom,
             calibration=self._planner_calibration, startup_timeout=self._startup_timeout, timeout=self._timeout,
         )

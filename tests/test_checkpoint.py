@@ -36,6 +36,8 @@ RESUMES = [
     ("top-k-link-zero2x2-as-zero2x2", "T", "zero2", 2),
     # `ckpt_path="last"`: Lightning finds the newest `last*.ckpt` in the checkpoint folder, here a directory.
     ("lightning-last-zero1x2-as-zero2x2", "D", "zero2-last", 2),
+    # `PartiStrategy(resume="auto")`: `fit` with no `ckpt_path` goes on from the folder's newest checkpoint.
+    ("resume-auto-zero1x2-as-zero1x2", "D", "zero1-auto", 2),
 ]
 
 
@@ -71,8 +73,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"plan": "zero1", "max_steps": 12, "ckpt": f"{o}/A/last.ckpt", "restored": restored("A", "zero1", 2)},
         {"plan": "zero1", "max_steps": 10, "dirpath": f"{o}/D", "final": f"{o}/D.pt"},
         {"plan": "zero2", "max_steps": 12, "ckpt": f"{o}/D/last.ckpt", "restored": restored("D", "zero2", 2)},
-        {"plan": "zero2", "max_steps": 12, "dirpath": f"{o}/D", "ckpt": "last",
+        # Both read D's folder through its callback and write nothing there (no `last` at the end of their fit).
+        {"plan": "zero2", "max_steps": 12, "dirpath": f"{o}/D", "save_last": False, "ckpt": "last",
          "restored": restored("D", "zero2-last", 2)},
+        {"plan": "zero1", "max_steps": 12, "dirpath": f"{o}/D", "save_last": False, "resume": "auto",
+         "restored": restored("D", "zero1-auto", 2)},
         # Resume equivalence: 10 steps (one epoch at 2 ranks), save, resume 10 more; and 20 straight.
         {"plan": "zero2", "max_steps": 10, "dirpath": f"{o}/E", "every": 10, "final": f"{o}/E1.pt"},
         {"plan": "zero2", "max_steps": 20, "ckpt": f"{o}/E/last.ckpt", "final": f"{o}/E2.pt"},

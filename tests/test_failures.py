@@ -53,6 +53,7 @@ def test_timeouts_must_be_positive(name: str) -> None:
         ({"memory_budget": 0}, "memory_budget=0"),
         ({"memory_budget": 1.5}, "memory_budget=1.5"),
         ({"planner_headroom": 1.0}, "planner_headroom=1.0"),
+        ({"resume": "always"}, "resume='always'"),
         ({"planner_headroom": -0.1}, "planner_headroom=-0.1"),
         ({"state_dict_type": "both"}, "state_dict_type='both'"),
     ],

@@ -4,6 +4,7 @@
 where Lightning's strategy, launcher, plugin and callback interfaces meet them. The checkpoint hooks
 are in :mod:`parti_lightning.checkpoint.hooks`, beside the format they write.
 
+- ``auto_resume.py``: ``resume="auto"``: ``fit`` without ``ckpt_path`` goes on from the run's newest checkpoint.
 - ``autoplan.py``: ``plan="auto"`` inside a run: an example batch from what the Trainer trains on, the
   choice made on rank 0 and sent to every rank, the measured step logged beside the prediction.
 - ``collectives.py``: the collectives Lightning asks a strategy for (reduce, all-gather over the

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 
-from parti_lightning.accelerator import usable_cores
+from parti_lightning.accelerator import PartiAccelerator, usable_cores
 from parti_lightning.mesh import ParallelMesh
 from parti_lightning.plan import PartitionPlan
 from parti_lightning.planner import HardwareProfile, PlanReport, choose_plan, example_batch, profile_model
@@ -156,6 +156,14 @@ def choose_in_run(
             headroom=headroom,
         )
     return chosen, report, StepMeter("plan='auto'", prediction, device)
+
+
+def rank_budget(memory_budget: int | None, accelerator: Any) -> int:
+    """The memory one rank may use: the strategy's ``memory_budget``, else the accelerator's device partition's."""
+    if memory_budget is not None:
+        return memory_budget
+    assert isinstance(accelerator, PartiAccelerator), "plan='auto' needs the PartiAccelerator"
+    return accelerator.memory_budget
 
 
 def _hardware(device_type: str, ranks_per_node: int) -> HardwareProfile:

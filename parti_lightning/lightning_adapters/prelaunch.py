@@ -12,6 +12,7 @@ from datetime import timedelta
 import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from parti_lightning.lightning_adapters.auto_resume import RESUME_MODES
 from parti_lightning.plan import AUTO, PlanLike, ResolvedPlan
 
 BACKENDS = ("gloo", "nccl")
@@ -19,9 +20,12 @@ STATE_DICT_TYPES = ("auto", "sharded", "full")
 
 
 def check_arguments(
-    memory_budget: int | None, planner_headroom: float, backend: str | None, state_dict_type: str
+    memory_budget: int | None, planner_headroom: float, backend: str | None, state_dict_type: str,
+    resume: str = "never",
 ) -> None:
     """Raise ``ValueError`` for a ``PartiStrategy`` argument out of its range."""
+    if resume not in RESUME_MODES:
+        raise ValueError(f"resume={resume!r}: choose 'never' or 'auto'.")
     if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget <= 0):
         raise ValueError(f"memory_budget={memory_budget!r}: give a positive number of bytes per rank, or None.")
     if not 0 <= planner_headroom < 1:

@@ -140,7 +140,8 @@ def run(devices: int, job: dict[str, Any]) -> None:
         accelerator=PartiAccelerator(oversubscribe=True),
         devices=devices,
         # Sharded under every plan (not only where "auto" would choose it): these tests are about that form.
-        strategy=PartiStrategy(plan=job["plan"], state_dict_type=job.get("state_dict_type", "sharded")),
+        strategy=PartiStrategy(plan=job["plan"], state_dict_type=job.get("state_dict_type", "sharded"),
+                               resume=job.get("resume", "never")),
         max_steps=job["max_steps"],
         callbacks=callbacks,
         logger=False,
