@@ -101,7 +101,8 @@ def _block_inputs(module: nn.Module, batch: Any, name: str) -> tuple[tuple[Any, 
     """What the block named ``name`` is called with, as meta tensors: its first call in a meta forward.
 
     A forward that cannot run on meta tensors (it reads values: Hugging Face's masks) runs on a real copy of a
-    module of at most ``REAL_COPY_BYTES``, without gradients. A cache the block is handed empty (a Hugging Face
+    module of at most ``REAL_COPY_BYTES``, with gradients as in training (so that the timed backward computes
+    the input's gradient too), stopped at the block's first call. A cache the block is handed empty (a Hugging Face
     decoder's, at its defaults) is scratch of one pass: each timed run gets a fresh empty one.
     """
     try:
@@ -111,7 +112,7 @@ def _block_inputs(module: nn.Module, batch: Any, name: str) -> tuple[tuple[Any, 
     except Exception:
         if state_bytes(module) > REAL_COPY_BYTES:
             raise
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):
         args, kwargs = _captured_inputs(real_copy(module), batch, name)
     return tree_map_only(Tensor, _as_meta, args), tree_map_only(Tensor, _as_meta, kwargs)
 
