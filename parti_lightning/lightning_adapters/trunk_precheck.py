@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map_only
 from torch.utils.data import DataLoader
 
-from parti_lightning.parallel.copies import REAL_COPY_BYTES, real_copy, state_bytes
+from parti_lightning.parallel.copies import REAL_COPY_BYTES, state_bytes, trial_copy
 from parti_lightning.parallel.pipeline.contract import check_trunk_contract
 from parti_lightning.planner.profile import meta_copy
 
@@ -66,7 +66,7 @@ def check_trunk_before_launch(module: LightningModule, fit_args: tuple[Any, ...]
             return f"checked at setup ({how} cannot run on meta tensors: {str(err)[:200]})"
         try:
             with torch.no_grad(), isolate_rng():
-                _dry_run(real_copy(module), example, batch)
+                _dry_run(trial_copy(module), example, batch)
         except _DryRunUnavailable as real_err:
             return f"checked at setup ({how} cannot run before launch: {str(real_err)[:200]})"
         return f"checked before launch ({how}, on a copy of the module: it cannot run on meta tensors)"

@@ -104,6 +104,8 @@ class Parallelized:
         tensor_report: what tensor parallelism split and what fell back, with ``tensor > 1``.
         pipeline: this rank's stage of the pipelined trunk, with ``pipeline > 1``.
         compile_note: what ``compiler`` did (blocks compiled, and which stayed eager), when one was given.
+        mixes_tensor_kinds: whether the parameters are a mix of ``DTensor`` and plain tensors (see
+            :meth:`step_context`); found once, when the plan is applied.
     """
 
     module: nn.Module
@@ -113,6 +115,7 @@ class Parallelized:
     tensor_report: TensorParallelReport | None = None
     pipeline: PipelineParallel | None = None
     compile_note: str = ""
+    mixes_tensor_kinds: bool = False
 
     def describe(self) -> list[str]:
         """What model parallelism did to the module, for the log: tensor layouts, pipeline stages."""
@@ -143,8 +146,7 @@ class Parallelized:
         Under pipeline parallelism the parameters outside the trunk are sharded (``DTensor``) and the stage's
         blocks may be whole: a foreach optimizer (``foreach=True``) gets both in one list.
         """
-        mixed = self.tensor_report is not None or (self.pipeline is not None and holds_sharded_tensors(self.module))
-        return tensor_parallel_step() if mixed else nullcontext()
+        return tensor_parallel_step() if self.mixes_tensor_kinds else nullcontext()
 
     def sync_gradients(self) -> None:
         """After a backward pass: average the gradients it produced (a no-op where FSDP does it)."""
@@ -303,6 +305,8 @@ def parallelize(
         result.gradient_sync = _average_gradients(module, mesh)
         if shards_optimizer(plan):
             result.optimizer_shard_group = mesh.shard_group
+    # Tensor parallel splits some parameters; a pipeline's sharded embeddings sit beside its stage's whole blocks.
+    result.mixes_tensor_kinds = mesh.tensor_enabled or (mesh.pipeline_enabled and holds_sharded_tensors(module))
     # 5. Compilation of each block on its own, on what the plan made of it.
     if compiler is not None:
         eager = compile_blocks(blocks, compiler)

@@ -38,16 +38,17 @@ def module_copy(module: ModuleT, memo: dict[int, Any] | None = None) -> ModuleT:
 
 
 def state_bytes(module: nn.Module) -> int:
-    """Bytes of ``module``'s parameters and buffers: what :func:`real_copy` would copy."""
+    """Bytes of ``module``'s parameters and buffers: what :func:`trial_copy` copies."""
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
-def real_copy(module: ModuleT) -> ModuleT:
-    """A copy of ``module`` with its own tensors, for a trial run that must not touch the original.
+def trial_copy(module: ModuleT, memo: dict[int, Any] | None = None) -> ModuleT:
+    """A copy of ``module`` for a trial run that must not touch the original (its own tensors, unless ``memo``
+    replaces them: the planner's meta copy).
 
     A LightningModule's Trainer (or Fabric) is left out: it would drag its dataloaders into the copy.
     """
-    memo: dict[int, Any] = {}
+    memo = {} if memo is None else memo
     for attribute in ("_trainer", "_fabric"):
         owner = getattr(module, attribute, None)
         if owner is not None:

@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.module_tracker import ModuleTracker
 
 from parti_lightning.parallel.blocks import find_blocks
-from parti_lightning.parallel.copies import REAL_COPY_BYTES, module_copy, real_copy, state_bytes
+from parti_lightning.parallel.copies import REAL_COPY_BYTES, state_bytes, trial_copy
 from parti_lightning.parallel.pipeline.contract import check_trunk_contract
 from parti_lightning.parallel.tensor.rules import layer_kind
 from parti_lightning.planner.optimizer_state import UNKNOWN_STATE_TENSORS, OptimizerState, optimizer_state
@@ -246,7 +246,7 @@ def profile_model(module: nn.Module, batch: Any) -> ModelProfile:
         device = next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
         real_batch = tree_map_only(Tensor, lambda t: t.detach().to(device), batch)
         with torch.random.fork_rng(devices=[]):
-            return _profile(module, real_copy(module), real_batch, batch, notes)
+            return _profile(module, trial_copy(module), real_batch, batch, notes)
 
 
 def _profile(module: nn.Module, copy: nn.Module, copy_batch: Any, batch: Any, notes: list[str]) -> ModelProfile:
@@ -259,8 +259,8 @@ def _profile(module: nn.Module, copy: nn.Module, copy_batch: Any, batch: Any, no
     # set during forward); the inner one tells the forward's share apart.
     step_counter, forward_counter = FlopCounterMode(display=False), FlopCounterMode(display=False)
     tracker = MemTracker()
-    tracked = {alias: name for name, _ in blocks for alias in _tracked_names(copy, name)}
-    operations = _OperationCounter(tracked)
+    aliases = {name: _tracked_names(copy, name) for name, _ in blocks}
+    operations = _OperationCounter({alias: name for name, names in aliases.items() for alias in names})
     with warnings.catch_warnings(), recorder:
         warnings.simplefilter("ignore")  # self.log without a Trainer, MemTracker's own notices
         tracker.track_external(copy)
@@ -284,8 +284,8 @@ def _profile(module: nn.Module, copy: nn.Module, copy_batch: Any, batch: Any, no
                 parameter_bytes=sum(p.numel() * p.element_size() for p in block.parameters()),
                 activation_bytes=recorder.block_bytes.get(name, 0),
                 input_bytes=recorder.input_bytes.get(name, 0),
-                forward_flops=_flops(fwd, _tracked_names(copy, name)),
-                backward_flops=_flops(step, _tracked_names(copy, name)) - _flops(fwd, _tracked_names(copy, name)),
+                forward_flops=_flops(fwd, aliases[name]),
+                backward_flops=_flops(step, aliases[name]) - _flops(fwd, aliases[name]),
                 operations=operations.counts.get(name, 0),
                 replicated_activation_bytes=recorder.replicated_bytes.get(name, 0),
             )
@@ -353,12 +353,7 @@ def meta_copy(module: nn.Module) -> nn.Module:
         memo[id(param)] = nn.Parameter(torch.empty_like(param, device=META), requires_grad=param.requires_grad)
     for buffer in module.buffers():
         memo[id(buffer)] = torch.empty_like(buffer, device=META)
-    # Why: a LightningModule attached to a Trainer would drag the Trainer (and its dataloaders) into the copy.
-    for attribute in ("_trainer", "_fabric"):
-        owner = getattr(module, attribute, None)
-        if owner is not None:
-            memo[id(owner)] = None
-    return module_copy(module, memo)
+    return trial_copy(module, memo)
 
 
 def _parameter_infos(module: nn.Module) -> tuple[ParameterInfo, ...]:

@@ -152,10 +152,15 @@ def _model_parallel_degrees(profile: ModelProfile, world_size: int) -> list[tupl
     Tensor degrees that divide every attention head count the model declares and both sides of every matrix
     in its blocks (so that no layer would fall back); pipeline degrees up to the number of blocks.
     """
-    divisors = [d for d in range(2, world_size + 1) if world_size % d == 0]
+    divisors = _divisors(world_size)
     tensors = [1, *(t for t in divisors if _tensor_fits(profile, t))]
     pipelines = [1, *(p for p in divisors if p <= len(profile.blocks))] if not _pipeline_refusal(profile) else [1]
     return [(p, t) for p in pipelines for t in tensors if world_size % (p * t) == 0]
+
+
+def _divisors(world_size: int) -> list[int]:
+    """The model-parallel degrees a world of ``world_size`` ranks can hold: its divisors above 1."""
+    return [d for d in range(2, world_size + 1) if world_size % d == 0]
 
 
 def _tensor_fits(profile: ModelProfile, degree: int) -> bool:
@@ -172,7 +177,7 @@ def _pipeline_refusal(profile: ModelProfile) -> str:
 
 def _left_out(profile: ModelProfile, world_size: int) -> list[str]:
     """Why tensor or pipeline plans are not among the candidates at ``world_size``, in words (nothing: they are)."""
-    divisors = [d for d in range(2, world_size + 1) if world_size % d == 0]
+    divisors = _divisors(world_size)
     if not divisors:
         return []
     reasons = []

@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from parti_lightning.accelerator import cores_for_rank, usable_cores
 from parti_lightning.parallel.blocks import find_blocks
-from parti_lightning.parallel.copies import REAL_COPY_BYTES, module_copy, real_copy, state_bytes
+from parti_lightning.parallel.copies import REAL_COPY_BYTES, module_copy, state_bytes, trial_copy
 from parti_lightning.parallel.scratch import CacheTemplates, fresh_caches
 from parti_lightning.planner.profile import META, BlockTiming, CallCounter, ModelProfile, meta_copy
 
@@ -113,7 +113,7 @@ def _block_inputs(module: nn.Module, batch: Any, name: str) -> tuple[tuple[Any, 
         if state_bytes(module) > REAL_COPY_BYTES:
             raise
     with torch.random.fork_rng(devices=[]):
-        args, kwargs = _captured_inputs(real_copy(module), batch, name)
+        args, kwargs = _captured_inputs(trial_copy(module), batch, name)
     return tree_map_only(Tensor, _as_meta, args), tree_map_only(Tensor, _as_meta, kwargs)
 
 
