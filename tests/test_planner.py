@@ -228,6 +228,31 @@ def test_cpu_ranks_with_glibcs_own_threshold_keep_freed_activations(monkeypatch)
     assert estimate(profile, hardware(), PartitionPlan().resolve(2), 2).memory["allocator"] == 0
 
 
+def test_a_pipeline_rank_that_frees_vocabulary_sized_chunks_keeps_an_unsplit_steps_heap() -> None:
+    """Measured: a pipeline rank of a Hugging Face model (its embedding's gradient and its logits are freed every
+    step, each larger than any trunk activation at the whole batch) kept as much freed memory as a ddp rank;
+    the example's CharGPT, whose small vocabulary frees nothing that large, kept only about its own."""
+    from zoo import ZOO, _hf
+
+    # The zoo's GPT-2 with a vocabulary of a real tokenizer's order (the zoo's 128 is there to keep it small).
+    model = _hf("GPT2Config", "GPT2LMHeadModel", vocab_size=4096, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                bos_token_id=1, eos_token_id=2)(True)
+    hf = profile_model(_CallsItsModel(model), ZOO["gpt2"].batch(seed=0, batch_size=8))
+    small_vocabulary = profile_model(gpt(layers=2, width=64), gpt_batch(8))
+    def freed_outside(profile: object) -> int:
+        return max(profile.largest_parameter_bytes, profile.largest_outside_activation_bytes)  # type: ignore[attr-defined]
+
+    assert freed_outside(hf) >= hf.largest_trunk_activation_bytes > 0
+    assert freed_outside(small_vocabulary) < small_vocabulary.largest_trunk_activation_bytes
+    plan = PartitionPlan(pipeline=2, data=1, micro_batches=4).resolve(2)
+    kept_share = cost_module._HEAP_KEPT
+    stage = estimate(hf, hardware(), plan, 2).memory
+    assert stage["activations"] < hf.transient_bytes
+    assert stage["allocator"] == int(kept_share * hf.transient_bytes)
+    own = estimate(small_vocabulary, hardware(), plan, 2).memory
+    assert own["allocator"] == int(kept_share * own["activations"]) < int(kept_share * small_vocabulary.transient_bytes)
+
+
 def _toy_profile(sizes: list[tuple[int, ...]]):  # noqa: ANN202 - a ModelProfile
     module = nn.Sequential(*[nn.Module() for _ in sizes])
     for sub, shape in zip(module, sizes, strict=True):

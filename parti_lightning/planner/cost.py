@@ -92,7 +92,7 @@ def estimate(profile: ModelProfile, hardware: HardwareProfile, plan: ResolvedPla
     cost = _single_process(profile, hardware)
     for term in _TERMS:
         term(cost, profile, hardware, plan, ranks_per_node)
-    cost.memory["allocator"] = _heap_retained(cost, hardware, plan)
+    cost.memory["allocator"] = _heap_retained(cost, profile, hardware, plan)
     cost.memory["overhead"] = hardware.process_overhead_bytes + hardware.step_fixed_bytes
     return Estimate(cost.memory, cost.setup_bytes, cost.time)
 
@@ -300,7 +300,7 @@ def _scale_state(cost: _Cost, profile: ModelProfile, held: int) -> None:
     cost.time["optimizer"] *= ratio
 
 
-def _heap_retained(cost: _Cost, hardware: HardwareProfile, plan: ResolvedPlan) -> int:
+def _heap_retained(cost: _Cost, profile: ModelProfile, hardware: HardwareProfile, plan: ResolvedPlan) -> int:
     """Freed memory glibc keeps resident in a CPU rank whose allocator parti leaves alone (all but ZeRO-2/3).
 
     glibc raises its mmap threshold to each large block freed, so after the first step a step's activations
@@ -310,16 +310,25 @@ def _heap_retained(cost: _Cost, hardware: HardwareProfile, plan: ResolvedPlan) -
     growth follows what the step allocates, not what it keeps: over 8 steps 0.61-0.94 (mean 0.85) times the
     step's activations before checkpointing under ddp, ZeRO-1 and tensor parallelism, with or without
     checkpointing, which allocates the same activations but frees them sooner (benchmarks/planner_accuracy.py,
-    two model sizes, the step's fixed memory taken out). A pipeline rank too, of its own activations (its
-    stage's and those of what runs outside the trunk): on the example's CharGPT, whose small vocabulary leaves
-    the trunk's micro-batch slices as its largest allocations, it kept only about one micro-batch's (this
-    over-predicts it by about 20%); on Hugging Face models, whose logits and loss run on the whole batch at
-    once, it kept 0.85 times them or more (-5% to -23% left). Nothing where the threshold is fixed (ZeRO-2/3
+    two model sizes, the step's fixed memory taken out). Nothing where the threshold is fixed (ZeRO-2/3
     ranks, or the user's ``MALLOC_MMAP_THRESHOLD_``).
+
+    A pipeline rank's heap depends on what else it frees. Its stage runs on micro-batches, whose slices of
+    the trunk's activations are small and of the same sizes every step: where nothing larger is freed (the
+    example's CharGPT: a 65-token vocabulary, 1 MiB matrices) it kept only about one micro-batch's (0.37
+    times its own activations; this rule over-predicts it by about 20%). Where the rank also frees, every
+    step, a chunk at least as large as the trunk's largest activation at the whole batch (a vocabulary-sized
+    embedding's gradient, the logits: every Hugging Face model measured), those sizes mix in the heap and it
+    kept as much as an unsplit step's: 0.91-1.02 times the whole step's activations on Llama, GPT-2 and
+    BERT (measured as the difference of each run with and without ``MALLOC_MMAP_THRESHOLD_`` fixed).
     """
     if hardware.device_type != "cpu" or shards_module(plan) or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return 0
-    return int(_HEAP_KEPT * cost.uncheckpointed_activation_bytes)
+    kept = cost.uncheckpointed_activation_bytes
+    freed_outside = max(profile.largest_parameter_bytes, profile.largest_outside_activation_bytes)
+    if plan.pipeline > 1 and freed_outside >= profile.largest_trunk_activation_bytes > 0:
+        kept = max(kept, profile.transient_bytes)
+    return int(_HEAP_KEPT * kept)
 
 
 def _micro_batches_in_flight(plan: ResolvedPlan) -> int:

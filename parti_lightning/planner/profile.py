@@ -134,6 +134,8 @@ class ModelProfile:
             ``num_attention_heads``, ``num_key_value_heads``, ...): tensor parallelism splits whole heads.
         large_allocation_bytes: bytes of the new tensors of at least ``LARGE_ALLOCATION_BYTES`` the step
             allocates (forward and backward), freed or not.
+        largest_trunk_activation_bytes: the largest single tensor saved for backward inside the blocks.
+        largest_outside_activation_bytes: the largest saved for backward outside them (logits, embeddings).
         block_timing: the first block's forward and backward measured on this machine
             (:func:`~parti_lightning.planner.timing.time_blocks`); ``None``: predicted from FLOPs alone.
         pipeline_refusal: why pipeline parallelism would refuse the module (the trunk contract, checked on the
@@ -155,6 +157,8 @@ class ModelProfile:
     notes: tuple[str, ...] = ()
     heads: tuple[int, ...] = ()
     large_allocation_bytes: int = 0
+    largest_trunk_activation_bytes: int = 0
+    largest_outside_activation_bytes: int = 0
     block_timing: BlockTiming | None = None
     pipeline_refusal: str = ""
 
@@ -174,6 +178,10 @@ class ModelProfile:
     @property
     def parameter_bytes(self) -> int:
         return sum(p.bytes for p in self.parameters)
+
+    @property
+    def largest_parameter_bytes(self) -> int:
+        return max((p.bytes for p in self.parameters), default=0)
 
     @property
     def gradient_bytes(self) -> int:
@@ -292,6 +300,8 @@ def _profile(module: nn.Module, copy: nn.Module, copy_batch: Any, batch: Any, no
             for name, block in blocks
         ),
         activation_bytes=recorder.total_bytes,
+        largest_trunk_activation_bytes=recorder.largest_in_blocks,
+        largest_outside_activation_bytes=recorder.largest_outside,
         step_peak_bytes=int(peak.get("Total", 0)) - int(peak.get(_MemRefType.PARAM, 0)),
         peak_gradient_bytes=int(peak.get(_MemRefType.GRAD, 0)),
         forward_flops=forward_counter.get_total_flops(),
@@ -456,6 +466,8 @@ class _SavedTensors:
         self.replicated_bytes: dict[str, int] = {}
         self._input_shapes: dict[str, torch.Size] = {}
         self.total_bytes = 0
+        self.largest_in_blocks = 0
+        self.largest_outside = 0
 
     def __enter__(self) -> _SavedTensors:
         for name, block in self._blocks:
@@ -494,10 +506,13 @@ class _SavedTensors:
             size = base.untyped_storage().nbytes()
             self.total_bytes += size
             if self._current:
+                self.largest_in_blocks = max(self.largest_in_blocks, size)
                 block = self._current[0]
                 self.block_bytes[block] = self.block_bytes.get(block, 0) + size
                 if base.shape == self._input_shapes.get(block):
                     self.replicated_bytes[block] = self.replicated_bytes.get(block, 0) + size
+            else:
+                self.largest_outside = max(self.largest_outside, size)
         return tensor
 
 
