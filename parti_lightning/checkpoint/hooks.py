@@ -31,6 +31,7 @@ from parti_lightning.checkpoint.parts import (
 from parti_lightning.checkpoint.sharded import (
     CheckpointError,
     checkpoint_kind,
+    gathered_rng_states,
     is_sharded_checkpoint,
     load_sharded,
     restore_rng_state,
@@ -71,8 +72,13 @@ class CheckpointHooks(ParallelStrategy):
     ) -> None:
         if self._state_dict_type == "full":
             path = self.broadcast(filepath)
-            if is_sharded_checkpoint(path) and self.is_global_zero:
-                shutil.rmtree(path)
+            # Every rank's RNG states, as a sharded checkpoint keeps them: a resumed run draws the same
+            # dropout masks as one never interrupted. Stock Lightning ignores the extra key.
+            rng = gathered_rng_states()
+            if self.is_global_zero:
+                checkpoint = {**checkpoint, "parti": {"rng": rng}}
+                if is_sharded_checkpoint(path):
+                    shutil.rmtree(path)
             return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
         if storage_options is not None:
             raise TypeError("PartiStrategy(state_dict_type='sharded') writes through torch.distributed.checkpoint:"
@@ -95,16 +101,19 @@ class CheckpointHooks(ParallelStrategy):
             rank_zero_info("parti: checkpoints are always loaded as weights only; ignoring the request to unpickle.")
         path = Path(self.broadcast(checkpoint_path))
         self._restored_sharded = False
+        module = self.lightning_module
+        assert module is not None and module._trainer is not None
+        fitting = module._trainer.state.fn == TrainerFn.FITTING
         if not path.is_dir():
-            return super().load_checkpoint(path, weights_only=True)
+            checkpoint = super().load_checkpoint(path, weights_only=True)
+            if fitting:
+                self._restore_rng(checkpoint.get("parti", {}))
+            return checkpoint
         if not is_sharded_checkpoint(path):
             raise CheckpointError(
                 f"{path} is a directory but not a complete parti checkpoint (no meta.pt or .metadata): it was"
                 " not written by parti, or its save did not finish."
             )
-        module = self.lightning_module
-        assert module is not None and module._trainer is not None
-        fitting = module._trainer.state.fn == TrainerFn.FITTING
         meta = load_sharded(path, module, self.optimizers if fitting else (), strict=module.strict_loading)
         parti = meta.pop("parti")
         if fitting:
@@ -117,7 +126,8 @@ class CheckpointHooks(ParallelStrategy):
     def _restore_rng(self, parti: Mapping[str, Any]) -> None:
         states = parti.get("rng", [])
         if not states:
-            rank_zero_info("parti: the checkpoint holds no RNG states (converted from a file); RNGs left as seeded.")
+            rank_zero_info("parti: the checkpoint holds no RNG states (written by stock Lightning, or converted);"
+                           " RNGs left as seeded.")
             return
         if len(states) != self.world_size:
             rank_zero_info(

@@ -238,6 +238,11 @@ def single_process_is_intended() -> Iterator[None]:
         yield
 
 
+def gathered_rng_states() -> list[dict[str, Any]] | None:
+    """Every rank's RNG states, in rank order, on global rank 0 (``None`` elsewhere). Collective."""
+    return _gather_to_rank0(_rng_state())
+
+
 def _gather_to_rank0(obj: Any) -> list[Any] | None:
     if not dist.is_initialized():
         return [obj]

@@ -164,6 +164,22 @@ def _torchelastic_agent_hosts_store() -> bool:
     return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
 
 
+def agent_store(address: str, port: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """torchrun's agent store, under a prefix of its own for this start of the workers.
+
+    torchrun's c10d rendezvous creates its store once and serves it for every round (torch 2.13): workers
+    that it starts again after a failure (``--max-restarts``) connect to the same store and find the keys
+    the previous workers wrote, among them rank 0's old gloo or NCCL address, and fail with "Connection
+    refused" (pytorch/pytorch#167288). torch's own ``env://`` path adds no per-start prefix, so this does:
+    the restart count and the world size name the start. A membership change that keeps both (a node
+    replaced at once by another) is not told apart: its first attempt fails that way and torchrun's next
+    restart, counted anew, succeeds.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(address, port, world_size=world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"default_pg/parti-start-{restart}-of-{world_size}", client)
+
+
 def init_process_group(
     backend: str,
     *,
@@ -185,9 +201,11 @@ def init_process_group(
     os.environ["MASTER_ADDR"] = main_address
     os.environ["MASTER_PORT"] = str(main_port)
     store = None
+    if _torchelastic_agent_hosts_store():
+        store = agent_store(main_address, main_port, world_size, timeout)
     if is_loopback_host(main_address):
         chosen = restrict_backends_to_loopback()
-        if not _torchelastic_agent_hosts_store():
+        if store is None:
             # The prefix is what torch's env:// path adds, so keys are laid out as they would be there.
             store = dist.PrefixStore("default_pg", loopback_store(main_address, main_port, rank, world_size, timeout))
         log.info(f"rank {rank}: process group on loopback {main_address}:{main_port}; set {chosen or 'nothing'}")

@@ -1,0 +1,149 @@
+"""A run that loses a rank comes back by itself: torchrun restarts it, ``resume="auto"`` finds the checkpoint.
+
+Each plan runs under ``torchrun --max-restarts=1`` (see fault_run.py): rank 1 is SIGKILLed in the middle of
+step 7, torchrun stops rank 0 and starts both again, and the run resumes from its newest checkpoint (step 4)
+with no ``ckpt_path``. It must end bit-identical to the same run never interrupted, parameters and optimizer
+state, and log the steps it lost. The choice of checkpoint (the newest whole one; a damaged one is passed
+over) is tested without processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from parti_lightning.checkpoint import save_sharded
+from parti_lightning.checkpoint.integrity import damage
+from parti_lightning.lightning_adapters.auto_resume import newest_checkpoint
+
+from launch import Job, check, run_scripts
+
+# (name, plan, data-parallel degree at 2 ranks)
+PLANS = [
+    ("ddp", "ddp", 2),
+    ("zero3", "zero3", 2),
+    ("tensor", {"preset": "tp", "tensor": 2}, 1),
+    ("pipeline", {"preset": "pp", "pipeline": 2}, 1),
+]
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
+    """Each plan's killed-and-restarted run, two torchrun jobs at a time: its folder and its result."""
+    root = tmp_path_factory.mktemp("faults")
+    jobs = {}
+    for name, plan, data in PLANS:
+        (root / name).mkdir()
+        jobs[name] = Job(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+                          "--monitor-interval=0.5", "tests/helpers/fault_run.py", str(root / name),
+                          json.dumps(plan), str(data)], processes=2)
+    launches = run_scripts(jobs, timeout=240)
+    return {name: (root / name, launch.result) for name, launch in launches.items()}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", [p[0] for p in PLANS])
+def test_a_killed_rank_restarts_and_resumes_bit_identical_to_a_run_never_interrupted(
+    faults: dict[str, tuple[Path, Any]], name: str
+) -> None:
+    folder, result = faults[name]
+    out = check(result)
+    assert re.search(r"exitcode: -9\) local_rank: 1", out), f"rank 1 was not killed:\n{out}"
+    assert "resumes from the run's newest checkpoint" in out and "last.ckpt" in out, out
+    assert "resumed at step 4" in out and "step(s) lost" in out, out
+    lost = int(re.search(r"(\d+) step\(s\) lost", out).group(1))  # type: ignore[union-attr]
+    # Rank 1 died in step 7; rank 0 may have finished it (its collectives were done) before failing in step 8.
+    assert lost in (2, 3), out
+    straight = torch.load(folder / "straight.pt", weights_only=True)
+    resumed = torch.load(folder / "resumed.pt", weights_only=True)
+    assert straight["global_step"] == resumed["global_step"] == 10
+    # The resumed attempt ran steps 5-10, with the losses the uninterrupted run had there.
+    assert resumed["losses"] == {step: loss for step, loss in straight["losses"].items() if step > 4}
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), f"weight {key} differs"
+    for want, got in zip(straight["optimizer_states"], resumed["optimizer_states"], strict=True):
+        assert want["state"].keys() == got["state"].keys() and want["state"]
+        for param, values in want["state"].items():
+            for key, value in values.items():
+                assert torch.equal(got["state"][param][key], value), f"optimizer state {param}.{key} differs"
+
+
+# ------------------------------------------------------------------------ choosing the checkpoint
+
+
+class _Tiny(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 4)
+
+
+def _trainer(folder: Path) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     callbacks=[ModelCheckpoint(dirpath=folder)])
+
+
+def _file_checkpoint(path: Path) -> None:
+    torch.save({"state_dict": _Tiny().state_dict(), "global_step": 1}, path)
+
+
+def _sharded_checkpoint(path: Path) -> None:
+    save_sharded(path, {"state_dict": _Tiny().state_dict(), "optimizer_states": [], "global_step": 2}, {})
+
+
+def _touch_after(path: Path, other: Path) -> None:
+    stamp = other.stat().st_mtime + 10
+    os.utime(path, (stamp, stamp))
+
+
+@pytest.mark.parametrize("newest_kind", ["file", "sharded"])
+def test_resume_auto_passes_over_a_damaged_newest_checkpoint_and_says_so(
+    tmp_path: Path, newest_kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    older, newer = tmp_path / "epoch=0-step=1.ckpt", tmp_path / "epoch=0-step=2.ckpt"
+    _file_checkpoint(older)
+    if newest_kind == "file":
+        _file_checkpoint(newer)
+    else:
+        _sharded_checkpoint(newer)
+    _touch_after(newer, older)
+    trainer = _trainer(tmp_path)
+    assert damage(newer) is None and damage(older) is None
+    assert newest_checkpoint(trainer) == newer
+
+    # Cut the newest short, as a crash that lost the end of its writes would.
+    target = newer if newest_kind == "file" else max((newer).glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    _touch_after(newer, older)
+    assert damage(newer) is not None
+    with pytest.warns(UserWarning, match=r"passes over .*step=2\.ckpt.*cut short"):
+        assert newest_checkpoint(trainer) == older
+
+    # A sharded checkpoint missing a file, or not a checkpoint at all, is passed over as well.
+    if newest_kind == "sharded":
+        target.unlink()
+        assert "missing" in (damage(newer) or "")
+    shutil.rmtree(newer) if newer.is_dir() else newer.unlink()
+    newer.write_text("not a checkpoint")
+    _touch_after(newer, older)
+    assert "not a readable torch archive" in (damage(newer) or "")
+    with pytest.warns(UserWarning, match="passes over"):
+        assert newest_checkpoint(trainer) == older
+
+
+def test_hidden_and_foreign_files_in_the_folder_are_never_candidates(tmp_path: Path) -> None:
+    _file_checkpoint(tmp_path / "last.ckpt")
+    _file_checkpoint(tmp_path / ".parti-partial-0000.ckpt")  # a save under way
+    (tmp_path / ".parti-progress.json").write_text(json.dumps({"global_step": 3}))
+    (tmp_path / "notes.txt").write_text("")
+    _touch_after(tmp_path / ".parti-partial-0000.ckpt", tmp_path / "last.ckpt")
+    assert newest_checkpoint(_trainer(tmp_path)) == tmp_path / "last.ckpt"
