@@ -27,13 +27,16 @@ from parti_lightning.lightning_adapters.auto_resume import newest_checkpoint
 
 from launch import Job, check, run_scripts
 
-# (name, plan, data-parallel degree at 2 ranks)
+# (name, plan, data-parallel degree at 2 ranks, checkpoint every N steps). Epochs are 4 steps: every 3 steps, the
+# checkpoint the run resumes from (step 6) is in the middle of an epoch; every 4, it ends one (step 4).
 PLANS = [
-    ("ddp", "ddp", 2),
-    ("zero3", "zero3", 2),
-    ("tensor", {"preset": "tp", "tensor": 2}, 1),
-    ("pipeline", {"preset": "pp", "pipeline": 2}, 1),
+    ("ddp", "ddp", 2, 3),
+    ("zero3", "zero3", 2, 3),
+    ("tensor", {"preset": "tp", "tensor": 2}, 1, 3),
+    ("pipeline", {"preset": "pp", "pipeline": 2}, 1, 3),
+    ("ddp-at-an-epoch-end", "ddp", 2, 4),
 ]
+KILLED_IN_STEP = 7
 
 
 @pytest.fixture(scope="module")
@@ -41,33 +44,37 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, An
     """Each plan's killed-and-restarted run, two torchrun jobs at a time: its folder and its result."""
     root = tmp_path_factory.mktemp("faults")
     jobs = {}
-    for name, plan, data in PLANS:
+    for name, plan, data, every in PLANS:
         (root / name).mkdir()
         jobs[name] = Job(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
                           "--monitor-interval=0.5", "tests/helpers/fault_run.py", str(root / name),
-                          json.dumps(plan), str(data)], processes=2)
+                          json.dumps(plan), str(data), str(every)], processes=2)
     launches = run_scripts(jobs, timeout=240)
     return {name: (root / name, launch.result) for name, launch in launches.items()}
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name", [p[0] for p in PLANS])
+@pytest.mark.parametrize(("name", "every"), [(p[0], p[3]) for p in PLANS], ids=[p[0] for p in PLANS])
 def test_a_killed_rank_restarts_and_resumes_bit_identical_to_a_run_never_interrupted(
-    faults: dict[str, tuple[Path, Any]], name: str
+    faults: dict[str, tuple[Path, Any]], name: str, every: int
 ) -> None:
     folder, result = faults[name]
     out = check(result)
     assert re.search(r"exitcode: -9\) local_rank: 1", out), f"rank 1 was not killed:\n{out}"
     assert "resumes from the run's newest checkpoint" in out and "last.ckpt" in out, out
-    assert "resumed at step 4" in out and "step(s) lost" in out, out
+    resumed_at = (KILLED_IN_STEP - 1) // every * every
+    assert f"resumed at step {resumed_at}" in out and "step(s) lost" in out, out
+    if resumed_at % 4:
+        assert "goes on after its first" in out, out  # the epoch's data picks up where the checkpoint was
     lost = int(re.search(r"(\d+) step\(s\) lost", out).group(1))  # type: ignore[union-attr]
     # Rank 1 died in step 7; rank 0 may have finished it (its collectives were done) before failing in step 8.
-    assert lost in (2, 3), out
+    assert lost in (KILLED_IN_STEP - 1 - resumed_at, KILLED_IN_STEP - resumed_at), out
     straight = torch.load(folder / "straight.pt", weights_only=True)
     resumed = torch.load(folder / "resumed.pt", weights_only=True)
     assert straight["global_step"] == resumed["global_step"] == 10
-    # The resumed attempt ran steps 5-10, with the losses the uninterrupted run had there.
-    assert resumed["losses"] == {step: loss for step, loss in straight["losses"].items() if step > 4}
+    # The resumed attempt ran the steps after its checkpoint, on the same batches and with the same random
+    # draws (dropout) as the uninterrupted run: the same losses, bit for bit.
+    assert resumed["losses"] == {step: loss for step, loss in straight["losses"].items() if step > resumed_at}
     for key, value in straight["state_dict"].items():
         assert torch.equal(resumed["state_dict"][key], value), f"weight {key} differs"
     for want, got in zip(straight["optimizer_states"], resumed["optimizer_states"], strict=True):
@@ -75,6 +82,48 @@ def test_a_killed_rank_restarts_and_resumes_bit_identical_to_a_run_never_interru
         for param, values in want["state"].items():
             for key, value in values.items():
                 assert torch.equal(got["state"][param][key], value), f"optimizer state {param}.{key} differs"
+
+
+# ------------------------------------------------------------------------ mid-epoch, on another world size
+
+
+def _epoch_job(out: Path, devices: int, job: dict[str, Any]) -> Job:
+    jobs_file = out / f"jobs-{job['ids'].rsplit('/', 1)[-1]}.json"
+    jobs_file.write_text(json.dumps([job]))
+    return Job(["tests/helpers/epoch_run.py", str(devices), str(jobs_file)], processes=devices)
+
+
+def _seen(prefix: Path) -> tuple[list[int], int]:
+    records = [json.loads(p.read_text()) for p in sorted(prefix.parent.glob(f"{prefix.name}.*.json"))]
+    return [n for r in records for n in r["seen"]], records[0]["global_step"]
+
+
+@pytest.mark.timeout(600)
+def test_a_mid_epoch_checkpoint_resumes_on_another_world_size_with_each_sample_once(tmp_path: Path) -> None:
+    """96 numbered samples, batches of 8 per rank. zero3 on 2 ranks (a sharded checkpoint) stops after step 2 of
+    6, and one process resumes it; one process stops after step 3 of 12, and 2 ranks resume it (a file). Each
+    time, the two runs together train on every sample of the epoch exactly once."""
+    o = tmp_path
+    first = run_scripts({
+        "2": _epoch_job(o, 2, {"plan": "zero3", "save_at": 2, "dirpath": str(o / "two"), "ids": str(o / "two")}),
+        "1": _epoch_job(o, 1, {"plan": "ddp", "save_at": 3, "dirpath": str(o / "one"), "ids": str(o / "one")}),
+    }, timeout=240)
+    for launch in first.values():
+        check(launch.result)
+    second = run_scripts({
+        "2 as 1": _epoch_job(o, 1, {"plan": "ddp", "ckpt": str(o / "two" / "epoch=0-step=2.ckpt"),
+                                    "ids": str(o / "two-as-one")}),
+        "1 as 2": _epoch_job(o, 2, {"plan": "ddp", "ckpt": str(o / "one" / "epoch=0-step=3.ckpt"),
+                                    "ids": str(o / "one-as-two")}),
+    }, timeout=240)
+    outputs = {key: check(launch.result) for key, launch in second.items()}
+    for before, after, resumed_steps in (("two", "two-as-one", 2 + 8), ("one", "one-as-two", 3 + 5)):
+        seen_before, _ = _seen(o / before)
+        seen_after, global_step = _seen(o / after)
+        assert sorted(seen_before + seen_after) == list(range(96)), (before, after)
+        assert global_step == resumed_steps
+    assert "goes on after its first 32 samples: 8 batch(es)" in outputs["2 as 1"], outputs["2 as 1"]
+    assert "goes on after its first 24 samples: 5 batch(es)" in outputs["1 as 2"], outputs["1 as 2"]
 
 
 # ------------------------------------------------------------------------ choosing the checkpoint

@@ -39,6 +39,7 @@ from parti_lightning.checkpoint.sharded import (
     sharded_model_state,
     sharded_optimizer_state,
 )
+from parti_lightning.lightning_adapters.data_position import position_at_save
 from parti_lightning.mesh import ParallelMesh
 from parti_lightning.parallel import holds_part_of_the_model, holds_sharded_tensors
 from parti_lightning.parallel.full_state import (
@@ -58,6 +59,8 @@ class CheckpointHooks(ParallelStrategy):
     # Set by the strategy's constructor and `setup`.
     _requested_state_dict_type: StateDictType
     _restored_sharded: bool  # the last `load_checkpoint` already restored model and optimizers
+    # Where a checkpoint written mid-epoch left the epoch's data (see lightning_adapters.data_position).
+    data_position: dict[str, int] | None = None
     resolved_plan: ResolvedPlan
     mesh: ParallelMesh | None
 
@@ -76,7 +79,7 @@ class CheckpointHooks(ParallelStrategy):
             # dropout masks as one never interrupted. Stock Lightning ignores the extra key.
             rng = gathered_rng_states()
             if self.is_global_zero:
-                checkpoint = {**checkpoint, "parti": {"rng": rng}}
+                checkpoint = {**checkpoint, "parti": {"rng": rng, "data": self._position_at_save()}}
                 if is_sharded_checkpoint(path):
                     shutil.rmtree(path)
             return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
@@ -90,7 +93,7 @@ class CheckpointHooks(ParallelStrategy):
                 " PartiStrategy(state_dict_type='full') for a remote URL, or save to a mounted path."
             )
         meta = {"parti": {"plan": self.resolved_plan.to_dict(), "world_size": self.world_size,
-                          "num_nodes": self.num_nodes}}
+                          "num_nodes": self.num_nodes, "data": self._position_at_save()}}
         save_sharded(path, checkpoint, meta)
 
     @override
@@ -108,6 +111,7 @@ class CheckpointHooks(ParallelStrategy):
             checkpoint = super().load_checkpoint(path, weights_only=True)
             if fitting:
                 self._restore_rng(checkpoint.get("parti", {}))
+                self.data_position = checkpoint.get("parti", {}).get("data")
             return checkpoint
         if not is_sharded_checkpoint(path):
             raise CheckpointError(
@@ -118,10 +122,15 @@ class CheckpointHooks(ParallelStrategy):
         parti = meta.pop("parti")
         if fitting:
             self._restore_rng(parti)
+            self.data_position = parti.get("data")
         self._restored_sharded = True
         if fitting and parti.get("optimizers") and "optimizer_states" not in meta:
             meta["optimizer_states"] = [None] * len(parti["optimizers"])  # restored above; Lightning checks the key
         return meta
+
+    def _position_at_save(self) -> dict[str, int] | None:
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        return None if trainer is None or not trainer.training else position_at_save(trainer)
 
     def _restore_rng(self, parti: Mapping[str, Any]) -> None:
         states = parti.get("rng", [])

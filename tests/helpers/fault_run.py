@@ -1,8 +1,8 @@
 """A run that loses a rank and resumes by itself under torchrun, for test_fault_tolerance.py.
 
-``python -m torch.distributed.run --nproc-per-node=2 --max-restarts=1 tests/helpers/fault_run.py OUT PLAN DATA``
+``python -m torch.distributed.run --nproc-per-node=2 --max-restarts=1 tests/helpers/fault_run.py OUT PLAN DATA EVERY``
 runs two fits of checkpoint_run's ``Net`` to ``MAX_STEPS``, with 4 steps per epoch at the plan's data-parallel
-degree ``DATA`` (so that the checkpoint the run resumes from ends an epoch):
+degree ``DATA`` (a checkpoint every 4 steps ends an epoch; every 3, the one at step 6 is in the middle of one):
 
 1. ``straight``: uninterrupted; writes its final state (gathered, keyed by name) to ``OUT/straight.pt``.
 2. ``resumed``: ``PartiStrategy(resume="auto")``, a checkpoint every ``EVERY`` steps in ``OUT/ckpts``; on
@@ -27,7 +27,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from checkpoint_run import BATCH, SEED, Net, gathered_state
 
 MAX_STEPS = 10
-EVERY = 4
 KILL_AT = 6
 STEPS_PER_EPOCH = 4
 
@@ -60,7 +59,7 @@ class Final(L.Callback):
             torch.save({**state, "losses": self.losses}, self.path)
 
 
-def fit(out: Path, plan: Any, data: int, name: str) -> None:
+def fit(out: Path, plan: Any, data: int, every: int, name: str) -> None:
     from parti_lightning import PartiAccelerator, PartiStrategy
 
     if (out / f"{name}.pt").exists():
@@ -69,7 +68,7 @@ def fit(out: Path, plan: Any, data: int, name: str) -> None:
     L.seed_everything(SEED, verbose=False)
     callbacks: list[L.Callback] = [Final(out / f"{name}.pt")]
     if resumed:
-        callbacks += [ModelCheckpoint(dirpath=out / "ckpts", every_n_train_steps=EVERY, save_top_k=-1,
+        callbacks += [ModelCheckpoint(dirpath=out / "ckpts", every_n_train_steps=every, save_top_k=-1,
                                       save_last=True), KillMidStep(KILL_AT)]
     trainer = L.Trainer(
         accelerator=PartiAccelerator(oversubscribe=True), devices=2,
@@ -85,6 +84,6 @@ if __name__ == "__main__":
 
     import parti_lightning  # noqa: F401
 
-    out_dir, plan_value, data_degree = Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+    out_dir, plan_value, data_degree, every_steps = Path(sys.argv[1]), json.loads(sys.argv[2]), *map(int, sys.argv[3:5])
     for run_name in ("straight", "resumed"):
-        fit(out_dir, plan_value, data_degree, run_name)
+        fit(out_dir, plan_value, data_degree, every_steps, run_name)

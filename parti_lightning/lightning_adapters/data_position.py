@@ -1,0 +1,163 @@
+"""Exact mid-epoch resume: a run resumed from a checkpoint written in the middle of an epoch goes on with the
+next sample of that epoch not yet seen, each sample once, on the same or on another number of ranks.
+
+Lightning restores its loops' counters but not where a plain ``DataLoader`` was: the epoch's data starts again
+from its beginning, and Lightning only warns that the results are unreliable. It re-creates the loader's
+``DistributedSampler`` on resume, though, and that sampler draws the epoch's order from its seed and the epoch
+number alone. So the order can be drawn again, and the samples a run consumed are a prefix of it: rank ``r``
+of ``R`` takes positions ``r, r + R, ...`` of the (padded) order, so after ``k`` batches of ``B`` the ranks
+together have taken positions ``[0, k·B·R)``. A checkpoint written mid-epoch records that count
+(:func:`position_at_save`); the resumed run's sampler (:class:`ResumableDistributedSampler`, which Lightning
+is made to create in place of its ``DistributedSampler`` for training) deals out the rest of the order over
+the ranks it has now, and the epoch loop's batch counters are moved to match what is left (:func:`install`).
+
+torchdata's ``StatefulDistributedSampler`` keeps a per-rank count, which cannot be carried to another number
+of ranks; Lightning's own path for exact resume is a dataloader with ``state_dict``, which few users have. This
+serves the ones Lightning gives a ``DistributedSampler``: a loader with a plain random or sequential sampler.
+A loader with its own sampler, several training loaders, or an iterable dataset keeps Lightning's behaviour.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from lightning.pytorch.trainer.connectors.data_connector import _DataConnector
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.data import DataLoader, DistributedSampler
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """torch's ``DistributedSampler``, which can start one epoch after the samples an earlier run took from it.
+
+    Until :meth:`resume` is called it yields exactly what ``DistributedSampler`` yields.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._resume_epoch: int | None = None
+        self._consumed = 0
+        self._generator_state: torch.Tensor | None = None
+
+    def resume(self, epoch: int, consumed: int) -> None:
+        """In epoch ``epoch``, leave out the first ``consumed`` samples of the epoch's order (all ranks').
+
+        Also keeps torch's generator state as it is now (as the checkpoint restored it), and puts it back when
+        the loader takes its first index: a ``DataLoader``'s iterator draws its workers' seed from that generator
+        when it is created. A run never interrupted drew it at the epoch's start, before the checkpoint; the
+        resumed run draws it again after, which would shift every random draw of the training that follows
+        (dropout masks, say) away from the uninterrupted run's.
+        """
+        self._resume_epoch, self._consumed = epoch, consumed
+        self._generator_state = torch.get_rng_state()
+
+    def samples_left(self) -> int:
+        """How many samples this rank yields in the current epoch."""
+        if not self._resuming():
+            return self.num_samples
+        left = len(self.dataset) - self._consumed  # type: ignore[arg-type]
+        return left // self.num_replicas if self.drop_last else math.ceil(left / self.num_replicas)
+
+    def _resuming(self) -> bool:
+        return self._resume_epoch == self.epoch and self._consumed > 0
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self._resuming():
+            return super().__iter__()
+        # The order DistributedSampler draws for this epoch (torch 2.13), before its padding.
+        size = len(self.dataset)  # type: ignore[arg-type]
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(size, generator=generator).tolist()
+        else:
+            order = list(range(size))
+        rest = order[self._consumed :]
+        total = self.samples_left() * self.num_replicas
+        if total > len(rest):  # padded as DistributedSampler pads: repeating from the start
+            rest += (rest * math.ceil(total / len(rest)))[: total - len(rest)]
+        return self._yield(rest[self.rank : total : self.num_replicas])
+
+    def _yield(self, indices: list[int]) -> Iterator[int]:
+        for index in indices:
+            if self._generator_state is not None:
+                torch.set_rng_state(self._generator_state)
+                self._generator_state = None
+            yield index
+
+
+def position_at_save(trainer: Any) -> dict[str, int] | None:
+    """Where the epoch's data is when a checkpoint is written in the middle of an epoch; ``None`` otherwise."""
+    loader = _training_loader(trainer)
+    if loader is None or loader.batch_size is None:
+        return None
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    if not 0 < done < trainer.num_training_batches:
+        return None  # at an epoch's start or end, Lightning itself resumes exactly
+    sampler: DistributedSampler = loader.sampler  # type: ignore[assignment]
+    consumed = min(done * loader.batch_size * sampler.num_replicas, len(sampler.dataset))  # type: ignore[arg-type]
+    return {"epoch": trainer.current_epoch, "consumed": consumed, "dataset": len(sampler.dataset)}  # type: ignore[arg-type]
+
+
+def _training_loader(trainer: Any) -> DataLoader | None:
+    combined = trainer.fit_loop._combined_loader
+    loaders = combined.flattened if combined is not None else []
+    if len(loaders) != 1 or not isinstance(loaders[0], DataLoader):
+        return None
+    loader = loaders[0]
+    return loader if isinstance(loader.sampler, ResumableDistributedSampler) else None
+
+
+def _resume(trainer: Any, sampler: ResumableDistributedSampler, batch_size: int | None, drop_last: bool) -> None:
+    """Start ``sampler`` where the checkpoint's epoch was, and move the epoch loop's counters to match."""
+    position = getattr(trainer.strategy, "data_position", None)
+    if not position or batch_size is None or position["epoch"] != trainer.current_epoch:
+        return
+    if position["dataset"] != len(sampler.dataset):  # type: ignore[arg-type]
+        rank_zero_info("parti: the training set's size changed since the checkpoint: its epoch starts again.")
+        return
+    sampler.set_epoch(position["epoch"])
+    sampler.resume(position["epoch"], position["consumed"])
+    left = sampler.samples_left()
+    batches_left = left // batch_size if drop_last else math.ceil(left / batch_size)
+    per_rank = sampler.num_samples
+    total = per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    # The loop counts the epoch's batches on this world size: it ends the epoch when the counter reaches the
+    # loader's length, and so must reach it exactly when the rest of the order runs out.
+    shift = (total - batches_left) - progress.processed
+    progress.ready += shift
+    progress.started += shift
+    progress.processed += shift
+    progress.completed += shift
+    rank_zero_info(f"parti: the resumed epoch {position['epoch']} goes on after its first {position['consumed']}"
+                   f" samples: {batches_left} batch(es) of it left on each rank.")
+    trainer.strategy.data_position = None
+
+
+def install() -> None:
+    """Have Lightning create a :class:`ResumableDistributedSampler` for training where it creates a
+    ``DistributedSampler``, and start it where a mid-epoch checkpoint left off. Once; idempotent."""
+    resolve = _DataConnector._resolve_sampler
+    if getattr(resolve, "_parti_wrapped", False):
+        return
+
+    @functools.wraps(resolve)
+    def resolve_sampler(self: _DataConnector, dataloader: DataLoader, shuffle: bool,
+                        mode: RunningStage | None = None) -> Any:
+        sampler = resolve(self, dataloader, shuffle, mode)
+        if mode != RunningStage.TRAINING or type(sampler) is not DistributedSampler:
+            return sampler
+        resumable = ResumableDistributedSampler(
+            sampler.dataset, num_replicas=sampler.num_replicas, rank=sampler.rank, shuffle=sampler.shuffle,
+            seed=sampler.seed, drop_last=sampler.drop_last,
+        )
+        _resume(self.trainer, resumable, dataloader.batch_size, dataloader.drop_last)
+        return resumable
+
+    resolve_sampler._parti_wrapped = True  # type: ignore[attr-defined]
+    _DataConnector._resolve_sampler = resolve_sampler  # type: ignore[method-assign]

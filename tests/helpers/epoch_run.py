@@ -1,0 +1,68 @@
+"""Runs that stop in the middle of an epoch and resume on another number of ranks, for test_fault_tolerance.py.
+
+``python tests/helpers/epoch_run.py DEVICES JOBS.json`` runs each job of the list in one launch of DEVICES
+processes. A job fits checkpoint_run's ``Net`` for one epoch of ``SAMPLES`` numbered samples, recording which
+sample numbers each rank trained on, to ``job["ids"]`` (rank R writes ``<ids>.R.json``). With ``save_at`` it
+writes a checkpoint after that step and stops there; with ``ckpt`` it resumes one and goes to the epoch's end.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from checkpoint_run import BATCH, SEED, Net
+from scenarios import make_dataset
+
+SAMPLES = 96
+
+
+class NumberedNet(Net):
+    """``Net`` whose batches carry each sample's number, which the step records."""
+
+    def __init__(self) -> None:
+        super().__init__(samples=SAMPLES)
+        self.seen: list[int] = []
+
+    def train_dataloader(self) -> DataLoader:
+        x, y = make_dataset().tensors
+        numbers = torch.arange(SAMPLES)
+        return DataLoader(TensorDataset(x[:SAMPLES], y[:SAMPLES], numbers), batch_size=BATCH, shuffle=True)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, numbers = batch
+        self.seen += numbers.tolist()
+        return super().training_step((x, y), batch_idx)
+
+
+def run(devices: int, job: dict[str, Any]) -> None:
+    from parti_lightning import PartiAccelerator, PartiStrategy
+
+    L.seed_everything(SEED, verbose=False)
+    save_at = job.get("save_at")
+    trainer = L.Trainer(
+        accelerator=PartiAccelerator(oversubscribe=True), devices=devices,
+        strategy=PartiStrategy(plan=job["plan"], state_dict_type=job.get("state_dict_type", "auto")),
+        max_epochs=1, max_steps=save_at or -1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=job["dirpath"], every_n_train_steps=save_at)] if save_at else [],
+        enable_checkpointing=bool(save_at), limit_val_batches=0,
+    )
+    module = NumberedNet()
+    trainer.fit(module, ckpt_path=job.get("ckpt"))
+    with open(f"{job['ids']}.{trainer.global_rank}.json", "w") as file:
+        json.dump({"seen": module.seen, "global_step": trainer.global_step, "epoch": trainer.current_epoch}, file)
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    import parti_lightning  # noqa: F401
+
+    for each in json.loads(Path(sys.argv[2]).read_text()):
+        run(int(sys.argv[1]), each)
