@@ -87,43 +87,61 @@ def test_a_killed_rank_restarts_and_resumes_bit_identical_to_a_run_never_interru
 # ------------------------------------------------------------------------ mid-epoch, on another world size
 
 
-def _epoch_job(out: Path, devices: int, job: dict[str, Any]) -> Job:
-    jobs_file = out / f"jobs-{job['ids'].rsplit('/', 1)[-1]}.json"
-    jobs_file.write_text(json.dumps([job]))
+def _epoch_jobs(out: Path, devices: int, jobs: list[dict[str, Any]]) -> Job:
+    jobs_file = out / f"jobs-{jobs[0]['ids'].rsplit('/', 1)[-1]}.json"
+    jobs_file.write_text(json.dumps(jobs))
     return Job(["tests/helpers/epoch_run.py", str(devices), str(jobs_file)], processes=devices)
 
 
-def _seen(prefix: Path) -> tuple[list[int], int]:
+def _seen(prefix: Path) -> tuple[list[int], dict[str, Any]]:
     records = [json.loads(p.read_text()) for p in sorted(prefix.parent.glob(f"{prefix.name}.*.json"))]
-    return [n for r in records for n in r["seen"]], records[0]["global_step"]
+    return [n for r in records for n in r["seen"]], records[0]
 
 
 @pytest.mark.timeout(600)
 def test_a_mid_epoch_checkpoint_resumes_on_another_world_size_with_each_sample_once(tmp_path: Path) -> None:
     """96 numbered samples, batches of 8 per rank. zero3 on 2 ranks (a sharded checkpoint) stops after step 2 of
     6, and one process resumes it; one process stops after step 3 of 12, and 2 ranks resume it (a file). Each
-    time, the two runs together train on every sample of the epoch exactly once."""
+    time, the two runs together train on every sample of the epoch exactly once.
+
+    2 → 1 keeps the global batch (16: one process accumulates 2 batches of 8, on the same samples the two
+    ranks' step would have taken), so it ends where the 2-rank run never interrupted ends, within rounding.
+    1 → 2 cannot (8 samples over 2 ranks of 8): the log says the global batch becomes 16."""
     o = tmp_path
     first = run_scripts({
-        "2": _epoch_job(o, 2, {"plan": "zero3", "save_at": 2, "dirpath": str(o / "two"), "ids": str(o / "two")}),
-        "1": _epoch_job(o, 1, {"plan": "ddp", "save_at": 3, "dirpath": str(o / "one"), "ids": str(o / "one")}),
+        "2": _epoch_jobs(o, 2, [
+            {"plan": "zero3", "save_at": 2, "dirpath": str(o / "two"), "ids": str(o / "two"), "dropout": False},
+            {"plan": "zero3", "ids": str(o / "two-straight"), "dropout": False},
+        ]),
+        "1": _epoch_jobs(o, 1, [{"plan": "ddp", "save_at": 3, "dirpath": str(o / "one"), "ids": str(o / "one")}]),
     }, timeout=240)
     for launch in first.values():
         check(launch.result)
     second = run_scripts({
-        "2 as 1": _epoch_job(o, 1, {"plan": "ddp", "ckpt": str(o / "two" / "epoch=0-step=2.ckpt"),
-                                    "ids": str(o / "two-as-one")}),
-        "1 as 2": _epoch_job(o, 2, {"plan": "ddp", "ckpt": str(o / "one" / "epoch=0-step=3.ckpt"),
-                                    "ids": str(o / "one-as-two")}),
+        "2 as 1": _epoch_jobs(o, 1, [{"plan": "ddp", "ckpt": str(o / "two" / "epoch=0-step=2.ckpt"),
+                                      "ids": str(o / "two-as-one"), "dropout": False}]),
+        "1 as 2": _epoch_jobs(o, 2, [{"plan": "ddp", "ckpt": str(o / "one" / "epoch=0-step=3.ckpt"),
+                                      "ids": str(o / "one-as-two")}]),
     }, timeout=240)
     outputs = {key: check(launch.result) for key, launch in second.items()}
-    for before, after, resumed_steps in (("two", "two-as-one", 2 + 8), ("one", "one-as-two", 3 + 5)):
+    # 2 → 1: 8 batches left, 2 per step; 1 → 2: 5 batches left on each rank, 1 per step.
+    for before, after, steps, accumulate in (("two", "two-as-one", 2 + 4, 2), ("one", "one-as-two", 3 + 5, 1)):
         seen_before, _ = _seen(o / before)
-        seen_after, global_step = _seen(o / after)
+        seen_after, record = _seen(o / after)
         assert sorted(seen_before + seen_after) == list(range(96)), (before, after)
-        assert global_step == resumed_steps
+        assert (record["global_step"], record["accumulate"]) == (steps, accumulate), (before, after)
     assert "goes on after its first 32 samples: 8 batch(es)" in outputs["2 as 1"], outputs["2 as 1"]
+    assert "accumulate over 2 batch(es) (was 1), keeping the global batch of 16" in outputs["2 as 1"]
     assert "goes on after its first 24 samples: 5 batch(es)" in outputs["1 as 2"], outputs["1 as 2"]
+    assert "keeps the global batch of 8 samples; it is now 16" in outputs["1 as 2"], outputs["1 as 2"]
+    straight, resumed = torch.load(o / "two-straight.pt", weights_only=True), torch.load(o / "two-as-one.pt",
+                                                                                          weights_only=True)
+    assert straight["global_step"] == resumed["global_step"] == 6
+    # Every parameter; `calls` counts training_step calls, which accumulation doubles on one process.
+    assert resumed["state_dict"]["calls"] == 2 + 8 and straight["state_dict"]["calls"] == 6
+    for key, value in straight["state_dict"].items():
+        if key != "calls":
+            torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 # ------------------------------------------------------------------------ choosing the checkpoint

@@ -39,7 +39,7 @@ from parti_lightning.checkpoint.sharded import (
     sharded_model_state,
     sharded_optimizer_state,
 )
-from parti_lightning.lightning_adapters.data_position import position_at_save
+from parti_lightning.lightning_adapters.data_position import batch_at_save, keep_global_batch, position_at_save
 from parti_lightning.mesh import ParallelMesh
 from parti_lightning.parallel import holds_part_of_the_model, holds_sharded_tensors
 from parti_lightning.parallel.full_state import (
@@ -79,7 +79,7 @@ class CheckpointHooks(ParallelStrategy):
             # dropout masks as one never interrupted. Stock Lightning ignores the extra key.
             rng = gathered_rng_states()
             if self.is_global_zero:
-                checkpoint = {**checkpoint, "parti": {"rng": rng, "data": self._position_at_save()}}
+                checkpoint = {**checkpoint, "parti": {"rng": rng, **self._data_at_save()}}
                 if is_sharded_checkpoint(path):
                     shutil.rmtree(path)
             return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
@@ -93,7 +93,7 @@ class CheckpointHooks(ParallelStrategy):
                 " PartiStrategy(state_dict_type='full') for a remote URL, or save to a mounted path."
             )
         meta = {"parti": {"plan": self.resolved_plan.to_dict(), "world_size": self.world_size,
-                          "num_nodes": self.num_nodes, "data": self._position_at_save()}}
+                          "num_nodes": self.num_nodes, **self._data_at_save()}}
         save_sharded(path, checkpoint, meta)
 
     @override
@@ -110,8 +110,7 @@ class CheckpointHooks(ParallelStrategy):
         if not path.is_dir():
             checkpoint = super().load_checkpoint(path, weights_only=True)
             if fitting:
-                self._restore_rng(checkpoint.get("parti", {}))
-                self.data_position = checkpoint.get("parti", {}).get("data")
+                self._restore_data(checkpoint.get("parti", {}))
             return checkpoint
         if not is_sharded_checkpoint(path):
             raise CheckpointError(
@@ -121,16 +120,24 @@ class CheckpointHooks(ParallelStrategy):
         meta = load_sharded(path, module, self.optimizers if fitting else (), strict=module.strict_loading)
         parti = meta.pop("parti")
         if fitting:
-            self._restore_rng(parti)
-            self.data_position = parti.get("data")
+            self._restore_data(parti)
         self._restored_sharded = True
         if fitting and parti.get("optimizers") and "optimizer_states" not in meta:
             meta["optimizer_states"] = [None] * len(parti["optimizers"])  # restored above; Lightning checks the key
         return meta
 
-    def _position_at_save(self) -> dict[str, int] | None:
+    def _data_at_save(self) -> dict[str, Any]:
+        """Where the epoch's data is and the global batch, for exact resume on any world size."""
         trainer = getattr(self.lightning_module, "_trainer", None)
-        return None if trainer is None or not trainer.training else position_at_save(trainer)
+        if trainer is None or not trainer.training:
+            return {}
+        return {"data": position_at_save(trainer), "batch": batch_at_save(trainer)}
+
+    def _restore_data(self, parti: Mapping[str, Any]) -> None:
+        self._restore_rng(parti)
+        self.data_position = parti.get("data")
+        trainer = self.lightning_module._trainer  # type: ignore[union-attr]
+        keep_global_batch(trainer, parti.get("batch"), self.distributed_sampler_kwargs["num_replicas"])
 
     def _restore_rng(self, parti: Mapping[str, Any]) -> None:
         states = parti.get("rng", [])

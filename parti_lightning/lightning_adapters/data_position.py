@@ -103,6 +103,41 @@ def position_at_save(trainer: Any) -> dict[str, int] | None:
     return {"epoch": trainer.current_epoch, "consumed": consumed, "dataset": len(sampler.dataset)}  # type: ignore[arg-type]
 
 
+def batch_at_save(trainer: Any) -> dict[str, int] | None:
+    """The global batch a checkpoint was trained with: data-parallel ranks, batch per rank, accumulation."""
+    loader = _training_loader(trainer)
+    if loader is None or loader.batch_size is None:
+        return None
+    replicas = loader.sampler.num_replicas  # type: ignore[attr-defined]
+    return {"data_parallel": replicas, "batch_size": loader.batch_size,
+            "accumulate": trainer.accumulate_grad_batches}
+
+
+def keep_global_batch(trainer: Any, saved: dict[str, int] | None, data_parallel: int) -> None:
+    """Resumed on another number of data-parallel ranks: accumulate gradients over as many more (or fewer) batches
+    as keep the global batch the checkpoint trained with, where the numbers divide; else say what changes.
+
+    Each optimizer step then averages the gradients of the same samples as before the change (the resumed
+    sampler deals the epoch's order out in the same sequence), so training goes on as the run would have.
+    """
+    if not saved or saved["data_parallel"] == data_parallel or trainer.accumulate_grad_batches != saved["accumulate"]:
+        return  # the same ranks, or the user chose an accumulation for this run
+    before = saved["data_parallel"] * saved["accumulate"]
+    if before % data_parallel == 0:
+        trainer.accumulate_grad_batches = before // data_parallel
+        rank_zero_info(
+            f"parti: resumed on {data_parallel} data-parallel rank(s), written on {saved['data_parallel']}: gradients"
+            f" accumulate over {trainer.accumulate_grad_batches} batch(es) (was {saved['accumulate']}), keeping the"
+            f" global batch of {before * saved['batch_size']} samples (with the same batch per rank)."
+        )
+    else:
+        rank_zero_info(
+            f"parti: resumed on {data_parallel} data-parallel rank(s), written on {saved['data_parallel']}: no"
+            f" whole accumulation keeps the global batch of {before * saved['batch_size']} samples; it is now"
+            f" {data_parallel * saved['accumulate'] * saved['batch_size']} (with the same batch per rank)."
+        )
+
+
 def _training_loader(trainer: Any) -> DataLoader | None:
     combined = trainer.fit_loop._combined_loader
     loaders = combined.flattened if combined is not None else []

@@ -2,8 +2,10 @@
 
 ``python tests/helpers/epoch_run.py DEVICES JOBS.json`` runs each job of the list in one launch of DEVICES
 processes. A job fits checkpoint_run's ``Net`` for one epoch of ``SAMPLES`` numbered samples, recording which
-sample numbers each rank trained on, to ``job["ids"]`` (rank R writes ``<ids>.R.json``). With ``save_at`` it
-writes a checkpoint after that step and stops there; with ``ckpt`` it resumes one and goes to the epoch's end.
+sample numbers each rank trained on, to ``job["ids"]`` (rank R writes ``<ids>.R.json``), and its final state
+(gathered, keyed by name) to ``<ids>.pt``. With ``save_at`` it writes a checkpoint after that step and stops
+there; with ``ckpt`` it resumes one and goes to the epoch's end. ``"dropout": false`` zeroes ``Net``'s dropout,
+for runs compared across world sizes: each rank draws its own masks, so no two world sizes draw the same ones.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from checkpoint_run import BATCH, SEED, Net
+from checkpoint_run import BATCH, SEED, Net, gathered_state
 from scenarios import make_dataset
 
 SAMPLES = 96
@@ -54,9 +56,15 @@ def run(devices: int, job: dict[str, Any]) -> None:
         enable_checkpointing=bool(save_at), limit_val_batches=0,
     )
     module = NumberedNet()
+    if not job.get("dropout", True):
+        module.encoder[2].p = 0.0
     trainer.fit(module, ckpt_path=job.get("ckpt"))
     with open(f"{job['ids']}.{trainer.global_rank}.json", "w") as file:
-        json.dump({"seen": module.seen, "global_step": trainer.global_step, "epoch": trainer.current_epoch}, file)
+        json.dump({"seen": module.seen, "global_step": trainer.global_step, "epoch": trainer.current_epoch,
+                   "accumulate": trainer.accumulate_grad_batches}, file)
+    state = gathered_state(trainer)
+    if trainer.is_global_zero:
+        torch.save(state, f"{job['ids']}.pt")
 
 
 if __name__ == "__main__":
