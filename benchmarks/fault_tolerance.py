@@ -5,7 +5,8 @@ fp32 AdamW) on 2 CPU ranks under ``torchrun --max-restarts=1`` with ``PartiStrat
 launches per size:
 
 - ``none``: no checkpoints: the baseline step time;
-- ``sync``: a checkpoint every ``--every`` steps (synchronous: the ranks wait for the write);
+- ``sync``: a checkpoint every ``--every`` steps (synchronous: the ranks wait for the write), the newest also as
+  ``last``: a link to it (``--save-last link``, one save per trigger) or a copy (``copy``: two saves);
 - ``kill``: as ``sync``, and rank 1 SIGKILLs itself in the middle of step ``--kill-at + 1``; torchrun stops
   rank 0 and starts both again, and the run resumes from its newest checkpoint by itself.
 
@@ -69,8 +70,9 @@ def _worker(args: argparse.Namespace) -> None:
     model = CharGPT(n_layer=args.layers, n_embd=args.width, n_head=max(1, args.width // 64), block_size=128)
     callbacks: list[L.Callback] = [Clock()]
     if args.every:
+        save_last = True if args.save_last == "copy" else "link"
         callbacks.append(ModelCheckpoint(dirpath=out / "ckpts", every_n_train_steps=args.every, save_top_k=1,
-                                         save_last=True))
+                                         save_last=save_last))
     trainer = L.Trainer(
         accelerator="cpu", devices=2, max_steps=args.steps, logger=False, enable_checkpointing=bool(args.every),
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -84,7 +86,7 @@ def _launch(args: argparse.Namespace, layers: int, width: int, every: int, kill_
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                    "--max-restarts=1", "--monitor-interval=0.5", __file__, "--worker", "--out", out,
                    "--plan", args.plan, "--layers", str(layers), "--width", str(width), "--steps", str(args.steps),
-                   "--every", str(every), "--kill-at", str(kill_at)]
+                   "--every", str(every), "--kill-at", str(kill_at), "--save-last", args.save_last]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
         if done.returncode != 0:
@@ -118,14 +120,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--every", type=int, default=4, help="checkpoint every N steps")
     parser.add_argument("--kill-at", type=int, default=9, help="rank 1 dies in the step after this one")
+    parser.add_argument("--save-last", choices=["link", "copy"], default="link",
+                        help="ModelCheckpoint's `last`: a link to the newest (one save per trigger) or a copy (two)")
     parser.add_argument("--quick", action="store_true", help="4 blocks of width 256")
     args = parser.parse_args()
     if args.worker:
         _worker(args)
         return
     sizes = {"3M": (4, 256)} if args.quick else {name: SIZES[name] for name in args.sizes}
-    print(f"plan {args.plan}, 2 CPU ranks, {args.steps} steps, a checkpoint every {args.every} steps; "
-          f"rank 1 killed in step {args.kill_at + 1}")
+    print(f"plan {args.plan}, 2 CPU ranks, {args.steps} steps, a checkpoint every {args.every} steps (`last` a"
+          f" {args.save_last}); rank 1 killed in step {args.kill_at + 1}")
     header = (f"| size | step s, none | step s, sync | overhead, every {args.every} steps | s per save | at one a"
               " minute | kill → next step s | steps lost |")
     rows = [header, "|" + "---|" * 8]

@@ -9,14 +9,20 @@ over) is tested without processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import psutil
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -25,7 +31,7 @@ from parti_lightning.checkpoint import save_sharded
 from parti_lightning.checkpoint.integrity import damage
 from parti_lightning.lightning_adapters.auto_resume import newest_checkpoint
 
-from launch import Job, check, run_scripts
+from launch import REPO, Job, check, run_scripts
 
 # (name, plan, data-parallel degree at 2 ranks, checkpoint every N steps). Epochs are 4 steps: every 3 steps, the
 # checkpoint the run resumes from (step 6) is in the middle of an epoch; every 4, it ends one (step 4).
@@ -142,6 +148,72 @@ def test_a_mid_epoch_checkpoint_resumes_on_another_world_size_with_each_sample_o
     for key, value in straight["state_dict"].items():
         if key != "calls":
             torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+# ------------------------------------------------------------------------ a node lost under elastic torchrun
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _agent(port: int, out: Path, log: Path) -> subprocess.Popen[bytes]:
+    """One torchrun agent (a "node" of 2 ranks) of an elastic job of 1 to 2 nodes, on loopback."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=2",
+               "--max-restarts=3", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=parti",
+               "--rdzv-conf=join_timeout=90,last_call_timeout=15", "--monitor-interval=0.5",
+               "tests/helpers/elastic_run.py", str(out)]
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    with open(log, "wb") as file:
+        return subprocess.Popen(command, cwd=REPO, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL an agent and every process under it, as a node that loses power."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+    proc.wait()
+
+
+@pytest.mark.timeout(600)
+def test_a_node_lost_for_good_under_elastic_torchrun_resumes_on_the_ranks_left(tmp_path: Path) -> None:
+    """Two agents of 2 ranks each train zero3 on 4 ranks; one agent and its ranks are killed after the checkpoint
+    of step 4. The other's ranks fail, torchrun starts them again on 2 ranks (the rendezvous admits 1 to 2
+    nodes), and the run resumes its 4-rank checkpoint there, keeping the global batch, to the last step."""
+    port, logs = _free_port(), [tmp_path / "agent0.log", tmp_path / "agent1.log"]
+    survivor = _agent(port, tmp_path, logs[0])
+    lost = None
+    try:
+        time.sleep(1)  # the first agent hosts the rendezvous store; the second joins its first round
+        lost = _agent(port, tmp_path, logs[1])
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "ckpts" / "last.ckpt").exists() or not _finished_step(tmp_path, 4, 5):
+            assert time.monotonic() < deadline and survivor.poll() is None, logs[0].read_text(errors="replace")
+            time.sleep(0.2)
+        _kill_tree(lost)
+        survivor.wait(timeout=300)
+    finally:
+        for proc in (survivor, lost):
+            if proc is not None and proc.poll() is None:
+                _kill_tree(proc)
+    out = logs[0].read_text(errors="replace")
+    assert survivor.returncode == 0, out
+    after = json.loads(max(tmp_path.glob("start-*-2.json")).read_text())
+    assert after["steps"][-1] == 16 and after["accumulate"] == 2, after
+    assert "written on 4: gradients accumulate over 2 batch(es) (was 1)" in out, out
+    assert re.search(r"resumed at step [46] from", out), out
+    assert "dataloader is not resumable" not in out, out  # Lightning's warning, answered by parti
+
+
+def _finished_step(out: Path, world: int, step: int) -> bool:
+    records = [json.loads(p.read_text()) for p in out.glob(f"start-*-{world}.json")]
+    return any(r["steps"] and r["steps"][-1] >= step for r in records)
 
 
 # ------------------------------------------------------------------------ choosing the checkpoint

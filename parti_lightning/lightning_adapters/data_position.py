@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 from lightning.pytorch.trainer.connectors.data_connector import _DataConnector
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, DistributedSampler
 
 
@@ -171,6 +173,9 @@ def _resume(trainer: Any, sampler: ResumableDistributedSampler, batch_size: int 
     progress.completed += shift
     rank_zero_info(f"parti: the resumed epoch {position['epoch']} goes on after its first {position['consumed']}"
                    f" samples: {batches_left} batch(es) of it left on each rank.")
+    # Lightning then warns that a loader without state makes a mid-epoch resume unreliable: not this one.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended",
+                            category=PossibleUserWarning)
     trainer.strategy.data_position = None
 
 
