@@ -7,17 +7,17 @@ launches per size:
 - ``none``: no checkpoints: the baseline step time;
 - ``sync``: a checkpoint every ``--every`` steps (synchronous: the ranks wait for the write), the newest also as
   ``last``: a link to it (``--save-last link``, one save per trigger) or a copy (``copy``: two saves);
+- ``async``: as ``sync``, written in the background (``Trainer(plugins=[AsyncCheckpointIO()])``);
 - ``kill``: as ``sync``, and rank 1 SIGKILLs itself in the middle of step ``--kill-at + 1``; torchrun stops
   rank 0 and starts both again, and the run resumes from its newest checkpoint by itself.
 
-It prints, per size: the mean step time of ``none`` and ``sync`` over the same steps (after ``--warmup``),
-the seconds one save adds (the difference of the two over the saves in that span), the overhead that makes
-at one checkpoint every N steps and at one a minute; the seconds from the kill to the end of the first step
-after it (torchrun noticing, stopping and starting the ranks, imports, the process group, the checkpoint's
-load, the step itself), and the steps lost as the resumed run's log counts them. Asynchronous saves are not
-implemented yet: nothing to compare.
+It prints, per size: the mean step time of ``none``, ``sync`` and ``async`` over the same steps (after
+``--warmup``), the seconds one save adds to training (the difference over the saves in that span), synchronous
+and asynchronous, and the overhead that makes at one checkpoint a minute; the seconds from the kill to the
+end of the first step after it (torchrun noticing, stopping and starting the ranks, imports, the process
+group, the checkpoint's load, the step itself), and the steps lost as the resumed run's log counts them.
 
-    python benchmarks/fault_tolerance.py             # about 8 minutes on 2 cores
+    python benchmarks/fault_tolerance.py             # about 9 minutes on 2 cores
     python benchmarks/fault_tolerance.py --quick     # 4 blocks of width 256 (3M parameters)
 """
 
@@ -73,7 +73,10 @@ def _worker(args: argparse.Namespace) -> None:
         save_last = True if args.save_last == "copy" else "link"
         callbacks.append(ModelCheckpoint(dirpath=out / "ckpts", every_n_train_steps=args.every, save_top_k=1,
                                          save_last=save_last))
+    from lightning.pytorch.plugins.io.async_plugin import AsyncCheckpointIO
+
     trainer = L.Trainer(
+        plugins=[AsyncCheckpointIO()] if args.background else None,
         accelerator="cpu", devices=2, max_steps=args.steps, logger=False, enable_checkpointing=bool(args.every),
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         strategy=PartiStrategy(plan=args.plan, resume="auto"), callbacks=callbacks,
@@ -81,12 +84,14 @@ def _worker(args: argparse.Namespace) -> None:
     trainer.fit(model, datamodule=CharDataModule(block_size=128, batch_size=2))
 
 
-def _launch(args: argparse.Namespace, layers: int, width: int, every: int, kill_at: int) -> dict[str, Any]:
+def _launch(args: argparse.Namespace, layers: int, width: int, every: int, kill_at: int,
+            background: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="parti-fault-bench-") as out:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                    "--max-restarts=1", "--monitor-interval=0.5", __file__, "--worker", "--out", out,
                    "--plan", args.plan, "--layers", str(layers), "--width", str(width), "--steps", str(args.steps),
-                   "--every", str(every), "--kill-at", str(kill_at), "--save-last", args.save_last]
+                   "--every", str(every), "--kill-at", str(kill_at), "--save-last", args.save_last,
+                   *(["--background"] if background else [])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
         if done.returncode != 0:
@@ -123,6 +128,7 @@ def main() -> None:
     parser.add_argument("--save-last", choices=["link", "copy"], default="link",
                         help="ModelCheckpoint's `last`: a link to the newest (one save per trigger) or a copy (two)")
     parser.add_argument("--quick", action="store_true", help="4 blocks of width 256")
+    parser.add_argument("--background", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         _worker(args)
@@ -130,20 +136,23 @@ def main() -> None:
     sizes = {"3M": (4, 256)} if args.quick else {name: SIZES[name] for name in args.sizes}
     print(f"plan {args.plan}, 2 CPU ranks, {args.steps} steps, a checkpoint every {args.every} steps (`last` a"
           f" {args.save_last}); rank 1 killed in step {args.kill_at + 1}")
-    header = (f"| size | step s, none | step s, sync | overhead, every {args.every} steps | s per save | at one a"
-              " minute | kill → next step s | steps lost |")
-    rows = [header, "|" + "---|" * 8]
+    header = ("| size | step s, none | step s, sync | step s, async | s per save, sync | s per save, async |"
+              " at one a minute, sync | at one a minute, async | kill → next step s | steps lost |")
+    rows = [header, "|" + "---|" * 10]
     for name, (layers, width) in sizes.items():
         none = _launch(args, layers, width, every=0, kill_at=0)
         sync = _launch(args, layers, width, every=args.every, kill_at=0)
+        background = _launch(args, layers, width, every=args.every, kill_at=0, background=True)
         kill = _launch(args, layers, width, every=args.every, kill_at=args.kill_at)
         first, last, base_s = _span(none["steps"][0], args.warmup)
-        _, _, sync_s = _span(sync["steps"][0], args.warmup)
+        spans = [_span(run["steps"][0], args.warmup)[2] for run in (sync, background)]
         # A save at step s runs after that step's end is taken: those of steps first..last-1 fall in the span.
-        saves = sum(1 for step in range(first, last) if step % args.every == 0)
-        base, per_save = base_s / (last - first), (sync_s - base_s) / max(saves, 1)
-        rows.append(f"| {name} | {base:.3f} | {sync_s / (last - first):.3f} | {per_save / (args.every * base):+.1%} |"
-                    f" {per_save:.2f} | {per_save / 60:+.1%} | {kill['kill_to_step_s']:.1f} | {kill['lost']} |")
+        saves = max(sum(1 for step in range(first, last) if step % args.every == 0), 1)
+        steps = last - first
+        per_save = [(span - base_s) / saves for span in spans]
+        rows.append(f"| {name} | {base_s / steps:.3f} | {spans[0] / steps:.3f} | {spans[1] / steps:.3f} |"
+                    f" {per_save[0]:.2f} | {per_save[1]:.2f} | {per_save[0] / 60:+.1%} | {per_save[1] / 60:+.1%} |"
+                    f" {kill['kill_to_step_s']:.1f} | {kill['lost']} |")
         print(rows[-1], flush=True)
     print("\n".join(rows))
 

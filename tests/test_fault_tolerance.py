@@ -1,15 +1,18 @@
 """A run that loses a rank comes back by itself: torchrun restarts it, ``resume="auto"`` finds the checkpoint.
 
-Each plan runs under ``torchrun --max-restarts=1`` (see fault_run.py): rank 1 is SIGKILLed in the middle of
-step 7, torchrun stops rank 0 and starts both again, and the run resumes from its newest checkpoint (step 4)
+Each case runs under ``torchrun --max-restarts`` (see fault_run.py): rank 1 is SIGKILLed in the middle of step 7
+(and, in two cases, again in the next attempt: mid-step, or while the checkpoint loads); torchrun stops rank 0
+and starts both again, and the run resumes from its newest checkpoint, mostly one in the middle of an epoch,
 with no ``ckpt_path``. It must end bit-identical to the same run never interrupted, parameters and optimizer
-state, and log the steps it lost. The choice of checkpoint (the newest whole one; a damaged one is passed
-over) is tested without processes.
+state, and log the steps it lost. Then: a mid-epoch checkpoint resumed on another world size (each sample once,
+the global batch kept), a node lost for good under elastic torchrun, and the choice of checkpoint (the newest
+whole one; a damaged one is passed over), the last without processes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -27,22 +30,25 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from parti_lightning.checkpoint import save_sharded
+from parti_lightning.checkpoint import read_meta, save_sharded
 from parti_lightning.checkpoint.integrity import damage
 from parti_lightning.lightning_adapters.auto_resume import newest_checkpoint
 
 from launch import REPO, Job, check, run_scripts
 
-# (name, plan, data-parallel degree at 2 ranks, checkpoint every N steps). Epochs are 4 steps: every 3 steps, the
-# checkpoint the run resumes from (step 6) is in the middle of an epoch; every 4, it ends one (step 4).
+# (name, plan, data-parallel degree at 2 ranks, checkpoint every N steps, where rank 1 dies on each torchrun attempt,
+# the step the last attempt resumes from). Epochs are 4 steps: a checkpoint at step 6 is in the middle of one.
 PLANS = [
-    ("ddp", "ddp", 2, 3),
-    ("zero3", "zero3", 2, 3),
-    ("tensor", {"preset": "tp", "tensor": 2}, 1, 3),
-    ("pipeline", {"preset": "pp", "pipeline": 2}, 1, 3),
-    ("ddp-at-an-epoch-end", "ddp", 2, 4),
+    ("ddp", "ddp", 2, 3, {"0": ["step", 6]}, 6),
+    ("zero3", "zero3", 2, 3, {"0": ["step", 6]}, 6),
+    ("tensor", {"preset": "tp", "tensor": 2}, 1, 3, {"0": ["step", 6]}, 6),
+    ("pipeline", {"preset": "pp", "pipeline": 2}, 1, 3, {"0": ["step", 6]}, 6),
+    ("ddp-at-an-epoch-end", "ddp", 2, 4, {"0": ["step", 6]}, 4),
+    ("ddp-two-restarts", "ddp", 2, 2, {"0": ["step", 6], "1": ["step", 8]}, 8),
+    ("zero3-killed-while-loading", "zero3", 2, 3, {"0": ["step", 6], "1": ["load"]}, 6),
+    # Checkpoints written in the background: the one of step 6 may still be being written when rank 1 dies.
+    ("zero3-async", "zero3", 2, 3, {"0": ["step", 6]}, (3, 6)),
 ]
-KILLED_IN_STEP = 7
 
 
 @pytest.fixture(scope="module")
@@ -50,31 +56,35 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, An
     """Each plan's killed-and-restarted run, two torchrun jobs at a time: its folder and its result."""
     root = tmp_path_factory.mktemp("faults")
     jobs = {}
-    for name, plan, data, every in PLANS:
+    for name, plan, data, every, kills, _ in PLANS:
         (root / name).mkdir()
-        jobs[name] = Job(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
-                          "--monitor-interval=0.5", "tests/helpers/fault_run.py", str(root / name),
-                          json.dumps(plan), str(data), str(every)], processes=2)
+        jobs[name] = Job(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          f"--max-restarts={len(kills)}", "--monitor-interval=0.5", "tests/helpers/fault_run.py",
+                          str(root / name), json.dumps(plan), str(data), str(every), json.dumps(kills),
+                          "async" if name.endswith("async") else "sync"], processes=2)
     launches = run_scripts(jobs, timeout=240)
     return {name: (root / name, launch.result) for name, launch in launches.items()}
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize(("name", "every"), [(p[0], p[3]) for p in PLANS], ids=[p[0] for p in PLANS])
+@pytest.mark.parametrize(
+    ("name", "kills", "resumed_at"), [(p[0], p[4], p[5]) for p in PLANS], ids=[p[0] for p in PLANS]
+)
 def test_a_killed_rank_restarts_and_resumes_bit_identical_to_a_run_never_interrupted(
-    faults: dict[str, tuple[Path, Any]], name: str, every: int
+    faults: dict[str, tuple[Path, Any]], name: str, kills: dict[str, list[Any]], resumed_at: int | tuple[int, ...]
 ) -> None:
     folder, result = faults[name]
     out = check(result)
-    assert re.search(r"exitcode: -9\) local_rank: 1", out), f"rank 1 was not killed:\n{out}"
+    assert len(re.findall(r"exitcode: -9\) local_rank: 1", out)) == len(kills), f"rank 1 was not killed:\n{out}"
     assert "resumes from the run's newest checkpoint" in out and "last.ckpt" in out, out
-    resumed_at = (KILLED_IN_STEP - 1) // every * every
-    assert f"resumed at step {resumed_at}" in out and "step(s) lost" in out, out
+    resumes = [tuple(map(int, m)) for m in re.findall(r"resumed at step (\d+) from .* finished step (\d+): (\d+)", out)]
+    assert resumes and resumes[-1][0] in (resumed_at if isinstance(resumed_at, tuple) else (resumed_at,)), out
+    resumed_at = resumes[-1][0]
+    # The steps lost are those the run before finished after the checkpoint. Rank 1 died in a step that rank 0
+    # may have finished (its collectives were done) before failing in the next.
+    assert all(lost == finished - at >= 0 for at, finished, lost in resumes), out
     if resumed_at % 4:
         assert "goes on after its first" in out, out  # the epoch's data picks up where the checkpoint was
-    lost = int(re.search(r"(\d+) step\(s\) lost", out).group(1))  # type: ignore[union-attr]
-    # Rank 1 died in step 7; rank 0 may have finished it (its collectives were done) before failing in step 8.
-    assert lost in (KILLED_IN_STEP - 1 - resumed_at, KILLED_IN_STEP - resumed_at), out
     straight = torch.load(folder / "straight.pt", weights_only=True)
     resumed = torch.load(folder / "resumed.pt", weights_only=True)
     assert straight["global_step"] == resumed["global_step"] == 10
@@ -286,3 +296,46 @@ def test_hidden_and_foreign_files_in_the_folder_are_never_candidates(tmp_path: P
     (tmp_path / "notes.txt").write_text("")
     _touch_after(tmp_path / ".parti-partial-0000.ckpt", tmp_path / "last.ckpt")
     assert newest_checkpoint(_trainer(tmp_path)) == tmp_path / "last.ckpt"
+
+
+# ------------------------------------------------------------------------ writing in the background
+
+
+def test_a_background_save_publishes_whole_and_removes_what_it_replaces_only_after(tmp_path: Path) -> None:
+    path, older = tmp_path / "epoch=0-step=4.ckpt", tmp_path / "epoch=0-step=2.ckpt"
+    _sharded_checkpoint(older)
+    removed: list[str] = []
+    pending = save_sharded(path, {"state_dict": _Tiny().state_dict(), "optimizer_states": [], "global_step": 4}, {},
+                           background=True)
+    assert pending is not None
+    pending.then(lambda: removed.append(str(older)))  # as ModelCheckpoint's removal of the top-k it replaces
+    pending.wait()
+    assert removed == [str(older)]
+    assert damage(path) is None and read_meta(path)["global_step"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".parti")]
+
+
+def test_a_background_save_that_fills_the_disk_keeps_the_checkpoint_before_it_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    path = tmp_path / "last.ckpt"
+    _sharded_checkpoint(path)  # global step 2, whole
+    before = sorted((p.name, p.stat().st_size) for p in path.iterdir())
+
+    def disk_full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", disk_full)
+    removed: list[str] = []
+    pending = save_sharded(path, {"state_dict": _Tiny().state_dict(), "optimizer_states": [], "global_step": 4}, {},
+                           background=True)
+    assert pending is not None
+    pending.then(lambda: removed.append("older"))
+    with pytest.raises(OSError, match="asynchronous save of .*last.ckpt failed.*checkpoints before it are kept"):
+        pending.wait()
+    assert not removed  # what it would have replaced stays
+    assert sorted((p.name, p.stat().st_size) for p in path.iterdir()) == before
+    assert damage(path) is None and read_meta(path)["global_step"] == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".parti")]  # nothing half-written left

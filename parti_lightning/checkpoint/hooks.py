@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import torch.distributed as dist
+from lightning.pytorch.plugins.io.async_plugin import AsyncCheckpointIO
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -28,6 +30,7 @@ from parti_lightning.checkpoint.parts import (
     restrict_optimizer_to_module,
     restrict_to_module,
 )
+from parti_lightning.checkpoint.pending import PendingSave
 from parti_lightning.checkpoint.sharded import (
     CheckpointError,
     checkpoint_kind,
@@ -61,6 +64,10 @@ class CheckpointHooks(ParallelStrategy):
     _restored_sharded: bool  # the last `load_checkpoint` already restored model and optimizers
     # Where a checkpoint written mid-epoch left the epoch's data (see lightning_adapters.data_position).
     data_position: dict[str, int] | None = None
+    # A sharded checkpoint being written in the background (`Trainer(plugins=[AsyncCheckpointIO()])`), and the
+    # process group its writer's collectives run on, apart from training's.
+    _pending_save: PendingSave | None = None
+    _background_group: Any = None
     resolved_plan: ResolvedPlan
     mesh: ParallelMesh | None
 
@@ -94,7 +101,36 @@ class CheckpointHooks(ParallelStrategy):
             )
         meta = {"parti": {"plan": self.resolved_plan.to_dict(), "world_size": self.world_size,
                           "num_nodes": self.num_nodes, **self._data_at_save()}}
-        save_sharded(path, checkpoint, meta)
+        self._wait_for_checkpoint()  # one save in flight at a time, in order
+        background = isinstance(self.checkpoint_io, AsyncCheckpointIO)
+        if background and dist.is_initialized() and self._background_group is None:
+            self._background_group = dist.new_group(backend="gloo")
+        self._pending_save = save_sharded(path, checkpoint, meta, background=background,
+                                          group=self._background_group)
+
+    def _wait_for_checkpoint(self) -> None:
+        """Let the sharded checkpoint being written in the background finish (raise if it failed)."""
+        pending, self._pending_save = self._pending_save, None
+        if pending is not None:
+            pending.wait()
+
+    @override
+    def remove_checkpoint(self, filepath: Any) -> None:
+        # `ModelCheckpoint` removes the checkpoint a new one replaces right after asking for the new one: while
+        # that is written in the background, the old one stays until the new one is whole.
+        pending = self._pending_save
+        if pending is None:
+            return super().remove_checkpoint(filepath)
+        remove_now = super().remove_checkpoint
+        pending.then(lambda: remove_now(filepath))
+        return None
+
+    @override
+    def teardown(self) -> None:
+        try:
+            self._wait_for_checkpoint()
+        finally:
+            super().teardown()
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -102,6 +138,7 @@ class CheckpointHooks(ParallelStrategy):
         # objects would run whatever code a crafted file carries. parti's own checkpoints need nothing more.
         if weights_only is False:
             rank_zero_info("parti: checkpoints are always loaded as weights only; ignoring the request to unpickle.")
+        self._wait_for_checkpoint()
         path = Path(self.broadcast(checkpoint_path))
         self._restored_sharded = False
         module = self.lightning_module

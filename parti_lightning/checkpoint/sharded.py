@@ -36,6 +36,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from parti_lightning.checkpoint.files import publish, remove, sibling, write_synced
+from parti_lightning.checkpoint.pending import PendingSave
 from parti_lightning.checkpoint.safe_load import SafeFileSystemReader, checkpoint_index
 from parti_lightning.parallel.names import parameter_names
 from parti_lightning.parallel.tensor.region import standard_layout
@@ -108,8 +109,14 @@ def sharded_optimizer_state(module: nn.Module, optimizer: Optimizer) -> dict[str
 
 
 def save_sharded(
-    path: str | os.PathLike, checkpoint: Mapping[str, Any], meta: Mapping[str, Any], *, rng: bool = True
-) -> None:
+    path: str | os.PathLike,
+    checkpoint: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    *,
+    rng: bool = True,
+    background: bool = False,
+    group: dist.ProcessGroup | None = None,
+) -> PendingSave | None:
     """Write a sharded checkpoint to ``path`` atomically. Collective: every rank calls it with the same path.
 
     Args:
@@ -119,6 +126,10 @@ def save_sharded(
             The rest is taken from global rank 0.
         meta: what to record about the run (plan, world size), under ``meta["parti"]``.
         rng: record each rank's RNG states (off when converting a file, whose writer's RNG is unknown).
+        background: copy the state to host memory, write it in a thread, and return the :class:`PendingSave`
+            to wait on (``False``: write it now, and return ``None``).
+        group: the process group of the background writer's collectives: one that training does not use at
+            the same time (the two would interleave on one group). ``None`` in a single process.
 
     The checkpoint is written beside ``path`` under a hidden name and renamed to ``path`` only once
     every rank has written its part: a save that is interrupted leaves an existing ``path`` as it was.
@@ -134,9 +145,8 @@ def save_sharded(
         remove(staging)  # left by a save that was interrupted
         staging.mkdir(parents=True)
     _barrier()
-    with single_process_is_intended():
-        dcp.save(tensors, storage_writer=FileSystemWriter(staging), no_dist=not dist.is_initialized())
-    if rank == 0:
+
+    def publish_on_rank0() -> None:
         assert gathered is not None
         meta_out = {
             **rest,
@@ -151,7 +161,19 @@ def save_sharded(
         }
         write_synced(staging / META_FILE, meta_out)
         publish(staging, path)
+
+    no_dist = not dist.is_initialized()
+    if background:
+        with single_process_is_intended():
+            future = dcp.async_save(tensors, storage_writer=FileSystemWriter(staging), no_dist=no_dist,
+                                    process_group=group)
+        return PendingSave(path, future, staging, publish_on_rank0 if rank == 0 else None)
+    with single_process_is_intended():
+        dcp.save(tensors, storage_writer=FileSystemWriter(staging), no_dist=no_dist)
+    if rank == 0:
+        publish_on_rank0()
     _barrier()
+    return None
 
 
 def _split(checkpoint: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -60,7 +60,7 @@ def newest_checkpoint(trainer: Any, also: Sequence[Path] = ()) -> Path | None:
     short) is passed over for the one before it, with a warning.
     """
     found = [p for folder in checkpoint_folders(trainer) if folder.is_dir() for p in folder.iterdir()
-             if p.name.endswith(_EXTENSION) and not p.name.startswith(".")]
+             if p.name.endswith(_EXTENSION) and not p.name.startswith(".") and p.exists()]  # not a dangling link
     found += [p for p in also if p.exists()]
     # A link (`save_last="link"`) and the checkpoint it names are the same save: the newest write wins either way.
     for path in sorted(found, key=lambda p: os.stat(p).st_mtime, reverse=True):
