@@ -160,6 +160,17 @@ def test_a_mid_epoch_checkpoint_resumes_on_another_world_size_with_each_sample_o
             torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.timeout(300)
+def test_checkpoints_by_training_time_are_written_by_every_rank_together(tmp_path: Path) -> None:
+    """Lightning's time trigger (``ModelCheckpoint(train_time_interval=...)``): rank 0's clock decides, and every
+    rank must join the sharded save of that step. Here it fires after every step."""
+    job = {"plan": "zero3", "every_seconds": 1e-6, "dirpath": str(tmp_path / "timed"), "ids": str(tmp_path / "t")}
+    check(run_scripts({"timed": _epoch_jobs(tmp_path, 2, [job])}, timeout=240)["timed"].result)
+    written = sorted(p.name for p in (tmp_path / "timed").iterdir() if not p.name.startswith("."))
+    assert written == [f"epoch=0-step={step}.ckpt" for step in range(1, 7)], written
+    assert all(damage(tmp_path / "timed" / name) is None for name in written)
+
+
 # ------------------------------------------------------------------------ a node lost under elastic torchrun
 
 

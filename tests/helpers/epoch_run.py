@@ -4,14 +4,17 @@
 processes. A job fits checkpoint_run's ``Net`` for one epoch of ``SAMPLES`` numbered samples, recording which
 sample numbers each rank trained on, to ``job["ids"]`` (rank R writes ``<ids>.R.json``), and its final state
 (gathered, keyed by name) to ``<ids>.pt``. With ``save_at`` it writes a checkpoint after that step and stops
-there; with ``ckpt`` it resumes one and goes to the epoch's end. ``"dropout": false`` zeroes ``Net``'s dropout,
-for runs compared across world sizes: each rank draws its own masks, so no two world sizes draw the same ones.
+there; with ``ckpt`` it resumes one and goes to the epoch's end; with ``every_seconds`` it writes one whenever
+that much training time has passed (``ModelCheckpoint(train_time_interval=...)``). ``"dropout": false`` zeroes
+``Net``'s dropout, for runs compared across world sizes: each rank draws its own masks, so no two world sizes
+draw the same ones.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from datetime import timedelta
 from typing import Any
 
 import lightning as L
@@ -48,12 +51,17 @@ def run(devices: int, job: dict[str, Any]) -> None:
 
     L.seed_everything(SEED, verbose=False)
     save_at = job.get("save_at")
+    callbacks: list[L.Callback] = []
+    if save_at:
+        callbacks.append(ModelCheckpoint(dirpath=job["dirpath"], every_n_train_steps=save_at))
+    if job.get("every_seconds") is not None:
+        interval = timedelta(seconds=job["every_seconds"])
+        callbacks.append(ModelCheckpoint(dirpath=job["dirpath"], train_time_interval=interval, save_top_k=-1))
     trainer = L.Trainer(
         accelerator=PartiAccelerator(oversubscribe=True), devices=devices,
         strategy=PartiStrategy(plan=job["plan"], state_dict_type=job.get("state_dict_type", "auto")),
         max_epochs=1, max_steps=save_at or -1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=job["dirpath"], every_n_train_steps=save_at)] if save_at else [],
-        enable_checkpointing=bool(save_at), limit_val_batches=0,
+        callbacks=callbacks, enable_checkpointing=bool(callbacks), limit_val_batches=0,
     )
     module = NumberedNet()
     if not job.get("dropout", True):
