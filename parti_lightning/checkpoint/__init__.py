@@ -9,6 +9,8 @@ Lightning's checkpoint hooks.
   kind (``"sharded"`` or ``"full"``) a run writes.
 - ``files.py``: publishing a checkpoint atomically: staged under a hidden sibling name, written and
   ``fsync``-ed, then swapped in (``renameat2`` exchange where Linux has it).
+- ``pending.py``: a sharded checkpoint written in the background, published once whole.
+- ``integrity.py``: whether a checkpoint on disk is whole (every file and byte its index names is there).
 - ``safe_load.py``: reading DCP's ``.metadata`` index through a restricted unpickler, never running code.
 - ``names.py``: optimizer state keyed by parameter name (parti) or by position (torch, stock Lightning).
 - ``parts.py``: ranks that each hold part of the model (pipeline stages): gathering their parts into

@@ -82,6 +82,7 @@ class ProgressRecord(Callback):
     def __init__(self) -> None:
         self.previous_step: int | None = None
         self.resumed_from: str | None = None
+        self._files: list[Path] = []
 
     def read(self, trainer: Any, resumed_from: Path | None) -> None:
         steps = [_read_step(folder / PROGRESS_FILE) for folder in checkpoint_folders(trainer)]
@@ -90,6 +91,11 @@ class ProgressRecord(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The folders are known once the callbacks are set up: resolved once here, not at every step.
+        folders = checkpoint_folders(trainer) if trainer.is_global_zero else []
+        self._files = [folder / PROGRESS_FILE for folder in folders]
+        for file in self._files:
+            file.parent.mkdir(parents=True, exist_ok=True)
         if self.resumed_from is None or self.previous_step is None:
             return
         lost = max(self.previous_step - trainer.global_step, 0)
@@ -99,13 +105,10 @@ class ProgressRecord(Callback):
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if not trainer.is_global_zero:
-            return
-        for folder in checkpoint_folders(trainer):
-            folder.mkdir(parents=True, exist_ok=True)
-            staging = folder / f"{PROGRESS_FILE}.tmp"
+        for file in self._files:
+            staging = file.with_name(f"{PROGRESS_FILE}.tmp")
             staging.write_text(json.dumps({"global_step": trainer.global_step}))
-            os.replace(staging, folder / PROGRESS_FILE)
+            os.replace(staging, file)
 
 
 def _read_step(path: Path) -> int | None:
