@@ -42,7 +42,7 @@ from parti_lightning.checkpoint.sharded import (
     sharded_model_state,
     sharded_optimizer_state,
 )
-from parti_lightning.lightning_adapters.data_position import batch_at_save, keep_global_batch, position_at_save
+from parti_lightning.lightning_adapters.data_position import keep_global_batch, records_at_save
 from parti_lightning.mesh import ParallelMesh
 from parti_lightning.parallel import holds_part_of_the_model, holds_sharded_tensors
 from parti_lightning.parallel.full_state import (
@@ -168,7 +168,7 @@ class CheckpointHooks(ParallelStrategy):
         trainer = getattr(self.lightning_module, "_trainer", None)
         if trainer is None or not trainer.training:
             return {}
-        return {"data": position_at_save(trainer), "batch": batch_at_save(trainer)}
+        return records_at_save(trainer)
 
     def _restore_data(self, parti: Mapping[str, Any]) -> None:
         self._restore_rng(parti)

@@ -7,7 +7,7 @@ from its beginning, and Lightning only warns that the results are unreliable. It
 number alone. So the order can be drawn again, and the samples a run consumed are a prefix of it: rank ``r``
 of ``R`` takes positions ``r, r + R, ...`` of the (padded) order, so after ``k`` batches of ``B`` the ranks
 together have taken positions ``[0, k·B·R)``. A checkpoint written mid-epoch records that count
-(:func:`position_at_save`); the resumed run's sampler (:class:`ResumableDistributedSampler`, which Lightning
+(:func:`records_at_save`); the resumed run's sampler (:class:`ResumableDistributedSampler`, which Lightning
 is made to create in place of its ``DistributedSampler`` for training) deals out the rest of the order over
 the ranks it has now, and the epoch loop's batch counters are moved to match what is left (:func:`install`).
 
@@ -92,27 +92,21 @@ class ResumableDistributedSampler(DistributedSampler):
             yield index
 
 
-def position_at_save(trainer: Any) -> dict[str, int] | None:
-    """Where the epoch's data is when a checkpoint is written in the middle of an epoch; ``None`` otherwise."""
+def records_at_save(trainer: Any) -> dict[str, dict[str, int] | None]:
+    """What a checkpoint keeps of the training data: ``"data"``, where the epoch's order is when it is written
+    in the middle of an epoch (else ``None``), and ``"batch"``, the global batch it was trained with."""
     loader = _training_loader(trainer)
     if loader is None or loader.batch_size is None:
-        return None
+        return {"data": None, "batch": None}
+    sampler: DistributedSampler = loader.sampler  # type: ignore[assignment]
+    size = len(sampler.dataset)  # type: ignore[arg-type]
+    batch = {"data_parallel": sampler.num_replicas, "batch_size": loader.batch_size,
+             "accumulate": trainer.accumulate_grad_batches}
     done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
     if not 0 < done < trainer.num_training_batches:
-        return None  # at an epoch's start or end, Lightning itself resumes exactly
-    sampler: DistributedSampler = loader.sampler  # type: ignore[assignment]
-    consumed = min(done * loader.batch_size * sampler.num_replicas, len(sampler.dataset))  # type: ignore[arg-type]
-    return {"epoch": trainer.current_epoch, "consumed": consumed, "dataset": len(sampler.dataset)}  # type: ignore[arg-type]
-
-
-def batch_at_save(trainer: Any) -> dict[str, int] | None:
-    """The global batch a checkpoint was trained with: data-parallel ranks, batch per rank, accumulation."""
-    loader = _training_loader(trainer)
-    if loader is None or loader.batch_size is None:
-        return None
-    replicas = loader.sampler.num_replicas  # type: ignore[attr-defined]
-    return {"data_parallel": replicas, "batch_size": loader.batch_size,
-            "accumulate": trainer.accumulate_grad_batches}
+        return {"data": None, "batch": batch}  # at an epoch's start or end, Lightning itself resumes exactly
+    consumed = min(done * loader.batch_size * sampler.num_replicas, size)
+    return {"data": {"epoch": trainer.current_epoch, "consumed": consumed, "dataset": size}, "batch": batch}
 
 
 def keep_global_batch(trainer: Any, saved: dict[str, int] | None, data_parallel: int) -> None:
@@ -159,10 +153,8 @@ def _resume(trainer: Any, sampler: ResumableDistributedSampler, batch_size: int 
         return
     sampler.set_epoch(position["epoch"])
     sampler.resume(position["epoch"], position["consumed"])
-    left = sampler.samples_left()
-    batches_left = left // batch_size if drop_last else math.ceil(left / batch_size)
-    per_rank = sampler.num_samples
-    total = per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+    batches_left = _batches(sampler.samples_left(), batch_size, drop_last)
+    total = _batches(sampler.num_samples, batch_size, drop_last)
     progress = trainer.fit_loop.epoch_loop.batch_progress.current
     # The loop counts the epoch's batches on this world size: it ends the epoch when the counter reaches the
     # loader's length, and so must reach it exactly when the rest of the order runs out.
@@ -177,6 +169,11 @@ def _resume(trainer: Any, sampler: ResumableDistributedSampler, batch_size: int 
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended",
                             category=PossibleUserWarning)
     trainer.strategy.data_position = None
+
+
+def _batches(samples: int, batch_size: int, drop_last: bool) -> int:
+    """The batches a loader makes of ``samples`` (as ``len(DataLoader)`` counts them)."""
+    return samples // batch_size if drop_last else math.ceil(samples / batch_size)
 
 
 def install() -> None:
