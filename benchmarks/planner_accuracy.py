@@ -16,10 +16,11 @@ with half the gap as margin; gaps under 3%, the spread of one plan's peak betwee
 exact or over). In each cell the planner chooses
 among the plans of the grid from its predictions (``choose_plan(..., plans=...)``), and the choice is right
 when it fits (measured) and its measured time per sample is within the planner's tie tolerance (5%) of the
-fastest plan that fits. The budget is the usable memory, the planner's headroom already taken off: with
-exact predictions every cell would be right. (``--headroom 0.1`` puts the planner's default headroom on
-top of it: the planner then passes over every plan within 10% of the budget, which is what headroom is
-for, and is judged wrong for it.)
+fastest plan that fits. The budget is what the model may add to a bare rank, and the planner chooses as a user's
+``plan="auto"`` does, with its defaults: on CPU no headroom, and each plan must fit with its margin (a quarter
+of the freed heap glibc keeps, the part of the peak that varies between runs), so that a plan measured just
+below a budget may be passed over. ``--no-margin`` judges the predictions alone (exact predictions would be
+right in every cell); ``--headroom 0.1`` keeps 10% of the rank's memory free on top.
 
 - measured memory: the larger rank's peak RSS (``VmHWM``; ``ru_maxrss`` would carry this driver's over exec)
   minus its RSS just before the model is
@@ -49,6 +50,7 @@ reported as failed and left out of the cells. At the end: figures pooled per fam
     python benchmarks/planner_accuracy.py --models 4x256 llama:4x256 llama:6x384 gpt2:4x256 gpt2:6x384 \\
         bert:4x256 bert:6x384 --plans ddp ddp+ac zero1 zero3 zero3+ac tp pp --steps 6 --warmup 2
     python benchmarks/planner_accuracy.py --measured a.json b.json   # predictions again, runs pooled: seconds
+    python benchmarks/planner_accuracy.py --measured b.json --oracle a.json  # run a's peaks and times choosing for b's
 """
 
 from __future__ import annotations
@@ -321,7 +323,7 @@ def _predict(args: argparse.Namespace, spec: str, plans: list[str]) -> tuple[dic
     return predictions, profile, hardware
 
 
-def _choice(profile: Any, hardware: Any, plans: list[str], ranks: int, budget: float | None, headroom: float,
+def _choice(profile: Any, hardware: Any, plans: list[str], ranks: int, budget: float | None, headroom: float | None,
             ) -> str | None:
     """The planner's choice among ``plans`` with ``budget`` bytes per rank above the process's own (None: no limit)."""
     from parti_lightning.planner import NoPlanFits, choose_plan
@@ -350,15 +352,28 @@ def _budgets(peaks: list[float], at: str) -> list[float]:
     return [math.sqrt(high * low) for high, low in gaps if high > low * (1 + MIN_GAP)]
 
 
+def _oracle_choice(plans: list[str], oracle: dict, ranks: int, budget: float | None) -> str | None:
+    """The choice a planner whose every prediction were another run's measurement would make: the plan ``oracle``
+    measured fastest per sample among those it measured within ``budget`` (ties to the simpler, as the planner)."""
+    known = [p for p in plans if p in oracle and (budget is None or oracle[p]["memory"] <= budget)]
+    if not known:
+        return None
+    rate = {p: oracle[p]["step_s"] / _resolved(p, ranks).data_parallel_size for p in known}
+    fastest = min(rate.values())
+    return next(p for p in known if rate[p] <= fastest * (1 + TIE_TOLERANCE))
+
+
 def _cells(model: str, family: str, profile: Any, hardware: Any, plans: list[str], measured: dict, ranks: int,
-           headroom: float, at: str) -> list[dict]:
-    """One cell per budget: none, then one per measured peak or per gap between them (see ``_budgets``)."""
+           headroom: float | None, at: str, oracle: dict | None = None) -> list[dict]:
+    """One cell per budget: none, then one per measured peak or per gap between them (see ``_budgets``).
+    ``oracle``: another run's measurements, which choose instead of the planner (see ``--oracle``)."""
     per_sample = {p: measured[p]["step_s"] / _resolved(p, ranks).data_parallel_size for p in plans}
     cells = []
     for budget in [None, *_budgets([measured[p]["memory"] for p in plans], at)]:
         fits = [p for p in plans if budget is None or measured[p]["memory"] <= budget]
         fastest = min(fits, key=per_sample.__getitem__)
-        chosen = _choice(profile, hardware, plans, ranks, budget, headroom)
+        chosen = (_choice(profile, hardware, plans, ranks, budget, headroom) if oracle is None
+                  else _oracle_choice(plans, oracle, ranks, budget))
         right = chosen in fits and per_sample[chosen] <= per_sample[fastest] * (1 + TIE_TOLERANCE)
         cells.append({"model": model, "family": family, "budget_mib": None if budget is None else budget / MIB,
                       "fits": fits, "chosen": chosen, "measured_fastest": fastest, "right": right,
@@ -399,9 +414,10 @@ def _pooled(rows: list[dict], cells: list[dict]) -> str:
     memory = sum(abs(row["memory_error_pct"]) <= 100 * MEMORY_WITHIN for row in ran)
     seconds = sum(abs(row["time_error_pct"]) <= 100 * TIME_WITHIN for row in ran)
     right = sum(cell["right"] for cell in cells)
+    over = sum(cell["chosen"] is not None and cell["chosen"] not in cell["fits"] for cell in cells)
     failed = len(rows) - len(ran)
     return (f"memory within ±{MEMORY_WITHIN:.0%} for {memory} of {len(ran)}, time within ±{TIME_WITHIN:.0%} for"
-            f" {seconds} of {len(ran)}, choice right in {right} of {len(cells)} cells"
+            f" {seconds} of {len(ran)}, choice right in {right} of {len(cells)} cells, over budget in {over}"
             + (f" ({failed} failed run{'s' * (failed > 1)} left out)" if failed else ""))
 
 
@@ -422,7 +438,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one 3M-parameter model, 6 plans, 6 steps")
     parser.add_argument("--ranks", type=int, default=2, help="processes per run (one node)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per plan, round-robin; the fastest is kept")
-    parser.add_argument("--headroom", type=float, default=0.0, help="headroom on top of each cell's usable budget")
+    parser.add_argument("--headroom", type=float, default=None,
+                        help="the planner's headroom (default: its own; none on CPU)")
+    parser.add_argument("--oracle", metavar="FILE",
+                        help="choose each cell from another run's measurements (a --json FILE of the same grid)"
+                        " instead of the planner's predictions: the most a perfect predictor of that run gets right"
+                        " against this one, the ceiling this machine's run-to-run spread leaves")
+    parser.add_argument("--no-margin", action="store_true",
+                        help="choose on the predicted peaks alone, without the margin each plan must also fit")
     parser.add_argument("--cells", choices=("gaps", "peaks"), default="gaps",
                         help="budgets between consecutive measured peaks, or at each peak")
     parser.add_argument("--run-timeout", type=int, default=900, help="seconds before a run counts as failed (hung)")
@@ -436,6 +459,10 @@ def main() -> None:
         return
     if args.quick:
         args.models, args.plans, args.steps = ["4x256"], list(QUICK_PLANS), 6
+    if args.no_margin:
+        from parti_lightning.planner import cost
+
+        cost._HEAP_SPREAD = 0.0  # the margin is a quarter of the heap term; a benchmark's switch, not an API
 
     from rich.console import Console
     from rich.table import Table
@@ -465,8 +492,9 @@ def main() -> None:
             ran = [plan for plan in args.plans if plan in measured]  # the cells offer these plans alone
             # The label's first word is the spec: --measured finds a model's rows by it.
             label = f"{model} ({profile.parameter_count / 1e6:.1f}M)"
+            oracle = _earlier_runs([args.oracle], model, ran)[0] if args.oracle else None
             model_cells = _cells(label, family, profile, hardware, ran, measured, args.ranks, args.headroom,
-                                 args.cells) if ran else []
+                                 args.cells, oracle) if ran else []
             cells.extend(model_cells)
             # The unlimited budget's choice and fastest.
             chosen, fastest = (model_cells[0]["chosen"], model_cells[0]["measured_fastest"]) if ran else (None, None)
@@ -506,7 +534,9 @@ def main() -> None:
         if row["refusal"]:
             console.print(f"the planner refuses {row['plan']} on {row['model'].split()[0]}: {row['refusal']}",
                           markup=False)
-    choices = Table(title=f"The planner's choice per budget, {args.headroom:.0%} headroom (right: it fits, and is"
+    setting = (f"{args.headroom:.0%} headroom" if args.headroom is not None else "the planner's defaults") + (
+        ", no margin" if args.no_margin else "")
+    choices = Table(title=f"The planner's choice per budget, {setting} (right: it fits, and is"
                           " within 5% of the measured fastest per sample)")
     for column in ("model", "budget MiB", "plans that fit (measured)", "planner's choice", "measured fastest",
                    "choice / fastest", "right"):

@@ -82,7 +82,7 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
         memory_budget: bytes one rank may use, for ``plan="auto"``; default the device's: the GPU's memory,
             or on CPU the machine's memory over the ranks of a node.
         planner_headroom: fraction of ``memory_budget`` that ``plan="auto"`` keeps free for what its
-            prediction does not see (allocator slack, data loading, logging).
+            prediction does not see, beyond each plan's own margin. Default: none on CPU, 10% on CUDA.
         planner_calibration: under ``plan="auto"``, keep the measured over predicted step time and peak
             memory of the first steps in the hardware cache, and multiply later predictions on this
             machine by them (per kind of plan; see :mod:`parti_lightning.planner.calibration`). ``False``
@@ -116,7 +116,7 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
         state_dict_type: StateDictType = "auto",
         resume: Literal["never", "auto"] = "never",
         memory_budget: int | None = None,
-        planner_headroom: float = 0.1,
+        planner_headroom: float | None = None,
         planner_calibration: bool = True,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -211,7 +211,7 @@ class PartiStrategy(CheckpointHooks, Collectives, StepRouting):
         return self._memory_budget
 
     @property
-    def planner_headroom(self) -> float:
+    def planner_headroom(self) -> float | None:
         return self._planner_headroom
 
     @property

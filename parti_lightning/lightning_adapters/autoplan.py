@@ -88,7 +88,7 @@ def plan_for(
     memory_budget: int,
     world_size: int,
     ranks_per_node: int,
-    headroom: float,
+    headroom: float | None,
     calibrated: bool = True,
 ) -> PlanReport:
     """The planner's report for training ``module`` on batches like ``batch`` on this machine.
@@ -114,7 +114,7 @@ def choose_in_run(
     *,
     budget: int,
     ranks_per_node: int,
-    headroom: float,
+    headroom: float | None,
     calibration: bool = True,
     startup_timeout: timedelta,
     timeout: timedelta,
@@ -153,7 +153,7 @@ def choose_in_run(
             machine=calibration_module.machine_key(device.type, ranks_per_node),
             model=calibration_module.model_key(report.profile),
             record=calibration,
-            headroom=headroom,
+            headroom=report.headroom,
         )
     return chosen, report, StepMeter("plan='auto'", prediction, device)
 

@@ -20,7 +20,7 @@ STATE_DICT_TYPES = ("auto", "sharded", "full")
 
 
 def check_arguments(
-    memory_budget: int | None, planner_headroom: float, backend: str | None, state_dict_type: str,
+    memory_budget: int | None, planner_headroom: float | None, backend: str | None, state_dict_type: str,
     resume: str = "never",
 ) -> None:
     """Raise ``ValueError`` for a ``PartiStrategy`` argument out of its range."""
@@ -28,8 +28,8 @@ def check_arguments(
         raise ValueError(f"resume={resume!r}: choose 'never' or 'auto'.")
     if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget <= 0):
         raise ValueError(f"memory_budget={memory_budget!r}: give a positive number of bytes per rank, or None.")
-    if not 0 <= planner_headroom < 1:
-        raise ValueError(f"planner_headroom={planner_headroom!r}: the fraction kept free, in [0, 1).")
+    if planner_headroom is not None and not 0 <= planner_headroom < 1:
+        raise ValueError(f"planner_headroom={planner_headroom!r}: the fraction kept free, in [0, 1), or None.")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"process_group_backend={backend!r}: choose one of {BACKENDS} or None.")
     if state_dict_type not in STATE_DICT_TYPES:

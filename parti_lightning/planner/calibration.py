@@ -66,7 +66,7 @@ def corrected(estimate: Estimate, correction: Correction | None) -> Estimate:
     # The setup peak (model built whole, plus the overhead) scales by the same ratio.
     setup = round((estimate.setup_bytes + overhead) * correction.memory) - overhead if estimate.setup_bytes else 0
     time = {**estimate.time, "measured": estimate.seconds * (correction.time - 1)}
-    return Estimate(memory, setup, time)
+    return Estimate(memory, setup, time, round(estimate.margin_bytes * correction.memory))
 
 
 def machine_key(device_type: str, ranks_per_node: int) -> str:

@@ -19,17 +19,20 @@ def report_table(report: PlanReport) -> Table:
     title = (f"parti plan for {profile.name} ({profile.parameter_count / 1e6:,.1f}M parameters) at world size"
              f" {report.world_size}: budget {report.budget_bytes / GIB:.2f} GiB per rank, usable"
              f" {report.usable_bytes / GIB:.2f} GiB ({report.headroom:.0%} headroom)")
+    # The margin column only where some prediction carries one (CPU ranks with glibc's own heap).
+    margins = any(c.estimate.margin_bytes for c in report.candidates)
     table = Table(title=title)
-    for column in ("", "plan", "mesh p×d×s×t", "peak GiB/rank", "params+grads+optim GiB", "activations GiB",
-                   "in flight GiB", "step s", "verdict"):
+    for column in ("", "plan", "mesh p×d×s×t", "peak GiB/rank", *(["margin GiB"] if margins else []), "state GiB",
+                   "activations GiB", "in flight GiB", "step s", "verdict"):
         table.add_column(column, justify="left" if column in ("plan", "verdict") else "right")
     for candidate in report.candidates:
         memory = candidate.estimate.memory
         states = memory["parameters"] + memory["gradients"] + memory["optimizer"]
+        margin = [f"{candidate.estimate.margin_bytes / GIB:.3f}"] if margins else []
         table.add_row(
             "→" if candidate.chosen else "", candidate.label,
             "×".join(str(candidate.plan.mesh_shape[axis]) for axis in ("pipeline", "data", "shard", "tensor")),
-            f"{candidate.peak_bytes / GIB:.3f}", f"{states / GIB:.3f}", f"{memory['activations'] / GIB:.3f}",
+            f"{candidate.peak_bytes / GIB:.3f}", *margin, f"{states / GIB:.3f}", f"{memory['activations'] / GIB:.3f}",
             f"{memory['in_flight'] / GIB:.3f}", f"{candidate.step_seconds:.3f}", candidate.reason,
             style="bold green" if candidate.chosen else ("dim" if not candidate.fits else None),
         )
@@ -45,12 +48,16 @@ def footnotes(report: PlanReport) -> list[str]:
         f" per-process overhead {(hw.process_overhead_bytes + hw.step_fixed_bytes) / GIB:.2f} GiB (in every peak:"
         f" the bare rank, and {hw.step_fixed_bytes / 2**20:.0f} MiB its first step adds whatever the model)",
         f"model: {report.profile.step_flops / 1e9:,.2f} GFLOP per step at batch {report.profile.batch_size},"
-        f" profiled via {report.profile.source}; dtype as built (mixed precision is not modelled)",
+        f" profiled via {report.profile.source}; dtype as built (mixed precision is not modelled); state: parameters,"
+        " gradients and optimizer state",
         "step time = compute + recompute + optimizer + communication (no overlap assumed) + Lightning's loop"
         f" ({hw.step_overhead_s * 1e3:.1f} ms measured) + DTensor's dispatch under tensor parallelism"
         f" ({hw.dtensor_call_s * 1e6:.0f} µs a call measured); plans are compared"
         " per sample (step time over the data-parallel ranks: a tensor or pipeline step trains fewer samples)",
     ]
+    if any(c.estimate.margin_bytes for c in report.candidates):
+        lines.append("a plan fits when its peak and its margin do: the margin is a quarter of the freed heap glibc"
+                     " keeps in a CPU rank, the part of the peak that varies from run to run")
     timing = report.profile.block_timing
     if timing is not None:
         sizes = ", ".join(f"{seconds * 1e3:.1f} ms at {samples}" for samples, seconds in timing.seconds)

@@ -23,6 +23,13 @@ STORAGE_ORDER: tuple[Storage, ...] = ("replicated", "optimizer", "gradients", "p
 _MAX_WORLD_HINT = 4096
 
 
+def default_headroom(device_type: str) -> float:
+    """The fraction of the budget kept free when none is given: none on CPU, where each prediction carries the
+    margin its measured spread asks for (:attr:`~parti_lightning.planner.cost.Estimate.margin_bytes`); 10% on
+    CUDA, whose predictions have not been measured against runs yet."""
+    return 0.0 if device_type == "cpu" else 0.1
+
+
 class NoPlanFits(PlanError):
     """No plan fits one rank's memory budget; the message gives the smallest footprint and what would fit."""
 
@@ -34,7 +41,7 @@ class Candidate:
     Attributes:
         plan: the resolved plan.
         estimate: its predicted memory and time.
-        fits: whether its peak stays within the usable budget.
+        fits: whether its peak and margin stay within the usable budget.
         reason: why it was chosen or rejected, in words.
         chosen: whether it is the planner's choice.
     """
@@ -229,20 +236,20 @@ def choose_plan(
     hardware: HardwareProfile,
     world_size: int,
     ranks_per_node: int | None = None,
-    headroom: float = 0.1,
+    headroom: float | None = None,
     tie_tolerance: float = 0.05,
     corrections: Mapping[str, Correction] | None = None,
     plans: Sequence[ResolvedPlan] | None = None,
 ) -> PlanReport:
-    """The fastest plan whose predicted peak fits one rank's memory, with every other candidate's reason.
+    """The fastest plan whose predicted peak and margin fit one rank's memory, with every other candidate's reason.
 
     Args:
         profile: from :func:`~parti_lightning.planner.profile.profile_model`.
         hardware: one rank's share of a node.
         world_size: ranks in all.
         ranks_per_node: ranks sharing a node (default: all of them, one node).
-        headroom: fraction of the memory budget kept free (for what the model does not see: the
-            allocator's slack, the dataloader, logging).
+        headroom: fraction of the memory budget kept free, on top of each prediction's margin (for what the
+            model does not see: a dataloader's memory, logging); default :func:`default_headroom`.
         tie_tolerance: plans within this fraction of the fastest time count as tied; the simplest
             of them (lower ZeRO stage, then no checkpointing) wins, since it has less to go wrong.
         corrections: measured over predicted memory and time by plan kind, from earlier runs on this
@@ -259,6 +266,7 @@ def choose_plan(
         PlanError: a world size or headroom that makes no sense.
     """
     ranks_per_node = ranks_per_node or world_size
+    headroom = default_headroom(hardware.device_type) if headroom is None else headroom
     if not 0 <= headroom < 1:
         raise PlanError(f"headroom={headroom!r} is invalid: give the fraction of memory kept free, in [0, 1).")
     if world_size < 1 or ranks_per_node < 1 or world_size % ranks_per_node and world_size > ranks_per_node:
@@ -272,7 +280,7 @@ def choose_plan(
                  for plan in plans]
     used = {kind: corrections[kind] for kind in dict.fromkeys(plan_kind(plan) for plan in plans) if kind in corrections}
     refused = {id(plan): why for plan in plans if (why := refusal(profile, plan))}
-    fitting = [(plan, est) for plan, est in predicted if est.peak_bytes <= usable and id(plan) not in refused]
+    fitting = [(plan, est) for plan, est in predicted if est.needed_bytes <= usable and id(plan) not in refused]
     reasons = _left_out(profile, world_size)
     if not fitting:
         raise NoPlanFits(_no_fit_message(profile, hardware, predicted, usable, world_size, ranks_per_node, headroom)
@@ -284,9 +292,9 @@ def choose_plan(
     chosen, chosen_est = next((p, e) for p, e in fitting if _per_sample(p, e) <= fastest * (1 + tie_tolerance))
     chosen_rate = _per_sample(chosen, chosen_est)
     candidates = tuple(
-        Candidate(plan, est, est.peak_bytes <= usable and id(plan) not in refused,
+        Candidate(plan, est, est.needed_bytes <= usable and id(plan) not in refused,
                   refused.get(id(plan)) or _reason(plan is chosen, _per_sample(plan, est) / chosen_rate
-                                                   if chosen_rate else 1.0, est.peak_bytes, usable, tie_tolerance),
+                                                   if chosen_rate else 1.0, est, usable, tie_tolerance),
                   plan is chosen)
         for plan, est in predicted
     )
@@ -302,12 +310,13 @@ def _per_sample(plan: ResolvedPlan, est: Estimate) -> float:
     return est.seconds / plan.data_parallel_size
 
 
-def _reason(is_chosen: bool, ratio: float, peak_bytes: int, usable: int, tolerance: float) -> str:
+def _reason(is_chosen: bool, ratio: float, est: Estimate, usable: int, tolerance: float) -> str:
     """Why a candidate was or was not chosen; ``ratio``: its time per sample over the chosen plan's."""
     if is_chosen:
         return "chosen: the fastest that fits"
-    if peak_bytes > usable:
-        return f"needs {peak_bytes / GIB:.2f} GiB > usable {usable / GIB:.2f} GiB"
+    if est.needed_bytes > usable:
+        margin = f" with its {est.margin_bytes / GIB:.2f} GiB margin" if est.margin_bytes else ""
+        return f"needs {est.needed_bytes / GIB:.2f} GiB{margin} > usable {usable / GIB:.2f} GiB"
     if ratio <= 1 + tolerance:
         return f"as fast ({ratio:.2f}×), less simple"
     return f"slower: {ratio:.2f}× the chosen per sample"
@@ -315,9 +324,9 @@ def _reason(is_chosen: bool, ratio: float, peak_bytes: int, usable: int, toleran
 
 def _no_fit_message(profile: ModelProfile, hardware: HardwareProfile, predicted: list[tuple[PartitionPlan, Estimate]],
                     usable: int, world_size: int, ranks_per_node: int, headroom: float) -> str:
-    plan, smallest = min(predicted, key=lambda item: item[1].peak_bytes)
+    plan, smallest = min(predicted, key=lambda item: item[1].needed_bytes)
     label = f"storage={plan.storage}, activation_checkpointing={plan.activation_checkpointing}"
-    hints = [f"more memory per rank (at least {smallest.peak_bytes / (1 - headroom) / GIB:.2f} GiB"
+    hints = [f"more memory per rank (at least {smallest.needed_bytes / (1 - headroom) / GIB:.2f} GiB"
              f" at headroom {headroom:g})"]
     found = _ranks_that_fit(profile, hardware, usable, world_size, ranks_per_node)
     if found:
@@ -333,8 +342,15 @@ def _no_fit_message(profile: ModelProfile, hardware: HardwareProfile, predicted:
     return (
         f"no plan fits {profile.name} in {usable / GIB:.2f} GiB per rank ({hardware.memory_bytes / GIB:.2f} GiB budget"
         f" less {headroom:.0%} headroom) at world size {world_size}: the smallest, {label}, needs"
-        f" {smallest.peak_bytes / GIB:.2f} GiB per rank. It would fit with " + ", or ".join(hints) + "."
+        f" {smallest.needed_bytes / GIB:.2f} GiB per rank{_margin_words(smallest)}. It would fit with "
+        + ", or ".join(hints) + "."
     )
+
+
+def _margin_words(est: Estimate) -> str:
+    if not est.margin_bytes:
+        return ""
+    return f" (a peak of {est.peak_bytes / GIB:.2f} GiB predicted, and {est.margin_bytes / GIB:.2f} GiB margin)"
 
 
 def _ranks_that_fit(profile: ModelProfile, hardware: HardwareProfile, usable: int, world_size: int,
@@ -344,7 +360,7 @@ def _ranks_that_fit(profile: ModelProfile, hardware: HardwareProfile, usable: in
     while world <= _MAX_WORLD_HINT:
         nodes_of = min(world, ranks_per_node)
         fits = [(est.peak_bytes, plan) for plan in candidate_plans(profile, world, nodes_of)
-                if (est := estimate(profile, hardware, plan, nodes_of)).peak_bytes <= usable]
+                if (est := estimate(profile, hardware, plan, nodes_of)).needed_bytes <= usable]
         if fits:
             return world, min(fits, key=lambda item: item[0])[1]
         world *= 2
