@@ -5,7 +5,7 @@ Each case runs under ``torchrun --max-restarts`` (see fault_run.py): rank 1 is S
 and starts both again, and the run resumes from its newest checkpoint, mostly one in the middle of an epoch,
 with no ``ckpt_path``. It must end bit-identical to the same run never interrupted, parameters and optimizer
 state, and log the steps it lost. Then: a mid-epoch checkpoint resumed on another world size (each sample once,
-the global batch kept), a node lost for good under elastic torchrun, and the choice of checkpoint (the newest
+the global batch kept), a node lost and back under elastic torchrun, and the choice of checkpoint (the newest
 whole one; a damaged one is passed over), the last without processes.
 """
 
@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from parti_lightning.checkpoint import read_meta, save_sharded
 from parti_lightning.checkpoint.integrity import damage
 from parti_lightning.lightning_adapters.auto_resume import newest_checkpoint
+from parti_lightning.lightning_adapters.data_position import keep_global_batch
 
 from launch import REPO, Job, check, run_scripts
 
@@ -171,7 +172,9 @@ def test_checkpoints_by_training_time_are_written_by_every_rank_together(tmp_pat
     assert all(damage(tmp_path / "timed" / name) is None for name in written)
 
 
-# ------------------------------------------------------------------------ a node lost under elastic torchrun
+# ------------------------------------------------------------------------ a node lost and back under elastic torchrun
+
+ELASTIC_STEPS = 32
 
 
 def _free_port() -> int:
@@ -185,8 +188,12 @@ def _agent(port: int, out: Path, log: Path) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=2",
                "--max-restarts=3", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=parti",
                "--rdzv-conf=join_timeout=90,last_call_timeout=15", "--monitor-interval=0.5",
-               "tests/helpers/elastic_run.py", str(out)]
+               "tests/helpers/elastic_run.py", str(out), str(ELASTIC_STEPS)]
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    # As the README tells users of elastic jobs: torch 2.13's c10d rendezvous, sharing its store with the workers
+    # (the default), hangs when a node joins a running job (its rank-0 agent keeps the first round's address and
+    # never publishes the new round's, which the joining agent waits for).
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     with open(log, "wb") as file:
         return subprocess.Popen(command, cwd=REPO, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=file,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -202,39 +209,88 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-@pytest.mark.timeout(600)
-def test_a_node_lost_for_good_under_elastic_torchrun_resumes_on_the_ranks_left(tmp_path: Path) -> None:
-    """Two agents of 2 ranks each train zero3 on 4 ranks; one agent and its ranks are killed after the checkpoint
-    of step 4. The other's ranks fail, torchrun starts them again on 2 ranks (the rendezvous admits 1 to 2
-    nodes), and the run resumes its 4-rank checkpoint there, keeping the global batch, to the last step."""
-    port, logs = _free_port(), [tmp_path / "agent0.log", tmp_path / "agent1.log"]
-    survivor = _agent(port, tmp_path, logs[0])
-    lost = None
-    try:
-        time.sleep(1)  # the first agent hosts the rendezvous store; the second joins its first round
-        lost = _agent(port, tmp_path, logs[1])
-        deadline = time.monotonic() + 180
-        while not (tmp_path / "ckpts" / "last.ckpt").exists() or not _finished_step(tmp_path, 4, 5):
-            assert time.monotonic() < deadline and survivor.poll() is None, logs[0].read_text(errors="replace")
-            time.sleep(0.2)
-        _kill_tree(lost)
-        survivor.wait(timeout=300)
-    finally:
-        for proc in (survivor, lost):
-            if proc is not None and proc.poll() is None:
-                _kill_tree(proc)
-    out = logs[0].read_text(errors="replace")
-    assert survivor.returncode == 0, out
-    after = json.loads(max(tmp_path.glob("start-*-2.json")).read_text())
-    assert after["steps"][-1] == 16 and after["accumulate"] == 2, after
-    assert "written on 4: gradients accumulate over 2 batch(es) (was 1)" in out, out
-    assert re.search(r"resumed at step [46] from", out), out
-    assert "dataloader is not resumable" not in out, out  # Lightning's warning, answered by parti
+def _starts(out: Path) -> list[dict[str, Any]]:
+    """What global rank 0 recorded of each start of the workers, in the order they started."""
+    return sorted((json.loads(p.read_text()) for p in out.glob("start-*.json")), key=lambda r: r["started"])
 
 
 def _finished_step(out: Path, world: int, step: int) -> bool:
-    records = [json.loads(p.read_text()) for p in out.glob(f"start-*-{world}.json")]
-    return any(r["steps"] and r["steps"][-1] >= step for r in records)
+    return any(r["world"] == world and r["steps"] and r["steps"][-1] >= step for r in _starts(out))
+
+
+def _wait_for(done: Any, agent: subprocess.Popen[bytes], log: Path, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline and agent.poll() is None, log.read_text(errors="replace")
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(600)
+def test_a_node_lost_and_back_under_elastic_torchrun_resumes_on_the_ranks_there_are(tmp_path: Path) -> None:
+    """Two agents of 2 ranks each train zero3 on 4 ranks; one agent and its ranks are killed after the checkpoint
+    of step 4. The other's ranks fail, torchrun starts them again on 2 ranks (the rendezvous admits 1 to 2
+    nodes), and the run resumes its 4-rank checkpoint there, keeping the global batch. Once that run has
+    checkpointed on 2 ranks, a new agent joins: torchrun restarts the workers on 4 ranks, which resume the
+    2-rank checkpoint, the global batch kept again, to the last step."""
+    port, logs = _free_port(), [tmp_path / f"agent{i}.log" for i in range(3)]
+    first = _agent(port, tmp_path, logs[0])
+    lost = back = None
+    try:
+        time.sleep(1)  # the first agent hosts the rendezvous store; the second joins its first round
+        lost = _agent(port, tmp_path, logs[1])
+        _wait_for(lambda: (tmp_path / "ckpts" / "last.ckpt").exists() and _finished_step(tmp_path, 4, 5), first,
+                  logs[0])
+        _kill_tree(lost)
+        _wait_for(lambda: _finished_step(tmp_path, 2, 7), first, logs[0])  # checkpointed at step 6 on 2 ranks
+        back = _agent(port, tmp_path, logs[2])
+        first.wait(timeout=300)
+        back.wait(timeout=60)
+    finally:
+        for proc in (first, lost, back):
+            if proc is not None and proc.poll() is None:
+                _kill_tree(proc)
+    out = "".join(log.read_text(errors="replace") for log in logs)
+    assert first.returncode == 0 and back.returncode == 0, out
+    starts = _starts(tmp_path)
+    assert [start["world"] for start in starts] == [4, 2, 4], starts
+    assert starts[1]["accumulate"] == 2 and starts[2]["accumulate"] == 1, starts
+    # The second 4-rank start resumed a checkpoint the 2-rank start wrote, and ran to the last step.
+    assert starts[2]["steps"][0] > 6 and starts[2]["steps"][-1] == ELASTIC_STEPS, starts
+    assert "written on 4: gradients accumulate over 2 batch(es) (was 1)" in out, out
+    assert "written on 2: gradients accumulate over 1 batch(es) (was 2)" in out, out
+    assert len(re.findall(r"resumed at step \d+ from", out)) == 2, out
+    assert "dataloader is not resumable" not in out, out  # Lightning's warning, answered by parti
+
+
+class _Trainer:
+    """What keep_global_batch reads and sets of a Trainer."""
+
+    def __init__(self, accumulate: int = 1) -> None:
+        self.accumulate_grad_batches = accumulate
+
+
+def _batch(data_parallel: int, accumulate: int, configured: int | None = 1) -> dict[str, int]:
+    record = {"data_parallel": data_parallel, "batch_size": 8, "accumulate": accumulate}
+    return record if configured is None else record | {"configured": configured}
+
+
+def test_the_global_batch_is_kept_over_several_changes_of_world_size_and_a_users_own_accumulation_is_left() -> None:
+    lost = _Trainer()  # a node lost: 4 ranks -> 2
+    keep_global_batch(lost, _batch(4, 1), 2)
+    assert lost.accumulate_grad_batches == 2
+    # Killed again on the same 2 ranks: the checkpoint's accumulation is parti's, the run's own stays 1.
+    again = _Trainer()
+    keep_global_batch(again, _batch(2, 2), 2)
+    assert again.accumulate_grad_batches == 2
+    back = _Trainer()  # the node back: 2 ranks -> 4
+    keep_global_batch(back, _batch(2, 2), 4)
+    assert back.accumulate_grad_batches == 1
+    mine = _Trainer(accumulate=3)  # a run configured otherwise keeps its own
+    keep_global_batch(mine, _batch(2, 2), 4)
+    assert mine.accumulate_grad_batches == 3
+    older = _Trainer()  # a checkpoint that records no configured accumulation: its own was the Trainer's
+    keep_global_batch(older, _batch(4, 1, configured=None), 2)
+    assert older.accumulate_grad_batches == 2
 
 
 # ------------------------------------------------------------------------ choosing the checkpoint

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,6 +93,11 @@ class ResumableDistributedSampler(DistributedSampler):
             yield index
 
 
+# The accumulation each Trainer was configured with, where keep_global_batch changed it: later checkpoints record
+# it, so that the next resume tells parti's change from the user's.
+_CONFIGURED: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
 def records_at_save(trainer: Any) -> dict[str, dict[str, int] | None]:
     """What a checkpoint keeps of the training data: ``"data"``, where the epoch's order is when it is written
     in the middle of an epoch (else ``None``), and ``"batch"``, the global batch it was trained with."""
@@ -101,7 +107,8 @@ def records_at_save(trainer: Any) -> dict[str, dict[str, int] | None]:
     sampler: DistributedSampler = loader.sampler  # type: ignore[assignment]
     size = len(sampler.dataset)  # type: ignore[arg-type]
     batch = {"data_parallel": sampler.num_replicas, "batch_size": loader.batch_size,
-             "accumulate": trainer.accumulate_grad_batches}
+             "accumulate": trainer.accumulate_grad_batches,
+             "configured": _CONFIGURED.get(trainer, trainer.accumulate_grad_batches)}
     done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
     if not 0 < done < trainer.num_training_batches:
         return {"data": None, "batch": batch}  # at an epoch's start or end, Lightning itself resumes exactly
@@ -114,12 +121,19 @@ def keep_global_batch(trainer: Any, saved: dict[str, int] | None, data_parallel:
     as keep the global batch the checkpoint trained with, where the numbers divide; else say what changes.
 
     Each optimizer step then averages the gradients of the same samples as before the change (the resumed
-    sampler deals the epoch's order out in the same sequence), so training goes on as the run would have.
+    sampler deals the epoch's order out in the same sequence), so training goes on as the run would have. The
+    checkpoint's own accumulation may be parti's (a run resumed on fewer ranks before): the one the Trainer was
+    configured with is recorded beside it, and a run configured otherwise keeps its own.
     """
-    if not saved or saved["data_parallel"] == data_parallel or trainer.accumulate_grad_batches != saved["accumulate"]:
-        return  # the same ranks, or the user chose an accumulation for this run
+    # Checkpoints of the release before record no configured accumulation: theirs was the Trainer's.
+    configured = saved.get("configured", saved["accumulate"]) if saved else None
+    if not saved or trainer.accumulate_grad_batches != configured:
+        return  # nothing recorded, or the user chose another accumulation for this run
+    _CONFIGURED[trainer] = configured
     before = saved["data_parallel"] * saved["accumulate"]
     if before % data_parallel == 0:
+        if saved["data_parallel"] == data_parallel and before // data_parallel == trainer.accumulate_grad_batches:
+            return  # the checkpoint's ranks, at the accumulation it was configured with: nothing changes
         trainer.accumulate_grad_batches = before // data_parallel
         rank_zero_info(
             f"parti: resumed on {data_parallel} data-parallel rank(s), written on {saved['data_parallel']}: gradients"
