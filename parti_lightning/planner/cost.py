@@ -52,9 +52,10 @@ class Estimate:
             whether the plan fits. The freed heap glibc keeps (``allocator``) is the one part that varies from
             run to run and model to model: measured 0.43-1.76 times its prediction (median 0.99; 1.24 or less in 4
             runs of 5) over 36 runs of ddp, ZeRO-1, checkpointing, tensor and pipeline parallelism on Llama,
-            GPT-2, BERT and CharGPT, where every other part came within -9..+5% (the same runs with
-            ``MALLOC_MMAP_THRESHOLD_`` fixed). A quarter of it is the margin; tensor parallelism on the small
-            Llama (1.74-1.76) and a pipeline there (1.58) still measure beyond it. Every other part, none.
+            GPT-2, BERT and CharGPT, where the rest came within -9..+9% but for two checkpointed plans (+14, +20%;
+            the same runs with ``MALLOC_MMAP_THRESHOLD_`` fixed). A quarter of it is the margin; tensor
+            parallelism on the small Llama (1.74-1.76) and a pipeline there (1.58) still measure beyond it. Every
+            other part, none.
     """
 
     memory: dict[str, int]
@@ -280,7 +281,6 @@ def _storage(
     blocks = [b.parameter_bytes for b in profile.blocks]
     # The root unit (what no block holds: embeddings, head) and the largest block unit, as this rank holds them.
     root, block = int((profile.parameter_bytes - sum(blocks)) * share), int(max(blocks, default=0) * share)
-    unit = max(root, block)
     trainable_share = profile.gradient_bytes / max(params, 1)
     # ZeRO-2 keeps every unit gathered from its forward to its backward. ZeRO-3 only those in flight: FSDP2
     # keeps the root gathered from its forward to its backward, and prefetches the next block.
@@ -293,8 +293,10 @@ def _storage(
         "gradients": int(shard * trainable_share) + 2 * block,
         "optimizer": int(shard * trainable_share) * profile.optimizer_tensors_per_parameter
         + profile.optimizer_scalar_bytes,
-        # The all-gather output is copied out into the unit's parameters: briefly one unit twice.
-        "in_flight": cost.memory["in_flight"] + gathered + unit,  # plus what a pipeline root gathers
+        # The all-gather output is copied out into the unit's parameters: briefly one unit twice. At the step's
+        # peak (the forward's end) the unit gathered is the last block, prefetched for backward: the root, often
+        # larger, stays gathered from its forward on.
+        "in_flight": cost.memory["in_flight"] + gathered + block,  # plus what a pipeline root gathers
     })
     # On CPU the strategy builds the whole model on every rank before sharding it.
     cost.setup_bytes = profile.parameter_bytes + shard
@@ -395,13 +397,20 @@ def _tensor_split_bytes(profile: ModelProfile) -> int:
 
 
 def _activation_bytes(profile: ModelProfile, plan: ResolvedPlan) -> int:
-    """Activations and temporaries at the peak; under checkpointing, blocks keep only their inputs."""
+    """Activations and temporaries at the peak; under checkpointing, blocks keep only their inputs.
+
+    A checkpointed step peaks at the forward's end, with the blocks' inputs and what the rest of the model saved
+    (no block runs again before the loss's backward is done), or in the trunk's backward, with the inputs, one
+    block's activations recomputed and their gradients. (Counting a block's activations at the forward's end too
+    over-predicted ZeRO-3 with checkpointing, where glibc keeps no heap, by 11% on average on Hugging Face models;
+    now by 4%.)
+    """
     transient = profile.transient_bytes
     if plan.activation_checkpointing != "blocks" or not profile.blocks:
         return transient
     saved = sum(b.activation_bytes for b in profile.blocks)
-    kept = sum(b.input_bytes for b in profile.blocks) + max(b.activation_bytes for b in profile.blocks)
-    return max(transient - saved + kept, kept)
+    inputs = sum(b.input_bytes for b in profile.blocks)
+    return max(transient - saved + inputs, inputs + 2 * max(b.activation_bytes for b in profile.blocks))
 
 
 def _largest_unit_bytes(profile: ModelProfile) -> int:
