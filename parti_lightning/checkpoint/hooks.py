@@ -64,6 +64,8 @@ class CheckpointHooks(ParallelStrategy):
     _restored_sharded: bool  # the last `load_checkpoint` already restored model and optimizers
     # Where a checkpoint written mid-epoch left the epoch's data (see lightning_adapters.data_position).
     data_position: dict[str, int] | None = None
+    # The gradient accumulation the Trainer was configured with, where a resume changed it (keep_global_batch).
+    configured_accumulation: int | None = None
     # A sharded checkpoint being written in the background (`Trainer(plugins=[AsyncCheckpointIO()])`), and the
     # process group its writer's collectives run on, apart from training's.
     _pending_save: PendingSave | None = None
@@ -168,13 +170,14 @@ class CheckpointHooks(ParallelStrategy):
         trainer = getattr(self.lightning_module, "_trainer", None)
         if trainer is None or not trainer.training:
             return {}
-        return records_at_save(trainer)
+        return records_at_save(trainer, self.configured_accumulation)
 
     def _restore_data(self, parti: Mapping[str, Any]) -> None:
         self._restore_rng(parti)
         self.data_position = parti.get("data")
         trainer = self.lightning_module._trainer  # type: ignore[union-attr]
-        keep_global_batch(trainer, parti.get("batch"), self.distributed_sampler_kwargs["num_replicas"])
+        self.configured_accumulation = keep_global_batch(trainer, parti.get("batch"),
+                                                         self.distributed_sampler_kwargs["num_replicas"])
 
     def _restore_rng(self, parti: Mapping[str, Any]) -> None:
         states = parti.get("rng", [])

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -93,14 +92,11 @@ class ResumableDistributedSampler(DistributedSampler):
             yield index
 
 
-# The accumulation each Trainer was configured with, where keep_global_batch changed it: later checkpoints record
-# it, so that the next resume tells parti's change from the user's.
-_CONFIGURED: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-
-
-def records_at_save(trainer: Any) -> dict[str, dict[str, int] | None]:
+def records_at_save(trainer: Any, configured: int | None = None) -> dict[str, dict[str, int] | None]:
     """What a checkpoint keeps of the training data: ``"data"``, where the epoch's order is when it is written
-    in the middle of an epoch (else ``None``), and ``"batch"``, the global batch it was trained with."""
+    in the middle of an epoch (else ``None``), and ``"batch"``, the global batch it was trained with, beside the
+    accumulation the Trainer was ``configured`` with where a resume changed it (:func:`keep_global_batch`), so
+    that the next resume tells parti's change from the user's."""
     loader = _training_loader(trainer)
     if loader is None or loader.batch_size is None:
         return {"data": None, "batch": None}
@@ -108,7 +104,7 @@ def records_at_save(trainer: Any) -> dict[str, dict[str, int] | None]:
     size = len(sampler.dataset)  # type: ignore[arg-type]
     batch = {"data_parallel": sampler.num_replicas, "batch_size": loader.batch_size,
              "accumulate": trainer.accumulate_grad_batches,
-             "configured": _CONFIGURED.get(trainer, trainer.accumulate_grad_batches)}
+             "configured": configured or trainer.accumulate_grad_batches}
     done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
     if not 0 < done < trainer.num_training_batches:
         return {"data": None, "batch": batch}  # at an epoch's start or end, Lightning itself resumes exactly
@@ -116,7 +112,7 @@ def records_at_save(trainer: Any) -> dict[str, dict[str, int] | None]:
     return {"data": {"epoch": trainer.current_epoch, "consumed": consumed, "dataset": size}, "batch": batch}
 
 
-def keep_global_batch(trainer: Any, saved: dict[str, int] | None, data_parallel: int) -> None:
+def keep_global_batch(trainer: Any, saved: dict[str, int] | None, data_parallel: int) -> int | None:
     """Resumed on another number of data-parallel ranks: accumulate gradients over as many more (or fewer) batches
     as keep the global batch the checkpoint trained with, where the numbers divide; else say what changes.
 
@@ -124,16 +120,19 @@ def keep_global_batch(trainer: Any, saved: dict[str, int] | None, data_parallel:
     sampler deals the epoch's order out in the same sequence), so training goes on as the run would have. The
     checkpoint's own accumulation may be parti's (a run resumed on fewer ranks before): the one the Trainer was
     configured with is recorded beside it, and a run configured otherwise keeps its own.
+
+    Returns:
+        the accumulation the Trainer was configured with, for the checkpoints this run writes; ``None`` where
+        the checkpoint recorded none or the run chose its own.
     """
     # Checkpoints of the release before record no configured accumulation: theirs was the Trainer's.
     configured = saved.get("configured", saved["accumulate"]) if saved else None
     if not saved or trainer.accumulate_grad_batches != configured:
-        return  # nothing recorded, or the user chose another accumulation for this run
-    _CONFIGURED[trainer] = configured
+        return None  # nothing recorded, or the user chose another accumulation for this run
     before = saved["data_parallel"] * saved["accumulate"]
     if before % data_parallel == 0:
         if saved["data_parallel"] == data_parallel and before // data_parallel == trainer.accumulate_grad_batches:
-            return  # the checkpoint's ranks, at the accumulation it was configured with: nothing changes
+            return configured  # the checkpoint's ranks, at the accumulation it was configured with
         trainer.accumulate_grad_batches = before // data_parallel
         rank_zero_info(
             f"parti: resumed on {data_parallel} data-parallel rank(s), written on {saved['data_parallel']}: gradients"
@@ -146,6 +145,7 @@ def keep_global_batch(trainer: Any, saved: dict[str, int] | None, data_parallel:
             f" whole accumulation keeps the global batch of {before * saved['batch_size']} samples; it is now"
             f" {data_parallel * saved['accumulate'] * saved['batch_size']} (with the same batch per rank)."
         )
+    return configured
 
 
 def _training_loader(trainer: Any) -> DataLoader | None:

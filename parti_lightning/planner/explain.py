@@ -19,8 +19,7 @@ def report_table(report: PlanReport) -> Table:
     title = (f"parti plan for {profile.name} ({profile.parameter_count / 1e6:,.1f}M parameters) at world size"
              f" {report.world_size}: budget {report.budget_bytes / GIB:.2f} GiB per rank, usable"
              f" {report.usable_bytes / GIB:.2f} GiB ({report.headroom:.0%} headroom)")
-    # The margin column only where some prediction carries one (CPU ranks with glibc's own heap).
-    margins = any(c.estimate.margin_bytes for c in report.candidates)
+    margins = report.keeps_margins
     table = Table(title=title)
     for column in ("", "plan", "mesh p×d×s×t", "peak GiB/rank", *(["margin GiB"] if margins else []), "state GiB",
                    "activations GiB", "in flight GiB", "step s", "verdict"):
@@ -55,7 +54,7 @@ def footnotes(report: PlanReport) -> list[str]:
         f" ({hw.dtensor_call_s * 1e6:.0f} µs a call measured); plans are compared"
         " per sample (step time over the data-parallel ranks: a tensor or pipeline step trains fewer samples)",
     ]
-    if any(c.estimate.margin_bytes for c in report.candidates):
+    if report.keeps_margins:
         lines.append("a plan fits when its peak and its margin do: the margin is a quarter of the freed heap glibc"
                      " keeps in a CPU rank, the part of the peak that varies from run to run")
     timing = report.profile.block_timing

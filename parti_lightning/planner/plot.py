@@ -118,10 +118,9 @@ def _draw_memory(ax: object, report: PlanReport, labels: list[str]) -> None:
     # The peak may be the setup's (the model built whole before it is split), beyond the step's parts.
     ax.scatter([c.peak_bytes / GIB for c in candidates], list(y), marker="|", s=120, color="black", zorder=3,
                label="peak (step or setup)")
-    margins = [c.estimate.margin_bytes / GIB for c in candidates]
-    if any(margins):  # what the planner keeps free beyond the peak: it must fit too
-        ax.barh(y, margins, left=[c.peak_bytes / GIB for c in candidates], label="margin", color="none",
-                edgecolor="gray", hatch="///")
+    if report.keeps_margins:  # what the planner keeps free beyond the peak: it must fit too
+        ax.barh(y, [c.estimate.margin_bytes / GIB for c in candidates], left=[c.peak_bytes / GIB for c in candidates],
+                label="margin", color="none", edgecolor="gray", hatch="///")
     ax.axvline(report.usable_bytes / GIB, color="black", linestyle="--", linewidth=1,
                label=f"usable ({report.headroom:.0%} headroom)")
     ax.axvline(report.budget_bytes / GIB, color="red", linewidth=1, label="budget")

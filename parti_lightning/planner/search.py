@@ -112,6 +112,11 @@ class PlanReport:
     def usable_bytes(self) -> int:
         return int(self.budget_bytes * (1 - self.headroom))
 
+    @property
+    def keeps_margins(self) -> bool:
+        """Whether some candidate must fit with a margin beyond its peak (CPU ranks with glibc's own heap)."""
+        return any(c.estimate.margin_bytes for c in self.candidates)
+
     def table(self) -> Table:
         """The candidates as a rich table, the chosen one marked."""
         from parti_lightning.planner.explain import report_table
