@@ -99,12 +99,15 @@ class BlockTiming:
         threads: the torch threads it ran on (one rank's share of the cores).
         forward_share: the forward's part of ``seconds`` (at the largest size): a forward runs at a higher rate
             than its backward, so its share of the time is below its share of the FLOPs. ``None``: not measured.
+        optimizer_seconds: one step of the model's optimizer (its ``torch.optim`` class at its defaults) over the
+            block's parameters, measured. ``None``: not measured (an optimizer ``torch.optim`` does not have).
     """
 
     seconds: tuple[tuple[int, float], ...]
     operations: int
     threads: int
     forward_share: float | None = None
+    optimizer_seconds: float | None = None
 
     def seconds_at(self, samples: float) -> float:
         """Seconds of one block's forward and backward at ``samples``: the nearest measured size, scaled linearly."""
