@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -115,13 +115,7 @@ def _optimizer_seconds(block: nn.Module, profile: ModelProfile) -> float | None:
     for param in params:
         param.grad = torch.randn_like(param)
     optimizer = kind(params)
-    optimizer.step()  # warm-up: the first step allocates the state
-    times: list[float] = []
-    while len(times) < _MIN_RUNS or (sum(times) < _SECONDS_PER_SIZE and len(times) < _MAX_RUNS):
-        start = time.perf_counter()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return _median(optimizer.step)  # its warm-up step allocates the state
 
 
 def _block_inputs(module: nn.Module, batch: Any, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -220,11 +214,16 @@ def _run(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], backwa
 
 
 def _median_seconds(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], backward: bool = True) -> float:
-    _run(block, args, kwargs, backward)  # warm-up: first-call allocations and kernel selection
+    return _median(lambda: _run(block, args, kwargs, backward))
+
+
+def _median(call: Callable[[], object]) -> float:
+    """The median seconds of ``call`` after one warm-up call (first-call allocations, kernel selection)."""
+    call()
     times: list[float] = []
     while len(times) < _MIN_RUNS or (sum(times) < _SECONDS_PER_SIZE and len(times) < _MAX_RUNS):
         start = time.perf_counter()
-        _run(block, args, kwargs, backward)
+        call()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
