@@ -320,8 +320,7 @@ def _reason(is_chosen: bool, ratio: float, est: Estimate, usable: int, tolerance
     if is_chosen:
         return "chosen: the fastest that fits"
     if est.needed_bytes > usable:
-        margin = f" with its {est.margin_bytes / GIB:.2f} GiB margin" if est.margin_bytes else ""
-        return f"needs {est.needed_bytes / GIB:.2f} GiB{margin} > usable {usable / GIB:.2f} GiB"
+        return f"needs {est.needed_bytes / GIB:.2f} GiB{_margin_words(est)} > usable {usable / GIB:.2f} GiB"
     if ratio <= 1 + tolerance:
         return f"as fast ({ratio:.2f}×), less simple"
     return f"slower: {ratio:.2f}× the chosen per sample"
@@ -353,6 +352,7 @@ def _no_fit_message(profile: ModelProfile, hardware: HardwareProfile, predicted:
 
 
 def _margin_words(est: Estimate) -> str:
+    """What of ``est``'s needed memory is its margin, in words (nothing where it has none)."""
     if not est.margin_bytes:
         return ""
     return f" (a peak of {est.peak_bytes / GIB:.2f} GiB predicted, and {est.margin_bytes / GIB:.2f} GiB margin)"
