@@ -360,10 +360,12 @@ def test_a_cpu_plan_must_fit_with_its_heap_margin_and_the_table_says_so() -> Non
     assert ddp_estimate.margin_bytes == int(ddp_estimate.memory["allocator"] / 4)
     assert ddp_estimate.needed_bytes == ddp_estimate.peak_bytes + ddp_estimate.margin_bytes
     assert zero3_estimate.margin_bytes == 0 and zero3_estimate.peak_bytes < ddp_estimate.peak_bytes
-    # A tensor-parallel rank's heap strays furthest from its prediction (up to twice it, measured on Llama): its
-    # margin is larger than the heap itself.
+    # A pipeline rank's heap strays further from its prediction (up to 1.37 times, measured on Llama), a tensor-parallel
+    # rank's furthest (2.17 times): their margins are larger shares of it, the tensor rank's larger than the heap.
+    pp_estimate = estimate(profile, hw, PartitionPlan(pipeline=2, data=1, micro_batches=2).resolve(2), 2)
     tp_estimate = estimate(profile, hw, PartitionPlan(tensor=2, data=1).resolve(2), 2)
-    assert 0 < tp_estimate.memory["allocator"] < tp_estimate.margin_bytes
+    assert ddp_estimate.margin_bytes / ddp_estimate.memory["allocator"] < pp_estimate.margin_bytes / pp_estimate.memory[
+        "allocator"] < 1 < tp_estimate.margin_bytes / tp_estimate.memory["allocator"]
     # A budget ddp's peak fits and its margin does not: the planner takes ZeRO-3, and says why not ddp.
     budget = (ddp_estimate.peak_bytes + ddp_estimate.needed_bytes) // 2
     report = choose_plan(profile, dataclasses.replace(hw, memory_bytes=budget), world_size=2, plans=[ddp, zero3])

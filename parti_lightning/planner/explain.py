@@ -56,8 +56,8 @@ def footnotes(report: PlanReport) -> list[str]:
     ]
     if report.keeps_margins:
         lines.append("a plan fits when its peak and its margin do: the margin is a quarter of the freed heap glibc"
-                     " keeps in a CPU rank (1.1 times it under tensor parallelism), the part of the peak that varies"
-                     " from model to model")
+                     " keeps in a CPU rank (0.4 of it under a pipeline, 1.2 times it under tensor parallelism),"
+                     " the part of the peak that varies from model to model")
     timing = report.profile.block_timing
     if timing is not None:
         sizes = ", ".join(f"{seconds * 1e3:.1f} ms at {samples}" for samples, seconds in timing.seconds)
