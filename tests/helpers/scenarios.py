@@ -488,24 +488,25 @@ def write_stock_checkpoint(out: str) -> None:
 
 
 def _budget_only_model_parallel(report: Any) -> int | None:
-    """A per-rank budget that every data-parallel plan's predicted peak exceeds and some tensor- or pipeline-parallel
-    plan's does not."""
+    """A per-rank budget that no data-parallel plan fits (its predicted peak and margin) and some tensor- or
+    pipeline-parallel plan does."""
     if report is None:  # not global rank 0
         return None
-    split = min(c.peak_bytes for c in report.candidates if c.plan.tensor > 1 or c.plan.pipeline > 1)
-    whole = min(c.peak_bytes for c in report.candidates if c.plan.tensor == c.plan.pipeline == 1)
+    split = min(c.estimate.needed_bytes for c in report.candidates if c.plan.tensor > 1 or c.plan.pipeline > 1)
+    whole = min(c.estimate.needed_bytes for c in report.candidates if c.plan.tensor == c.plan.pipeline == 1)
     assert split < whole, f"model-parallel plans predicted {split} B, data-parallel ones {whole} B"
     return int((split + whole) / 2 / (1 - HEADROOM))
 
 
 def _budget_below_replicated(report: Any) -> int | None:
-    """A per-rank budget that the replicated data-parallel plans' predicted peaks exceed and a ZeRO-3 plan's does not
-    (tensor- and pipeline-parallel plans may fit too: the planner takes them only when no data-parallel plan does)."""
+    """A per-rank budget that no replicated data-parallel plan fits (its predicted peak and margin) and a ZeRO-3 plan
+    does (tensor- and pipeline-parallel plans may fit too: the planner takes them only when no data-parallel plan
+    does)."""
     if report is None:  # not global rank 0
         return None
     data_parallel = [c for c in report.candidates if c.plan.tensor == c.plan.pipeline == 1]
-    replicated = min(c.peak_bytes for c in data_parallel if c.plan.storage == "replicated")
-    sharded = min(c.peak_bytes for c in data_parallel if c.plan.storage == "parameters")
+    replicated = min(c.estimate.needed_bytes for c in data_parallel if c.plan.storage == "replicated")
+    sharded = min(c.estimate.needed_bytes for c in data_parallel if c.plan.storage == "parameters")
     assert sharded < replicated, f"ZeRO-3 predicted {sharded} B, replicated {replicated} B"
     return int((sharded + replicated) / 2 / (1 - HEADROOM))
 
