@@ -354,18 +354,23 @@ def test_a_cpu_plan_must_fit_with_its_heap_margin_and_the_table_says_so() -> Non
     hw = hardware(8.0)
     ddp, zero3 = PartitionPlan().resolve(2), PartitionPlan(storage="parameters").resolve(2)
     ddp_estimate, zero3_estimate = estimate(profile, hw, ddp, 2), estimate(profile, hw, zero3, 2)
-    # The freed heap glibc keeps is the part that varies between runs: a quarter of it is kept free. ZeRO-3 ranks
+    # The freed heap glibc keeps is the part that varies between models: 0.3 of it is kept free under ddp. ZeRO-3 ranks
     # fix glibc's threshold (no heap kept), so nothing of theirs varies.
     assert ddp_estimate.memory["allocator"] > 0
-    assert ddp_estimate.margin_bytes == int(ddp_estimate.memory["allocator"] / 4)
+    assert ddp_estimate.margin_bytes == int(0.3 * ddp_estimate.memory["allocator"])
     assert ddp_estimate.needed_bytes == ddp_estimate.peak_bytes + ddp_estimate.margin_bytes
     assert zero3_estimate.margin_bytes == 0 and zero3_estimate.peak_bytes < ddp_estimate.peak_bytes
-    # A pipeline rank's heap strays further from its prediction (up to 1.37 times, measured on Llama), a tensor-parallel
-    # rank's furthest (2.17 times): their margins are larger shares of it, the tensor rank's larger than the heap.
-    pp_estimate = estimate(profile, hw, PartitionPlan(pipeline=2, data=1, micro_batches=2).resolve(2), 2)
-    tp_estimate = estimate(profile, hw, PartitionPlan(tensor=2, data=1).resolve(2), 2)
-    assert ddp_estimate.margin_bytes / ddp_estimate.memory["allocator"] < pp_estimate.margin_bytes / pp_estimate.memory[
-        "allocator"] < 1 < tp_estimate.margin_bytes / tp_estimate.memory["allocator"]
+    # Checkpointed and pipeline ranks' heaps stray further from their prediction (GPT-NeoX: 1.87 and 1.71 times),
+    # a tensor-parallel rank's furthest (2.34 times): their margins exceed the heap, the tensor rank's most.
+    def share(plan: PartitionPlan) -> float:
+        planned = estimate(profile, hw, plan.resolve(2), 2)
+        return planned.margin_bytes / planned.memory["allocator"]
+
+    checkpointed = share(PartitionPlan(activation_checkpointing="blocks"))
+    assert share(PartitionPlan()) < 1 < checkpointed == pytest.approx(share(PartitionPlan(pipeline=2, data=1,
+                                                                                         micro_batches=2)), rel=1e-3)
+    assert checkpointed < share(PartitionPlan(tensor=2, data=1)) == pytest.approx(
+        share(PartitionPlan(tensor=2, data=1, activation_checkpointing="blocks")), rel=1e-3)
     # A budget ddp's peak fits and its margin does not: the planner takes ZeRO-3, and says why not ddp.
     budget = (ddp_estimate.peak_bytes + ddp_estimate.needed_bytes) // 2
     report = choose_plan(profile, dataclasses.replace(hw, memory_bytes=budget), world_size=2, plans=[ddp, zero3])

@@ -35,11 +35,12 @@ from parti_lightning.planner.profile import ModelProfile, stage_costs
 _UNITS_IN_FLIGHT = 2
 # The share of a step's activations glibc's heap keeps freed in a data-parallel CPU rank (see _heap_retained).
 _HEAP_KEPT = 0.85
-# How far beyond its prediction that heap was measured (see Estimate.margin_bytes), by kind of plan: up to 1.21 times
-# its prediction under data parallelism, 1.37 under pipelines, 2.17 under tensor parallelism.
-_HEAP_SPREAD = 0.25
-_PIPELINE_HEAP_SPREAD = 0.4
-_TENSOR_HEAP_SPREAD = 1.2
+# The margin, as a share of the predicted heap, by kind of plan: the most a rank's peak was measured beyond its
+# prediction, over that heap, on Llama, GPT-2, BERT, CharGPT and GPT-NeoX (see Estimate.margin_bytes).
+_HEAP_SPREAD = 0.3  # ddp, ZeRO-1: 0.27 (GPT-NeoX 6x384)
+_CHECKPOINTED_HEAP_SPREAD = 1.2  # 1.17 (GPT-NeoX 6x384; 0.34 on the others)
+_PIPELINE_HEAP_SPREAD = 1.2  # 1.17 (GPT-NeoX 6x384; 0.40 on the others)
+_TENSOR_HEAP_SPREAD = 1.8  # 1.80 (GPT-NeoX 6x384; 1.20 on the others)
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,11 @@ class Estimate:
             checkpointed plans (+14, +20%; runs with ``MALLOC_MMAP_THRESHOLD_`` fixed). Measured against its
             prediction on Llama, GPT-2, BERT and CharGPT, on 2 ranks (two runs) and on 4 (the heap taken as the
             difference of each run with and without the threshold fixed): ddp, ZeRO-1 and checkpointing 0.79-1.21
-            times, pipelines 0.43-1.37, tensor parallelism 0.86-2.17 (Llama 1.37-2.17, BERT 1.21-1.62). The margin
-            covers the most measured: a quarter of the heap, 0.4 of it under a pipeline, 1.2 times it under tensor
-            parallelism. Every other part, none.
+            times, pipelines 0.43-1.37, tensor parallelism 0.86-2.17; on GPT-NeoX, held out from those, up to 1.87
+            with checkpointing, 1.71 under a pipeline, 2.34 under tensor parallelism. The margin covers the most
+            measured beyond the predicted peak, as a share of the predicted heap: 0.3 under ddp and ZeRO-1, 1.2 with
+            checkpointing or under a pipeline, 1.8 under tensor parallelism (the largest that applies). Every other
+            part, none.
     """
 
     memory: dict[str, int]
@@ -119,11 +122,10 @@ def estimate(profile: ModelProfile, hardware: HardwareProfile, plan: ResolvedPla
 
 
 def _heap_spread(plan: ResolvedPlan) -> float:
-    """The share of the predicted heap kept free as margin: the most it was measured beyond its prediction under
-    this kind of plan."""
-    if plan.tensor > 1:
-        return _TENSOR_HEAP_SPREAD
-    return _PIPELINE_HEAP_SPREAD if plan.pipeline > 1 else _HEAP_SPREAD
+    """The share of the predicted heap kept free as margin: the most a peak was measured beyond its prediction, over
+    that heap, under the techniques this plan uses."""
+    return max(_HEAP_SPREAD, _CHECKPOINTED_HEAP_SPREAD if plan.activation_checkpointing != "none" else 0.0,
+               _PIPELINE_HEAP_SPREAD if plan.pipeline > 1 else 0.0, _TENSOR_HEAP_SPREAD if plan.tensor > 1 else 0.0)
 
 
 def _single_process(profile: ModelProfile, hardware: HardwareProfile) -> _Cost:

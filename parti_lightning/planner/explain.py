@@ -55,9 +55,9 @@ def footnotes(report: PlanReport) -> list[str]:
         " per sample (step time over the data-parallel ranks: a tensor or pipeline step trains fewer samples)",
     ]
     if report.keeps_margins:
-        lines.append("a plan fits when its peak and its margin do: the margin is a quarter of the freed heap glibc"
-                     " keeps in a CPU rank (0.4 of it under a pipeline, 1.2 times it under tensor parallelism),"
-                     " the part of the peak that varies from model to model")
+        lines.append("a plan fits when its peak and its margin do: the margin is 0.3 of the freed heap glibc keeps"
+                     " in a CPU rank (1.2 times it with checkpointing or under a pipeline, 1.8 times under tensor"
+                     " parallelism), the part of the peak that varies from model to model")
     timing = report.profile.block_timing
     if timing is not None:
         sizes = ", ".join(f"{seconds * 1e3:.1f} ms at {samples}" for samples, seconds in timing.seconds)
