@@ -467,7 +467,7 @@ def main() -> None:
         from parti_lightning.planner import cost
 
         # The margin is a share of the heap term; a benchmark's switch, not an API.
-        cost._HEAP_SPREAD = cost._CHECKPOINTED_HEAP_SPREAD = cost._PIPELINE_HEAP_SPREAD = cost._TENSOR_HEAP_SPREAD = 0.0
+        cost._HEAP_SPREAD = dict.fromkeys(cost._HEAP_SPREAD, 0.0)
 
     from rich.console import Console
     from rich.table import Table

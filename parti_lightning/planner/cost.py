@@ -35,12 +35,14 @@ from parti_lightning.planner.profile import ModelProfile, stage_costs
 _UNITS_IN_FLIGHT = 2
 # The share of a step's activations glibc's heap keeps freed in a data-parallel CPU rank (see _heap_retained).
 _HEAP_KEPT = 0.85
-# The margin, as a share of the predicted heap, by kind of plan: the most a rank's peak was measured beyond its
+# The margin, as a share of the predicted heap, by technique: the most a rank's peak was measured beyond its
 # prediction, over that heap, on Llama, GPT-2, BERT, CharGPT and GPT-NeoX (see Estimate.margin_bytes).
-_HEAP_SPREAD = 0.3  # ddp, ZeRO-1: 0.27 (GPT-NeoX 6x384)
-_CHECKPOINTED_HEAP_SPREAD = 1.2  # 1.17 (GPT-NeoX 6x384; 0.34 on the others)
-_PIPELINE_HEAP_SPREAD = 1.2  # 1.17 (GPT-NeoX 6x384; 0.40 on the others)
-_TENSOR_HEAP_SPREAD = 1.8  # 1.80 (GPT-NeoX 6x384; 1.20 on the others)
+_HEAP_SPREAD: dict[str, float] = {
+    "data": 0.3,  # ddp, ZeRO-1: 0.27 (GPT-NeoX 6x384)
+    "checkpointing": 1.2,  # 1.17 (GPT-NeoX 6x384; 0.34 on the others)
+    "pipeline": 1.2,  # 1.17 (GPT-NeoX 6x384; 0.40 on the others)
+    "tensor": 1.8,  # 1.80 (GPT-NeoX 6x384; 1.20 on the others)
+}
 
 
 @dataclass(frozen=True)
@@ -124,8 +126,9 @@ def estimate(profile: ModelProfile, hardware: HardwareProfile, plan: ResolvedPla
 def _heap_spread(plan: ResolvedPlan) -> float:
     """The share of the predicted heap kept free as margin: the most a peak was measured beyond its prediction, over
     that heap, under the techniques this plan uses."""
-    return max(_HEAP_SPREAD, _CHECKPOINTED_HEAP_SPREAD if plan.activation_checkpointing != "none" else 0.0,
-               _PIPELINE_HEAP_SPREAD if plan.pipeline > 1 else 0.0, _TENSOR_HEAP_SPREAD if plan.tensor > 1 else 0.0)
+    used = {"data": True, "checkpointing": plan.activation_checkpointing != "none", "pipeline": plan.pipeline > 1,
+            "tensor": plan.tensor > 1}
+    return max(spread for technique, spread in _HEAP_SPREAD.items() if used[technique])
 
 
 def _single_process(profile: ModelProfile, hardware: HardwareProfile) -> _Cost:
