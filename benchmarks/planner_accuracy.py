@@ -466,8 +466,8 @@ def main() -> None:
     if args.no_margin:
         from parti_lightning.planner import cost
 
-        # The margin is a share of the heap term; a benchmark's switch, not an API.
-        cost._HEAP_SPREAD = dict.fromkeys(cost._HEAP_SPREAD, 0.0)
+        # The margin is a share of the heap term: none at all judges the predictions alone.
+        cost.HEAP_MARGIN_SHARES = dict.fromkeys(cost.HEAP_MARGIN_SHARES, 0.0)
 
     from rich.console import Console
     from rich.table import Table

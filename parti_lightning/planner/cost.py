@@ -37,7 +37,7 @@ _UNITS_IN_FLIGHT = 2
 _HEAP_KEPT = 0.85
 # The margin, as a share of the predicted heap, by technique: the most a rank's peak was measured beyond its
 # prediction, over that heap, on Llama, GPT-2, BERT, CharGPT and GPT-NeoX (see Estimate.margin_bytes).
-_HEAP_SPREAD: dict[str, float] = {
+HEAP_MARGIN_SHARES: dict[str, float] = {
     "data": 0.3,  # ddp, ZeRO-1: 0.27 (GPT-NeoX 6x384)
     "checkpointing": 1.2,  # 1.17 (GPT-NeoX 6x384; 0.34 on the others)
     "pipeline": 1.2,  # 1.17 (GPT-NeoX 6x384; 0.40 on the others)
@@ -120,15 +120,15 @@ def estimate(profile: ModelProfile, hardware: HardwareProfile, plan: ResolvedPla
         term(cost, profile, hardware, plan, ranks_per_node)
     cost.memory["allocator"] = _heap_retained(cost, profile, hardware, plan)
     cost.memory["overhead"] = hardware.process_overhead_bytes + hardware.step_fixed_bytes
-    return Estimate(cost.memory, cost.setup_bytes, cost.time, int(_heap_spread(plan) * cost.memory["allocator"]))
+    return Estimate(cost.memory, cost.setup_bytes, cost.time, int(_heap_margin_share(plan) * cost.memory["allocator"]))
 
 
-def _heap_spread(plan: ResolvedPlan) -> float:
+def _heap_margin_share(plan: ResolvedPlan) -> float:
     """The share of the predicted heap kept free as margin: the most a peak was measured beyond its prediction, over
     that heap, under the techniques this plan uses."""
     used = {"data": True, "checkpointing": plan.activation_checkpointing != "none", "pipeline": plan.pipeline > 1,
             "tensor": plan.tensor > 1}
-    return max(spread for technique, spread in _HEAP_SPREAD.items() if used[technique])
+    return max(spread for technique, spread in HEAP_MARGIN_SHARES.items() if used[technique])
 
 
 def _single_process(profile: ModelProfile, hardware: HardwareProfile) -> _Cost:

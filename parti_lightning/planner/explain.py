@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from parti_lightning.planner import cost
+
 if TYPE_CHECKING:
     from parti_lightning.planner.search import PlanReport
 
@@ -55,9 +57,10 @@ def footnotes(report: PlanReport) -> list[str]:
         " per sample (step time over the data-parallel ranks: a tensor or pipeline step trains fewer samples)",
     ]
     if report.keeps_margins:
-        lines.append("a plan fits when its peak and its margin do: the margin is 0.3 of the freed heap glibc keeps"
-                     " in a CPU rank (1.2 times it with checkpointing or under a pipeline, 1.8 times under tensor"
-                     " parallelism), the part of the peak that varies from model to model")
+        shares = ", ".join(f"{technique} {share:g}" for technique, share in cost.HEAP_MARGIN_SHARES.items())
+        lines.append("a plan fits when its peak and its margin do: the margin is a share of the freed heap glibc"
+                     " keeps in a CPU rank, the part of the peak that varies from model to model, the largest of"
+                     f" those its techniques take ({shares})")
     timing = report.profile.block_timing
     if timing is not None:
         sizes = ", ".join(f"{seconds * 1e3:.1f} ms at {samples}" for samples, seconds in timing.seconds)
